@@ -1,0 +1,178 @@
+"""The error tree. Every failure a client can see is one of these, with a stable `code`.
+
+    ModelfleetError
+    ├── InvalidRequest            bad input, rejected before anything is enqueued
+    │   └── InvalidModelId
+    ├── AuthError
+    │   ├── Unauthenticated       missing or wrong key
+    │   └── Forbidden             a read-only key asked for a change
+    ├── NodeNotFound              fingerprint never registered
+    ├── NodeUnavailable
+    │   ├── NodeOffline           heartbeat lapsed before the request
+    │   └── NodeWentOffline       heartbeat lapsed while the job ran
+    ├── JobTimeout                no reply within the operation's timeout
+    ├── NodeError                 raised on a node, passed through by the API
+    │   ├── ModelFileNotFound
+    │   ├── ModelNotLoaded
+    │   ├── PathOutsideModelsDir
+    │   ├── InvalidModelFile
+    │   ├── ModelLoadFailed
+    │   ├── InsufficientMemory
+    │   └── JobExpired
+    └── InternalError             a bug; the message never carries a traceback
+
+The API maps these classes to HTTP statuses in one table (`api/errors.py`); nodes send them back by `code`.
+"""
+
+from typing import Any, ClassVar
+
+
+class ModelfleetError(Exception):
+    """Root of every modelfleet error: a sentence a person can act on, and a stable code."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "error": self.message, "details": self.details}
+
+
+class InvalidRequest(ModelfleetError):
+    """The request is malformed; nothing was enqueued."""
+
+    code = "invalid_request"
+
+
+class InvalidModelId(InvalidRequest):
+    """The model id is empty, too long, or could escape its directory or URL."""
+
+    code = "invalid_model_id"
+
+
+class AuthError(ModelfleetError):
+    """Authentication or authorization failed."""
+
+    code = "auth_error"
+
+
+class Unauthenticated(AuthError):
+    """No key, or a key that is not one of ours."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(AuthError):
+    """The key is valid but its scope does not allow this operation."""
+
+    code = "forbidden"
+
+
+class NodeNotFound(ModelfleetError):
+    """No node with this fingerprint ever registered."""
+
+    code = "node_not_found"
+
+
+class NodeUnavailable(ModelfleetError):
+    """The node cannot take the job now."""
+
+    code = "node_unavailable"
+
+
+class NodeOffline(NodeUnavailable):
+    """The node's heartbeat had lapsed when the request arrived."""
+
+    code = "node_offline"
+
+
+class NodeWentOffline(NodeUnavailable):
+    """The node's heartbeat lapsed while the job was queued or running."""
+
+    code = "node_went_offline"
+
+
+class JobTimeout(ModelfleetError):
+    """The node did not answer within the operation's timeout."""
+
+    code = "timeout"
+
+
+class NodeError(ModelfleetError):
+    """An error raised on a node and passed back to the caller as it is."""
+
+    code = "node_error"
+
+
+class ModelFileNotFound(NodeError):
+    """The model file does not exist in the node's models directory."""
+
+    code = "model_file_not_found"
+
+
+class ModelNotLoaded(NodeError):
+    """The model is not loaded on this node."""
+
+    code = "model_not_loaded"
+
+
+class PathOutsideModelsDir(NodeError):
+    """The model path resolves outside the node's models directory."""
+
+    code = "path_outside_models_dir"
+
+
+class InvalidModelFile(NodeError):
+    """The file is not a GGUF model this node can load."""
+
+    code = "invalid_model_file"
+
+
+class ModelLoadFailed(NodeError):
+    """The backend failed to load a valid-looking model."""
+
+    code = "model_load_failed"
+
+
+class InsufficientMemory(NodeError):
+    """The model's memory estimate does not fit in the node's free budget."""
+
+    code = "insufficient_memory"
+
+
+class JobExpired(NodeError):
+    """The job reached the node after its deadline and was not run."""
+
+    code = "job_expired"
+
+
+class InternalError(ModelfleetError):
+    """An unexpected failure; details are in the server's log, not in the reply."""
+
+    code = "internal_error"
+
+
+def _all_subclasses(cls: type[ModelfleetError]) -> list[type[ModelfleetError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+ERRORS_BY_CODE: dict[str, type[ModelfleetError]] = {
+    cls.code: cls for cls in [ModelfleetError, *_all_subclasses(ModelfleetError)]
+}
+
+
+def from_code(code: str, message: str, details: dict[str, Any] | None = None) -> ModelfleetError:
+    """Rebuild an error sent by a node; an unknown code becomes a plain NodeError carrying that code."""
+    cls = ERRORS_BY_CODE.get(code)
+    if cls is None:
+        err: ModelfleetError = NodeError(message, **(details or {}))
+        err.code = code  # type: ignore[misc]
+        return err
+    return cls(message, **(details or {}))

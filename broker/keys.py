@@ -1,0 +1,68 @@
+"""Every Redis key, channel, queue and task name modelfleet uses, made here and nowhere else.
+
+| name                                  | Redis type | written by | lifetime                                   |
+|---------------------------------------|------------|------------|--------------------------------------------|
+| `modelfleet:nodes`                    | set        | worker     | permanent: every fingerprint ever seen     |
+| `modelfleet:node:<fp>`                | hash       | worker     | permanent: last registration + heartbeat   |
+| `modelfleet:alive:<fp>`               | string     | worker     | TTL `heartbeat_ttl`; absent = node offline |
+| `modelfleet:reply:<job-id>`           | string     | worker     | TTL `reply_ttl`: the job's JSON reply      |
+| `modelfleet:cancel:<job-id>`          | string     | API        | TTL = the job's remaining lifetime         |
+| `modelfleet:replies`                  | channel    | worker     | pub/sub: fast path for replies             |
+| `modelfleet:events`                   | stream     | any        | capped history of pool events              |
+| `distributed-pool-changed`            | channel    | any        | pub/sub: live pool events                  |
+| `modelfleet.node.<fp>`                | list       | Celery     | the node's job queue (kombu)               |
+
+Model ids may hold any printable character; wherever one goes into a key or URL it is percent-encoded.
+"""
+
+from urllib.parse import quote
+
+PREFIX = "modelfleet"
+
+TASK_LOAD = "modelfleet.load"
+TASK_UNLOAD = "modelfleet.unload"
+TASK_UNLOAD_ALL = "modelfleet.unload_all"
+TASK_LIST = "modelfleet.list"
+
+EVENTS_CHANNEL = "distributed-pool-changed"
+
+
+def encode_id(value: str) -> str:
+    """Percent-encode a model id (or any user text) so it cannot change a key's or URL's structure."""
+    return quote(value, safe="")
+
+
+def nodes_set() -> str:
+    return f"{PREFIX}:nodes"
+
+
+def node_info(fingerprint: str) -> str:
+    return f"{PREFIX}:node:{fingerprint}"
+
+
+def node_alive(fingerprint: str) -> str:
+    return f"{PREFIX}:alive:{fingerprint}"
+
+
+def node_queue(fingerprint: str) -> str:
+    return f"{PREFIX}.node.{fingerprint}"
+
+
+def reply(job_id: str) -> str:
+    return f"{PREFIX}:reply:{job_id}"
+
+
+def cancel(job_id: str) -> str:
+    return f"{PREFIX}:cancel:{job_id}"
+
+
+def replies_channel() -> str:
+    return f"{PREFIX}:replies"
+
+
+def events_stream() -> str:
+    return f"{PREFIX}:events"
+
+
+def events_channel() -> str:
+    return EVENTS_CHANNEL

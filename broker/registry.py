@@ -1,0 +1,183 @@
+"""The node registry and liveness protocol.
+
+A node registers once when it starts (`keys.node_info` hash, field `registration`) and then refreshes a
+heartbeat every `heartbeat_interval` seconds: the `heartbeat` field of the same hash, and the TTL of
+`keys.node_alive`, whose value is the node's boot id. The alive key is the single truth for "online": once
+its TTL lapses the node is offline, whoever looks.
+
+Only one process may serve a fingerprint: a starting node takes the alive key with SET NX. If another boot id
+holds it, the starter watches the key's TTL for a little longer than one heartbeat interval: a TTL that goes
+back up means a live owner (refuse to start); a key that lapses belonged to a dead process (take it over).
+"""
+
+import json
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from broker import keys
+from broker.errors import ModelfleetError, NodeNotFound
+from broker.schemas import NodeInfo
+
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16,64}$")
+
+# Refresh the alive key only while it is still ours; re-take it if it lapsed (a long GC pause, say).
+_REFRESH = """
+local current = redis.call('GET', KEYS[1])
+if current == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class DuplicateNode(ModelfleetError):
+    """Another live process already serves this node's fingerprint."""
+
+    code = "duplicate_node"
+
+
+class LostNodeOwnership(ModelfleetError):
+    """While this node was stalled, another process took over its fingerprint."""
+
+    code = "lost_node_ownership"
+
+
+def is_fingerprint(value: str) -> bool:
+    return bool(FINGERPRINT_RE.fullmatch(value))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class NodeRegistrar:
+    """The worker's side: claim the fingerprint, register, beat, and release on a clean stop."""
+
+    def __init__(self, client: redis.Redis, info: NodeInfo, *, interval: float, ttl: float) -> None:
+        self._redis = client
+        self.info = info
+        self._interval = interval
+        self._ttl_ms = int(ttl * 1000)
+        self._refresh = client.register_script(_REFRESH)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    def claim(self, *, wait: float | None = None) -> None:
+        """Take the alive key, or raise DuplicateNode if a live process holds it."""
+        alive = keys.node_alive(self.fingerprint)
+        deadline = time.monotonic() + (wait if wait is not None else self._ttl_ms / 1000 + self._interval)
+        last_ttl: int | None = None
+        while True:
+            if self._redis.set(alive, self.info.boot_id, nx=True, px=self._ttl_ms):
+                break
+            ttl = int(self._redis.pttl(alive))
+            if last_ttl is not None and ttl > last_ttl + 50:
+                raise DuplicateNode(
+                    f"Node {self.fingerprint} ({self.info.name}) is already served by a live worker; "
+                    "two workers on one node queue would split its models. Stop the other worker, "
+                    "or give this one another --state-dir."
+                )
+            last_ttl = ttl if ttl >= 0 else last_ttl
+            if time.monotonic() > deadline:
+                raise DuplicateNode(f"Node {self.fingerprint} is still held by another worker after {wait}s.")
+            time.sleep(0.1)
+        pipe = self._redis.pipeline()
+        pipe.sadd(keys.nodes_set(), self.fingerprint)
+        pipe.hset(keys.node_info(self.fingerprint), "registration", self.info.model_dump_json(by_alias=True))
+        pipe.execute()
+
+    def beat(self, stats: dict[str, Any]) -> bool:
+        """Refresh liveness and publish stats. Returns True if the alive key had lapsed and was re-taken."""
+        beat = {"at": _now().isoformat(), **stats}
+        outcome = int(self._refresh(keys=[keys.node_alive(self.fingerprint)], args=[self.info.boot_id, self._ttl_ms]))
+        if outcome == 0:
+            raise LostNodeOwnership(f"Another worker took over node {self.fingerprint}; this one must stop.")
+        self._redis.hset(keys.node_info(self.fingerprint), "heartbeat", json.dumps(beat))
+        return outcome == 2
+
+    def release(self) -> None:
+        """Mark the node offline at once on a clean stop (only if the alive key is still ours)."""
+        alive = keys.node_alive(self.fingerprint)
+        with self._redis.pipeline() as pipe:
+            try:
+                pipe.watch(alive)
+                if pipe.get(alive) == self.info.boot_id.encode():
+                    pipe.multi()
+                    pipe.delete(alive)
+                    pipe.execute()
+            except redis.WatchError:
+                pass
+
+
+def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: datetime) -> NodeInfo | None:
+    """Build a NodeInfo from the registry hash; None if it holds no valid registration."""
+    raw = fields.get(b"registration")
+    if raw is None:
+        return None
+    info = NodeInfo.model_validate_json(raw)
+    update: dict[str, Any] = {"online": alive}
+    beat_raw = fields.get(b"heartbeat")
+    if beat_raw:
+        beat = json.loads(beat_raw)
+        at = datetime.fromisoformat(beat["at"])
+        update |= {
+            "last_heartbeat": at,
+            "seconds_since_heartbeat": round((now - at).total_seconds(), 3),
+            "models_loaded": int(beat.get("modelsLoaded", 0)),
+            "memory_used_bytes": int(beat.get("memoryUsedBytes", 0)),
+            "rss_bytes": int(beat.get("rssBytes", 0)),
+        }
+    return info.model_copy(update=update)
+
+
+class NodeDirectory:
+    """The API's side: read-only, async views of every registered node."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    async def fingerprints(self) -> list[str]:
+        members = await self._redis.smembers(keys.nodes_set())
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    async def many(self, fingerprints: list[str]) -> list[NodeInfo]:
+        pipe = self._redis.pipeline(transaction=False)
+        for fp in fingerprints:
+            pipe.hgetall(keys.node_info(fp))
+            pipe.exists(keys.node_alive(fp))
+        raw = await pipe.execute()
+        now = _now()
+        nodes = []
+        for i, fp in enumerate(fingerprints):
+            node = parse_node(fp, raw[2 * i], bool(raw[2 * i + 1]), now)
+            if node is not None:
+                nodes.append(node)
+        return nodes
+
+    async def all(self) -> list[NodeInfo]:
+        return await self.many(await self.fingerprints())
+
+    async def get(self, fingerprint: str) -> NodeInfo:
+        """The node, or NodeNotFound; the fingerprint's shape is checked before it goes into a key."""
+        nodes = await self.many([fingerprint]) if is_fingerprint(fingerprint) else []
+        if not nodes:
+            raise NodeNotFound(f"No node with fingerprint {fingerprint[:64]!r} is registered.")
+        return nodes[0]
+
+    async def alive(self, fingerprints: list[str]) -> dict[str, bool]:
+        pipe = self._redis.pipeline(transaction=False)
+        for fp in fingerprints:
+            pipe.exists(keys.node_alive(fp))
+        return {fp: bool(v) for fp, v in zip(fingerprints, await pipe.execute(), strict=True)}

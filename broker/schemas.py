@@ -1,0 +1,193 @@
+"""Messages that cross Redis: jobs (API -> node), replies (node -> API) and the records they carry.
+
+All are frozen Pydantic models that forbid unknown fields and travel as JSON. Field names are snake_case in
+Python and camelCase on the wire, because the REST contract speaks camelCase.
+"""
+
+import unicodedata
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from broker.errors import InvalidModelId
+
+MAX_MODEL_ID = 128
+
+
+class Schema(BaseModel):
+    """Base of every wire model: frozen, strict about unknown fields, camelCase on the wire."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def check_model_id(value: str) -> str:
+    """Refuse ids that are empty, too long, absolute, hold `..` or control characters.
+
+    Raises InvalidModelId, a ValueError-compatible error for Pydantic, with the reason.
+    """
+    reason = _model_id_problem(value)
+    if reason:
+        raise InvalidModelId(f"Invalid modelId {value[:40]!r}: {reason}.")
+    return value
+
+
+def _model_id_problem(value: str) -> str | None:
+    if not value or not value.strip():
+        return "it is empty"
+    if len(value) > MAX_MODEL_ID:
+        return f"it is longer than {MAX_MODEL_ID} characters"
+    if value.startswith(("/", "\\")):
+        return "it must not start with a slash"
+    if ".." in value:
+        return "it must not contain '..'"
+    if "\\" in value:
+        return "it must not contain a backslash"
+    if any(unicodedata.category(ch).startswith("C") for ch in value):
+        return "it must not contain control characters"
+    return None
+
+
+def _as_value_error(value: str) -> str:
+    try:
+        return check_model_id(value)
+    except InvalidModelId as exc:
+        raise ValueError(exc.message) from exc
+
+
+ModelId = Annotated[str, AfterValidator(_as_value_error)]
+
+
+class ModelState(StrEnum):
+    """Where a model is in its life on one node."""
+
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+class Operation(StrEnum):
+    LOAD = "load"
+    UNLOAD = "unload"
+    UNLOAD_ALL = "unload_all"
+    LIST = "list"
+
+
+# Jobs: the one argument of each task. `deadline` is an absolute UNIX time after which the job must not run.
+
+
+class Job(Schema):
+    job_id: str = Field(min_length=1, max_length=64)
+    deadline: float
+
+
+class LoadJob(Job):
+    model_id: ModelId
+    model_path: str | None = Field(default=None, max_length=4096)
+    context_length: int | None = Field(default=None, ge=1, le=1 << 20)
+    gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
+
+
+class UnloadJob(Job):
+    model_id: ModelId
+
+
+class UnloadAllJob(Job):
+    pass
+
+
+class ListJob(Job):
+    pass
+
+
+# What nodes answer.
+
+
+class ModelInfo(Schema):
+    """One model on one node, as listed."""
+
+    id: str
+    path: str
+    endpoint: str | None = None
+    healthy: bool
+    state: ModelState
+    context_length: int | None = None
+    gpu_layers: int | None = None
+    loaded_at: datetime | None = None
+    size_bytes: int
+    error: str | None = None
+
+
+class LoadResult(Schema):
+    success: Literal[True] = True
+    model_id: str
+    node: str
+    state: ModelState
+    load_seconds: float
+    already_loaded: bool
+
+
+class UnloadResult(Schema):
+    success: Literal[True] = True
+    model_id: str
+    node: str
+    state: ModelState
+
+
+class UnloadFailure(Schema):
+    model_id: str
+    code: str
+    error: str
+
+
+class UnloadAllResult(Schema):
+    success: Literal[True] = True
+    node: str
+    unloaded: list[str]
+    errors: list[UnloadFailure]
+
+
+class ModelList(Schema):
+    data: list[ModelInfo]
+
+
+class ErrorInfo(Schema):
+    code: str
+    error: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Reply(Schema):
+    """A node's answer to one job: exactly one of `result` and `error` is set."""
+
+    job_id: str
+    node: str
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class NodeInfo(Schema):
+    """A node's registration and last heartbeat, as the API shows it."""
+
+    fingerprint: str
+    name: str
+    hostname: str
+    models_dir: str
+    version: str
+    boot_id: str
+    pid: int
+    started_at: datetime
+    queue: str
+    online: bool = False
+    last_heartbeat: datetime | None = None
+    seconds_since_heartbeat: float | None = None
+    models_loaded: int = 0
+    memory_used_bytes: int = 0
+    rss_bytes: int = 0

@@ -1,0 +1,36 @@
+"""Settings shared by every process kind. Read when a process starts (never at import) and passed down."""
+
+from typing import Annotated
+
+from kombu.utils.url import maybe_sanitize_url
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class BrokerSettings(BaseSettings):
+    """How to reach Redis, and the timing of the liveness protocol."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_", extra="ignore")
+
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_ttl: float = Field(default=6.0, gt=0)
+    reply_ttl: int = Field(default=900, gt=0)
+
+    @property
+    def safe_redis_url(self) -> str:
+        """The Redis URL with its password masked: the only form that may be logged or shown."""
+        return str(maybe_sanitize_url(self.redis_url.get_secret_value()))
+
+
+SecretList = Annotated[list[SecretStr], NoDecode]
+
+
+def split_secrets(value: object) -> object:
+    """Accept `a,b,c` from the environment as well as a list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+__all__ = ["BrokerSettings", "SecretList", "split_secrets"]
