@@ -10,6 +10,7 @@
     ├── NodeUnavailable
     │   ├── NodeOffline           heartbeat lapsed before the request
     │   └── NodeWentOffline       heartbeat lapsed while the job ran
+    ├── BrokerUnavailable         Redis cannot be reached
     ├── JobTimeout                no reply within the operation's timeout
     ├── NodeError                 raised on a node, passed through by the API
     │   ├── ModelFileNotFound
@@ -95,6 +96,12 @@ class NodeWentOffline(NodeUnavailable):
     code = "node_went_offline"
 
 
+class BrokerUnavailable(ModelfleetError):
+    """Redis, which carries every job, cannot be reached."""
+
+    code = "broker_unavailable"
+
+
 class JobTimeout(ModelfleetError):
     """The node did not answer within the operation's timeout."""
 
@@ -163,9 +170,8 @@ def _all_subclasses(cls: type[ModelfleetError]) -> list[type[ModelfleetError]]:
     return found
 
 
-ERRORS_BY_CODE: dict[str, type[ModelfleetError]] = {
-    cls.code: cls for cls in [ModelfleetError, *_all_subclasses(ModelfleetError)]
-}
+_ALL: list[type[ModelfleetError]] = [ModelfleetError, *_all_subclasses(ModelfleetError)]
+ERRORS_BY_CODE: dict[str, type[ModelfleetError]] = {cls.code: cls for cls in _ALL}
 
 
 def from_code(code: str, message: str, details: dict[str, Any] | None = None) -> ModelfleetError:

@@ -13,7 +13,7 @@ from broker.schemas import Reply
 
 
 class _SyncRedis(Protocol):
-    def pipeline(self, transaction: bool = True): ...  # type: ignore[no-untyped-def]
+    def pipeline(self, transaction: bool = True): ...
 
 
 def publish_reply(redis: _SyncRedis, reply: Reply, *, ttl: int) -> None:
@@ -23,8 +23,3 @@ def publish_reply(redis: _SyncRedis, reply: Reply, *, ttl: int) -> None:
     pipe.set(keys.reply(reply.job_id), body, ex=ttl)
     pipe.publish(keys.replies_channel(), body)
     pipe.execute()
-
-
-def cancel_job(job_id: str, remaining: float) -> tuple[str, int]:
-    """The key and TTL that mark a job as abandoned by its caller, so the node skips it if it gets it late."""
-    return keys.cancel(job_id), max(1, int(remaining) + 1)

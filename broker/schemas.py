@@ -80,11 +80,11 @@ class Operation(StrEnum):
     LIST = "list"
 
 
-# Jobs: the one argument of each task. `deadline` is an absolute UNIX time after which the job must not run.
+# Jobs: the one argument of each task (its Celery task id is the job id). `deadline` is an absolute UNIX time
+# after which the job must not run, checked by the node on top of Celery's own `expires`.
 
 
 class Job(Schema):
-    job_id: str = Field(min_length=1, max_length=64)
     deadline: float
 
 

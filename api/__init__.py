@@ -1,0 +1,1 @@
+"""The modelfleet head: a FastAPI app that validates, authenticates and sends jobs to node queues."""

@@ -1,0 +1,53 @@
+"""`create_app(settings)`: the FastAPI head, its services built in the lifespan and kept on `app.state`."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from api.auth import KeyRing
+from api.errors import install_error_handlers
+from api.jobs import JobClient
+from api.replies import ReplyWaiter
+from api.routes import health, nodes
+from api.settings import ApiSettings
+from broker import __version__
+from broker.celery_app import make_celery
+from broker.registry import NodeDirectory
+
+log = logging.getLogger("modelfleet.api")
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    keyring = KeyRing(settings.operator_keys, settings.api_keys)
+    if not len(keyring):
+        raise ValueError("no API keys configured: set MODELFLEET_OPERATOR_KEYS (and MODELFLEET_API_KEYS)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
+        directory = NodeDirectory(client)
+        waiter = ReplyWaiter(client, directory, tick=settings.liveness_interval)
+        celery = make_celery(settings)
+        app.state.redis = client
+        app.state.directory = directory
+        app.state.waiter = waiter
+        app.state.jobs = JobClient(celery, client, waiter, send_threads=settings.send_threads)
+        await waiter.start()
+        log.info("API ready; redis %s", settings.safe_redis_url)
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            celery.close()
+            await client.aclose()
+
+    app = FastAPI(title="modelfleet", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.keyring = keyring
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(nodes.router)
+    return app

@@ -1,0 +1,46 @@
+"""Request dependencies as `Annotated` aliases: the services on app.state, and the two auth scopes."""
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from api.auth import KeyRing, Scope
+from api.jobs import JobClient
+from api.settings import ApiSettings
+from broker.registry import NodeDirectory
+
+
+def _state(request: Request):
+    return request.app.state
+
+
+def get_settings(request: Request) -> ApiSettings:
+    return _state(request).settings
+
+
+def get_directory(request: Request) -> NodeDirectory:
+    return _state(request).directory
+
+
+def get_jobs(request: Request) -> JobClient:
+    return _state(request).jobs
+
+
+def _authorize(request: Request, authorization: str | None, scope: Scope) -> Scope:
+    keyring: KeyRing = _state(request).keyring
+    return keyring.authorize(authorization, scope)
+
+
+def require_read(request: Request, authorization: Annotated[str | None, Header()] = None) -> Scope:
+    return _authorize(request, authorization, Scope.READ)
+
+
+def require_operator(request: Request, authorization: Annotated[str | None, Header()] = None) -> Scope:
+    return _authorize(request, authorization, Scope.OPERATOR)
+
+
+Settings = Annotated[ApiSettings, Depends(get_settings)]
+Directory = Annotated[NodeDirectory, Depends(get_directory)]
+Jobs = Annotated[JobClient, Depends(get_jobs)]
+Reader = Annotated[Scope, Depends(require_read)]
+Operator = Annotated[Scope, Depends(require_operator)]

@@ -1,0 +1,21 @@
+"""Settings of an API process."""
+
+from pydantic import Field, field_validator
+
+from broker.settings import BrokerSettings, SecretList, split_secrets
+
+
+class ApiSettings(BrokerSettings):
+    """The head: where it listens, its keys, and how long each operation may take."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    operator_keys: SecretList = Field(default_factory=list)
+    api_keys: SecretList = Field(default_factory=list)
+    load_timeout: float = Field(default=600.0, gt=0)
+    unload_timeout: float = Field(default=60.0, gt=0)
+    list_timeout: float = Field(default=30.0, gt=0)
+    liveness_interval: float = Field(default=1.0, gt=0)
+    send_threads: int = Field(default=16, ge=1, le=256)
+
+    _split = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)

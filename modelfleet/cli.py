@@ -1,0 +1,118 @@
+"""`modelfleet up | api | worker`: flags override `MODELFLEET_*` environment variables."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from pydantic import ValidationError
+
+from broker.logs import configure_logging
+from broker.settings import BrokerSettings
+
+log = logging.getLogger("modelfleet")
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _settings_error(exc: ValidationError) -> int:
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        print(f"modelfleet: invalid setting {where}: {err['msg']}", file=sys.stderr)
+    return 2
+
+
+def _secrets_of(settings: BrokerSettings) -> list[str]:
+    """Every secret a process holds: the Redis URL and its password, and any API keys."""
+    url = settings.redis_url.get_secret_value()
+    found: list[str] = []
+    password = urlsplit(url).password
+    if password:
+        found += [url, password, quote(password, safe="")]
+    for name in ("operator_keys", "api_keys"):
+        found += [k.get_secret_value() for k in getattr(settings, name, [])]
+    return found
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import ApiSettings
+
+    try:
+        settings = ApiSettings(**_given(args, "host", "port", "redis_url"))
+        configure_logging(_secrets_of(settings))
+        app = create_app(settings)
+    except ValidationError as exc:
+        return _settings_error(exc)
+    except ValueError as exc:
+        print(f"modelfleet api: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        log_config=None,  # our root handler, with its secret mask, formats uvicorn's records too
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run_worker
+    from workers.settings import WorkerSettings
+
+    fields = _given(args, "name", "models_dir", "state_dir", "concurrency", "threads", "memory_budget", "redis_url")
+    try:
+        settings = WorkerSettings(**fields)
+    except ValidationError as exc:
+        return _settings_error(exc)
+    configure_logging(_secrets_of(settings))
+    return run_worker(settings)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from modelfleet.up import run_up
+
+    return run_up(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run Redis (embedded unless --redis-url), the API and one local worker")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    up.add_argument("--models-dir", default="models")
+    up.add_argument("--memory-budget", help="the local node's memory budget, e.g. 8GiB")
+    up.set_defaults(func=cmd_up)
+
+    api = sub.add_parser("api", help="run the REST head")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.add_argument("--redis-url")
+    api.add_argument("--graceful-timeout", type=float, default=5.0, help="seconds open streams get on shutdown")
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run one node: a Celery worker consuming only its own queue")
+    worker.add_argument("--name")
+    worker.add_argument("--models-dir")
+    worker.add_argument("--state-dir", help="where the node key lives (default ./.modelfleet/nodes/NAME)")
+    worker.add_argument("--concurrency", type=int)
+    worker.add_argument("--threads", type=int, help="CPU threads per model (never -1)")
+    worker.add_argument("--memory-budget", help="e.g. 8GiB")
+    worker.add_argument("--redis-url")
+    worker.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

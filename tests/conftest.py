@@ -1,0 +1,283 @@
+"""The real-parts harness: a real redis-server on a free port, real worker and API processes started the
+way an operator starts them (`modelfleet worker ...`, `modelfleet api ...`), and real GGUF files.
+
+Every secret the suite uses is distinctive, so `tests/e2e/test_secrets.py` can grep every log for it.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from broker import keys
+from workers.identity import fingerprint, load_or_create_node_key
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+STORIES = SHARED_MODELS / "stories260K.gguf"
+
+REDIS_PASSWORD = "rpw-SECRET-" + secrets.token_hex(8)
+OPERATOR_KEY = "opk-SECRET-" + secrets.token_hex(12)
+READ_KEY = "rok-SECRET-" + secrets.token_hex(12)
+ALL_SECRETS = (REDIS_PASSWORD, OPERATOR_KEY, READ_KEY)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
+    """Poll `condition` until it returns something truthy; fail the test with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def modelfleet_command() -> list[str]:
+    script = shutil.which("modelfleet")
+    return [script] if script else [sys.executable, "-m", "modelfleet"]
+
+
+@dataclass
+class RedisServer:
+    port: int
+    password: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    from modelfleet.up import redis_server_binary
+
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    conf = data / "redis.conf"
+    conf.write_text(
+        f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\nrequirepass {REDIS_PASSWORD}\n'
+        f"dir {data}\nlogfile {data / 'redis.log'}\n"
+    )
+    proc = subprocess.Popen([redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer(port, REDIS_PASSWORD, proc)
+    client = server.client()
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_for(up, 10, "redis-server to answer")
+    yield server
+    proc.terminate()
+    proc.wait(10)
+
+
+@dataclass
+class Proc:
+    """A modelfleet process started as an operator would, its output in a log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Proc":
+        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            self.argv, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.popen is not None
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log_file.close()
+
+
+@dataclass
+class Worker(Proc):
+    fingerprint: str = ""
+    models_dir: Path = Path()
+
+
+@dataclass
+class Api(Proc):
+    url: str = ""
+
+    def client(self, key: str | None = OPERATOR_KEY, timeout: float = 30.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+
+@dataclass
+class Fleet:
+    """Starts workers and API processes against the test Redis, and stops them all at teardown."""
+
+    redis: RedisServer
+    root: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")}
+        env |= {
+            "MODELFLEET_REDIS_URL": self.redis.url,
+            "MODELFLEET_OPERATOR_KEYS": OPERATOR_KEY,
+            "MODELFLEET_API_KEYS": READ_KEY,
+            "PYTHONUNBUFFERED": "1",
+        }
+        return env | extra
+
+    def worker(
+        self, name: str, models_dir: Path, *args: str, wait: bool = True, state_dir: Path | None = None, **env: str
+    ) -> Worker:
+        state = state_dir or self.root / "state" / name
+        fp = fingerprint(load_or_create_node_key(state))
+        argv = [
+            *modelfleet_command(),
+            "worker",
+            "--name",
+            name,
+            "--models-dir",
+            str(models_dir),
+            "--state-dir",
+            str(state),
+            *args,
+        ]
+        proc = Worker(
+            name, argv, self.env(**env), self.root / f"worker-{name}.log", fingerprint=fp, models_dir=models_dir
+        )
+        self.procs.append(proc.start())
+        if wait:
+            self.wait_online(proc)
+        return proc
+
+    def wait_online(self, worker: Worker, timeout: float = 30.0) -> None:
+        client = self.redis.client()
+
+        def ready() -> bool:
+            if not worker.alive():
+                raise AssertionError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
+            # Online, and Celery is consuming: the worker logs 'ready' once its consumer is up.
+            return bool(client.exists(keys.node_alive(worker.fingerprint))) and " ready." in worker.log()
+
+        wait_for(ready, timeout, f"worker {worker.name} to come online")
+
+    def api(self, *args: str, wait: bool = True, **env: str) -> Api:
+        port = free_port()
+        argv = [*modelfleet_command(), "api", "--host", "127.0.0.1", "--port", str(port), *args]
+        proc = Api(f"api-{port}", argv, self.env(**env), self.root / f"api-{port}.log", url=f"http://127.0.0.1:{port}")
+        self.procs.append(proc.start())
+        if wait:
+
+            def healthy() -> bool:
+                if not proc.alive():
+                    raise AssertionError(f"API exited:\n{proc.log()[-3000:]}")
+                try:
+                    return httpx.get(proc.url + "/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(healthy, 30, "the API to answer /healthz")
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def logs(self) -> dict[str, str]:
+        return {p.log_path.name: p.log() for p in self.procs}
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
+    """A fresh fleet for one test: its Redis is emptied first, its processes stopped after."""
+    redis_server.client().flushall()
+    f = Fleet(redis_server, tmp_path)
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def module_fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """One fleet shared by a module's tests (they must not depend on each other's models)."""
+    redis_server.client().flushall()
+    f = Fleet(redis_server, tmp_path_factory.mktemp("fleet"))
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory with generated tiny llamas, a non-GGUF file, and the real stories260K model."""
+    from workers.gguf_factory import write_not_gguf, write_tiny_llama
+
+    root = tmp_path_factory.mktemp("models")
+    for seed, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
+        write_tiny_llama(root / f"{name}.gguf", seed=seed)
+    (root / "org").mkdir()
+    write_tiny_llama(root / "org" / "nested.gguf")
+    write_not_gguf(root / "broken.gguf")
+    outside = tmp_path_factory.mktemp("outside")
+    write_tiny_llama(outside / "secret.gguf")
+    (root / "escape.gguf").symlink_to(outside / "secret.gguf")
+    if STORIES.exists():
+        shutil.copy(STORIES, root / "stories260K.gguf")  # a symlink would resolve outside the models dir
+    return root
+
+
+def require_stories() -> Path:
+    if not STORIES.exists():
+        pytest.skip(f"the real model is not at {STORIES} (../shared/models is absent)")
+    return STORIES

@@ -1,0 +1,255 @@
+"""Run GGUF models in this process with ctransformers: read headers, estimate memory, load, check and unload.
+
+This module knows nothing about Celery or Redis. The worker's model manager gets a `CTransformersLoader` and
+calls it.
+
+Facts about ctransformers 0.2.27 that shape this module:
+
+- Without `lib=`, every load spends about 1 s detecting CPU features in a subprocess. `choose_lib` decides once.
+- A GGUF file with a truncated header makes ctransformers segfault. A file with truncated weights loads and
+  then crashes when the missing pages are touched. `read_gguf_info` parses the whole header and checks that
+  every tensor fits in the file, so `load` calls it first.
+- `LLM.tokenize` and `LLM.__call__` write tokens into a buffer of `len(text) + 1` ints. A prompt that needs
+  more tokens corrupts the heap: think of emoji that fall back to byte tokens, or any model with a tiny
+  vocabulary. `safe_tokenize` gives llama.cpp a buffer big enough for any text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+from ctransformers import LLM, Config
+from ctransformers.lib import find_library
+
+from broker.errors import InvalidModelFile
+
+GGUF_MAGIC = b"GGUF"
+CTRANSFORMERS_DEFAULT_CONTEXT = 512
+"""The context length ctransformers uses when none is given. It ignores `<arch>.context_length` in the header."""
+KV_CACHE_BYTES_PER_VALUE = 2
+"""llama.cpp in ctransformers 0.2.27 keeps K and V in F16: `llama_context_default_params()` sets `f16_kv = true`,
+and ctransformers does not change it. Measured: eight more layers at 4096 context and embedding 256 added
+32.5 MB of address space beyond the extra weights. F16 predicts 33.5 MB, F32 would be 67 MB."""
+
+
+@functools.cache
+def choose_lib() -> str:
+    """Return the ctransformers build to pass as `lib=`: "avx2", "avx" or "basic". Decided once per process.
+
+    The CPU flags come from /proc/cpuinfo, which is fast. If it cannot be read, or the machine is not x86,
+    `ctransformers.lib.find_library()` decides instead (about 1 s), and this returns the path of the library
+    it chose.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return find_library()
+    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686"}:
+        return find_library()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    if "avx2" in flags:
+        return "avx2"
+    # The same rule as find_library: its "avx" build also uses F16C instructions.
+    if "avx" in flags and "f16c" in flags:
+        return "avx"
+    return "basic"
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What a GGUF header says about the model. A number is None if the header does not have it."""
+
+    architecture: str
+    context_length: int | None
+    block_count: int | None
+    embedding_length: int | None
+    head_count: int | None
+    head_count_kv: int | None
+    file_size: int
+
+
+def read_gguf_info(path: Path) -> GGUFInfo:
+    """Read the header of the GGUF file at `path`, once per version of the file.
+
+    Parsing a real model's header takes over a second (GGUFReader walks the whole vocabulary), and a load
+    needs it twice (memory estimate, then model type), so results are cached by path, size and mtime.
+    """
+    stat = Path(path).stat()
+    return _read_gguf_info(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_gguf_info(path_text: str, size: int, mtime_ns: int) -> GGUFInfo:
+    """Read the header of the GGUF file at `path`.
+
+    Raises `InvalidModelFile` if the file is not GGUF, if its header cannot be parsed, or if its tensors do not
+    fit in the file. OSError (a missing or unreadable file) is not caught.
+    """
+    path = Path(path_text)
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise InvalidModelFile(f"{path.name} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+        architecture = _field(reader, "general.architecture")
+        if not isinstance(architecture, str) or not architecture:
+            raise ValueError("general.architecture is missing")
+        counts = {
+            name: _int_or_none(_field(reader, f"{architecture}.{name}"))
+            for name in (
+                "context_length",
+                "block_count",
+                "embedding_length",
+                "attention.head_count",
+                "attention.head_count_kv",
+            )
+        }
+    # The reader raises whatever numpy raises on short or garbled data (ValueError, IndexError, ...).
+    except Exception as exc:
+        raise InvalidModelFile(
+            f"{path.name} is damaged: its GGUF header cannot be read ({type(exc).__name__}: {exc}). "
+            "Download or convert the model again."
+        ) from exc
+    return GGUFInfo(
+        architecture=architecture,
+        context_length=counts["context_length"],
+        block_count=counts["block_count"],
+        embedding_length=counts["embedding_length"],
+        head_count=counts["attention.head_count"],
+        head_count_kv=counts["attention.head_count_kv"],
+        file_size=path.stat().st_size,
+    )
+
+
+def _field(reader: gguf.GGUFReader, key: str) -> object:
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _int_or_none(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def estimate_kv_cache_bytes(info: GGUFInfo, context_length: int) -> int:
+    """Bytes of the K and V caches llama.cpp allocates for `context_length` tokens (F16, see above).
+
+    Raises `InvalidModelFile` if the header lacks the layer count, embedding length or head count.
+    """
+    if info.block_count is None or info.embedding_length is None or info.head_count is None:
+        raise InvalidModelFile(
+            f"the {info.architecture} header lacks block_count, embedding_length or head_count, "
+            "so the memory its cache needs is unknown"
+        )
+    head_count_kv = info.head_count_kv if info.head_count_kv is not None else info.head_count
+    n_embd_kv = info.embedding_length * head_count_kv // info.head_count
+    return 2 * info.block_count * context_length * n_embd_kv * KV_CACHE_BYTES_PER_VALUE
+
+
+def estimate_memory_bytes(path: Path, context_length: int | None) -> int:
+    """Estimate the memory that loading `path` takes: the weights (the file size) plus the K and V caches.
+
+    `context_length=None` means the ctransformers default (512), not the context length in the header.
+    llama.cpp's compute buffers are not counted. They grow with the context length too.
+    """
+    info = read_gguf_info(path)
+    return info.file_size + estimate_kv_cache_bytes(info, context_length or CTRANSFORMERS_DEFAULT_CONTEXT)
+
+
+def safe_tokenize(llm: LLM, text: str, *, add_bos: bool = True) -> list[int]:
+    """Tokenize `text` like `llm.tokenize`, with a buffer that is big enough for any text.
+
+    Each UTF-8 byte costs at most three tokens (a space becomes the three bytes of "▁"). The leading "▁" that
+    llama.cpp adds and BOS cost at most four more.
+    """
+    raw = text.encode()
+    buffer = (ctypes.c_int * (3 * len(raw) + 4))()
+    n_tokens = llm.ctransformers_llm_tokenize(raw, add_bos, buffer)
+    return list(buffer[:n_tokens])
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory. `handle` is the ctransformers LLM. `unload` sets it to None."""
+
+    handle: LLM | None
+    architecture: str
+    context_length: int
+    gpu_layers: int
+    size_bytes: int
+
+
+class CTransformersLoader:
+    """Load GGUF models with ctransformers, with the number of threads and the library fixed per process."""
+
+    def __init__(self, *, threads: int, lib: str | None = None) -> None:
+        if threads < 1:
+            # ctransformers would pick a number itself for -1; the node's settings decide instead.
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self.threads = threads
+        self.lib = lib if lib is not None else choose_lib()
+
+    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> LoadedModel:
+        """Load the model at `path`.
+
+        `context_length=None` keeps the ctransformers default (`CTRANSFORMERS_DEFAULT_CONTEXT`), whatever the
+        header says.
+        `gpu_layers=-1` means every layer, and None means none. Raises `InvalidModelFile` if the file is not
+        a model that ctransformers can load.
+        """
+        path = Path(path)
+        info = read_gguf_info(path)
+        if gpu_layers is None:
+            layers = 0
+        elif gpu_layers == -1:
+            layers = (info.block_count or 0) + 1  # +1: llama.cpp counts the output layer too
+        else:
+            layers = gpu_layers
+        config = Config(threads=self.threads, gpu_layers=layers)
+        if context_length is not None:
+            config.context_length = context_length
+        try:
+            llm = LLM(str(path), info.architecture, config=config, lib=self.lib)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise InvalidModelFile(
+                f"ctransformers could not load {path.name} as a {info.architecture!r} model: either the file is "
+                "damaged or ctransformers 0.2.27 does not support that architecture"
+            ) from exc
+        return LoadedModel(
+            handle=llm,
+            architecture=info.architecture,
+            context_length=llm.context_length,
+            gpu_layers=layers,
+            size_bytes=info.file_size,
+        )
+
+    def unload(self, model: LoadedModel) -> None:
+        """Drop the model's handle and collect garbage, so that its memory goes back to the system.
+
+        The memory is only freed if nothing else holds a reference to `model.handle`.
+        """
+        model.handle = None
+        gc.collect()
+
+    def check(self, model: LoadedModel) -> bool:
+        """Return True if the model still answers a cheap call (tokenizing one letter), and False otherwise."""
+        if model.handle is None:
+            return False
+        try:
+            return len(safe_tokenize(model.handle, "a")) > 0
+        except Exception:  # any failure means the model is not usable, which is the answer
+            return False

@@ -1,0 +1,61 @@
+"""`modelfleet worker`: one node, as a real `celery worker` consuming only its own queue.
+
+The pool is `threads`: models live in this one process's memory and a list answers while a long load runs
+(ctransformers releases the GIL inside its C calls). Celery's time limits do not apply to that pool; deadlines
+are enforced by the job's `expires`, the node's own deadline check and the API's timeout.
+"""
+
+import logging
+
+from broker.celery_app import make_celery
+from broker.errors import ModelfleetError
+from workers.node import build_runtime
+from workers.settings import WorkerSettings
+from workers.tasks import install, register_tasks
+
+log = logging.getLogger("modelfleet.worker")
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Start the node and block until Celery stops; returns the process exit code."""
+    try:
+        runtime = build_runtime(settings)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start node %s: %s", settings.name, exc)
+        return 2
+    app = make_celery(settings)
+    register_tasks(app)
+    install(runtime)
+    try:
+        runtime.start()
+    except ModelfleetError as exc:
+        log.error("%s", exc.message)
+        return 3
+    log.info(
+        "worker for node %s: models in %s, redis %s, concurrency %d, threads %d",
+        runtime.fingerprint,
+        runtime.service.models_dir,
+        settings.safe_redis_url,
+        settings.concurrency,
+        settings.threads,
+    )
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.concurrency}",
+        f"--queues={runtime.queue}",
+        f"--hostname={settings.name}.{runtime.fingerprint[:8]}@%h",
+        "--task-events",
+        "--without-mingle",
+        "--without-gossip",
+        "--loglevel=INFO",
+    ]
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:
+        code = 0
+    finally:
+        runtime.stop()
+    return code

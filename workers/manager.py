@@ -1,0 +1,316 @@
+"""The models of one node, free of Celery and Redis.
+
+One `ModelRecord` per model. The rules, per model:
+- a load of a model that is loading joins that load: one load runs, every caller gets its outcome;
+- a load of a loaded model answers `already_loaded=True` without reloading;
+- an unload of a loading model waits for the load, then unloads; an unload of an unloading model joins it;
+- `models()` answers at once: it takes only the short registry lock, never a model's in-flight operation.
+
+Memory admission: a load reserves its estimate under the registry lock before it starts, so two concurrent
+loads cannot both squeeze into the same free space; the measured size replaces the estimate once loaded.
+"""
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from broker.errors import InsufficientMemory, ModelfleetError, ModelLoadFailed, ModelNotLoaded
+from broker.schemas import ModelInfo, ModelState
+
+log = logging.getLogger(__name__)
+
+
+class Loaded(Protocol):
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def context_length(self) -> int | None: ...
+
+    @property
+    def gpu_layers(self) -> int | None: ...
+
+
+class Loader(Protocol):
+    """What the manager needs from a backend; `workers.backend.CTransformersLoader` is the real one."""
+
+    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> Loaded: ...
+
+    # The manager hands back exactly what `load` returned; `Any` lets each backend name its own type.
+    def unload(self, model: Any) -> None: ...
+
+    def check(self, model: Any) -> bool: ...
+
+
+@dataclass
+class ModelRecord:
+    """Everything the node knows about one model."""
+
+    model_id: str
+    path: Path
+    state: ModelState
+    context_length: int | None
+    gpu_layers: int | None
+    size_bytes: int
+    reserved_bytes: int = 0
+    loaded_at: datetime | None = None
+    last_used: float = 0.0
+    healthy: bool = False
+    pinned: bool = False
+    error: str | None = None
+    handle: Loaded | None = field(default=None, repr=False)
+    pending: "Future[Any] | None" = field(default=None, repr=False)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            id=self.model_id,
+            path=str(self.path),
+            endpoint=None,
+            healthy=self.healthy and self.state is ModelState.LOADED,
+            state=self.state,
+            context_length=self.context_length,
+            gpu_layers=self.gpu_layers,
+            loaded_at=self.loaded_at,
+            size_bytes=self.size_bytes,
+            error=self.error,
+        )
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    model: ModelInfo
+    load_seconds: float
+    already_loaded: bool
+
+
+ChangeHook = Callable[[str, ModelInfo], None]
+
+
+class ModelManager:
+    """The in-memory models of one node, with per-model serialization and memory admission."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        *,
+        memory_budget: int | None = None,
+        clock: Callable[[], float] = time.time,
+        on_change: ChangeHook | None = None,
+    ) -> None:
+        self._loader = loader
+        self._budget = memory_budget
+        self._clock = clock
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._records: dict[str, ModelRecord] = {}
+
+    @property
+    def memory_budget(self) -> int | None:
+        return self._budget
+
+    def load(
+        self,
+        model_id: str,
+        path: Path,
+        *,
+        context_length: int | None = None,
+        gpu_layers: int | None = None,
+        estimate_bytes: int = 0,
+        pin: bool = False,
+    ) -> LoadOutcome:
+        while True:
+            with self._lock:
+                record = self._records.get(model_id)
+                if record is None or record.state in (ModelState.FAILED, ModelState.UNLOADED):
+                    self._admit(model_id, estimate_bytes)
+                    future: Future[LoadOutcome] = Future()
+                    record = ModelRecord(
+                        model_id=model_id,
+                        path=path,
+                        state=ModelState.LOADING,
+                        context_length=context_length,
+                        gpu_layers=gpu_layers,
+                        size_bytes=estimate_bytes,
+                        reserved_bytes=estimate_bytes,
+                        pinned=pin,
+                        pending=future,
+                    )
+                    self._records[model_id] = record
+                    break
+                if record.state is ModelState.LOADED:
+                    record.last_used = self._clock()
+                    record.pinned = record.pinned or pin
+                    return LoadOutcome(record.info(), 0.0, already_loaded=True)
+                assert record.pending is not None
+                pending, joining = record.pending, record.state is ModelState.LOADING
+            if joining:
+                return pending.result()
+            _wait_quietly(pending)  # unloading: once it is done, load afresh
+        return self._run_load(record, future)
+
+    def _admit(self, model_id: str, estimate: int) -> None:
+        if self._budget is None or estimate <= 0:
+            return
+        free = self._budget - self._used_locked()
+        if estimate > free:
+            raise InsufficientMemory(
+                f"Model {model_id} needs about {estimate} bytes but this node has {max(free, 0)} of its "
+                f"{self._budget}-byte budget free.",
+                needed_bytes=estimate,
+                free_bytes=max(free, 0),
+                budget_bytes=self._budget,
+            )
+
+    def _used_locked(self) -> int:
+        return sum(r.reserved_bytes for r in self._records.values() if r.state is not ModelState.FAILED)
+
+    def _run_load(self, record: ModelRecord, future: "Future[LoadOutcome]") -> LoadOutcome:
+        self._emit("model-loading", record.info())
+        started = self._clock()
+        try:
+            handle = self._loader.load(record.path, context_length=record.context_length, gpu_layers=record.gpu_layers)
+            healthy = self._loader.check(handle)
+        except BaseException as exc:
+            error = (
+                exc
+                if isinstance(exc, ModelfleetError)
+                else ModelLoadFailed(f"Loading {record.model_id} failed: {type(exc).__name__}: {exc}")
+            )
+            with self._lock:
+                record.state = ModelState.FAILED
+                record.error = error.message
+                record.reserved_bytes = 0
+                record.pending = None
+                info = record.info()
+            future.set_exception(error)
+            self._emit("model-load-failed", info)
+            if not isinstance(exc, Exception):
+                raise
+            raise error from (exc if error is not exc else None)
+        with self._lock:
+            now = self._clock()
+            record.handle = handle
+            record.state = ModelState.LOADED
+            record.context_length = handle.context_length
+            record.gpu_layers = handle.gpu_layers if handle.gpu_layers is not None else record.gpu_layers
+            record.size_bytes = handle.size_bytes
+            record.reserved_bytes = max(handle.size_bytes, record.reserved_bytes)
+            record.loaded_at = datetime.fromtimestamp(now, UTC)
+            record.last_used = now
+            record.healthy = healthy
+            record.pending = None
+            outcome = LoadOutcome(record.info(), round(now - started, 4), already_loaded=False)
+        future.set_result(outcome)
+        self._emit("model-loaded", outcome.model)
+        return outcome
+
+    def unload(self, model_id: str) -> ModelInfo:
+        while True:
+            with self._lock:
+                record = self._records.get(model_id)
+                if record is None:
+                    raise ModelNotLoaded(f"Model {model_id} is not loaded on this node.")
+                if record.state is ModelState.FAILED:
+                    raise ModelNotLoaded(f"Model {model_id} is not loaded on this node (its last load failed).")
+                if record.state is ModelState.LOADED:
+                    future: Future[ModelInfo] = Future()
+                    record.state = ModelState.UNLOADING
+                    record.healthy = False
+                    record.pending = future
+                    break
+                assert record.pending is not None
+                pending, joining = record.pending, record.state is ModelState.UNLOADING
+            if joining:
+                return pending.result()
+            _wait_quietly(pending)  # loading: once it is done, unload what it loaded
+        return self._run_unload(record, future)
+
+    def _run_unload(self, record: ModelRecord, future: "Future[ModelInfo]") -> ModelInfo:
+        self._emit("model-unloading", record.info())
+        handle, record.handle = record.handle, None
+        try:
+            if handle is not None:
+                self._loader.unload(handle)
+        finally:
+            del handle
+            with self._lock:
+                record.state = ModelState.UNLOADED
+                record.pending = None
+                record.reserved_bytes = 0
+                self._records.pop(record.model_id, None)
+                info = record.info()
+            future.set_result(info)
+            self._emit("model-unloaded", info)
+        return info
+
+    def unload_all(self) -> tuple[list[str], list[tuple[str, ModelfleetError]]]:
+        """Unload every model; failed records are cleared too. Returns (unloaded ids, failures)."""
+        with self._lock:
+            ids = [r.model_id for r in self._records.values() if r.state is not ModelState.FAILED]
+            for model_id in [r.model_id for r in self._records.values() if r.state is ModelState.FAILED]:
+                del self._records[model_id]
+        unloaded: list[str] = []
+        failures: list[tuple[str, ModelfleetError]] = []
+        for model_id in ids:
+            try:
+                self.unload(model_id)
+                unloaded.append(model_id)
+            except ModelNotLoaded:
+                continue  # unloaded meanwhile by someone else, or its load failed
+            except ModelfleetError as exc:
+                failures.append((model_id, exc))
+        return unloaded, failures
+
+    def models(self) -> list[ModelInfo]:
+        with self._lock:
+            return [r.info() for r in sorted(self._records.values(), key=lambda r: r.model_id)]
+
+    def get(self, model_id: str) -> ModelInfo | None:
+        with self._lock:
+            record = self._records.get(model_id)
+            return record.info() if record else None
+
+    def check_health(self) -> None:
+        """Ask the backend about every loaded model; `healthy` reflects the last answer."""
+        with self._lock:
+            loaded = [(r, r.handle) for r in self._records.values() if r.state is ModelState.LOADED]
+        for record, handle in loaded:
+            ok = handle is not None and self._loader.check(handle)
+            with self._lock:
+                if record.state is ModelState.LOADED:
+                    record.healthy = ok
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            loaded = [r for r in self._records.values() if r.state is ModelState.LOADED]
+            return {
+                "modelsLoaded": len(loaded),
+                "memoryUsedBytes": self._used_locked(),
+                "memoryBudgetBytes": self._budget or 0,
+            }
+
+    def snapshot(self) -> list[ModelRecord]:
+        """Copies of the records (without handles), for placement and eviction decisions."""
+        with self._lock:
+            return [replace(r, handle=None, pending=None) for r in self._records.values()]
+
+    def _emit(self, kind: str, info: ModelInfo) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(kind, info)
+        except Exception:
+            log.exception("pool event %s for %s could not be published", kind, info.id)
+
+
+def _wait_quietly(future: "Future[Any]") -> None:
+    # Whatever the outcome, the caller re-reads the record's state and decides.
+    with contextlib.suppress(BaseException):
+        future.result()

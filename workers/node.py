@@ -1,0 +1,111 @@
+"""A running node: identity, registry claim, heartbeat thread, and the service its tasks call."""
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import psutil
+import redis
+
+from broker import __version__, keys
+from broker.registry import LostNodeOwnership, NodeRegistrar
+from broker.schemas import NodeInfo
+from workers.identity import fingerprint, load_or_create_node_key
+from workers.manager import ModelManager
+from workers.service import NodeService
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class NodeRuntime:
+    """Everything one worker process holds for its node, built once at start-up."""
+
+    def __init__(self, settings: WorkerSettings, service: NodeService, registrar: NodeRegistrar, client: redis.Redis):
+        self.settings = settings
+        self.service = service
+        self.registrar = registrar
+        self.redis = client
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process = psutil.Process()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.service.fingerprint
+
+    @property
+    def queue(self) -> str:
+        return keys.node_queue(self.fingerprint)
+
+    def start(self) -> None:
+        """Claim the fingerprint (raises DuplicateNode), register, and start beating."""
+        self.registrar.claim()
+        self._beat()
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="modelfleet-heartbeat", daemon=True)
+        self._thread.start()
+        log.info("node %s (%s) registered; queue %s", self.fingerprint, self.settings.name, self.queue)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.registrar.release()
+        except redis.RedisError as exc:
+            log.warning("could not mark node offline on stop: %s", type(exc).__name__)
+        log.info("node %s stopped", self.fingerprint)
+
+    def _beat(self) -> None:
+        stats = {**self.service.manager.stats(), "rssBytes": self._process.memory_info().rss}
+        if self.registrar.beat(stats):
+            log.warning("heartbeat had lapsed (stalled process?); node %s is online again", self.fingerprint)
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval
+        next_health = time.monotonic() + self.settings.health_interval
+        while not self._stop.wait(interval):
+            try:
+                self._beat()
+            except LostNodeOwnership as exc:
+                log.error("%s", exc.message)
+                os.kill(os.getpid(), 15)
+                return
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s; retrying", type(exc).__name__)
+            if time.monotonic() >= next_health:
+                self.service.manager.check_health()
+                next_health = time.monotonic() + self.settings.health_interval
+
+
+def build_runtime(settings: WorkerSettings) -> NodeRuntime:
+    """Wire a node from its settings: the real ctransformers backend and a sync Redis client."""
+    from workers.backend import CTransformersLoader, estimate_memory_bytes
+
+    models_dir = settings.models_dir.resolve()
+    if not models_dir.is_dir():
+        raise FileNotFoundError(f"models directory {settings.models_dir} does not exist")
+    fp = fingerprint(load_or_create_node_key(settings.resolved_state_dir))
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
+    manager = ModelManager(
+        CTransformersLoader(threads=settings.threads),
+        memory_budget=int(settings.memory_budget) if settings.memory_budget is not None else None,
+    )
+    service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
+    info = NodeInfo(
+        fingerprint=fp,
+        name=settings.name,
+        hostname=socket.gethostname(),
+        models_dir=str(models_dir),
+        version=__version__,
+        boot_id=uuid.uuid4().hex,
+        pid=os.getpid(),
+        started_at=datetime.now(UTC),
+        queue=keys.node_queue(fp),
+    )
+    registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)
+    return NodeRuntime(settings, service, registrar, client)

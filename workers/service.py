@@ -1,0 +1,65 @@
+"""What a node does for each job, free of Celery: resolve the file, admit, call the manager, shape the reply."""
+
+from pathlib import Path
+from typing import Protocol
+
+from broker.schemas import (
+    LoadJob,
+    LoadResult,
+    ModelList,
+    UnloadAllJob,
+    UnloadAllResult,
+    UnloadFailure,
+    UnloadJob,
+    UnloadResult,
+)
+from workers.manager import ModelManager
+from workers.paths import resolve_model_path
+
+
+class Estimator(Protocol):
+    def __call__(self, path: Path, context_length: int | None) -> int: ...
+
+
+class NodeService:
+    """The operations one node offers; each returns the schema the API passes on."""
+
+    def __init__(self, *, fingerprint: str, models_dir: Path, manager: ModelManager, estimate: Estimator) -> None:
+        self.fingerprint = fingerprint
+        self.models_dir = models_dir
+        self.manager = manager
+        self._estimate = estimate
+
+    def load(self, job: LoadJob) -> LoadResult:
+        path = resolve_model_path(self.models_dir, job.model_id, job.model_path)
+        existing = self.manager.get(job.model_id)
+        estimate = 0 if existing is not None else self._estimate(path, job.context_length)
+        outcome = self.manager.load(
+            job.model_id,
+            path,
+            context_length=job.context_length,
+            gpu_layers=job.gpu_layers,
+            estimate_bytes=estimate,
+        )
+        return LoadResult(
+            model_id=job.model_id,
+            node=self.fingerprint,
+            state=outcome.model.state,
+            load_seconds=outcome.load_seconds,
+            already_loaded=outcome.already_loaded,
+        )
+
+    def unload(self, job: UnloadJob) -> UnloadResult:
+        info = self.manager.unload(job.model_id)
+        return UnloadResult(model_id=job.model_id, node=self.fingerprint, state=info.state)
+
+    def unload_all(self, job: UnloadAllJob) -> UnloadAllResult:
+        unloaded, failures = self.manager.unload_all()
+        return UnloadAllResult(
+            node=self.fingerprint,
+            unloaded=unloaded,
+            errors=[UnloadFailure(model_id=m, code=e.code, error=e.message) for m, e in failures],
+        )
+
+    def list(self) -> ModelList:
+        return ModelList(data=self.manager.models())

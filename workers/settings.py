@@ -1,0 +1,39 @@
+"""Settings of a worker process (one node)."""
+
+import os
+import re
+from pathlib import Path
+
+from pydantic import ByteSize, Field, field_validator
+
+from broker.settings import BrokerSettings
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def default_threads() -> int:
+    """Explicit, never -1: threads=-1 segfaulted ctransformers on small models."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class WorkerSettings(BrokerSettings):
+    """One node: its name, where its models and state live, and how much it may load."""
+
+    name: str = "node"
+    models_dir: Path = Path("models")
+    state_dir: Path | None = None
+    concurrency: int = Field(default=8, ge=2, le=64)
+    threads: int = Field(default_factory=default_threads, ge=1, le=256)
+    memory_budget: ByteSize | None = None
+    health_interval: float = Field(default=10.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.fullmatch(value):
+            raise ValueError("a node name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else Path(".modelfleet") / "nodes" / self.name

@@ -1,0 +1,84 @@
+"""The node's Celery tasks. Each is thin: check the deadline, validate the job, call the service, reply.
+
+Every task answers through `broker.replies.publish_reply`, never through a result backend; whatever happens,
+exactly one reply is written, so the API never waits for a job that has already ended.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+from pydantic import BaseModel, ValidationError
+
+from broker import keys
+from broker.errors import InternalError, InvalidRequest, JobExpired, ModelfleetError
+from broker.replies import publish_reply
+from broker.schemas import ErrorInfo, Job, ListJob, LoadJob, Reply, UnloadAllJob, UnloadJob
+from workers.node import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+_runtime: NodeRuntime | None = None
+
+
+def install(runtime: NodeRuntime) -> None:
+    """Give the tasks their node. Called once, before the worker starts consuming."""
+    global _runtime
+    _runtime = runtime
+
+
+def _run(task: Task, job_type: type[Job], payload: Any, operation: Callable[[Any], BaseModel]) -> dict[str, Any]:
+    runtime = _runtime
+    assert runtime is not None, "workers.tasks.install() was not called"
+    job_id = str(task.request.id)
+    reply: Reply
+    try:
+        job = job_type.model_validate(payload)
+        if time.time() > job.deadline:
+            raise JobExpired(f"The job reached the node {time.time() - job.deadline:.1f}s after its deadline.")
+        if runtime.redis.exists(keys.cancel(job_id)):
+            raise JobExpired("The caller gave up on this job before it started.")
+        result = operation(job)
+        reply = Reply(job_id=job_id, node=runtime.fingerprint, result=result.model_dump(mode="json", by_alias=True))
+    except ValidationError as exc:
+        reply = _error_reply(job_id, runtime, InvalidRequest(f"Malformed job: {exc.error_count()} invalid field(s)."))
+    except ModelfleetError as exc:
+        reply = _error_reply(job_id, runtime, exc)
+    except Exception as exc:
+        log.exception("job %s (%s) failed unexpectedly", job_id, task.name)
+        reply = _error_reply(job_id, runtime, InternalError(f"The node failed: {type(exc).__name__}."))
+    publish_reply(runtime.redis, reply, ttl=runtime.settings.reply_ttl)
+    if reply.error is not None:
+        log.info("job %s (%s): %s", job_id, task.name, reply.error.code)
+    return reply.wire()
+
+
+def _error_reply(job_id: str, runtime: NodeRuntime, error: ModelfleetError) -> Reply:
+    info = ErrorInfo(code=error.code, error=error.message, details=error.details)
+    return Reply(job_id=job_id, node=runtime.fingerprint, error=info)
+
+
+def register_tasks(app: Celery) -> None:
+    """Register the four node tasks on `app` under their public names."""
+
+    def service():
+        assert _runtime is not None
+        return _runtime.service
+
+    @app.task(name=keys.TASK_LOAD, bind=True)
+    def load(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        return _run(self, LoadJob, job, lambda j: service().load(j))
+
+    @app.task(name=keys.TASK_UNLOAD, bind=True)
+    def unload(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        return _run(self, UnloadJob, job, lambda j: service().unload(j))
+
+    @app.task(name=keys.TASK_UNLOAD_ALL, bind=True)
+    def unload_all(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        return _run(self, UnloadAllJob, job, lambda j: service().unload_all(j))
+
+    @app.task(name=keys.TASK_LIST, bind=True)
+    def list_models(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        return _run(self, ListJob, job, lambda j: service().list())
