@@ -78,20 +78,22 @@ class NodeRegistrar:
         """Take the alive key, or raise DuplicateNode if a live process holds it."""
         alive = keys.node_alive(self.fingerprint)
         deadline = time.monotonic() + (wait if wait is not None else self._ttl_ms / 1000 + self._interval)
-        last_ttl: int | None = None
+        seen: tuple[int, float] | None = None  # (TTL in ms, when it was read)
         while True:
             if self._redis.set(alive, self.info.boot_id, nx=True, px=self._ttl_ms):
                 break
-            ttl = int(self._redis.pttl(alive))
-            if last_ttl is not None and ttl > last_ttl + 50:
+            ttl, now = int(self._redis.pttl(alive)), time.monotonic()
+            # A TTL above what the last reading decays to means the owner refreshed it: it is alive.
+            if seen is not None and ttl >= 0 and ttl > seen[0] - (now - seen[1]) * 1000 + 50:
                 raise DuplicateNode(
                     f"Node {self.fingerprint} ({self.info.name}) is already served by a live worker; "
                     "two workers on one node queue would split its models. Stop the other worker, "
                     "or give this one another --state-dir."
                 )
-            last_ttl = ttl if ttl >= 0 else last_ttl
-            if time.monotonic() > deadline:
-                raise DuplicateNode(f"Node {self.fingerprint} is still held by another worker after {wait}s.")
+            if ttl >= 0:
+                seen = (ttl, now)
+            if now > deadline:
+                raise DuplicateNode(f"Node {self.fingerprint} is still held by another worker; try again later.")
             time.sleep(0.1)
         pipe = self._redis.pipeline()
         pipe.sadd(keys.nodes_set(), self.fingerprint)

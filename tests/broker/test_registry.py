@@ -1,0 +1,98 @@
+"""NodeRegistrar / NodeDirectory against fakeredis (our own Redis code; the real thing is in tests/e2e)."""
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import fakeredis
+import pytest
+
+from broker import keys
+from broker.registry import DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
+from broker.schemas import NodeInfo
+
+FP = "ab" * 16
+
+
+def info(fp: str = FP) -> NodeInfo:
+    return NodeInfo(
+        fingerprint=fp,
+        name="n1",
+        hostname="h",
+        models_dir="/m",
+        version="0",
+        boot_id=uuid.uuid4().hex,
+        pid=1,
+        started_at=datetime.now(UTC),
+        queue=keys.node_queue(fp),
+    )
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+def registrar(server: fakeredis.FakeServer, fp: str = FP, ttl: float = 0.5) -> NodeRegistrar:
+    return NodeRegistrar(fakeredis.FakeRedis(server=server), info(fp), interval=0.1, ttl=ttl)
+
+
+def test_claim_registers_and_release_marks_offline(server: fakeredis.FakeServer) -> None:
+    node = registrar(server)
+    node.claim()
+    client = fakeredis.FakeRedis(server=server)
+    assert client.sismember(keys.nodes_set(), FP)
+    assert client.get(keys.node_alive(FP)) == node.info.boot_id.encode()
+    node.beat({"modelsLoaded": 2})
+    node.release()
+    assert not client.exists(keys.node_alive(FP))
+    assert client.hexists(keys.node_info(FP), "registration")
+
+
+def test_second_claim_while_first_beats_is_refused(server: fakeredis.FakeServer) -> None:
+    first = registrar(server, ttl=2.0)
+    first.claim()
+    second = registrar(server, ttl=2.0)
+
+    async def beat_while_claiming() -> None:
+        loop = asyncio.get_running_loop()
+        claim = loop.run_in_executor(None, lambda: second.claim(wait=1.5))
+        while not claim.done():
+            first.beat({})
+            await asyncio.sleep(0.1)
+        await claim
+
+    with pytest.raises(DuplicateNode, match="already served"):
+        asyncio.run(beat_while_claiming())
+
+
+def test_claim_takes_over_a_dead_owner_after_its_ttl(server: fakeredis.FakeServer) -> None:
+    dead = registrar(server, ttl=0.3)
+    dead.claim()
+    successor = registrar(server, ttl=0.3)
+    successor.claim(wait=2.0)
+    client = fakeredis.FakeRedis(server=server)
+    assert client.get(keys.node_alive(FP)) == successor.info.boot_id.encode()
+    with pytest.raises(LostNodeOwnership):
+        dead.beat({})
+
+
+def test_directory_reports_online_offline_and_stats(server: fakeredis.FakeServer) -> None:
+    node = registrar(server)
+    node.claim()
+    node.beat({"modelsLoaded": 3, "memoryUsedBytes": 10, "rssBytes": 20})
+
+    async def read() -> tuple[list[NodeInfo], NodeInfo]:
+        directory = NodeDirectory(fakeredis.FakeAsyncRedis(server=server))
+        return await directory.all(), await directory.get(FP)
+
+    listed, one = asyncio.run(read())
+    assert [n.fingerprint for n in listed] == [FP]
+    assert one.online and one.models_loaded == 3 and one.memory_used_bytes == 10 and one.rss_bytes == 20
+    node.release()
+    assert not asyncio.run(read())[1].online
+
+
+def test_fingerprint_shape() -> None:
+    assert is_fingerprint(FP)
+    assert not is_fingerprint("../etc") and not is_fingerprint("AB" * 16) and not is_fingerprint("a" * 15)
