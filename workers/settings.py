@@ -22,7 +22,8 @@ class WorkerSettings(BrokerSettings):
     name: str = "node"
     models_dir: Path = Path("models")
     state_dir: Path | None = None
-    concurrency: int = Field(default=8, ge=2, le=64)
+    # Each running job holds a thread (a joined load too); lists need a free one, so keep plenty.
+    concurrency: int = Field(default=16, ge=2, le=128)
     threads: int = Field(default_factory=default_threads, ge=1, le=256)
     memory_budget: ByteSize | None = None
     health_interval: float = Field(default=10.0, gt=0)
