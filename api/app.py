@@ -27,7 +27,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
+        # Blocking pool: a burst of requests queues for a connection; redis-py's default asyncio pool raises
+        # MaxConnectionsError (answered as 503) as soon as 100 connections are in use.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url.get_secret_value(), max_connections=100, timeout=20, health_check_interval=10
+        )
+        client = aioredis.Redis.from_pool(pool)
         directory = NodeDirectory(client)
         waiter = ReplyWaiter(client, directory, tick=settings.liveness_interval)
         celery = make_celery(settings)
