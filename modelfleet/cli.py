@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,13 @@ def _secrets_of(settings: BrokerSettings) -> list[str]:
     return found
 
 
+def _environment_keys() -> list[str]:
+    """API keys in this process's environment. A worker does not use them, but under `up` it inherits them, and a
+    key a caller sends as a model id would otherwise reach the worker's log in the text of the job's reply."""
+    names = ("MODELFLEET_OPERATOR_KEYS", "MODELFLEET_API_KEYS")
+    return [part.strip() for name in names for part in os.environ.get(name, "").split(",") if part.strip()]
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -72,7 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = WorkerSettings(**fields)
     except ValidationError as exc:
         return _settings_error(exc)
-    configure_logging(_secrets_of(settings))
+    configure_logging(_secrets_of(settings) + _environment_keys())
     return run_worker(settings)
 
 
