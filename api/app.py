@@ -11,7 +11,7 @@ from api.auth import KeyRing
 from api.errors import install_error_handlers
 from api.jobs import JobClient
 from api.replies import ReplyWaiter
-from api.routes import health, nodes
+from api.routes import health, models, nodes
 from api.settings import ApiSettings
 from broker import __version__
 from broker.celery_app import make_celery
@@ -55,4 +55,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(nodes.router)
+    app.include_router(models.router)
     return app

@@ -6,6 +6,7 @@ from fastapi import Depends, Header, Request
 
 from api.auth import KeyRing, Scope
 from api.jobs import JobClient
+from api.pool import Pool
 from api.settings import ApiSettings
 from broker.registry import NodeDirectory
 
@@ -26,6 +27,11 @@ def get_jobs(request: Request) -> JobClient:
     return _state(request).jobs
 
 
+def get_pool(request: Request) -> Pool:
+    state = _state(request)
+    return Pool(state.directory, state.jobs, state.settings)
+
+
 def _authorize(request: Request, authorization: str | None, scope: Scope) -> Scope:
     keyring: KeyRing = _state(request).keyring
     return keyring.authorize(authorization, scope)
@@ -42,5 +48,6 @@ def require_operator(request: Request, authorization: Annotated[str | None, Head
 Settings = Annotated[ApiSettings, Depends(get_settings)]
 Directory = Annotated[NodeDirectory, Depends(get_directory)]
 Jobs = Annotated[JobClient, Depends(get_jobs)]
+Fleet = Annotated[Pool, Depends(get_pool)]
 Reader = Annotated[Scope, Depends(require_read)]
 Operator = Annotated[Scope, Depends(require_operator)]

@@ -17,13 +17,14 @@ from redis.exceptions import RedisError
 from api.replies import ReplyWaiter
 from broker import keys
 from broker.errors import BrokerUnavailable, JobTimeout, NodeOffline, NodeWentOffline, from_code
-from broker.schemas import Job, ListJob, LoadJob, NodeInfo, UnloadAllJob, UnloadJob
+from broker.schemas import CatalogJob, Job, ListJob, LoadJob, NodeInfo, UnloadAllJob, UnloadJob
 
 OPERATION_NAMES = {
     keys.TASK_LOAD: "load",
     keys.TASK_UNLOAD: "unload",
     keys.TASK_UNLOAD_ALL: "unload-all",
     keys.TASK_LIST: "model list",
+    keys.TASK_CATALOG: "catalog",
 }
 
 
@@ -97,4 +98,5 @@ _JOB_TYPES: dict[str, type[Job]] = {
     keys.TASK_UNLOAD: UnloadJob,
     keys.TASK_UNLOAD_ALL: UnloadAllJob,
     keys.TASK_LIST: ListJob,
+    keys.TASK_CATALOG: CatalogJob,
 }

@@ -20,3 +20,24 @@ class NodeUnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     modelId: ModelId
+
+
+class PoolLoadRequest(BaseModel):
+    """`POST /v1/models/load`: model-loading.txt's body, plus where and how to make room."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: ModelId
+    force_reload: bool = False
+    node: str | None = Field(default=None, min_length=1, max_length=64)
+    """A fingerprint: load there instead of where placement would."""
+    evict: bool = False
+    pin: bool = False
+
+
+class PoolUnloadRequest(BaseModel):
+    """`POST /v1/models/unload`, as model-loading.txt defines it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: ModelId

@@ -23,6 +23,7 @@ TASK_LOAD = "modelfleet.load"
 TASK_UNLOAD = "modelfleet.unload"
 TASK_UNLOAD_ALL = "modelfleet.unload_all"
 TASK_LIST = "modelfleet.list"
+TASK_CATALOG = "modelfleet.catalog"
 
 EVENTS_CHANNEL = "distributed-pool-changed"
 

@@ -78,6 +78,7 @@ class Operation(StrEnum):
     UNLOAD = "unload"
     UNLOAD_ALL = "unload_all"
     LIST = "list"
+    CATALOG = "catalog"
 
 
 # Jobs: the one argument of each task (its Celery task id is the job id). `deadline` is an absolute UNIX time
@@ -93,6 +94,12 @@ class LoadJob(Job):
     model_path: str | None = Field(default=None, max_length=4096)
     context_length: int | None = Field(default=None, ge=1, le=1 << 20)
     gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
+    force_reload: bool = False
+    """Reload a loaded model afresh (admitted as a new load; the old copy is dropped first)."""
+    evict: bool = False
+    """If the model does not fit, unload least recently used, unpinned, loaded models until it does."""
+    pin: bool = False
+    """Never evict this model (it can still be unloaded explicitly)."""
 
 
 class UnloadJob(Job):
@@ -104,6 +111,10 @@ class UnloadAllJob(Job):
 
 
 class ListJob(Job):
+    pass
+
+
+class CatalogJob(Job):
     pass
 
 
@@ -123,6 +134,7 @@ class ModelInfo(Schema):
     loaded_at: datetime | None = None
     size_bytes: int
     error: str | None = None
+    pinned: bool = False
 
 
 class LoadResult(Schema):
@@ -132,6 +144,7 @@ class LoadResult(Schema):
     state: ModelState
     load_seconds: float
     already_loaded: bool
+    evicted: list[str] = Field(default_factory=list)
 
 
 class UnloadResult(Schema):
@@ -156,6 +169,35 @@ class UnloadAllResult(Schema):
 
 class ModelList(Schema):
     data: list[ModelInfo]
+
+
+class ModelFile(Schema):
+    """A model file in a node's models directory: its id is the relative path without `.gguf`."""
+
+    id: str
+    path: str
+    size_bytes: int
+    estimate_bytes: int
+    """Memory a load with the default context takes (weights plus KV cache), from the GGUF header."""
+
+
+class MemoryInfo(Schema):
+    """A node's memory budget and what its models hold of it. `None` budget: no limit."""
+
+    budget_bytes: int | None
+    used_bytes: int
+    free_bytes: int | None
+    evictable_bytes: int
+    """Held by loaded, unpinned models: what a load with `evict` may reclaim."""
+
+
+class NodeCatalog(Schema):
+    """What a node can load and what it holds: the input of pool-wide placement."""
+
+    node: str
+    files: list[ModelFile]
+    models: list[ModelInfo]
+    memory: MemoryInfo
 
 
 class ErrorInfo(Schema):

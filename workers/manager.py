@@ -5,9 +5,13 @@ One `ModelRecord` per model. The rules, per model:
 - a load of a loaded model answers `already_loaded=True` without reloading;
 - an unload of a loading model waits for the load, then unloads; an unload of an unloading model joins it;
 - `models()` answers at once: it takes only the short registry lock, never a model's in-flight operation.
+- a load with `force_reload` of a loaded model drops the old copy and loads afresh, admitted as a new load.
 
 Memory admission: a load reserves its estimate under the registry lock before it starts, so two concurrent
 loads cannot both squeeze into the same free space; the measured size replaces the estimate once loaded.
+With `evict`, the same locked step picks the least recently used, unpinned, loaded models whose bytes make
+room and marks them unloading, so no other load can pick them or their space; they are unloaded before the
+new model loads. If evicting every candidate would still not make room, nothing is evicted.
 """
 
 import contextlib
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from broker.errors import InsufficientMemory, ModelfleetError, ModelLoadFailed, ModelNotLoaded
-from broker.schemas import ModelInfo, ModelState
+from broker.schemas import MemoryInfo, ModelInfo, ModelState
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,7 @@ class ModelRecord:
             loaded_at=self.loaded_at,
             size_bytes=self.size_bytes,
             error=self.error,
+            pinned=self.pinned,
         )
 
 
@@ -88,6 +93,7 @@ class LoadOutcome:
     model: ModelInfo
     load_seconds: float
     already_loaded: bool
+    evicted: tuple[str, ...] = ()
 
 
 ChangeHook = Callable[[str, ModelInfo], None]
@@ -123,13 +129,22 @@ class ModelManager:
         context_length: int | None = None,
         gpu_layers: int | None = None,
         estimate_bytes: int = 0,
+        force_reload: bool = False,
+        evict: bool = False,
         pin: bool = False,
     ) -> LoadOutcome:
+        """Load `model_id` from `path`, or join its load, or answer that it is loaded (see the module rules).
+
+        Raises InsufficientMemory (nothing evicted, nothing unloaded) if `estimate_bytes` does not fit.
+        """
         while True:
             with self._lock:
                 record = self._records.get(model_id)
-                if record is None or record.state in (ModelState.FAILED, ModelState.UNLOADED):
-                    self._admit(model_id, estimate_bytes)
+                reloading = record is not None and record.state is ModelState.LOADED and force_reload
+                if record is None or record.state in (ModelState.FAILED, ModelState.UNLOADED) or reloading:
+                    old = record if reloading else None
+                    releasing = old.reserved_bytes if old is not None else 0
+                    victims = self._admit(model_id, estimate_bytes, evict=evict, releasing=releasing)
                     future: Future[LoadOutcome] = Future()
                     record = ModelRecord(
                         model_id=model_id,
@@ -139,10 +154,11 @@ class ModelManager:
                         gpu_layers=gpu_layers,
                         size_bytes=estimate_bytes,
                         reserved_bytes=estimate_bytes,
-                        pinned=pin,
+                        pinned=pin or (old is not None and old.pinned),
                         pending=future,
                     )
                     self._records[model_id] = record
+                    evictions = [(victim, self._begin_unload_locked(victim)) for victim in victims]
                     break
                 if record.state is ModelState.LOADED:
                     record.last_used = self._clock()
@@ -153,20 +169,78 @@ class ModelManager:
             if joining:
                 return pending.result()
             _wait_quietly(pending)  # unloading: once it is done, load afresh
-        return self._run_load(record, future)
+        # The new record already holds the reservation; the old copy and the victims go before it loads.
+        for victim, victim_future in evictions:
+            self._unload_quietly(victim, victim_future)
+        if old is not None:
+            self._drop_old_copy(old)
+        outcome = self._run_load(record, future)
+        return replace(outcome, evicted=tuple(victim.model_id for victim, _ in evictions))
 
-    def _admit(self, model_id: str, estimate: int) -> None:
+    def _admit(self, model_id: str, estimate: int, *, evict: bool, releasing: int = 0) -> list[ModelRecord]:
+        """Decide, under the lock, whether `estimate` fits; returns the records to evict to make it fit.
+
+        `releasing` is what the model's own old copy holds when it is being reloaded.
+        """
         if self._budget is None or estimate <= 0:
-            return
-        free = self._budget - self._used_locked()
-        if estimate > free:
-            raise InsufficientMemory(
-                f"Model {model_id} needs about {estimate} bytes but this node has {max(free, 0)} of its "
-                f"{self._budget}-byte budget free.",
-                needed_bytes=estimate,
-                free_bytes=max(free, 0),
-                budget_bytes=self._budget,
-            )
+            return []
+        free = self._budget - self._used_locked() + releasing
+        if estimate <= free:
+            return []
+        room, victims = free, []
+        if evict:
+            for candidate in self._evictable_locked(exclude=model_id):
+                victims.append(candidate)
+                room += candidate.reserved_bytes
+                if estimate <= room:
+                    return victims
+        details = {"needed_bytes": estimate, "free_bytes": max(free, 0), "budget_bytes": self._budget}
+        if evict:
+            details["evictable_bytes"] = room - free
+            hint = f" Evicting every unpinned loaded model would free only {room - free} more."
+        else:
+            hint = " Unload a model, or load with evict to unload the least recently used ones."
+        raise InsufficientMemory(
+            f"Model {model_id} needs about {estimate} bytes but this node has {max(free, 0)} of its "
+            f"{self._budget}-byte budget free.{hint}",
+            **details,
+        )
+
+    def _evictable_locked(self, *, exclude: str | None = None) -> list[ModelRecord]:
+        """Loaded, unpinned models, least recently used first. Loading and unloading ones are never candidates."""
+        candidates = [
+            r for r in self._records.values() if r.state is ModelState.LOADED and not r.pinned and r.model_id != exclude
+        ]
+        return sorted(candidates, key=lambda r: (r.last_used, r.model_id))
+
+    def _begin_unload_locked(self, record: ModelRecord) -> "Future[ModelInfo]":
+        future: Future[ModelInfo] = Future()
+        record.state = ModelState.UNLOADING
+        record.healthy = False
+        record.pending = future
+        return future
+
+    def _unload_quietly(self, record: ModelRecord, future: "Future[ModelInfo]") -> None:
+        try:
+            self._run_unload(record, future)
+        except Exception:
+            # The record is gone and its reservation released whatever the backend said; the load goes on.
+            log.exception("evicting %s failed in the backend", record.model_id)
+
+    def _drop_old_copy(self, old: ModelRecord) -> None:
+        """Free the handle of a model being reloaded; its record was already replaced by the new load."""
+        old.state, old.healthy, old.reserved_bytes = ModelState.UNLOADING, False, 0
+        self._emit("model-unloading", old.info())
+        handle, old.handle = old.handle, None
+        try:
+            if handle is not None:
+                self._loader.unload(handle)
+        except Exception:
+            log.exception("dropping the old copy of %s failed in the backend", old.model_id)
+        finally:
+            del handle
+        old.state = ModelState.UNLOADED
+        self._emit("model-unloaded", old.info())
 
     def _used_locked(self) -> int:
         return sum(r.reserved_bytes for r in self._records.values() if r.state is not ModelState.FAILED)
@@ -220,10 +294,7 @@ class ModelManager:
                 if record.state is ModelState.FAILED:
                     raise ModelNotLoaded(f"Model {model_id} is not loaded on this node (its last load failed).")
                 if record.state is ModelState.LOADED:
-                    future: Future[ModelInfo] = Future()
-                    record.state = ModelState.UNLOADING
-                    record.healthy = False
-                    record.pending = future
+                    future = self._begin_unload_locked(record)
                     break
                 assert record.pending is not None
                 pending, joining = record.pending, record.state is ModelState.UNLOADING
@@ -233,6 +304,7 @@ class ModelManager:
         return self._run_unload(record, future)
 
     def _run_unload(self, record: ModelRecord, future: "Future[ModelInfo]") -> ModelInfo:
+        """Unload a record that `_begin_unload_locked` marked unloading; releases its reservation."""
         self._emit("model-unloading", record.info())
         handle, record.handle = record.handle, None
         try:
@@ -244,7 +316,8 @@ class ModelManager:
                 record.state = ModelState.UNLOADED
                 record.pending = None
                 record.reserved_bytes = 0
-                self._records.pop(record.model_id, None)
+                if self._records.get(record.model_id) is record:
+                    del self._records[record.model_id]
                 info = record.info()
             future.set_result(info)
             self._emit("model-unloaded", info)
@@ -295,6 +368,14 @@ class ModelManager:
                 "memoryUsedBytes": self._used_locked(),
                 "memoryBudgetBytes": self._budget or 0,
             }
+
+    def memory(self) -> MemoryInfo:
+        """The budget, what models hold of it (reservations included), and what eviction could reclaim."""
+        with self._lock:
+            used = self._used_locked()
+            evictable = sum(r.reserved_bytes for r in self._evictable_locked())
+            free = None if self._budget is None else max(self._budget - used, 0)
+            return MemoryInfo(budget_bytes=self._budget, used_bytes=used, free_bytes=free, evictable_bytes=evictable)
 
     def snapshot(self) -> list[ModelRecord]:
         """Copies of the records (without handles), for placement and eviction decisions."""

@@ -17,7 +17,7 @@ from broker.schemas import NodeInfo
 from workers.identity import fingerprint, load_or_create_node_key
 from workers.manager import ModelManager
 from workers.service import NodeService
-from workers.settings import WorkerSettings
+from workers.settings import WorkerSettings, default_memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         raise FileNotFoundError(f"models directory {settings.models_dir} does not exist")
     fp = fingerprint(load_or_create_node_key(settings.resolved_state_dir))
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
-    manager = ModelManager(
-        CTransformersLoader(threads=settings.threads),
-        memory_budget=int(settings.memory_budget) if settings.memory_budget is not None else None,
-    )
+    budget = int(settings.memory_budget) if settings.memory_budget is not None else default_memory_budget()
+    manager = ModelManager(CTransformersLoader(threads=settings.threads), memory_budget=budget)
+    log.info("node %s: memory budget %d bytes", settings.name, budget)
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
     info = NodeInfo(
         fingerprint=fp,

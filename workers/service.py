@@ -1,24 +1,21 @@
 """What a node does for each job, free of Celery: resolve the file, admit, call the manager, shape the reply."""
 
 from pathlib import Path
-from typing import Protocol
 
 from broker.schemas import (
     LoadJob,
     LoadResult,
     ModelList,
+    NodeCatalog,
     UnloadAllJob,
     UnloadAllResult,
     UnloadFailure,
     UnloadJob,
     UnloadResult,
 )
+from workers.catalog import Estimator, FileCatalog
 from workers.manager import ModelManager
 from workers.paths import resolve_model_path
-
-
-class Estimator(Protocol):
-    def __call__(self, path: Path, context_length: int | None) -> int: ...
 
 
 class NodeService:
@@ -29,17 +26,21 @@ class NodeService:
         self.models_dir = models_dir
         self.manager = manager
         self._estimate = estimate
+        self._files = FileCatalog(models_dir, estimate)
 
     def load(self, job: LoadJob) -> LoadResult:
         path = resolve_model_path(self.models_dir, job.model_id, job.model_path)
-        existing = self.manager.get(job.model_id)
-        estimate = 0 if existing is not None else self._estimate(path, job.context_length)
+        # Always estimated (headers are cached by mtime): whether the manager needs it is decided under its lock.
+        estimate = self._estimate(path, job.context_length)
         outcome = self.manager.load(
             job.model_id,
             path,
             context_length=job.context_length,
             gpu_layers=job.gpu_layers,
             estimate_bytes=estimate,
+            force_reload=job.force_reload,
+            evict=job.evict,
+            pin=job.pin,
         )
         return LoadResult(
             model_id=job.model_id,
@@ -47,6 +48,7 @@ class NodeService:
             state=outcome.model.state,
             load_seconds=outcome.load_seconds,
             already_loaded=outcome.already_loaded,
+            evicted=list(outcome.evicted),
         )
 
     def unload(self, job: UnloadJob) -> UnloadResult:
@@ -63,3 +65,11 @@ class NodeService:
 
     def list(self) -> ModelList:
         return ModelList(data=self.manager.models())
+
+    def catalog(self) -> NodeCatalog:
+        return NodeCatalog(
+            node=self.fingerprint,
+            files=self._files.files(),
+            models=self.manager.models(),
+            memory=self.manager.memory(),
+        )

@@ -4,11 +4,20 @@ import os
 import re
 from pathlib import Path
 
+import psutil
 from pydantic import ByteSize, Field, field_validator
 
 from broker.settings import BrokerSettings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+DEFAULT_BUDGET_SHARE = 0.75
+"""Without --memory-budget a node may fill this share of the machine's RAM, leaving the rest to the system."""
+
+
+def default_memory_budget() -> int:
+    return int(psutil.virtual_memory().total * DEFAULT_BUDGET_SHARE)
 
 
 def default_threads() -> int:
@@ -26,6 +35,7 @@ class WorkerSettings(BrokerSettings):
     concurrency: int = Field(default=16, ge=2, le=128)
     threads: int = Field(default_factory=default_threads, ge=1, le=256)
     memory_budget: ByteSize | None = None
+    """None: `default_memory_budget()`, applied when the node is built."""
     health_interval: float = Field(default=10.0, gt=0)
 
     @field_validator("name")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from broker import keys
 from broker.errors import InternalError, InvalidRequest, JobExpired, ModelfleetError
 from broker.replies import publish_reply
-from broker.schemas import ErrorInfo, Job, ListJob, LoadJob, Reply, UnloadAllJob, UnloadJob
+from broker.schemas import CatalogJob, ErrorInfo, Job, ListJob, LoadJob, Reply, UnloadAllJob, UnloadJob
 from workers.node import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def _error_reply(job_id: str, runtime: NodeRuntime, error: ModelfleetError) -> R
 
 
 def register_tasks(app: Celery) -> None:
-    """Register the four node tasks on `app` under their public names."""
+    """Register the node tasks on `app` under their public names."""
 
     def service():
         assert _runtime is not None
@@ -82,3 +82,7 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=keys.TASK_LIST, bind=True)
     def list_models(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         return _run(self, ListJob, job, lambda j: service().list())
+
+    @app.task(name=keys.TASK_CATALOG, bind=True)
+    def catalog(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        return _run(self, CatalogJob, job, lambda j: service().catalog())

@@ -32,7 +32,16 @@ def test_bad_model_ids(bad: str) -> None:
 
 def test_wire_models_are_frozen_strict_and_camel_case() -> None:
     job = LoadJob(deadline=1.0, model_id="m", context_length=5)
-    assert job.wire() == {"deadline": 1.0, "modelId": "m", "modelPath": None, "contextLength": 5, "gpuLayers": None}
+    assert job.wire() == {
+        "deadline": 1.0,
+        "modelId": "m",
+        "modelPath": None,
+        "contextLength": 5,
+        "gpuLayers": None,
+        "forceReload": False,
+        "evict": False,
+        "pin": False,
+    }
     assert LoadJob.model_validate(job.wire()) == job
     with pytest.raises(ValidationError):
         LoadJob.model_validate({**job.wire(), "extra": 1})

@@ -190,3 +190,125 @@ def test_events_in_order() -> None:
         ("model-unloading", "unloading"),
         ("model-unloaded", "unloaded"),
     ]
+
+
+def ticking_clock():  # type: ignore[no-untyped-def]
+    """A clock that moves one second per reading, so every load and touch has its own time."""
+    ticks = iter(range(1, 1_000_000))
+    return lambda: float(next(ticks))
+
+
+def loaded_ids(manager: ModelManager) -> list[str]:
+    return [m.id for m in manager.models() if m.state is ModelState.LOADED]
+
+
+def test_evict_unloads_least_recently_used_first() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=300, clock=ticking_clock())
+    for name in ("a", "b", "c"):
+        manager.load(name, Path(f"/{name}.gguf"), estimate_bytes=100)
+    assert manager.load("a", Path("/a.gguf"), estimate_bytes=100).already_loaded  # a is now the most recent
+    with pytest.raises(InsufficientMemory):
+        manager.load("d", Path("/d.gguf"), estimate_bytes=100)
+    outcome = manager.load("d", Path("/d.gguf"), estimate_bytes=100, evict=True)
+    assert outcome.evicted == ("b",) and outcome.model.state is ModelState.LOADED
+    assert loaded_ids(manager) == ["a", "c", "d"] and loader.unloads == 1
+    two = manager.load("e", Path("/e.gguf"), estimate_bytes=200, evict=True)
+    assert two.evicted == ("c", "a") and loaded_ids(manager) == ["d", "e"]
+
+
+def test_pinned_models_are_never_evicted() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=300, clock=ticking_clock())
+    manager.load("old", Path("/old.gguf"), estimate_bytes=100, pin=True)
+    manager.load("b", Path("/b.gguf"), estimate_bytes=100)
+    manager.load("c", Path("/c.gguf"), estimate_bytes=100)
+    manager.load("c", Path("/c.gguf"), estimate_bytes=100, pin=True)  # pinning a loaded model
+    assert manager.memory().evictable_bytes == 100
+    assert manager.load("d", Path("/d.gguf"), estimate_bytes=100, evict=True).evicted == ("b",)
+    assert {m.id: m.pinned for m in manager.models()} == {"old": True, "c": True, "d": False}
+
+
+def test_evict_that_cannot_make_room_evicts_nothing() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=300, clock=ticking_clock())
+    manager.load("pinned", Path("/p.gguf"), estimate_bytes=100, pin=True)
+    manager.load("a", Path("/a.gguf"), estimate_bytes=100)
+    with pytest.raises(InsufficientMemory) as info:
+        manager.load("big", Path("/big.gguf"), estimate_bytes=250, evict=True)
+    assert info.value.details == {"needed_bytes": 250, "free_bytes": 100, "budget_bytes": 300, "evictable_bytes": 100}
+    assert loaded_ids(manager) == ["a", "pinned"] and loader.unloads == 0 and loader.loads == 2
+
+
+def test_loading_models_are_never_evicted() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=300, clock=ticking_clock())
+    manager.load("done", Path("/done.gguf"), estimate_bytes=100)
+    loader.gate.clear()
+    thread, box = in_thread(manager.load, "slow", Path("/slow.gguf"), estimate_bytes=100)
+    assert loader.started.wait(5)
+    with pytest.raises(InsufficientMemory):  # only "done" may go: 100 free + 100 is not 300
+        manager.load("big", Path("/big.gguf"), estimate_bytes=300, evict=True)
+    assert {m.id: m.state for m in manager.models()} == {"done": ModelState.LOADED, "slow": ModelState.LOADING}
+    loader.gate.set()
+    outcome = manager.load("fits", Path("/fits.gguf"), estimate_bytes=200, evict=True)
+    thread.join(5)
+    assert outcome.evicted == ("done",) and box["value"].model.state is ModelState.LOADED
+
+
+def test_concurrent_evicting_loads_cannot_share_the_same_room() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=200, clock=ticking_clock())
+    manager.load("a", Path("/a.gguf"), estimate_bytes=100)
+    manager.load("b", Path("/b.gguf"), estimate_bytes=100)
+    loader.gate.clear()
+    loader.started.clear()
+    thread, box = in_thread(manager.load, "c", Path("/c.gguf"), estimate_bytes=200, evict=True)
+    assert loader.started.wait(5)  # c's admission is done: a and b are marked for eviction, c holds the room
+    with pytest.raises(InsufficientMemory):
+        manager.load("d", Path("/d.gguf"), estimate_bytes=200, evict=True)
+    loader.gate.set()
+    thread.join(5)
+    assert box["value"].evicted == ("a", "b") and loaded_ids(manager) == ["c"]
+    assert manager.memory().used_bytes == 200
+
+
+def test_force_reload_loads_afresh_and_keeps_the_pin() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=300, clock=ticking_clock())
+    first = manager.load("m", Path("/m.gguf"), estimate_bytes=100, pin=True)
+    again = manager.load("m", Path("/m.gguf"), estimate_bytes=100, force_reload=True)
+    assert not again.already_loaded and loader.loads == 2 and loader.unloads == 1
+    assert again.model.loaded_at is not None and first.model.loaded_at is not None
+    assert again.model.loaded_at > first.model.loaded_at and again.model.pinned
+    assert manager.memory().used_bytes == 100
+
+
+def test_force_reload_that_does_not_fit_keeps_the_loaded_copy() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=250, clock=ticking_clock())
+    manager.load("m", Path("/m.gguf"), estimate_bytes=100)
+    manager.load("other", Path("/o.gguf"), estimate_bytes=100)
+    with pytest.raises(InsufficientMemory) as info:
+        manager.load("m", Path("/m.gguf"), estimate_bytes=200, force_reload=True)
+    assert info.value.details["free_bytes"] == 150  # its own copy counts as free for its reload
+    assert loaded_ids(manager) == ["m", "other"] and loader.unloads == 0
+
+
+def test_memory_report() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=1000)
+    manager.load("a", Path("/a.gguf"), estimate_bytes=120)
+    manager.load("p", Path("/p.gguf"), estimate_bytes=100, pin=True)
+    memory = manager.memory()
+    assert (memory.budget_bytes, memory.used_bytes, memory.free_bytes, memory.evictable_bytes) == (1000, 220, 780, 120)
+    unlimited = ModelManager(loader).memory()
+    assert unlimited.budget_bytes is None and unlimited.free_bytes is None

@@ -1,0 +1,273 @@
+"""The fleet as one pool: every `/v1/models` operation asks all the nodes it needs at once.
+
+Fan-outs run in parallel (`asyncio.gather` over `JobClient.run`), so a pool call takes about one node's round
+trip. An offline node is never sent a job: `JobClient.run` refuses it at once with NodeOffline, which the pool
+reports next to the answers of the others instead of waiting.
+"""
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.jobs import JobClient
+from api.placement import NodeView, plan_load, pool_state, refused
+from api.schemas import PoolLoadRequest
+from api.settings import ApiSettings
+from broker import keys
+from broker.errors import (
+    InsufficientMemory,
+    ModelFileNotFound,
+    ModelfleetError,
+    ModelNotLoaded,
+    NodeError,
+    NodeOffline,
+    NodeUnavailable,
+)
+from broker.registry import NodeDirectory
+from broker.schemas import LoadResult, ModelList, ModelState, NodeCatalog, NodeInfo, UnloadAllResult
+
+Outcome = dict[str, Any] | ModelfleetError
+
+
+@dataclass
+class Survey:
+    """Every registered node with its catalog, or the reason it has none."""
+
+    nodes: list[NodeInfo]
+    catalogs: dict[str, NodeCatalog]
+    failures: dict[str, ModelfleetError]
+
+    def views(self) -> list[NodeView]:
+        return [
+            NodeView(n.fingerprint, n.name, self.catalogs[n.fingerprint])
+            for n in self.nodes
+            if n.online and n.fingerprint in self.catalogs
+        ]
+
+    def unreachable(self) -> list[dict[str, Any]]:
+        """Online nodes that did not answer (offline ones are expected not to)."""
+        return [
+            failure(node, error.code, error.message)
+            for node in self.nodes
+            if (error := self.failures.get(node.fingerprint)) is not None and not isinstance(error, NodeOffline)
+        ]
+
+
+def failure(node: NodeInfo, code: str, message: str, model: str | None = None) -> dict[str, Any]:
+    """One entry of an `errors` list: which node (and model) failed, and how."""
+    entry: dict[str, Any] = {"node": node.fingerprint, "node_name": node.name}
+    if model is not None:
+        entry["model"] = model
+    return entry | {"code": code, "error": message}
+
+
+class Pool:
+    """The `/v1/models` operations over the node directory and the job client."""
+
+    def __init__(self, directory: NodeDirectory, jobs: JobClient, settings: ApiSettings) -> None:
+        self._directory = directory
+        self._jobs = jobs
+        self._settings = settings
+
+    async def fan_out(
+        self, nodes: list[NodeInfo], task: str, fields: dict[str, Any], timeout: float
+    ) -> dict[str, Outcome]:
+        """Run one job on each node in parallel; each node's result or its ModelfleetError."""
+        outcomes = await asyncio.gather(
+            *(self._jobs.run(node, task, fields, timeout) for node in nodes), return_exceptions=True
+        )
+        found: dict[str, Outcome] = {}
+        for node, outcome in zip(nodes, outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ModelfleetError):
+                raise outcome  # a bug, not a node's answer: let the API's handler log it
+            found[node.fingerprint] = outcome
+        return found
+
+    async def survey(self) -> Survey:
+        nodes = await self._directory.all()
+        outcomes = await self.fan_out(nodes, keys.TASK_CATALOG, {}, self._settings.list_timeout)
+        catalogs: dict[str, NodeCatalog] = {}
+        failures: dict[str, ModelfleetError] = {}
+        for fp, outcome in outcomes.items():
+            if isinstance(outcome, ModelfleetError):
+                failures[fp] = outcome
+                continue
+            try:
+                catalogs[fp] = NodeCatalog.model_validate(outcome)
+            except ValidationError:
+                failures[fp] = NodeError(f"Node {fp} sent a catalog this API cannot read (another version?).")
+        return Survey(nodes, catalogs, failures)
+
+    async def models(self) -> dict[str, Any]:
+        survey = await self.survey()
+        return {"object": "list", "data": model_entries(survey.views()), "errors": survey.unreachable()}
+
+    async def load(self, body: PoolLoadRequest) -> dict[str, Any]:
+        model = body.model_name
+        fields = {"model_id": model, "force_reload": body.force_reload, "evict": body.evict, "pin": body.pin}
+        if body.node is not None:
+            node = await self._directory.get(body.node)
+            try:
+                result = await self._jobs.run(node, keys.TASK_LOAD, fields, self._settings.load_timeout)
+            except InsufficientMemory as exc:
+                raise refused(model, node.fingerprint, node.name, exc) from None
+            return load_reply(body, node.name, LoadResult.model_validate(result))
+        survey = await self.survey()
+        views = survey.views()
+        if not views:
+            raise NodeUnavailable("No node is online to load the model on.", unreachable=survey.unreachable())
+        try:
+            candidates = plan_load(model, views, evict=body.evict)
+        except ModelFileNotFound as exc:
+            if survey.unreachable():
+                exc.details["unreachable"] = survey.unreachable()
+            raise
+        by_fp = {n.fingerprint: n for n in survey.nodes}
+        last: InsufficientMemory | None = None
+        for candidate in candidates:
+            node = by_fp[candidate.node.fingerprint]
+            job = fields | {"model_path": candidate.model_path}
+            try:
+                result = await self._jobs.run(node, keys.TASK_LOAD, job, self._settings.load_timeout)
+            except InsufficientMemory as exc:  # the node filled up since its catalog: try the next one
+                last = refused(model, node.fingerprint, node.name, exc)
+                continue
+            return load_reply(body, node.name, LoadResult.model_validate(result))
+        assert last is not None
+        raise last
+
+    async def unload(self, model: str) -> dict[str, Any]:
+        nodes = [n for n in await self._directory.all() if n.online]
+        lists = await self.fan_out(nodes, keys.TASK_LIST, {}, self._settings.list_timeout)
+        holders = [n for n in nodes if _holds(lists[n.fingerprint], model)]
+        outcomes = await self.fan_out(holders, keys.TASK_UNLOAD, {"model_id": model}, self._settings.unload_timeout)
+        done = [n for n in holders if not isinstance(outcomes[n.fingerprint], ModelfleetError)]
+        errors = [
+            (n, error)
+            for n in holders
+            if isinstance(error := outcomes[n.fingerprint], ModelfleetError) and not isinstance(error, ModelNotLoaded)
+        ]
+        if not done:
+            if errors:
+                raise errors[0][1]
+            raise ModelNotLoaded(f"Model {model} is not loaded on any online node.", model=model)
+        names = ", ".join(n.name for n in done)
+        return {
+            "status": "success",
+            "model": model,
+            "message": f"Model {model} unloaded successfully (node{'s' if len(done) > 1 else ''} {names})",
+            "nodes": [n.fingerprint for n in done],
+            "errors": [failure(n, e.code, e.message, model) for n, e in errors],
+        }
+
+    async def unload_all(self) -> dict[str, Any]:
+        nodes = await self._directory.all()
+        outcomes = await self.fan_out(nodes, keys.TASK_UNLOAD_ALL, {}, self._settings.unload_timeout)
+        per_node: dict[str, list[str]] = {}
+        errors: list[dict[str, Any]] = []
+        for node in nodes:
+            outcome = outcomes[node.fingerprint]
+            if isinstance(outcome, ModelfleetError):
+                errors.append(failure(node, outcome.code, outcome.message))
+                continue
+            result = UnloadAllResult.model_validate(outcome)
+            per_node[node.fingerprint] = result.unloaded
+            errors += [failure(node, e.code, e.error, e.model_id) for e in result.errors]
+        unloaded = sorted({model for models in per_node.values() for model in models})
+        # Offline nodes hold nothing in memory; only a live node's failure leaves models loaded.
+        clean = all(e["code"] == NodeOffline.code for e in errors)
+        return {
+            "status": "success" if clean else "partial",
+            "unloaded_models": unloaded,
+            "errors": errors,
+            "total_unloaded": len(unloaded),
+            "nodes": per_node,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        survey = await self.survey()
+        views = survey.views()
+        states = fleet_states(views)
+        dirs = sorted({n.models_dir for n in survey.nodes if n.online})
+        nodes: dict[str, Any] = {}
+        for node in survey.nodes:
+            catalog = survey.catalogs.get(node.fingerprint)
+            entry: dict[str, Any] = {"name": node.name, "online": node.online, "models_dir": node.models_dir}
+            if catalog is not None:
+                entry["models"] = [m.model_dump(mode="json") for m in catalog.models]
+                entry["memory"] = catalog.memory.model_dump(mode="json")
+            else:
+                error = survey.failures[node.fingerprint]
+                entry["error"] = {"code": error.code, "error": error.message}
+            nodes[node.fingerprint] = entry
+        return {
+            "loaded": sorted(m for m, s in states.items() if s is ModelState.LOADED),
+            "loading_status": {m: s.value for m, s in sorted(states.items())},
+            # The document's `repository` is one string: the directory every node shares, else the first of
+            # them; `repositories` lists them all.
+            "repository": dirs[0] if dirs else None,
+            "repositories": dirs,
+            "nodes": nodes,
+        }
+
+
+def _holds(outcome: Outcome, model: str) -> bool:
+    if isinstance(outcome, ModelfleetError):
+        return False
+    listed = ModelList.model_validate(outcome).data
+    return any(m.id == model and m.state is not ModelState.FAILED for m in listed)
+
+
+def load_reply(body: PoolLoadRequest, node_name: str, result: LoadResult) -> dict[str, Any]:
+    model = body.model_name
+    if result.already_loaded:
+        message = f"Model {model} was already loaded on node {node_name}"
+    else:
+        message = f"Model {model} loaded successfully on node {node_name}"
+    if result.evicted:
+        message += f" (evicted {', '.join(result.evicted)} to make room)"
+    return {
+        "status": "success",
+        "model": model,
+        "force_reload": body.force_reload,
+        "message": message,
+        "node": result.node,
+        "node_name": node_name,
+        "already_loaded": result.already_loaded,
+        "evicted": result.evicted,
+    }
+
+
+def fleet_states(views: list[NodeView]) -> dict[str, ModelState]:
+    """Every model the answering nodes know (files and loaded models), in one pool-wide state each."""
+    seen: dict[str, list[ModelState]] = {}
+    for view in views:
+        for file in view.catalog.files:
+            seen.setdefault(file.id, [])
+        for model in view.catalog.models:
+            seen.setdefault(model.id, []).append(model.state)
+    return {model: pool_state(states) for model, states in seen.items()}
+
+
+def model_entries(views: list[NodeView]) -> list[dict[str, Any]]:
+    """`GET /v1/models` data: each model with the nodes that have its file and those where it is loaded."""
+    states = fleet_states(views)
+    entries = []
+    for model in sorted(states):
+        files = [(v, f) for v in views if (f := v.file(model)) is not None]
+        loaded = [(v, m) for v in views if (m := v.model(model)) is not None and m.state is ModelState.LOADED]
+        sizes = [f.size_bytes for _, f in files] or [m.size_bytes for _, m in loaded] or [0]
+        entries.append(
+            {
+                "id": model,
+                "object": "model",
+                "state": states[model].value,
+                "nodes": [v.fingerprint for v, _ in files],
+                "loaded_on": [v.fingerprint for v, _ in loaded],
+                "size_bytes": max(sizes),
+                "estimate_bytes": max((f.estimate_bytes for _, f in files), default=None),
+            }
+        )
+    return entries

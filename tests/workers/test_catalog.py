@@ -1,0 +1,64 @@
+"""FileCatalog: what a node offers for pool placement, from real GGUF files on disk."""
+
+import os
+from pathlib import Path
+
+from workers.backend import estimate_memory_bytes
+from workers.catalog import FileCatalog
+from workers.gguf_factory import write_not_gguf, write_tiny_llama, write_truncated_gguf
+
+
+class CountingEstimator:
+    def __init__(self) -> None:
+        self.calls: list[Path] = []
+
+    def __call__(self, path: Path, context_length: int | None) -> int:
+        self.calls.append(path)
+        return estimate_memory_bytes(path, context_length)
+
+
+def test_ids_are_relative_posix_paths_with_real_estimates(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    (root / "org" / "deep").mkdir(parents=True)
+    write_tiny_llama(root / "top.gguf")
+    write_tiny_llama(root / "org" / "deep" / "nested.gguf", pad_to_bytes=300_000)
+    (root / "notes.txt").write_text("not a model")
+    files = FileCatalog(root, estimate_memory_bytes).files()
+    assert sorted(f.id for f in files) == ["org/deep/nested", "top"]
+    nested = next(f for f in files if f.id == "org/deep/nested")
+    assert nested.path == str((root / "org" / "deep" / "nested.gguf").resolve())
+    assert nested.size_bytes == (root / "org" / "deep" / "nested.gguf").stat().st_size >= 300_000
+    assert nested.estimate_bytes == estimate_memory_bytes(Path(nested.path), None) > nested.size_bytes
+
+
+def test_leaves_out_escapes_unreadable_files_and_bad_ids(tmp_path: Path) -> None:
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    write_tiny_llama(root / "good.gguf")
+    write_tiny_llama(outside / "secret.gguf")
+    (root / "escape.gguf").symlink_to(outside / "secret.gguf")
+    (root / "linked-dir").symlink_to(outside, target_is_directory=True)
+    (root / "alias.gguf").symlink_to(root / "good.gguf")  # inside: loadable, so listed
+    write_not_gguf(root / "text.gguf")
+    write_truncated_gguf(root / "cut.gguf")
+    write_tiny_llama(root / "a..b.gguf")  # no load could name it: ".." is refused in a model id
+    ids = sorted(f.id for f in FileCatalog(root, estimate_memory_bytes).files())
+    assert ids == ["alias", "good"]
+
+
+def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    write_tiny_llama(root / "a.gguf")
+    write_not_gguf(root / "bad.gguf")
+    estimator = CountingEstimator()
+    catalog = FileCatalog(root, estimator)
+    catalog.files()
+    catalog.files()
+    assert len(estimator.calls) == 2, "each file, readable or not, is estimated once while unchanged"
+    stat = (root / "a.gguf").stat()
+    os.utime(root / "a.gguf", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert [f.id for f in catalog.files()] == ["a"] and len(estimator.calls) == 3
+    (root / "a.gguf").unlink()
+    assert catalog.files() == []

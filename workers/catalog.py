@@ -1,0 +1,82 @@
+"""The model files a node offers: every `.gguf` under its models directory, with its memory estimate.
+
+A file's id is its path relative to the directory without `.gguf`, with `/` separators: exactly the id that
+loads it (`resolve_model_path`). Files a load could not use are left out: symlinks that resolve outside the
+directory, names that are not valid model ids, and files whose GGUF header cannot be read. Estimates are
+cached by path, size and mtime, so a catalog of an unchanged directory only stats its files.
+"""
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from broker.errors import InvalidModelFile, InvalidModelId
+from broker.schemas import ModelFile, check_model_id
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".gguf"
+
+
+class Estimator(Protocol):
+    def __call__(self, path: Path, context_length: int | None) -> int: ...
+
+
+class FileCatalog:
+    """Scans one models directory on demand; thread-safe, since catalog jobs may run side by side."""
+
+    def __init__(self, models_dir: Path, estimate: Estimator) -> None:
+        self.root = models_dir.resolve()
+        self._estimate = estimate
+        self._lock = threading.Lock()
+        # path -> (size, mtime_ns, estimate or None for an unreadable header)
+        self._cache: dict[str, tuple[int, int, int | None]] = {}
+
+    def files(self) -> list[ModelFile]:
+        found: list[ModelFile] = []
+        seen: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not name.endswith(SUFFIX):
+                    continue
+                entry = self._entry(Path(dirpath) / name, seen)
+                if entry is not None:
+                    found.append(entry)
+        with self._lock:  # forget deleted files so the cache never outgrows the directory
+            for gone in set(self._cache) - seen:
+                del self._cache[gone]
+        return found
+
+    def _entry(self, path: Path, seen: set[str]) -> ModelFile | None:
+        model_id = path.relative_to(self.root).as_posix()[: -len(SUFFIX)]
+        try:
+            check_model_id(model_id)
+            real = path.resolve()
+            if not real.is_relative_to(self.root) or not real.is_file():
+                return None
+            stat = real.stat()
+        except (InvalidModelId, OSError):
+            return None
+        seen.add(str(real))
+        estimate = self._estimate_cached(real, stat.st_size, stat.st_mtime_ns)
+        if estimate is None:
+            return None
+        return ModelFile(id=model_id, path=str(real), size_bytes=stat.st_size, estimate_bytes=estimate)
+
+    def _estimate_cached(self, real: Path, size: int, mtime_ns: int) -> int | None:
+        key = str(real)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None and cached[:2] == (size, mtime_ns):
+            return cached[2]
+        try:
+            estimate: int | None = self._estimate(real, None)
+        except (InvalidModelFile, OSError) as exc:
+            log.info("catalog leaves out %s: %s", real.name, getattr(exc, "message", exc))
+            estimate = None
+        with self._lock:
+            self._cache[key] = (size, mtime_ns, estimate)
+        return estimate
