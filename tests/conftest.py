@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -275,6 +277,50 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if STORIES.exists():
         shutil.copy(STORIES, root / "stories260K.gguf")  # a symlink would resolve outside the models dir
     return root
+
+
+# Freezing a node: SIGSTOP stops its heartbeat too, so a frozen node stays online only for its heartbeat TTL.
+# Tests that need it online while frozen start it with MODELFLEET_HEARTBEAT_TTL=FREEZE_TTL.
+FREEZE_TTL = 15
+
+
+def node_json(client: httpx.Client, worker: Worker) -> dict[str, Any]:
+    response = client.get(f"/api/v1/nodes/{worker.fingerprint}")
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def queued(fleet: Fleet, worker: Worker) -> int:
+    """How many jobs wait in the node's queue."""
+    return int(fleet.redis.client().llen(keys.node_queue(worker.fingerprint)))
+
+
+def _blocked_on_redis(fleet: Fleet, worker: Worker) -> bool:
+    """Whether one of the worker's connections is blocked in Redis (its consumer's BRPOP)."""
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(worker.pid).net_connections("tcp")
+        if c.raddr and c.raddr.port == fleet.redis.port
+    }
+    clients = fleet.redis.client().client_list()
+    return any("b" in c["flags"] and int(c["addr"].rsplit(":", 1)[1]) in ports for c in clients)
+
+
+def park(fleet: Fleet, worker: Worker, ttl: float = FREEZE_TTL) -> None:
+    """Freeze the worker just after a heartbeat, once no BRPOP of its is pending: jobs sent now stay queued.
+
+    The worker stays online for its heartbeat TTL minus the time it takes to park.
+    """
+    alive = keys.node_alive(worker.fingerprint)
+    client = fleet.redis.client()
+    wait_for(lambda: client.pttl(alive) > ttl * 1000 - 500, 5, "a fresh heartbeat")
+    worker.signal(signal.SIGSTOP)
+    wait_for(lambda: not _blocked_on_redis(fleet, worker), 5, "the frozen worker's BRPOP to time out")
+
+
+def thaw(worker: Worker) -> None:
+    if worker.alive():
+        worker.signal(signal.SIGCONT)
 
 
 def require_stories() -> Path:

@@ -15,16 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from broker import keys
-from tests.conftest import Fleet, Worker, modelfleet_command, wait_for
+from tests.conftest import FREEZE_TTL, Fleet, Worker, modelfleet_command, node_json, park, queued, thaw, wait_for
 from workers.identity import KEY_FILE, fingerprint
 
 pytestmark = pytest.mark.timeout(120)
 
-FREEZE_TTL = 15
 """Heartbeat TTL of workers that `park` freezes: online for well over the 2 s deadlines those tests use."""
 
 
@@ -32,48 +30,10 @@ def node_url(worker: Worker, tail: str = "") -> str:
     return f"/api/v1/nodes/{worker.fingerprint}{tail}"
 
 
-def node_json(api: httpx.Client, worker: Worker) -> dict:
-    response = api.get(node_url(worker))
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def model_ids(api: httpx.Client, worker: Worker) -> list[str]:
     response = api.get(node_url(worker, "/models"))
     assert response.status_code == 200, response.text
     return [m["id"] for m in response.json()["data"]]
-
-
-def queued(fleet: Fleet, worker: Worker) -> int:
-    return int(fleet.redis.client().llen(keys.node_queue(worker.fingerprint)))
-
-
-def _blocked_on_redis(fleet: Fleet, worker: Worker) -> bool:
-    """Whether one of the worker's connections is blocked in Redis (its consumer's BRPOP)."""
-    ports = {
-        c.laddr.port
-        for c in psutil.Process(worker.pid).net_connections("tcp")
-        if c.raddr and c.raddr.port == fleet.redis.port
-    }
-    clients = fleet.redis.client().client_list()
-    return any("b" in c["flags"] and int(c["addr"].rsplit(":", 1)[1]) in ports for c in clients)
-
-
-def park(fleet: Fleet, worker: Worker) -> None:
-    """Freeze the worker just after a heartbeat, once no BRPOP of its is pending: jobs sent now stay queued.
-
-    The worker stays online for its heartbeat TTL (`FREEZE_TTL`) minus the time it takes to park.
-    """
-    alive = keys.node_alive(worker.fingerprint)
-    client = fleet.redis.client()
-    wait_for(lambda: client.pttl(alive) > FREEZE_TTL * 1000 - 500, 5, "a fresh heartbeat")
-    worker.signal(signal.SIGSTOP)
-    wait_for(lambda: not _blocked_on_redis(fleet, worker), 5, "the frozen worker's BRPOP to time out")
-
-
-def thaw(worker: Worker) -> None:
-    if worker.alive():
-        worker.signal(signal.SIGCONT)
 
 
 @pytest.fixture

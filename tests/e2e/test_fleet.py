@@ -7,24 +7,34 @@ freezes too, so node A runs with a longer heartbeat TTL (`FREEZE_TTL`) to stay o
 
 import asyncio
 import shutil
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from broker import keys
-from tests.conftest import OPERATOR_KEY, READ_KEY, Api, Fleet, Worker, require_stories, wait_for
+from tests.conftest import (
+    FREEZE_TTL,
+    OPERATOR_KEY,
+    READ_KEY,
+    Api,
+    Fleet,
+    Worker,
+    node_json,
+    park,
+    queued,
+    require_stories,
+    thaw,
+    wait_for,
+)
 from workers.gguf_factory import write_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)
 
 STORIES_BYTES = 1185376
-FREEZE_TTL = 15
 DEEP_LAYERS = 96  # ctransformers 0.2.27 aborts the whole process on tiny llamas of about 120 layers or more
 
 
@@ -84,48 +94,10 @@ def models_url(worker: Worker, action: str = "") -> str:
     return f"/api/v1/nodes/{worker.fingerprint}/models" + (f"/{action}" if action else "")
 
 
-def node_json(client: httpx.Client, worker: Worker) -> dict[str, Any]:
-    response = client.get(f"/api/v1/nodes/{worker.fingerprint}")
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def listing(client: httpx.Client, worker: Worker) -> dict[str, dict[str, Any]]:
     response = client.get(models_url(worker))
     assert response.status_code == 200, response.text
     return {m["id"]: m for m in response.json()["data"]}
-
-
-def queued(fleet: Fleet, worker: Worker) -> int:
-    return int(fleet.redis.client().llen(keys.node_queue(worker.fingerprint)))
-
-
-def _blocked_on_redis(fleet: Fleet, worker: Worker) -> bool:
-    """Whether one of the worker's connections is blocked in Redis (its consumer's BRPOP)."""
-    ports = {
-        c.laddr.port
-        for c in psutil.Process(worker.pid).net_connections("tcp")
-        if c.raddr and c.raddr.port == fleet.redis.port
-    }
-    clients = fleet.redis.client().client_list()
-    return any("b" in c["flags"] and int(c["addr"].rsplit(":", 1)[1]) in ports for c in clients)
-
-
-def park(fleet: Fleet, worker: Worker) -> None:
-    """Freeze the worker just after a heartbeat, once no BRPOP of its is pending: jobs sent now stay queued.
-
-    The worker stays online for its heartbeat TTL (`FREEZE_TTL`) minus the time it takes to park.
-    """
-    alive = keys.node_alive(worker.fingerprint)
-    client = fleet.redis.client()
-    wait_for(lambda: client.pttl(alive) > FREEZE_TTL * 1000 - 500, 5, "a fresh heartbeat")
-    worker.signal(signal.SIGSTOP)
-    wait_for(lambda: not _blocked_on_redis(fleet, worker), 5, "the frozen worker's BRPOP to time out")
-
-
-def thaw(worker: Worker) -> None:
-    if worker.alive():
-        worker.signal(signal.SIGCONT)
 
 
 def async_client(nodes: Nodes, connections: int = 16) -> httpx.AsyncClient:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from broker import keys
-from tests.conftest import OPERATOR_KEY, READ_KEY, Api, Fleet, Worker
+from tests.conftest import OPERATOR_KEY, READ_KEY, Api, Fleet, Worker, queued
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,10 +32,6 @@ def op(api: Api, node: Worker) -> Iterator[httpx.Client]:
 
 def models_url(node: Worker, action: str = "") -> str:
     return f"/api/v1/nodes/{node.fingerprint}/models" + (f"/{action}" if action else "")
-
-
-def queued(fleet: Fleet, node: Worker) -> int:
-    return int(fleet.redis.client().llen(keys.node_queue(node.fingerprint)))
 
 
 def test_load_list_unload_bodies(op: httpx.Client, node: Worker, models_dir: Path) -> None:
