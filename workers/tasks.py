@@ -52,7 +52,14 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Callable[[Any
     publish_reply(runtime.redis, reply, ttl=runtime.settings.reply_ttl)
     if reply.error is not None:
         log.info("job %s (%s): %s", job_id, task.name, reply.error.code)
-    return reply.wire()
+    # Celery logs and Flower shows a task's return value: only the outcome, never the reply's text, which can
+    # echo what a caller sent (a model id that is really a pasted key, say).
+    return {
+        "jobId": job_id,
+        "node": runtime.fingerprint,
+        "ok": reply.error is None,
+        "code": reply.error.code if reply.error else None,
+    }
 
 
 def _error_reply(job_id: str, runtime: NodeRuntime, error: ModelfleetError) -> Reply:

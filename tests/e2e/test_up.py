@@ -279,3 +279,17 @@ def test_up_writes_no_demo_model_when_models_holds_one(run_up, tmp_path: Path, r
     assert "demo model" not in up.output()
     load_list_unload(banner, "mine")
     stop_with_ctrl_c(up)
+
+
+def test_children_stop_when_up_itself_is_killed(run_up, tmp_path: Path) -> None:
+    up = run_up("--port", str(free_port()))
+    up.wait_banner()
+    children = up.children()
+    assert sorted(role(p) for p in children) == ["api", "redis", "worker"]
+    os.kill(up.pid, signal.SIGKILL)
+    up.wait(10)
+
+    def gone() -> bool:
+        return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in children)
+
+    wait_for(gone, 20, "up's children to stop after up was SIGKILLed")
