@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import errors as e
@@ -77,7 +77,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis unavailable while serving %s %s: %s", request.method, request.url.path, type(exc).__name__)
-    body = error_body("broker_unavailable", "Redis, which carries every job, cannot be reached; try again shortly.")
+    if isinstance(exc, AuthenticationError):
+        message = "Redis refused the API's credentials; the operator must fix MODELFLEET_REDIS_URL."
+    else:
+        message = "Redis, which carries every job, cannot be reached; try again shortly."
+    body = error_body("broker_unavailable", message)
     return JSONResponse(body, status_code=503)
 
 

@@ -6,14 +6,43 @@ are enforced by the job's `expires`, the node's own deadline check and the API's
 """
 
 import logging
+import time
+
+import redis
 
 from broker.celery_app import make_celery
 from broker.errors import ModelfleetError
-from workers.node import build_runtime
+from workers.node import NodeRuntime, build_runtime
 from workers.settings import WorkerSettings
 from workers.tasks import install, register_tasks
 
 log = logging.getLogger("modelfleet.worker")
+
+
+class RedisRefused(ModelfleetError):
+    """Redis answered but refused the worker's credentials: waiting will not help."""
+
+    code = "redis_refused"
+
+
+def _start_when_redis_answers(runtime: NodeRuntime, settings: WorkerSettings) -> None:
+    """Nodes may start before Redis (a reboot, compose): wait for it, as Celery itself would, and say so."""
+    delay = 0.5
+    while True:
+        try:
+            runtime.start()
+            return
+        except redis.AuthenticationError as exc:
+            raise RedisRefused(f"Redis at {settings.safe_redis_url} refused this worker's credentials.") from exc
+        except redis.RedisError as exc:
+            log.warning(
+                "Redis at %s is not answering (%s); retrying in %.1fs",
+                settings.safe_redis_url,
+                type(exc).__name__,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -27,10 +56,12 @@ def run_worker(settings: WorkerSettings) -> int:
     register_tasks(app)
     install(runtime)
     try:
-        runtime.start()
+        _start_when_redis_answers(runtime, settings)
     except ModelfleetError as exc:
         log.error("%s", exc.message)
         return 3
+    except KeyboardInterrupt:
+        return 130
     log.info(
         "worker for node %s: models in %s, redis %s, concurrency %d, threads %d",
         runtime.fingerprint,

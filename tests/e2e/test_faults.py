@@ -10,12 +10,14 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from broker import keys
 from tests.conftest import FREEZE_TTL, Fleet, Worker, modelfleet_command, node_json, park, queued, thaw, wait_for
@@ -296,3 +298,33 @@ def test_node_key_gives_each_state_dir_its_own_stable_fingerprint(fleet: Fleet, 
             b.fingerprint,
         }
         assert fleet.redis.client().scard(keys.nodes_set()) == 2
+
+
+def test_worker_started_before_redis_waits_for_it(fleet: Fleet, models_dir: Path, tmp_path: Path) -> None:
+    from modelfleet.up import redis_server_binary
+    from tests.conftest import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    worker = fleet.worker("early", models_dir, wait=False, MODELFLEET_REDIS_URL=url)
+    wait_for(lambda: "is not answering" in worker.log(), 20, "the worker to say it is waiting for Redis")
+    assert worker.alive()
+    server = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis.from_url(url)
+        wait_for(lambda: worker.alive() and client.exists(keys.node_alive(worker.fingerprint)), 30, "node online")
+    finally:
+        worker.stop()
+        server.terminate()
+        server.wait(10)
+
+
+def test_worker_with_a_wrong_redis_password_exits_with_a_clear_error(fleet: Fleet, models_dir: Path) -> None:
+    wrong = fleet.redis.url.replace(fleet.redis.password, "not-the-password")
+    worker = fleet.worker("badpass", models_dir, wait=False, MODELFLEET_REDIS_URL=wrong)
+    assert worker.wait(30) != 0
+    assert "refused this worker's credentials" in worker.log()
+    assert "not-the-password" not in worker.log()
