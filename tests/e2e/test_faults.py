@@ -315,7 +315,15 @@ def test_worker_started_before_redis_waits_for_it(fleet: Fleet, models_dir: Path
     )
     try:
         client = redis.Redis.from_url(url)
-        wait_for(lambda: worker.alive() and client.exists(keys.node_alive(worker.fingerprint)), 30, "node online")
+
+        def online() -> bool:
+            assert worker.alive(), worker.log()[-2000:]
+            try:
+                return bool(client.exists(keys.node_alive(worker.fingerprint)))
+            except redis.ConnectionError:
+                return False  # our redis-server is still starting
+
+        wait_for(online, 30, "the node to come online once Redis is up")
     finally:
         worker.stop()
         server.terminate()
