@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from api.auth import KeyRing
 from api.errors import install_error_handlers
 from api.jobs import JobClient
+from api.metrics import Metrics
 from api.replies import ReplyWaiter
-from api.routes import health, models, nodes
+from api.routes import health, metrics, models, nodes
 from api.settings import ApiSettings
 from broker import __version__
 from broker.celery_app import make_celery
@@ -39,7 +40,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.redis = client
         app.state.directory = directory
         app.state.waiter = waiter
-        app.state.jobs = JobClient(celery, client, waiter, send_threads=settings.send_threads)
+        app.state.jobs = JobClient(
+            celery, client, waiter, send_threads=settings.send_threads, metrics=app.state.metrics
+        )
         await waiter.start()
         log.info("API ready; redis %s", settings.safe_redis_url)
         try:
@@ -52,8 +55,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="modelfleet", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.keyring = keyring
+    app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(nodes.router)
     app.include_router(models.router)
     return app

@@ -6,6 +6,7 @@ from fastapi import Depends, Header, Request
 
 from api.auth import KeyRing, Scope
 from api.jobs import JobClient
+from api.metrics import Metrics
 from api.pool import Pool
 from api.settings import ApiSettings
 from broker.registry import NodeDirectory
@@ -25,6 +26,10 @@ def get_directory(request: Request) -> NodeDirectory:
 
 def get_jobs(request: Request) -> JobClient:
     return _state(request).jobs
+
+
+def get_metrics(request: Request) -> Metrics:
+    return _state(request).metrics
 
 
 def get_pool(request: Request) -> Pool:
@@ -48,6 +53,7 @@ def require_operator(request: Request, authorization: Annotated[str | None, Head
 Settings = Annotated[ApiSettings, Depends(get_settings)]
 Directory = Annotated[NodeDirectory, Depends(get_directory)]
 Jobs = Annotated[JobClient, Depends(get_jobs)]
+AppMetrics = Annotated[Metrics, Depends(get_metrics)]
 Fleet = Annotated[Pool, Depends(get_pool)]
 Reader = Annotated[Scope, Depends(require_read)]
 Operator = Annotated[Scope, Depends(require_operator)]

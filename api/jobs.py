@@ -14,10 +14,11 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from api.metrics import Metrics
 from api.replies import ReplyWaiter
 from broker import keys
 from broker.errors import BrokerUnavailable, JobTimeout, NodeOffline, NodeWentOffline, from_code
-from broker.schemas import CatalogJob, Job, ListJob, LoadJob, NodeInfo, UnloadAllJob, UnloadJob
+from broker.schemas import CatalogJob, Job, ListJob, LoadJob, NodeInfo, Operation, UnloadAllJob, UnloadJob
 
 OPERATION_NAMES = {
     keys.TASK_LOAD: "load",
@@ -27,19 +28,34 @@ OPERATION_NAMES = {
     keys.TASK_CATALOG: "catalog",
 }
 
+OPERATIONS = {
+    keys.TASK_LOAD: Operation.LOAD,
+    keys.TASK_UNLOAD: Operation.UNLOAD,
+    keys.TASK_UNLOAD_ALL: Operation.UNLOAD_ALL,
+    keys.TASK_LIST: Operation.LIST,
+    keys.TASK_CATALOG: Operation.CATALOG,
+}
+
 
 class JobClient:
     """Runs one job on one node: liveness check, send, await reply or deadline, cancel on give-up."""
 
-    def __init__(self, celery: Celery, client: aioredis.Redis, waiter: ReplyWaiter, *, send_threads: int) -> None:
+    def __init__(
+        self, celery: Celery, client: aioredis.Redis, waiter: ReplyWaiter, *, send_threads: int, metrics: Metrics
+    ) -> None:
         self._celery = celery
         self._redis = client
         self._waiter = waiter
+        self._metrics = metrics
         # Publishing is a short blocking call; a small dedicated limiter keeps it off Starlette's shared pool.
         self._limiter = anyio.CapacityLimiter(send_threads)
 
     async def run(self, node: NodeInfo, task: str, job_fields: dict[str, Any], timeout: float) -> dict[str, Any]:
         """The node's result, or raise the node's error (or NodeOffline / NodeWentOffline / JobTimeout)."""
+        with self._metrics.job(OPERATIONS[task]):
+            return await self._run(node, task, job_fields, timeout)
+
+    async def _run(self, node: NodeInfo, task: str, job_fields: dict[str, Any], timeout: float) -> dict[str, Any]:
         if not node.online:
             since = node.seconds_since_heartbeat
             when = f"{since:.0f} seconds ago" if since is not None else "never"

@@ -21,9 +21,10 @@ import redis.asyncio as aioredis
 
 from broker import keys
 from broker.errors import ModelfleetError, NodeNotFound
-from broker.schemas import NodeInfo
+from broker.schemas import ModelState, NodeInfo
 
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_STATES = {s.value for s in ModelState}  # a newer node's unknown states are skipped, not fatal
 
 # Refresh the alive key only while it is still ours; re-take it if it lapsed (a long GC pause, say).
 _REFRESH = """
@@ -139,6 +140,8 @@ def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: d
             "seconds_since_heartbeat": round((now - at).total_seconds(), 3),
             "models_loaded": int(beat.get("modelsLoaded", 0)),
             "memory_used_bytes": int(beat.get("memoryUsedBytes", 0)),
+            "memory_budget_bytes": int(beat.get("memoryBudgetBytes") or 0) or None,
+            "model_states": {ModelState(k): int(v) for k, v in beat.get("modelStates", {}).items() if k in _STATES},
             "rss_bytes": int(beat.get("rssBytes", 0)),
         }
     return info.model_copy(update=update)

@@ -231,5 +231,9 @@ class NodeInfo(Schema):
     last_heartbeat: datetime | None = None
     seconds_since_heartbeat: float | None = None
     models_loaded: int = 0
+    model_states: dict[ModelState, int] = Field(default_factory=dict)
+    """How many of the node's models are in each state, at its last heartbeat."""
     memory_used_bytes: int = 0
+    memory_budget_bytes: int | None = None
+    """None: the node reports no budget."""
     rss_bytes: int = 0

@@ -1,4 +1,4 @@
-"""`modelfleet up | api | worker`: flags override `MODELFLEET_*` environment variables."""
+"""`modelfleet up | api | worker | flower`: flags override `MODELFLEET_*` environment variables."""
 
 import argparse
 import logging
@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from broker.logs import configure_logging
 from broker.settings import BrokerSettings
+from modelfleet.commands import add_commands
 
 log = logging.getLogger("modelfleet")
 
@@ -84,6 +85,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(settings)
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from modelfleet.flower import FlowerSettings, flower_secrets, run_flower
+
+    fields = {f"flower_{k}": v for k, v in _given(args, "port", "address").items()} | _given(args, "redis_url")
+    try:
+        settings = FlowerSettings(**fields)
+    except ValidationError as exc:
+        return _settings_error(exc)
+    configure_logging(_secrets_of(settings) + flower_secrets(settings))
+    return run_flower(settings)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from modelfleet.up import run_up
 
@@ -110,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run one node: a Celery worker consuming only its own queue")
-    worker.add_argument("--name")
+    worker.add_argument("--name", help="the node's name; %%h is replaced by the hostname, e.g. gpu-%%h")
     worker.add_argument("--models-dir")
     worker.add_argument("--state-dir", help="where the node key lives (default ./.modelfleet/nodes/NAME)")
     worker.add_argument("--concurrency", type=int)
@@ -118,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--memory-budget", help="e.g. 8GiB")
     worker.add_argument("--redis-url")
     worker.set_defaults(func=cmd_worker)
+
+    flower = sub.add_parser("flower", help="run the Flower dashboard: basic auth (MODELFLEET_FLOWER_AUTH), read-only")
+    flower.add_argument("--port", type=int, help="default 5555 (MODELFLEET_FLOWER_PORT)")
+    flower.add_argument("--address", help="default 127.0.0.1 (MODELFLEET_FLOWER_ADDRESS)")
+    flower.add_argument("--redis-url")
+    flower.set_defaults(func=cmd_flower)
+
+    add_commands(sub)  # nodes, ps, load, unload: the operator commands, over the API
     return parser
 
 

@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ import pytest
 import redis
 
 from broker import keys
+from broker.registry import NodeRegistrar
+from broker.schemas import NodeInfo
 from workers.identity import fingerprint, load_or_create_node_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,6 +325,26 @@ def park(fleet: Fleet, worker: Worker, ttl: float = FREEZE_TTL) -> None:
 def thaw(worker: Worker) -> None:
     if worker.alive():
         worker.signal(signal.SIGCONT)
+
+
+def register_gone_node(fleet: "Fleet", name: str = "ghost") -> NodeInfo:
+    """A node that registered once and is gone: listed, never online."""
+    fp = secrets.token_hex(16)
+    info = NodeInfo(
+        fingerprint=fp,
+        name=name,
+        hostname="elsewhere",
+        models_dir="/models",
+        version="0",
+        boot_id=uuid.uuid4().hex,
+        pid=1,
+        started_at=datetime.now(UTC),
+        queue=keys.node_queue(fp),
+    )
+    registrar = NodeRegistrar(fleet.redis.client(), info, interval=1, ttl=3)
+    registrar.claim()
+    registrar.release()
+    return info
 
 
 def require_stories() -> Path:

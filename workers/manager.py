@@ -18,6 +18,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -360,11 +361,13 @@ class ModelManager:
                 if record.state is ModelState.LOADED:
                     record.healthy = ok
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """The heartbeat's figures, read under one lock so they agree with each other."""
         with self._lock:
-            loaded = [r for r in self._records.values() if r.state is ModelState.LOADED]
+            states = Counter(r.state.value for r in self._records.values())
             return {
-                "modelsLoaded": len(loaded),
+                "modelsLoaded": states[ModelState.LOADED.value],
+                "modelStates": {state.value: states[state.value] for state in ModelState},
                 "memoryUsedBytes": self._used_locked(),
                 "memoryBudgetBytes": self._budget or 0,
             }

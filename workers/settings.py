@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 from pathlib import Path
 
 import psutil
@@ -41,6 +42,8 @@ class WorkerSettings(BrokerSettings):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
+        # `%h` is this machine's hostname, as in Celery's `-n`: replicas of one compose service get distinct names.
+        value = value.replace("%h", socket.gethostname())
         if not NAME_RE.fullmatch(value):
             raise ValueError("a node name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value

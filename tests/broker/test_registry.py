@@ -9,7 +9,7 @@ import pytest
 
 from broker import keys
 from broker.registry import DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
-from broker.schemas import NodeInfo
+from broker.schemas import ModelState, NodeInfo
 
 FP = "ab" * 16
 
@@ -96,3 +96,15 @@ def test_directory_reports_online_offline_and_stats(server: fakeredis.FakeServer
 def test_fingerprint_shape() -> None:
     assert is_fingerprint(FP)
     assert not is_fingerprint("../etc") and not is_fingerprint("AB" * 16) and not is_fingerprint("a" * 15)
+
+
+def test_heartbeat_model_states_and_budget(server: fakeredis.FakeServer) -> None:
+    node = registrar(server)
+    node.claim()
+    # A newer node may report a state this API does not know: it is skipped, not fatal.
+    node.beat({"modelStates": {"loaded": 2, "loading": 1, "hibernating": 4}, "memoryBudgetBytes": 1000})
+    one = asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get(FP))
+    assert one.model_states == {ModelState.LOADED: 2, ModelState.LOADING: 1} and one.memory_budget_bytes == 1000
+    assert one.wire()["modelStates"] == {"loaded": 2, "loading": 1} and one.wire()["memoryBudgetBytes"] == 1000
+    node.beat({"memoryBudgetBytes": 0})  # no budget
+    assert asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get(FP)).memory_budget_bytes is None

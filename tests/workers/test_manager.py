@@ -312,3 +312,18 @@ def test_memory_report() -> None:
     assert (memory.budget_bytes, memory.used_bytes, memory.free_bytes, memory.evictable_bytes) == (1000, 220, 780, 120)
     unlimited = ModelManager(loader).memory()
     assert unlimited.budget_bytes is None and unlimited.free_bytes is None
+
+
+def test_heartbeat_stats_count_models_by_state() -> None:
+    loader = GatedLoader(size=100)
+    manager = ModelManager(loader, memory_budget=1000)
+    loader.gate.set()
+    manager.load("a", Path("/a.gguf"), estimate_bytes=100)
+    loader.gate.clear()
+    thread, _ = in_thread(manager.load, "slow", Path("/slow.gguf"), estimate_bytes=100)
+    assert loader.started.wait(5)
+    stats = manager.stats()
+    assert stats["modelsLoaded"] == 1 and stats["memoryBudgetBytes"] == 1000
+    assert stats["modelStates"] == {"loading": 1, "loaded": 1, "unloading": 0, "unloaded": 0, "failed": 0}
+    loader.gate.set()
+    thread.join(5)

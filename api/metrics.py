@@ -1,0 +1,144 @@
+"""`GET /metrics`: the fleet and the API's jobs in Prometheus form, through `prometheus-client`.
+
+Each app has its own `CollectorRegistry`, so several apps can live in one process (the tests build many).
+Two kinds of series:
+
+- job counts and durations, recorded by `JobClient.run` around every job it sends to a node:
+  `modelfleet_jobs_total` and `modelfleet_job_duration_seconds`, labelled by `operation` (load, unload,
+  unload_all, list, catalog) and `outcome` (`ok`, or the error's stable code);
+- gauges read from the node registry at scrape time (`FleetCollector`): nodes registered and online, and per
+  online node its models by state and its memory budget and use, as its last heartbeat reported them.
+
+A Prometheus collector is synchronous and the registry is read with async Redis calls, so the route reads the
+directory first and hands the snapshot to the collector just before generating; both happen without an await
+between them, so concurrent scrapes cannot see each other's snapshot.
+
+No label carries user input: operations come from a fixed set, outcomes from the error tree's codes, nodes
+from the registry their workers wrote. Model ids never appear.
+"""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from broker import __version__
+from broker.errors import ERRORS_BY_CODE, BrokerUnavailable, InternalError, ModelfleetError, NodeError
+from broker.schemas import ModelState, NodeInfo
+
+OK = "ok"
+CANCELLED = "cancelled"
+"""The caller went away (the request was cancelled) before the job finished."""
+
+# From a list that answers in milliseconds to a load that takes minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class FleetCollector(Collector):
+    """Gauges computed from the last node snapshot the metrics route gave it."""
+
+    def __init__(self) -> None:
+        self.nodes: list[NodeInfo] = []
+
+    def collect(self) -> Iterator[Metric]:
+        nodes = self.nodes
+        yield _gauge("nodes_registered", "Nodes that ever registered.", len(nodes))
+        yield _gauge("nodes_online", "Nodes whose heartbeat is current.", sum(n.online for n in nodes))
+
+        labels = ["node", "node_name"]
+        up = GaugeMetricFamily("modelfleet_node_online", "1 if the node's heartbeat is current, else 0.", labels=labels)
+        age = GaugeMetricFamily(
+            "modelfleet_node_heartbeat_age_seconds", "Seconds since the node's last heartbeat.", labels=labels
+        )
+        models = GaugeMetricFamily(
+            "modelfleet_node_models", "Models on an online node, by state.", labels=[*labels, "state"]
+        )
+        budget = GaugeMetricFamily(
+            "modelfleet_node_memory_budget_bytes", "Bytes an online node's models may take.", labels=labels
+        )
+        used = GaugeMetricFamily(
+            "modelfleet_node_memory_used_bytes", "Bytes of the budget an online node's models hold.", labels=labels
+        )
+        rss = GaugeMetricFamily(
+            "modelfleet_node_rss_bytes", "Resident memory of an online node's worker.", labels=labels
+        )
+        for node in nodes:
+            ids = [node.fingerprint, node.name]
+            up.add_metric(ids, 1 if node.online else 0)
+            if node.seconds_since_heartbeat is not None:
+                age.add_metric(ids, node.seconds_since_heartbeat)
+            if not node.online:  # its last heartbeat describes a process that no longer holds anything
+                continue
+            for state in ModelState:
+                models.add_metric([*ids, state.value], node.model_states.get(state, 0))
+            if node.memory_budget_bytes is not None:
+                budget.add_metric(ids, node.memory_budget_bytes)
+            used.add_metric(ids, node.memory_used_bytes)
+            rss.add_metric(ids, node.rss_bytes)
+        yield from (up, age, models, budget, used, rss)
+
+        info = InfoMetricFamily("modelfleet_api", "The API's version.")
+        info.add_metric([], {"version": __version__})
+        yield info
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"modelfleet_{name}", documentation, value=value)
+
+
+def outcome_of(exc: BaseException) -> str:
+    """A job's outcome label for the error that ended it: its stable code, from a closed set."""
+    if isinstance(exc, ModelfleetError):
+        # A node may send a code this API does not know (a newer node); keep the label set closed.
+        return exc.code if exc.code in ERRORS_BY_CODE else NodeError.code
+    if isinstance(exc, RedisError):
+        return BrokerUnavailable.code
+    if isinstance(exc, Exception):
+        return InternalError.code
+    return CANCELLED
+
+
+class Metrics:
+    """One app's metrics: its registry, the job counter and histogram, and the fleet collector."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["operation", "outcome"]
+        self.jobs = Counter(
+            "modelfleet_jobs", "Jobs the API sent to nodes, by operation and outcome.", labels, registry=self.registry
+        )
+        self.job_seconds = Histogram(
+            "modelfleet_job_duration_seconds",
+            "Time from sending a job to its outcome, by operation and outcome.",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.fleet = FleetCollector()
+        self.registry.register(self.fleet)
+
+    @contextmanager
+    def job(self, operation: str) -> Iterator[None]:
+        """Count and time the job run inside the block, labelled with how it ended."""
+        started = time.perf_counter()
+        outcome = CANCELLED
+        try:
+            yield
+            outcome = OK
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            self.jobs.labels(operation, outcome).inc()
+            self.job_seconds.labels(operation, outcome).observe(time.perf_counter() - started)
+
+    def render(self, nodes: list[NodeInfo], accept: str | None) -> tuple[bytes, str]:
+        """The exposition for this snapshot of the fleet, in the format the scraper accepts, and its type."""
+        encode, content_type = choose_encoder(accept or "")
+        self.fleet.nodes = nodes
+        return encode(self.registry), content_type

@@ -1,0 +1,424 @@
+"""A Python client for the modelfleet API over httpx: `Client` (sync) and `AsyncClient` (asyncio).
+
+    from modelfleet.client import Client
+
+    with Client("http://head:8000", key) as fleet:      # or MODELFLEET_URL / MODELFLEET_KEY
+        node = fleet.resolve_node("gpu-1")               # a fingerprint, a unique prefix of one, or a name
+        fleet.load(node.fingerprint, "llama-3-8b", context_length=4096)
+        print(fleet.node_models(node.fingerprint))
+
+`AsyncClient` has the same methods, awaited. Every endpoint is written once, in `Endpoints`, as a method that
+builds a `Call`: the HTTP request and how to read its answer. The two clients differ only in `_execute`, which
+sends a call with httpx.Client or httpx.AsyncClient; the `endpoint` descriptor gives each client its methods
+with the right signature (plain or awaitable) for type checkers. A streaming endpoint (the SSE events, later)
+needs a streaming kind of call and one more executor per client; everything else stays shared.
+
+Everything the client raises derives from `ModelfleetClientError`:
+
+    ModelfleetClientError          a message a person can act on, and a stable `code` (`invalid_url` here)
+    ├── ModelfleetAPIError         the API answered an error: its `code`, HTTP `status`, message and `details`
+    ├── ModelfleetConnectionError  the API could not be reached
+    │   └── ModelfleetTimeout      ... or did not answer in time
+    ├── UnexpectedResponse         an answer this client cannot read (another version?)
+    └── NodeReferenceError         a node reference matches no node (`node_not_found`) or several (`ambiguous_node`)
+
+This module imports `broker` (schemas and the error tree) but never `workers`: it works without ctransformers.
+"""
+
+import functools
+import inspect
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from broker.errors import ERRORS_BY_CODE, ModelfleetError
+from broker.schemas import LoadResult, ModelInfo, NodeInfo, UnloadAllResult, UnloadResult
+from modelfleet.results import (
+    Health,
+    PoolLoadResult,
+    PoolModelList,
+    PoolStatus,
+    PoolUnloadAllResult,
+    PoolUnloadResult,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+"""Where `modelfleet up` serves the API."""
+TIMEOUT = 30.0
+"""Seconds to wait for a read (nodes, lists, status)."""
+JOB_TIMEOUT = 900.0
+"""Seconds to wait for a load or unload: above the API's own deadlines (600 s for a load by default)."""
+CONNECT_TIMEOUT = 5.0
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+P = ParamSpec("P")
+
+
+class ModelfleetClientError(Exception):
+    """Root of everything the client raises: a message a person can act on, and a stable code."""
+
+    code: str = "client_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ModelfleetAPIError(ModelfleetClientError):
+    """The API answered with an error: its stable `code`, the HTTP `status`, its message and `details`."""
+
+    def __init__(self, message: str, *, code: str, status: int, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.details = details or {}
+
+    def is_a(self, kind: type[ModelfleetError]) -> bool:
+        """Whether the code is `kind`'s or one of its subclasses' in the API's error tree (`broker.errors`)."""
+        cls = ERRORS_BY_CODE.get(self.code)
+        return cls is not None and issubclass(cls, kind)
+
+    def __repr__(self) -> str:
+        return f"ModelfleetAPIError(status={self.status}, code={self.code!r}, message={self.message!r})"
+
+
+class ModelfleetConnectionError(ModelfleetClientError):
+    """The API could not be reached: wrong URL, the head is down, or the network is."""
+
+    code = "connection_error"
+
+
+class ModelfleetTimeout(ModelfleetConnectionError):
+    """The API did not answer within the client's timeout."""
+
+    code = "client_timeout"
+
+
+class UnexpectedResponse(ModelfleetClientError):
+    """The API answered something this client cannot read (another version, or not the modelfleet API)."""
+
+    code = "unexpected_response"
+
+
+class NodeReferenceError(ModelfleetClientError):
+    """A node reference (fingerprint, prefix or name) matches no registered node, or more than one."""
+
+    code = "node_not_found"
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request to the API, free of any transport: what to send and how to read the answer."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    """Turns the decoded JSON body of a successful answer into the result."""
+    json: dict[str, Any] | None = None
+    timeout: float | None = None
+    """None: the client's default."""
+    ok: tuple[int, ...] = (200,)
+    """Statuses whose body is an answer rather than an error."""
+
+
+class endpoint(Generic[P, T]):
+    """Turns a `Call` builder into a client method: plain on `Client`, awaitable on `AsyncClient`."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], Call[T]]) -> None:
+        self._build = build
+        self.__doc__ = build.__doc__
+        signature = inspect.signature(build)
+        self._signature = signature.replace(
+            parameters=list(signature.parameters.values())[1:], return_annotation=inspect.Signature.empty
+        )
+
+    @overload
+    def __get__(self, client: None, owner: type) -> "endpoint[P, T]": ...
+    @overload
+    def __get__(self, client: "Client", owner: type) -> Callable[P, T]: ...
+    @overload
+    def __get__(self, client: "AsyncClient", owner: type) -> Callable[P, Awaitable[T]]: ...
+    def __get__(self, client: Any, owner: type) -> Any:
+        if client is None:
+            return self
+        build = self._build
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return client._execute(build(client, *args, **kwargs))
+
+        functools.update_wrapper(method, build)
+        method.__signature__ = self._signature  # type: ignore[attr-defined]  # help() shows no `self`
+        return method
+
+
+def _one(schema: type[M]) -> Callable[[Any], M]:
+    return schema.model_validate
+
+
+def _data(schema: type[M]) -> Callable[[Any], list[M]]:
+    """Reads `{"data": [...]}` into a list of records."""
+    return lambda body: [schema.model_validate(item) for item in body["data"]]
+
+
+def _node_path(fingerprint: str, rest: str = "") -> str:
+    return f"/api/v1/nodes/{quote(fingerprint, safe='')}{rest}"
+
+
+def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def pick_node(nodes: list[NodeInfo], ref: str) -> NodeInfo:
+    """The node `ref` names: an exact fingerprint, else an exact name, else a unique fingerprint prefix.
+
+    A name shared by several nodes picks the one online node among them (a node restarted with a fresh state
+    directory leaves an offline namesake behind); otherwise the reference is ambiguous.
+    """
+    ref = ref.strip()
+    for node in nodes:
+        if node.fingerprint == ref:
+            return node
+    named = [n for n in nodes if n.name == ref]
+    if len(named) > 1:
+        named = [n for n in named if n.online] or named
+    if not named and ref:
+        named = [n for n in nodes if n.fingerprint.startswith(ref.lower())]
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        known = ", ".join(sorted({n.name for n in nodes})) or "none registered"
+        raise NodeReferenceError(
+            f"No node matches {ref!r} (by fingerprint, fingerprint prefix or name); nodes: {known}."
+        )
+    choices = ", ".join(f"{n.name} {n.fingerprint}" for n in named)
+    raise NodeReferenceError(
+        f"{ref!r} matches several nodes: {choices}; give more of the fingerprint.", code="ambiguous_node"
+    )
+
+
+class Endpoints:
+    """Every endpoint of the API, written once; `Client` and `AsyncClient` run them."""
+
+    job_timeout: float
+
+    @endpoint
+    def healthz(self) -> Call[Health]:
+        """Whether the API reaches Redis (no key needed). A degraded API answers with `ok` False."""
+        return Call("GET", "/healthz", _one(Health), ok=(200, 503))
+
+    @endpoint
+    def nodes(self) -> Call[list[NodeInfo]]:
+        """Every registered node, online or not."""
+        return Call("GET", "/api/v1/nodes", _data(NodeInfo))
+
+    @endpoint
+    def node(self, fingerprint: str) -> Call[NodeInfo]:
+        return Call("GET", _node_path(fingerprint), _one(NodeInfo))
+
+    @endpoint
+    def resolve_node(self, ref: str) -> Call[NodeInfo]:
+        """The node a fingerprint, a unique fingerprint prefix or a node name refers to (see `pick_node`)."""
+        return Call("GET", "/api/v1/nodes", lambda body: pick_node(_data(NodeInfo)(body), ref))
+
+    @endpoint
+    def node_models(self, fingerprint: str) -> Call[list[ModelInfo]]:
+        """The models on one node, in every state."""
+        return Call("GET", _node_path(fingerprint, "/models"), _data(ModelInfo))
+
+    @endpoint
+    def load(
+        self,
+        fingerprint: str,
+        model_id: str,
+        *,
+        model_path: str | None = None,
+        context_length: int | None = None,
+        gpu_layers: int | None = None,
+    ) -> Call[LoadResult]:
+        """Load a model on one node; returns once it is loaded (or already was)."""
+        body = {"modelId": model_id, "modelPath": model_path, "contextLength": context_length, "gpuLayers": gpu_layers}
+        return Call(
+            "POST", _node_path(fingerprint, "/models/load"), _one(LoadResult), _drop_none(body), self.job_timeout
+        )
+
+    @endpoint
+    def unload(self, fingerprint: str, model_id: str) -> Call[UnloadResult]:
+        return Call(
+            "POST",
+            _node_path(fingerprint, "/models/unload"),
+            _one(UnloadResult),
+            {"modelId": model_id},
+            self.job_timeout,
+        )
+
+    @endpoint
+    def unload_all(self, fingerprint: str) -> Call[UnloadAllResult]:
+        """Unload every model on one node; failures per model are in the result's `errors`."""
+        return Call("POST", _node_path(fingerprint, "/models/unload-all"), _one(UnloadAllResult), {}, self.job_timeout)
+
+    @endpoint
+    def pool_models(self) -> Call[PoolModelList]:
+        """Every model file in the fleet, with where it is and where it is loaded."""
+        return Call("GET", "/v1/models", _one(PoolModelList))
+
+    @endpoint
+    def pool_status(self) -> Call[PoolStatus]:
+        return Call("GET", "/v1/models/status", _one(PoolStatus))
+
+    @endpoint
+    def pool_load(
+        self, model: str, *, node: str | None = None, force_reload: bool = False, evict: bool = False, pin: bool = False
+    ) -> Call[PoolLoadResult]:
+        """Load a model wherever placement puts it (or on `node`, a fingerprint)."""
+        body = {"model_name": model, "node": node, "force_reload": force_reload, "evict": evict, "pin": pin}
+        return Call("POST", "/v1/models/load", _one(PoolLoadResult), _drop_none(body), self.job_timeout)
+
+    @endpoint
+    def pool_unload(self, model: str) -> Call[PoolUnloadResult]:
+        """Unload a model from every node where it is loaded."""
+        return Call("POST", "/v1/models/unload", _one(PoolUnloadResult), {"model_name": model}, self.job_timeout)
+
+    @endpoint
+    def pool_unload_all(self) -> Call[PoolUnloadAllResult]:
+        return Call("POST", "/v1/models/unload-all", _one(PoolUnloadAllResult), {}, self.job_timeout)
+
+
+def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
+    url = (url or os.environ.get("MODELFLEET_URL") or DEFAULT_URL).rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ModelfleetClientError(f"Invalid API URL {url!r}: {exc}.", code="invalid_url") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ModelfleetClientError(f"Invalid API URL {url!r}: expected http(s)://host[:port].", code="invalid_url")
+    key = key if key is not None else os.environ.get("MODELFLEET_KEY")
+    return url, {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _request_args(call: Call[Any]) -> dict[str, Any]:
+    args: dict[str, Any] = {"json": call.json}
+    if call.timeout is not None:
+        args["timeout"] = httpx.Timeout(call.timeout, connect=CONNECT_TIMEOUT)
+    return args
+
+
+def _transport_error(url: str, exc: httpx.TransportError) -> ModelfleetConnectionError:
+    if isinstance(exc, httpx.TimeoutException):
+        return ModelfleetTimeout(f"The modelfleet API at {url} did not answer in time ({type(exc).__name__}).")
+    reason = str(exc).rstrip(".") or type(exc).__name__
+    return ModelfleetConnectionError(f"Cannot reach the modelfleet API at {url}: {reason}.")
+
+
+def _read(call: Call[T], response: httpx.Response) -> T:
+    """The call's result from a complete response, or the error it carries."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code not in call.ok:
+        if isinstance(body, dict) and isinstance(body.get("code"), str) and isinstance(body.get("error"), str):
+            details = body.get("details")
+            raise ModelfleetAPIError(
+                body["error"],
+                code=body["code"],
+                status=response.status_code,
+                details=details if isinstance(details, dict) else {},
+            )
+        raise ModelfleetAPIError(
+            f"{call.method} {call.path} answered HTTP {response.status_code} {response.reason_phrase}.",
+            code="http_error",
+            status=response.status_code,
+        )
+    try:
+        return call.parse(body)
+    except (ValidationError, KeyError, TypeError) as exc:
+        raise UnexpectedResponse(
+            f"{call.method} {call.path} answered something this client cannot read (a different version?): "
+            f"{type(exc).__name__}."
+        ) from exc
+
+
+class Client(Endpoints):
+    """The modelfleet API, synchronously. URL and key default to MODELFLEET_URL and MODELFLEET_KEY."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        key: str | None = None,
+        *,
+        timeout: float = TIMEOUT,
+        job_timeout: float = JOB_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url, headers = _settings(url, key)
+        self.job_timeout = job_timeout
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+            transport=transport,
+        )
+
+    def _execute(self, call: Call[T]) -> T:
+        try:
+            response = self._http.request(call.method, call.path, **_request_args(call))
+        except httpx.TransportError as exc:
+            raise _transport_error(self.url, exc) from exc
+        return _read(call, response)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncClient(Endpoints):
+    """The modelfleet API for asyncio: the same methods as `Client`, awaited."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        key: str | None = None,
+        *,
+        timeout: float = TIMEOUT,
+        job_timeout: float = JOB_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url, headers = _settings(url, key)
+        self.job_timeout = job_timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+            transport=transport,
+        )
+
+    async def _execute(self, call: Call[T]) -> T:
+        try:
+            response = await self._http.request(call.method, call.path, **_request_args(call))
+        except httpx.TransportError as exc:
+            raise _transport_error(self.url, exc) from exc
+        return _read(call, response)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,285 @@
+"""The operator commands, on top of `modelfleet.client`: `nodes`, `ps`, `load`, `unload`.
+
+They talk to a running API: `--url` / `--key`, else MODELFLEET_URL / MODELFLEET_KEY. Tables and results go
+to stdout; errors, with the API's message and code, and notes (an offline node) go to stderr. Exit status:
+0 done, 1 failed, 2 bad usage or input, 3 key refused (401/403), 4 node or model not found, 5 API unreachable.
+"""
+
+import argparse
+import itertools
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TextIO
+
+from broker.schemas import ModelInfo, NodeInfo
+from modelfleet.client import (
+    Client,
+    ModelfleetAPIError,
+    ModelfleetClientError,
+    ModelfleetConnectionError,
+    NodeReferenceError,
+)
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_NOT_FOUND = 4
+EXIT_UNREACHABLE = 5
+
+_USAGE_CODES = {"invalid_request", "invalid_model_id", "ambiguous_node", "invalid_url"}
+
+
+def exit_status(error: ModelfleetClientError) -> int:
+    if isinstance(error, ModelfleetConnectionError):
+        return EXIT_UNREACHABLE
+    if error.code in _USAGE_CODES:
+        return EXIT_USAGE
+    if isinstance(error, NodeReferenceError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, ModelfleetAPIError):
+        if error.status in (401, 403):
+            return EXIT_AUTH
+        if error.status == 404:
+            return EXIT_NOT_FOUND
+    return EXIT_ERROR
+
+
+# Human-readable figures.
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float | None) -> str:
+    """`0.4s`, `12s`, `3m05s`, `2h05m`, `3d04h`: two units at most."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f}s"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def ago(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{human_duration(seconds)} ago"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Left-aligned columns two spaces apart, `ollama ps` style."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for row in (headers, *rows):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+@contextmanager
+def spinner(text: str, stream: TextIO) -> Iterator[None]:
+    """A spinner with the elapsed time while the block runs, on a terminal only; elsewhere, nothing."""
+    if not stream.isatty():
+        yield
+        return
+    done = threading.Event()
+    started = time.monotonic()
+
+    def spin() -> None:
+        for frame in itertools.cycle("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"):
+            stream.write(f"\r\033[K{frame} {text} {human_duration(time.monotonic() - started)}")
+            stream.flush()
+            if done.wait(0.1):
+                break
+        stream.write("\r\033[K")
+        stream.flush()
+
+    thread = threading.Thread(target=spin, name="modelfleet-spinner", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+# The commands. Each takes its parsed arguments and a connected client, and returns the exit status.
+
+
+def node_label(node: NodeInfo, nodes: Sequence[NodeInfo] = ()) -> str:
+    """The node's name, with the start of its fingerprint if another node shares the name."""
+    shared = sum(n.name == node.name for n in nodes) > 1
+    return f"{node.name} ({node.fingerprint[:8]})" if shared else node.name
+
+
+def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
+    nodes = sorted(client.nodes(), key=lambda n: (not n.online, n.name, n.fingerprint))
+    if not nodes:
+        print("No node has registered yet: start one with `modelfleet worker`.", file=sys.stderr)
+        return 0
+    rows = [
+        [
+            n.name,
+            n.fingerprint,
+            "online" if n.online else "offline",
+            str(n.models_loaded) if n.online else "-",
+            f"{human_bytes(n.memory_used_bytes)} / {human_bytes(n.memory_budget_bytes)}" if n.online else "-",
+            n.hostname,
+            ago(n.seconds_since_heartbeat),
+        ]
+        for n in nodes
+    ]
+    table(
+        ["NAME", "FINGERPRINT", "STATUS", "MODELS", "MEMORY (USED / BUDGET)", "HOST", "LAST HEARTBEAT"],
+        rows,
+        sys.stdout,
+    )
+    return 0
+
+
+def _model_row(label: str, model: ModelInfo, now: datetime) -> list[str]:
+    state = model.state.value + (" (pinned)" if model.pinned else "")
+    loaded_for = (now - model.loaded_at).total_seconds() if model.loaded_at else None
+    context = str(model.context_length) if model.context_length else "default"
+    return [label, model.id, state, human_bytes(model.size_bytes), context, human_duration(loaded_for)]
+
+
+def cmd_ps(args: argparse.Namespace, client: Client) -> int:
+    if args.node:
+        nodes = [client.resolve_node(args.node)]
+        everyone = nodes
+    else:
+        everyone = client.nodes()
+        nodes = sorted((n for n in everyone if n.online), key=lambda n: (n.name, n.fingerprint))
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    now = datetime.now(UTC)
+    for node in nodes:
+        label = node_label(node, everyone)
+        try:
+            models = client.node_models(node.fingerprint)
+        except ModelfleetAPIError as exc:
+            if args.node:  # the one node asked for: its error is the answer
+                raise
+            notes.append(f"{label}: {exc.message} ({exc.code})")
+            continue
+        rows += [_model_row(label, m, now) for m in sorted(models, key=lambda m: m.id)]
+        notes += [f"{label}: {m.id} failed: {m.error}" for m in models if m.error]
+    if not args.node:
+        notes += [
+            f"{node_label(n, everyone)} ({n.fingerprint}) is offline; last heartbeat {ago(n.seconds_since_heartbeat)}"
+            for n in everyone
+            if not n.online
+        ]
+    if rows:
+        table(["NODE", "MODEL", "STATE", "SIZE", "CONTEXT", "LOADED FOR"], rows, sys.stdout)
+    elif nodes:
+        print(f"No models on {', '.join(node_label(n, everyone) for n in nodes)}.", file=sys.stdout)
+    else:
+        print("No node is online.", file=sys.stdout)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace, client: Client) -> int:
+    node = client.resolve_node(args.node)
+    label = node_label(node)
+    with spinner(f"Loading {args.model} on {label}", sys.stderr):
+        started = time.monotonic()
+        result = client.load(node.fingerprint, args.model, context_length=args.ctx, gpu_layers=args.gpu_layers)
+        elapsed = time.monotonic() - started
+    if result.already_loaded:
+        print(f"{args.model} was already loaded on {label}.")
+    else:
+        print(f"Loaded {args.model} on {label} in {human_duration(elapsed)}.")
+    if result.evicted:
+        print(f"Evicted {', '.join(result.evicted)} to make room.")
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace, client: Client) -> int:
+    node = client.resolve_node(args.node)
+    label = node_label(node)
+    if not args.all:
+        client.unload(node.fingerprint, args.model)
+        print(f"Unloaded {args.model} from {label}.")
+        return 0
+    result = client.unload_all(node.fingerprint)
+    if result.unloaded:
+        print(f"Unloaded {len(result.unloaded)} model(s) from {label}: {', '.join(result.unloaded)}.")
+    elif not result.errors:
+        print(f"Nothing was loaded on {label}.")
+    for failure in result.errors:
+        print(f"modelfleet: could not unload {failure.model_id}: {failure.error} ({failure.code})", file=sys.stderr)
+    return EXIT_ERROR if result.errors else 0
+
+
+# Wiring into `modelfleet`'s parser.
+
+Command = Callable[[argparse.Namespace, Client], int]
+
+
+def _run(command: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with Client(args.url, args.key) as client:
+                return command(args, client)
+        except ModelfleetClientError as exc:
+            status = f", HTTP {exc.status}" if isinstance(exc, ModelfleetAPIError) else ""
+            print(f"modelfleet: {exc.message} ({exc.code}{status})", file=sys.stderr)
+            if isinstance(exc, ModelfleetAPIError) and exc.status == 401 and not args.key:
+                print("modelfleet: pass --key or set MODELFLEET_KEY", file=sys.stderr)
+            return exit_status(exc)
+        except KeyboardInterrupt:
+            print("modelfleet: interrupted; a job already sent still runs on its node", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add `nodes`, `ps`, `load` and `unload` to the `modelfleet` command's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the API's URL (default $MODELFLEET_URL, else http://127.0.0.1:8000)")
+    common.add_argument("--key", help="an API key (default $MODELFLEET_KEY; prefer the variable: flags show in ps)")
+
+    nodes = sub.add_parser("nodes", parents=[common], help="list every registered node")
+    nodes.set_defaults(func=_run(cmd_nodes))
+
+    ps = sub.add_parser("ps", parents=[common], help="list the models on every online node, or on NODE")
+    ps.add_argument("node", nargs="?", metavar="NODE", help="a fingerprint, a unique prefix of one, or a name")
+    ps.set_defaults(func=_run(cmd_ps))
+
+    load = sub.add_parser("load", parents=[common], help="load MODEL on NODE and wait until it is loaded")
+    load.add_argument("node", metavar="NODE")
+    load.add_argument("model", metavar="MODEL", help="the model's id: its path in the models dir, without .gguf")
+    load.add_argument("--ctx", type=int, metavar="N", help="context length")
+    load.add_argument("--gpu-layers", type=int, metavar="N", help="layers to offload to the GPU (-1: all)")
+    load.set_defaults(func=_run(cmd_load))
+
+    unload = sub.add_parser("unload", parents=[common], help="unload MODEL (or --all) from NODE")
+    unload.add_argument("node", metavar="NODE")
+    unload.add_argument("model", nargs="?", metavar="MODEL")
+    unload.add_argument("--all", action="store_true", help="unload every model on the node")
+    run_unload = _run(cmd_unload)
+
+    def checked_unload(args: argparse.Namespace) -> int:
+        if bool(args.model) == args.all:
+            unload.error("give either MODEL or --all")
+        return run_unload(args)
+
+    unload.set_defaults(func=checked_unload)

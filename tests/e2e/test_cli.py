@@ -1,0 +1,173 @@
+"""The operator commands (`modelfleet nodes | ps | load | unload`) run as an operator runs them: subprocesses
+against a running fleet, with MODELFLEET_URL / MODELFLEET_KEY in their environment."""
+
+import os
+import pty
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.schemas import NodeInfo
+from modelfleet.commands import EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_USAGE
+from tests.conftest import (
+    ALL_SECRETS,
+    OPERATOR_KEY,
+    READ_KEY,
+    Api,
+    Fleet,
+    Worker,
+    free_port,
+    modelfleet_command,
+    register_gone_node,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="module")
+def node(module_fleet: Fleet, models_dir: Path) -> Worker:
+    return module_fleet.worker("cli-node", models_dir)
+
+
+@pytest.fixture(scope="module")
+def ghost(module_fleet: Fleet) -> NodeInfo:
+    return register_gone_node(module_fleet)
+
+
+@pytest.fixture(scope="module")
+def api(module_fleet: Fleet, node: Worker, ghost: NodeInfo) -> Api:
+    return module_fleet.api()
+
+
+def environment(api: Api, key: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")}
+    env["MODELFLEET_URL"] = api.url
+    if key is not None:
+        env["MODELFLEET_KEY"] = key
+    return env
+
+
+def cli(api: Api, *args: str, key: str | None = OPERATOR_KEY) -> Run:
+    done = subprocess.run(
+        [*modelfleet_command(), *args],
+        env=environment(api, key),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    for secret in ALL_SECRETS:
+        assert secret not in done.stdout + done.stderr
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture
+def clean(api: Api, node: Worker) -> None:
+    assert cli(api, "unload", node.fingerprint, "--all").code == 0
+
+
+def rows(table: str) -> list[list[str]]:
+    """The table's rows below its header, split on runs of two or more spaces."""
+    lines = table.strip().splitlines()
+    assert lines and lines[0].startswith(("NAME", "NODE")), table
+    return [re.split(r"\s{2,}", line.strip()) for line in lines[1:]]
+
+
+def test_nodes(api: Api, node: Worker, ghost: NodeInfo) -> None:
+    run = cli(api, "nodes")
+    assert run.code == 0, run.err
+    listed = {row[0]: row for row in rows(run.out)}
+    assert listed["cli-node"][1:3] == [node.fingerprint, "online"]
+    assert listed["ghost"][1:3] == [ghost.fingerprint, "offline"]
+    assert re.search(r"\d B / 1?\d+\.\d [GT]iB", listed["cli-node"][4])  # used / budget, in human units
+
+
+def test_load_ps_unload(api: Api, node: Worker, ghost: NodeInfo, clean: None) -> None:
+    loaded = cli(api, "load", "cli-node", "tiny-a", "--ctx", "256")
+    assert loaded.code == 0, loaded.err
+    # Not a terminal: no spinner frames, one line when done.
+    assert re.fullmatch(r"Loaded tiny-a on cli-node in \d+\.\ds\.\n", loaded.out) and loaded.err == ""
+    assert cli(api, "load", "cli-node", "tiny-a").out == "tiny-a was already loaded on cli-node.\n"
+
+    ps = cli(api, "ps")
+    assert ps.code == 0, ps.err
+    [row] = rows(ps.out)
+    assert row[:3] == ["cli-node", "tiny-a", "loaded"] and row[3].endswith("KiB") and row[4] == "256"
+    assert re.fullmatch(r"\d+\.\ds", row[5])
+    assert f"ghost ({ghost.fingerprint}) is offline" in ps.err
+
+    assert cli(api, "load", node.fingerprint[:7], "tiny-b").code == 0  # a fingerprint prefix names the node
+    one = cli(api, "ps", node.fingerprint[:7])
+    assert [r[1] for r in rows(one.out)] == ["tiny-a", "tiny-b"] and "ghost" not in one.err
+
+    unloaded = cli(api, "unload", "cli-node", "tiny-a")
+    assert unloaded.code == 0 and unloaded.out == "Unloaded tiny-a from cli-node.\n"
+    everything = cli(api, "unload", node.fingerprint, "--all")
+    assert everything.code == 0 and everything.out == "Unloaded 1 model(s) from cli-node: tiny-b.\n"
+    empty = cli(api, "ps", "cli-node")
+    assert empty.code == 0 and empty.out == "No models on cli-node.\n"
+
+
+def test_errors_print_the_api_message_and_exit_non_zero(api: Api, node: Worker, ghost: NodeInfo) -> None:
+    missing = cli(api, "load", "cli-node", "no-such-model")
+    assert missing.code == EXIT_NOT_FOUND and missing.out == ""
+    assert "no-such-model" in missing.err and "(model_file_not_found, HTTP 404)" in missing.err
+
+    read_only = cli(api, "load", "cli-node", "tiny-a", key=READ_KEY)
+    assert read_only.code == EXIT_AUTH and "read-only" in read_only.err and "(forbidden, HTTP 403)" in read_only.err
+
+    anonymous = cli(api, "nodes", key=None)
+    assert anonymous.code == EXIT_AUTH and "MODELFLEET_KEY" in anonymous.err
+
+    # Flags win over the environment.
+    assert cli(api, "ps", "--key", OPERATOR_KEY, key="wrong").code == 0
+    unreachable = cli(api, "nodes", "--url", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.code == EXIT_UNREACHABLE and "Cannot reach the modelfleet API" in unreachable.err
+
+    offline = cli(api, "load", "ghost", "tiny-a")
+    assert offline.code == 1 and "offline" in offline.err and "(node_offline, HTTP 503)" in offline.err
+    nobody = cli(api, "unload", "nobody", "tiny-a")
+    assert nobody.code == EXIT_NOT_FOUND and "No node matches 'nobody'" in nobody.err
+    assert cli(api, "unload", "cli-node").code == EXIT_USAGE
+    assert cli(api, "nodes", "--url", "localhost:8000").code == EXIT_USAGE
+    assert cli(api, "load", "cli-node", "../escape").code == EXIT_USAGE
+
+
+def test_spinner_on_a_terminal(api: Api, node: Worker, clean: None) -> None:
+    """On a TTY, stderr shows the spinner with the elapsed time, and clears it before the result."""
+    main, tty = pty.openpty()
+    try:
+        done = subprocess.run(
+            [*modelfleet_command(), "load", "cli-node", "tiny-c"],
+            env=environment(api, OPERATOR_KEY),
+            stdout=subprocess.PIPE,
+            stderr=tty,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+        os.close(tty)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main)
+    assert done.returncode == 0 and done.stdout.startswith(b"Loaded tiny-c on cli-node")
+    text = shown.decode()
+    assert re.search(r"\r\x1b\[K. Loading tiny-c on cli-node \d+\.\ds", text)
+    assert text.endswith("\r\x1b[K")
