@@ -12,7 +12,10 @@ COPY api ./api
 COPY broker ./broker
 COPY workers ./workers
 COPY modelfleet ./modelfleet
-RUN pip install . && rm -rf /src
+# EXTRAS=cuda (the default) adds the CUDA runtime and cuBLAS that GPU nodes offload layers with (about 1 GB);
+# `--build-arg EXTRAS=` builds a smaller CPU-only image.
+ARG EXTRAS=cuda
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 
 # A node keeps its key (and so its fingerprint) in /var/lib/modelfleet, inside the container: each replica of
 # the worker service gets its own. It survives a restart of the container, not its re-creation.

@@ -76,7 +76,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.main import run_worker
     from workers.settings import WorkerSettings
 
-    fields = _given(args, "name", "models_dir", "state_dir", "concurrency", "threads", "memory_budget", "redis_url")
+    names = ("name", "models_dir", "state_dir", "concurrency", "threads", "memory_budget", "redis_url", "lib")
+    fields = _given(args, *names)
     try:
         settings = WorkerSettings(**fields)
     except ValidationError as exc:
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int)
     worker.add_argument("--threads", type=int, help="CPU threads per model (never -1)")
     worker.add_argument("--memory-budget", help="e.g. 8GiB")
+    worker.add_argument(
+        "--lib",
+        choices=["auto", "cuda", "avx2", "avx", "basic"],
+        help="ctransformers build (default auto: CUDA when a GPU and its runtime are present, else the best CPU one)",
+    )
     worker.add_argument("--redis-url")
     worker.set_defaults(func=cmd_worker)
 

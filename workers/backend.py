@@ -65,6 +65,45 @@ def choose_lib() -> str:
     return "basic"
 
 
+LIBS = ("auto", "cuda", "avx2", "avx", "basic")
+
+
+def gpu_visible() -> bool:
+    """Whether the NVIDIA driver shows a GPU to this process (a container without one shows none)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+@functools.cache
+def cuda_problem() -> str | None:
+    """Why the CUDA build cannot be used here, or None if it loads (CUDA runtime and cuBLAS found)."""
+    from ctransformers.llm import load_library
+
+    try:
+        load_library("cuda")
+    except OSError as exc:
+        return f"{exc}".splitlines()[0] or type(exc).__name__
+    return None
+
+
+def resolve_lib(requested: str = "auto") -> str:
+    """The ctransformers build for `lib=`: "auto" takes CUDA when a GPU is visible and the CUDA build loads,
+    else the best CPU build; "cuda" insists on it (an error that says what is missing otherwise)."""
+    if requested not in LIBS:
+        raise ValueError(f"unknown ctransformers build {requested!r}; choose one of {', '.join(LIBS)}")
+    if requested == "cuda":
+        problem = cuda_problem()
+        if problem:
+            raise RuntimeError(
+                f"the CUDA build of ctransformers cannot be loaded ({problem}); "
+                "install its runtime with `pip install 'ctransformers[cuda]'`, or use --lib auto"
+            )
+        return "cuda"
+    if requested == "auto":
+        return "cuda" if gpu_visible() and cuda_problem() is None else choose_lib()
+    return requested
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     """What a GGUF header says about the model. A number is None if the header does not have it."""

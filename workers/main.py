@@ -49,7 +49,7 @@ def run_worker(settings: WorkerSettings) -> int:
     """Start the node and block until Celery stops; returns the process exit code."""
     try:
         runtime = build_runtime(settings)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         log.error("cannot start node %s: %s", settings.name, exc)
         return 2
     app = make_celery(settings)

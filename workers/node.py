@@ -84,7 +84,7 @@ class NodeRuntime:
 
 def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     """Wire a node from its settings: the real ctransformers backend and a sync Redis client."""
-    from workers.backend import CTransformersLoader, estimate_memory_bytes
+    from workers.backend import CTransformersLoader, estimate_memory_bytes, resolve_lib
 
     models_dir = settings.models_dir.resolve()
     if not models_dir.is_dir():
@@ -92,8 +92,9 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     fp = fingerprint(load_or_create_node_key(settings.resolved_state_dir))
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
     budget = int(settings.memory_budget) if settings.memory_budget is not None else default_memory_budget()
-    manager = ModelManager(CTransformersLoader(threads=settings.threads), memory_budget=budget)
-    log.info("node %s: memory budget %d bytes", settings.name, budget)
+    lib = resolve_lib(settings.lib)
+    manager = ModelManager(CTransformersLoader(threads=settings.threads, lib=lib), memory_budget=budget)
+    log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
     info = NodeInfo(
         fingerprint=fp,

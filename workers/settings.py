@@ -4,6 +4,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
 import psutil
 from pydantic import ByteSize, Field, field_validator
@@ -36,6 +37,9 @@ class WorkerSettings(BrokerSettings):
     concurrency: int = Field(default=16, ge=2, le=128)
     threads: int = Field(default_factory=default_threads, ge=1, le=256)
     memory_budget: ByteSize | None = None
+    # ctransformers build: "auto" uses CUDA when a GPU is visible and its runtime is installed, else the best
+    # CPU build. `gpuLayers` offloads layers only with the CUDA build.
+    lib: Literal["auto", "cuda", "avx2", "avx", "basic"] = "auto"
     """None: `default_memory_budget()`, applied when the node is built."""
     health_interval: float = Field(default=10.0, gt=0)
 

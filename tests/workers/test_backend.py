@@ -213,3 +213,27 @@ def test_unload_gives_memory_back(loader: CTransformersLoader, tmp_path: Path) -
         loader.unload(model)
         del model
     assert rss() - settled < 30 * MB
+
+
+def test_resolve_lib_auto_explicit_and_cuda() -> None:
+    from workers.backend import choose_lib, cuda_problem, gpu_visible, resolve_lib
+
+    if not gpu_visible():
+        assert resolve_lib("auto") == choose_lib()
+    assert resolve_lib("basic") == "basic"
+    with pytest.raises(ValueError, match="unknown ctransformers build"):
+        resolve_lib("tpu")
+    if cuda_problem() is None:
+        assert resolve_lib("cuda") == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match=r"ctransformers\[cuda\]"):
+            resolve_lib("cuda")
+
+
+def test_an_explicit_cpu_build_loads(tmp_path: Path) -> None:
+    from workers.backend import resolve_lib
+
+    model = CTransformersLoader(threads=1, lib=resolve_lib("basic")).load(
+        write_tiny_llama(tmp_path / "m.gguf"), context_length=64, gpu_layers=None
+    )
+    assert model.context_length == 64
