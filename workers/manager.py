@@ -21,12 +21,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from broker.errors import InsufficientMemory, ModelfleetError, ModelLoadFailed, ModelNotLoaded
+from broker.errors import InsufficientMemory, JobTimeout, ModelfleetError, ModelLoadFailed, ModelNotLoaded
 from broker.schemas import MemoryInfo, ModelInfo, ModelState
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ class ModelManager:
                     return LoadOutcome(record.info(), 0.0, already_loaded=True)
                 assert record.pending is not None
                 pending, joining = record.pending, record.state is ModelState.LOADING
+                if joining:
+                    record.pinned = record.pinned or pin  # a joiner's pin counts as much as the first caller's
             if joining:
                 return pending.result()
             _wait_quietly(pending)  # unloading: once it is done, load afresh
@@ -286,7 +289,9 @@ class ModelManager:
         self._emit("model-loaded", outcome.model)
         return outcome
 
-    def unload(self, model_id: str) -> ModelInfo:
+    def unload(self, model_id: str, *, deadline: float | None = None) -> ModelInfo:
+        """Unload `model_id`; waits for a load in flight first, but never past `deadline` (a UNIX time), after
+        which it raises JobTimeout and changes nothing: the caller has stopped waiting."""
         while True:
             with self._lock:
                 record = self._records.get(model_id)
@@ -299,10 +304,22 @@ class ModelManager:
                     break
                 assert record.pending is not None
                 pending, joining = record.pending, record.state is ModelState.UNLOADING
+            self._wait_until(pending, deadline, model_id)
             if joining:
                 return pending.result()
-            _wait_quietly(pending)  # loading: once it is done, unload what it loaded
+            # loading: it is done now, so unload what it loaded (or report that it failed)
         return self._run_unload(record, future)
+
+    def _wait_until(self, pending: "Future[Any]", deadline: float | None, model_id: str) -> None:
+        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        try:
+            pending.result(timeout)
+        except FutureTimeout:
+            raise JobTimeout(
+                f"Model {model_id} was still loading when the unload's deadline passed; nothing was unloaded.",
+            ) from None
+        except BaseException:  # noqa: S110 - the caller re-reads the record's state and decides
+            pass
 
     def _run_unload(self, record: ModelRecord, future: "Future[ModelInfo]") -> ModelInfo:
         """Unload a record that `_begin_unload_locked` marked unloading; releases its reservation."""
@@ -324,7 +341,7 @@ class ModelManager:
             self._emit("model-unloaded", info)
         return info
 
-    def unload_all(self) -> tuple[list[str], list[tuple[str, ModelfleetError]]]:
+    def unload_all(self, *, deadline: float | None = None) -> tuple[list[str], list[tuple[str, ModelfleetError]]]:
         """Unload every model; failed records are cleared too. Returns (unloaded ids, failures)."""
         with self._lock:
             ids = [r.model_id for r in self._records.values() if r.state is not ModelState.FAILED]
@@ -334,7 +351,7 @@ class ModelManager:
         failures: list[tuple[str, ModelfleetError]] = []
         for model_id in ids:
             try:
-                self.unload(model_id)
+                self.unload(model_id, deadline=deadline)
                 unloaded.append(model_id)
             except ModelNotLoaded:
                 continue  # unloaded meanwhile by someone else, or its load failed
@@ -345,6 +362,16 @@ class ModelManager:
     def models(self) -> list[ModelInfo]:
         with self._lock:
             return [r.info() for r in sorted(self._records.values(), key=lambda r: r.model_id)]
+
+    def loading(self, model_id: str, *, pin: bool = False) -> "Future[LoadOutcome] | None":
+        """The in-flight load of `model_id`, to wait on without calling `load`; None if it is not loading.
+        A `pin` is applied to the model as it would be by joining through `load`."""
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is not None and record.state is ModelState.LOADING:
+                record.pinned = record.pinned or pin
+                return record.pending
+            return None
 
     def get(self, model_id: str) -> ModelInfo | None:
         with self._lock:

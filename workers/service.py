@@ -1,6 +1,9 @@
 """What a node does for each job, free of Celery: resolve the file, admit, call the manager, shape the reply."""
 
+from concurrent.futures import Future
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from broker.schemas import (
     LoadJob,
@@ -14,7 +17,7 @@ from broker.schemas import (
     UnloadResult,
 )
 from workers.catalog import Estimator, FileCatalog
-from workers.manager import ModelManager
+from workers.manager import LoadOutcome, ModelManager
 from workers.paths import resolve_model_path
 
 
@@ -42,6 +45,28 @@ class NodeService:
             evict=job.evict,
             pin=job.pin,
         )
+        return self._load_result(job, outcome)
+
+    def join_load(self, job: LoadJob) -> "Future[BaseModel] | None":
+        """If the model is loading, a future of this job's result when that load ends; else None."""
+        if job.force_reload:
+            return None
+        loading = self.manager.loading(job.model_id, pin=job.pin)
+        if loading is None:
+            return None
+        joined: Future[BaseModel] = Future()
+
+        def settle(done: "Future[LoadOutcome]") -> None:
+            error = done.exception()
+            if error is not None:
+                joined.set_exception(error)
+            else:
+                joined.set_result(self._load_result(job, done.result()))
+
+        loading.add_done_callback(settle)
+        return joined
+
+    def _load_result(self, job: LoadJob, outcome: LoadOutcome) -> LoadResult:
         return LoadResult(
             model_id=job.model_id,
             node=self.fingerprint,
@@ -52,11 +77,11 @@ class NodeService:
         )
 
     def unload(self, job: UnloadJob) -> UnloadResult:
-        info = self.manager.unload(job.model_id)
+        info = self.manager.unload(job.model_id, deadline=job.deadline)
         return UnloadResult(model_id=job.model_id, node=self.fingerprint, state=info.state)
 
     def unload_all(self, job: UnloadAllJob) -> UnloadAllResult:
-        unloaded, failures = self.manager.unload_all()
+        unloaded, failures = self.manager.unload_all(deadline=job.deadline)
         return UnloadAllResult(
             node=self.fingerprint,
             unloaded=unloaded,

@@ -7,6 +7,7 @@ exactly one reply is written, so the API never waits for a job that has already 
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from celery import Celery, Task
@@ -29,26 +30,70 @@ def install(runtime: NodeRuntime) -> None:
     _runtime = runtime
 
 
-def _run(task: Task, job_type: type[Job], payload: Any, operation: Callable[[Any], BaseModel]) -> dict[str, Any]:
+Operation = Callable[[Any], BaseModel]
+Joiner = Callable[[Any], "Future[BaseModel] | None"]
+
+
+def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, join: Joiner | None = None) -> Any:
+    """Run one job and publish its reply. With `join`, a job that can attach to an operation already in
+    flight (a load of a model that is loading) is answered when that finishes, without holding a pool thread:
+    a burst of retried loads must not starve the node of threads for lists."""
     runtime = _runtime
     assert runtime is not None, "workers.tasks.install() was not called"
     job_id = str(task.request.id)
-    reply: Reply
-    try:
+
+    def checked() -> Job:
         job = job_type.model_validate(payload)
         if time.time() > job.deadline:
             raise JobExpired(f"The job reached the node {time.time() - job.deadline:.1f}s after its deadline.")
         if runtime.redis.exists(keys.cancel(job_id)):
             raise JobExpired("The caller gave up on this job before it started.")
-        result = operation(job)
-        reply = Reply(job_id=job_id, node=runtime.fingerprint, result=result.model_dump(mode="json", by_alias=True))
+        return job
+
+    joined: Future[BaseModel] | None = None
+
+    def attempt() -> BaseModel | None:
+        nonlocal joined
+        job = checked()
+        joined = join(job) if join is not None else None
+        return None if joined is not None else operation(job)
+
+    reply = _reply(task, job_id, runtime, attempt)
+    if reply is None:
+        assert joined is not None
+        joined.add_done_callback(lambda fut: _finish_quietly(task, job_id, runtime, fut))
+        return {"jobId": job_id, "node": runtime.fingerprint, "joined": True}
+    return _finish(task, job_id, runtime, reply)
+
+
+def _finish_quietly(task: Task, job_id: str, runtime: NodeRuntime, joined: "Future[BaseModel]") -> None:
+    """Publish a joined job's reply from the loading thread; a failure here must be logged, not lost."""
+    try:
+        _finish(task, job_id, runtime, _reply(task, job_id, runtime, joined.result))
+    except Exception:
+        log.exception("the reply to joined job %s could not be published; its caller will time out", job_id)
+
+
+def _reply(task: Task, job_id: str, runtime: NodeRuntime, compute: Callable[[], BaseModel | None]) -> Reply | None:
+    """The reply for what `compute` returns or raises; None when it returned None (the reply comes later)."""
+    try:
+        result = compute()
+        if result is None:
+            return None
+        return Reply(job_id=job_id, node=runtime.fingerprint, result=result.model_dump(mode="json", by_alias=True))
     except ValidationError as exc:
-        reply = _error_reply(job_id, runtime, InvalidRequest(f"Malformed job: {exc.error_count()} invalid field(s)."))
+        error: ModelfleetError = InvalidRequest(f"Malformed job: {exc.error_count()} invalid field(s).")
     except ModelfleetError as exc:
-        reply = _error_reply(job_id, runtime, exc)
+        error = exc
     except Exception as exc:
         log.exception("job %s (%s) failed unexpectedly", job_id, task.name)
-        reply = _error_reply(job_id, runtime, InternalError(f"The node failed: {type(exc).__name__}."))
+        error = InternalError(f"The node failed: {type(exc).__name__}.")
+    info = ErrorInfo(code=error.code, error=error.message, details=error.details)
+    return Reply(job_id=job_id, node=runtime.fingerprint, error=info)
+
+
+def _finish(task: Task, job_id: str, runtime: NodeRuntime, reply: Reply | None) -> dict[str, Any]:
+    assert reply is not None, "only a joined job has no reply yet"
     publish_reply(runtime.redis, reply, ttl=runtime.settings.reply_ttl)
     if reply.error is not None:
         log.info("job %s (%s): %s", job_id, task.name, reply.error.code)
@@ -62,11 +107,6 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Callable[[Any
     }
 
 
-def _error_reply(job_id: str, runtime: NodeRuntime, error: ModelfleetError) -> Reply:
-    info = ErrorInfo(code=error.code, error=error.message, details=error.details)
-    return Reply(job_id=job_id, node=runtime.fingerprint, error=info)
-
-
 def register_tasks(app: Celery) -> None:
     """Register the node tasks on `app` under their public names."""
 
@@ -76,7 +116,7 @@ def register_tasks(app: Celery) -> None:
 
     @app.task(name=keys.TASK_LOAD, bind=True)
     def load(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        return _run(self, LoadJob, job, lambda j: service().load(j))
+        return _run(self, LoadJob, job, lambda j: service().load(j), join=lambda j: service().join_load(j))
 
     @app.task(name=keys.TASK_UNLOAD, bind=True)
     def unload(self: Task, job: dict[str, Any]) -> dict[str, Any]:

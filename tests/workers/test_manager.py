@@ -327,3 +327,111 @@ def test_heartbeat_stats_count_models_by_state() -> None:
     assert stats["modelStates"] == {"loading": 1, "loaded": 1, "unloading": 0, "unloaded": 0, "failed": 0}
     loader.gate.set()
     thread.join(5)
+
+
+def test_a_load_joined_through_the_service_holds_no_thread(tmp_path: Path) -> None:
+    from broker.schemas import LoadJob, LoadResult
+    from workers.service import NodeService
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    loader = GatedLoader()
+    service = NodeService(
+        fingerprint="f" * 32, models_dir=tmp_path, manager=ModelManager(loader), estimate=lambda path, ctx: 0
+    )
+    job = LoadJob(deadline=1e12, model_id="m")
+    assert service.join_load(job) is None  # nothing in flight: run the load itself
+    first, box = in_thread(service.load, job)
+    assert loader.started.wait(5)
+    joined = service.join_load(job)
+    assert joined is not None and not joined.done()  # returned at once, while the load runs
+    assert service.join_load(LoadJob(deadline=1e12, model_id="m", force_reload=True)) is None
+    loader.gate.set()
+    first.join(5)
+    result = joined.result(5)
+    assert isinstance(result, LoadResult) and result == box["value"] and loader.loads == 1
+    assert service.join_load(job) is None  # loaded now: a load answers already_loaded itself
+
+
+def test_a_joined_load_shares_the_failure() -> None:
+    loader = GatedLoader()
+    loader.fail_with = RuntimeError("bad tensor")
+    manager = ModelManager(loader)
+    thread, _ = in_thread(manager.load, "m", Path("/m.gguf"))
+    assert loader.started.wait(5)
+    loading = manager.loading("m")
+    assert loading is not None
+    loader.gate.set()
+    thread.join(5)
+    with pytest.raises(ModelLoadFailed, match="bad tensor"):
+        loading.result(5)
+
+
+def test_unload_waiting_for_a_load_gives_up_at_its_deadline_and_changes_nothing() -> None:
+    import time
+
+    from broker.errors import JobTimeout
+
+    loader = GatedLoader()
+    manager = ModelManager(loader)
+    thread, _ = in_thread(manager.load, "m", Path("/m.gguf"))
+    assert loader.started.wait(5)
+    with pytest.raises(JobTimeout, match="still loading"):
+        manager.unload("m", deadline=time.time() + 0.2)
+    loader.gate.set()
+    thread.join(5)
+    assert [m.state for m in manager.models()] == [ModelState.LOADED]
+    assert loader.unloads == 0
+
+
+def test_a_joiners_pin_is_kept() -> None:
+    loader = GatedLoader()
+    manager = ModelManager(loader)
+    first, _ = in_thread(manager.load, "m", Path("/m.gguf"))
+    assert loader.started.wait(5)
+    second, _ = in_thread(manager.load, "m", Path("/m.gguf"), pin=True)
+    loader.gate.set()
+    first.join(5)
+    second.join(5)
+    assert manager.models()[0].pinned
+
+
+def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -> None:
+    """workers.tasks with our own Redis code on fakeredis: the joined job returns at once, its reply follows."""
+    from types import SimpleNamespace
+
+    import fakeredis
+
+    from broker import keys
+    from broker.schemas import Reply
+    from workers import tasks
+    from workers.service import NodeService
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    loader = GatedLoader()
+    service = NodeService(
+        fingerprint="f" * 32, models_dir=tmp_path, manager=ModelManager(loader), estimate=lambda path, ctx: 0
+    )
+    redis = fakeredis.FakeRedis()
+    runtime = SimpleNamespace(
+        redis=redis, fingerprint="f" * 32, service=service, settings=SimpleNamespace(reply_ttl=60)
+    )
+    tasks.install(runtime)  # type: ignore[arg-type]
+
+    def run(job_id: str) -> dict[str, object]:
+        task = SimpleNamespace(request=SimpleNamespace(id=job_id), name="modelfleet.load")
+        job = {"deadline": 1e12, "modelId": "m"}
+        return tasks._run(task, tasks.LoadJob, job, service.load, join=service.join_load)  # type: ignore[arg-type]
+
+    try:
+        first, box = in_thread(run, "job-1")
+        assert loader.started.wait(5)
+        assert run("job-2") == {"jobId": "job-2", "node": "f" * 32, "joined": True}
+        assert redis.get(keys.reply("job-2")) is None  # not answered before the load ends
+        loader.gate.set()
+        first.join(5)
+        assert box["value"]["ok"] is True
+        replies = [Reply.model_validate_json(redis.get(keys.reply(j)) or b"") for j in ("job-1", "job-2")]
+        assert [r.error for r in replies] == [None, None]
+        assert replies[0].result == replies[1].result and loader.loads == 1
+    finally:
+        tasks.install(None)  # type: ignore[arg-type]
