@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from broker import keys
 from broker.errors import NodeWentOffline
 from broker.registry import NodeDirectory
-from broker.schemas import Reply
+from broker.schemas import Reply, read_lenient
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class ReplyWaiter:
 
     def _deliver(self, raw: bytes | str) -> None:
         try:
-            reply = Reply.model_validate_json(raw)
-        except ValidationError:
+            reply = read_lenient(Reply, raw)
+        except (ValidationError, ValueError):
             log.warning("dropped a malformed reply from the reply channel")
             return
         item = self._pending.get(reply.job_id)

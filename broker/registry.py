@@ -11,6 +11,7 @@ back up means a live owner (refuse to start); a key that lapses belonged to a de
 """
 
 import json
+import logging
 import re
 import time
 from datetime import UTC, datetime
@@ -18,10 +19,13 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from broker import keys
 from broker.errors import ModelfleetError, NodeNotFound
-from broker.schemas import ModelState, NodeInfo
+from broker.schemas import ModelState, NodeInfo, read_lenient
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _STATES = {s.value for s in ModelState}  # a newer node's unknown states are skipped, not fatal
@@ -125,13 +129,25 @@ class NodeRegistrar:
 
 
 def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: datetime) -> NodeInfo | None:
-    """Build a NodeInfo from the registry hash; None if it holds no valid registration."""
+    """Build a NodeInfo from the registry hash; None (logged) if it holds no readable registration."""
     raw = fields.get(b"registration")
     if raw is None:
         return None
-    info = NodeInfo.model_validate_json(raw)
+    try:
+        info = read_lenient(NodeInfo, raw)
+    except (ValidationError, ValueError) as exc:
+        log.warning("node %s has a registration this API cannot read (%s); skipped", fingerprint, exc)
+        return None
     update: dict[str, Any] = {"online": alive}
-    beat_raw = fields.get(b"heartbeat")
+    try:
+        update |= _heartbeat(fields.get(b"heartbeat"), now)
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("node %s has a heartbeat this API cannot read (%s); shown without it", fingerprint, exc)
+    return info.model_copy(update=update)
+
+
+def _heartbeat(beat_raw: bytes | None, now: datetime) -> dict[str, Any]:
+    update: dict[str, Any] = {}
     if beat_raw:
         beat = json.loads(beat_raw)
         at = datetime.fromisoformat(beat["at"])
@@ -144,7 +160,7 @@ def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: d
             "model_states": {ModelState(k): int(v) for k, v in beat.get("modelStates", {}).items() if k in _STATES},
             "rss_bytes": int(beat.get("rssBytes", 0)),
         }
-    return info.model_copy(update=update)
+    return update
 
 
 class NodeDirectory:

@@ -4,10 +4,11 @@ All are frozen Pydantic models that forbid unknown fields and travel as JSON. Fi
 Python and camelCase on the wire, because the REST contract speaks camelCase.
 """
 
+import json
 import unicodedata
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -24,6 +25,22 @@ class Schema(BaseModel):
 
     def wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_lenient(cls: type[M], raw: bytes | str) -> M:
+    """Validate what another process wrote, ignoring top-level fields this version does not know.
+
+    We write with `extra="forbid"`; we read leniently, so that one newer node in a rolling upgrade cannot
+    break every older API head that reads its registration or reply.
+    """
+    data = json.loads(raw)
+    if isinstance(data, dict):
+        known = {f.alias or name for name, f in cls.model_fields.items()} | set(cls.model_fields)
+        data = {k: v for k, v in data.items() if k in known}
+    return cls.model_validate(data)
 
 
 def check_model_id(value: str) -> str:

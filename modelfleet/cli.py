@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import ValidationError
 
@@ -34,7 +34,8 @@ def _secrets_of(settings: BrokerSettings) -> list[str]:
     found: list[str] = []
     password = urlsplit(url).password
     if password:
-        found += [url, password, quote(password, safe="")]
+        # Masked as written in the URL, decoded (what Redis receives) and re-encoded.
+        found += [url, password, unquote(password), quote(unquote(password), safe="")]
     for name in ("operator_keys", "api_keys"):
         found += [k.get_secret_value() for k in getattr(settings, name, [])]
     return found

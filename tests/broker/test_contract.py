@@ -107,3 +107,8 @@ def test_imports_flow_api_to_broker_from_workers() -> None:
     broker = _imports("broker")
     assert not broker & {"api", "workers", "fastapi", "ctransformers", "starlette"}
     assert "api" not in _imports("workers") and "fastapi" not in _imports("workers")
+
+
+def test_error_details_may_use_any_name() -> None:
+    err = errors.from_code("model_not_loaded", "gone", {"message": "x", "code": "y"})
+    assert err.message == "gone" and err.details == {"message": "x", "code": "y"}

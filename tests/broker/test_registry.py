@@ -1,6 +1,7 @@
 """NodeRegistrar / NodeDirectory against fakeredis (our own Redis code; the real thing is in tests/e2e)."""
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime
 
@@ -108,3 +109,18 @@ def test_heartbeat_model_states_and_budget(server: fakeredis.FakeServer) -> None
     assert one.wire()["modelStates"] == {"loaded": 2, "loading": 1} and one.wire()["memoryBudgetBytes"] == 1000
     node.beat({"memoryBudgetBytes": 0})  # no budget
     assert asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get(FP)).memory_budget_bytes is None
+
+
+def test_a_record_from_a_newer_or_broken_node_does_not_break_the_listing(server: fakeredis.FakeServer) -> None:
+    good = registrar(server)
+    good.claim()
+    good.beat({"modelsLoaded": 1})
+    client = fakeredis.FakeRedis(server=server)
+    newer = info("cd" * 16).wire() | {"gpus": ["A100"]}  # a field this version does not know
+    client.sadd(keys.nodes_set(), "cd" * 16, "ef" * 16)
+    client.hset(keys.node_info("cd" * 16), mapping={"registration": json.dumps(newer), "heartbeat": "{}"})
+    client.hset(keys.node_info("ef" * 16), "registration", "{not json")
+
+    nodes = asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).all())
+    assert sorted(n.fingerprint for n in nodes) == sorted([FP, "cd" * 16])
+    assert next(n for n in nodes if n.fingerprint == FP).models_loaded == 1
