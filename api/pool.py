@@ -144,7 +144,9 @@ class Pool:
         holders = [n for n in nodes if _holds(lists[n.fingerprint], model)]
         outcomes = await self.fan_out(holders, keys.TASK_UNLOAD, {"model_id": model}, self._settings.unload_timeout)
         done = [n for n in holders if not isinstance(outcomes[n.fingerprint], ModelfleetError)]
-        errors = [
+        # A node whose list failed may hold the model too: report it rather than leave it out silently.
+        unlisted = [(n, e) for n in nodes if isinstance(e := lists[n.fingerprint], ModelfleetError)]
+        errors = unlisted + [
             (n, error)
             for n in holders
             if isinstance(error := outcomes[n.fingerprint], ModelfleetError) and not isinstance(error, ModelNotLoaded)
@@ -155,7 +157,7 @@ class Pool:
             raise ModelNotLoaded(f"Model {model} is not loaded on any online node.", model=model)
         names = ", ".join(n.name for n in done)
         return {
-            "status": "success",
+            "status": "partial" if errors else "success",
             "model": model,
             "message": f"Model {model} unloaded successfully (node{'s' if len(done) > 1 else ''} {names})",
             "nodes": [n.fingerprint for n in done],

@@ -390,3 +390,20 @@ def test_status_with_a_node_offline(
     everything = ok(op.post("/v1/models/unload-all"))
     assert everything["status"] == "success" and everything["unloaded_models"] == ["s1"]
     assert [(e["node"], e["code"]) for e in everything["errors"]] == [(gamma.fingerprint, "node_offline")]
+
+
+def test_unload_reports_a_node_that_could_not_say_what_it_holds(fleet: Fleet, models_dir: Path) -> None:
+    from tests.conftest import FREEZE_TTL, park, thaw
+
+    stuck = fleet.worker("stuck", models_dir, MODELFLEET_HEARTBEAT_TTL=str(FREEZE_TTL))
+    fine = fleet.worker("fine", models_dir)
+    api = fleet.api(MODELFLEET_LIST_TIMEOUT="2")
+    with api.client(OPERATOR_KEY) as client:
+        ok(client.post(f"/api/v1/nodes/{fine.fingerprint}/models/load", json={"modelId": "tiny-a"}))
+        park(fleet, stuck)
+        try:
+            body = ok(client.post("/v1/models/unload", json={"model_name": "tiny-a"}))
+        finally:
+            thaw(stuck)
+    assert body["status"] == "partial" and body["nodes"] == [fine.fingerprint]
+    assert [(e["node"], e["code"]) for e in body["errors"]] == [(stuck.fingerprint, "timeout")]
