@@ -20,6 +20,10 @@
     │   ├── ModelLoadFailed
     │   ├── InsufficientMemory
     │   └── JobExpired
+    ├── NodeLifecycleError        why a worker process cannot (go on) serving its node
+    │   ├── DuplicateNode
+    │   ├── LostNodeOwnership
+    │   └── RedisRefused
     └── InternalError             a bug; the message never carries a traceback
 
 The API maps these classes to HTTP statuses in one table (`api/errors.py`); nodes send them back by `code`.
@@ -154,6 +158,30 @@ class JobExpired(NodeError):
     """The job reached the node after its deadline and was not run."""
 
     code = "job_expired"
+
+
+class NodeLifecycleError(ModelfleetError):
+    """A worker cannot start, or must stop, serving its node."""
+
+    code = "node_lifecycle"
+
+
+class DuplicateNode(NodeLifecycleError):
+    """Another live process already serves this node's fingerprint."""
+
+    code = "duplicate_node"
+
+
+class LostNodeOwnership(NodeLifecycleError):
+    """While this node was stalled, another process took over its fingerprint."""
+
+    code = "lost_node_ownership"
+
+
+class RedisRefused(NodeLifecycleError):
+    """Redis answered but refused the worker's credentials: waiting will not help."""
+
+    code = "redis_refused"
 
 
 class InternalError(ModelfleetError):

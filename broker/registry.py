@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from broker import keys
-from broker.errors import ModelfleetError, NodeNotFound
+from broker.errors import DuplicateNode, LostNodeOwnership, NodeNotFound
 from broker.schemas import ModelState, NodeInfo, read_lenient
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,6 @@ if current == ARGV[1] then
 end
 return 0
 """
-
-
-class DuplicateNode(ModelfleetError):
-    """Another live process already serves this node's fingerprint."""
-
-    code = "duplicate_node"
-
-
-class LostNodeOwnership(ModelfleetError):
-    """While this node was stalled, another process took over its fingerprint."""
-
-    code = "lost_node_ownership"
 
 
 def is_fingerprint(value: str) -> bool:

@@ -11,18 +11,12 @@ import time
 import redis
 
 from broker.celery_app import make_celery
-from broker.errors import ModelfleetError
+from broker.errors import ModelfleetError, RedisRefused
 from workers.node import NodeRuntime, build_runtime
 from workers.settings import WorkerSettings
 from workers.tasks import install, register_tasks
 
 log = logging.getLogger("modelfleet.worker")
-
-
-class RedisRefused(ModelfleetError):
-    """Redis answered but refused the worker's credentials: waiting will not help."""
-
-    code = "redis_refused"
 
 
 def _start_when_redis_answers(runtime: NodeRuntime, settings: WorkerSettings) -> None:

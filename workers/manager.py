@@ -8,7 +8,8 @@ One `ModelRecord` per model. The rules, per model:
 - a load with `force_reload` of a loaded model drops the old copy and loads afresh, admitted as a new load.
 
 Memory admission: a load reserves its estimate under the registry lock before it starts, so two concurrent
-loads cannot both squeeze into the same free space; the measured size replaces the estimate once loaded.
+loads cannot both squeeze into the same free space; once loaded it keeps the larger of the estimate and the size
+the backend reports, so the budget never counts a model as smaller than what was admitted.
 With `evict`, the same locked step picks the least recently used, unpinned, loaded models whose bytes make
 room and marks them unloading, so no other load can pick them or their space; they are unloaded before the
 new model loads. If evicting every candidate would still not make room, nothing is evicted.

@@ -48,7 +48,19 @@ class NodeRuntime:
         self._beat()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="modelfleet-heartbeat", daemon=True)
         self._thread.start()
+        # Reading a real model's GGUF header takes about a second: read them all now, in the background, so the
+        # first catalog (which the pool API asks for under the list timeout) finds them cached.
+        threading.Thread(target=self._warm_catalog, name="modelfleet-catalog", daemon=True).start()
         log.info("node %s (%s) registered; queue %s", self.fingerprint, self.settings.name, self.queue)
+
+    def _warm_catalog(self) -> None:
+        started = time.monotonic()
+        try:
+            files = self.service.catalog().files
+        except Exception:
+            log.exception("could not read the models directory %s", self.service.models_dir)
+            return
+        log.info("%d model files in %s, read in %.1fs", len(files), self.service.models_dir, time.monotonic() - started)
 
     def stop(self) -> None:
         self._stop.set()
