@@ -152,6 +152,8 @@ class ModelInfo(Schema):
     size_bytes: int
     error: str | None = None
     pinned: bool = False
+    # How much the node's memory grew while this model loaded (None if another load overlapped it).
+    measured_bytes: int | None = None
 
 
 class LoadResult(Schema):

@@ -72,6 +72,7 @@ class ModelRecord:
     healthy: bool = False
     pinned: bool = False
     error: str | None = None
+    measured_bytes: int | None = None
     handle: Loaded | None = field(default=None, repr=False)
     pending: "Future[Any] | None" = field(default=None, repr=False)
 
@@ -88,6 +89,7 @@ class ModelRecord:
             size_bytes=self.size_bytes,
             error=self.error,
             pinned=self.pinned,
+            measured_bytes=self.measured_bytes,
         )
 
 
@@ -112,13 +114,19 @@ class ModelManager:
         memory_budget: int | None = None,
         clock: Callable[[], float] = time.time,
         on_change: ChangeHook | None = None,
+        memory_probe: Callable[[], int] | None = None,
     ) -> None:
+        """`memory_probe` reads the process's memory in use (RSS); with it, each load that ran alone is measured
+        and its reservation corrected upwards if the model took more than its estimate."""
         self._loader = loader
         self._budget = memory_budget
         self._clock = clock
         self._on_change = on_change
         self._lock = threading.Lock()
         self._records: dict[str, ModelRecord] = {}
+        self._probe = memory_probe
+        self._loads_begun = 0
+        self._loads_running = 0
 
     @property
     def memory_budget(self) -> int | None:
@@ -253,10 +261,18 @@ class ModelManager:
     def _run_load(self, record: ModelRecord, future: "Future[LoadOutcome]") -> LoadOutcome:
         self._emit("model-loading", record.info())
         started = self._clock()
+        with self._lock:
+            self._loads_begun += 1
+            self._loads_running += 1
+            ticket, alone_at_start = self._loads_begun, self._loads_running == 1
+        before = self._probe() if self._probe else 0
         try:
             handle = self._loader.load(record.path, context_length=record.context_length, gpu_layers=record.gpu_layers)
+            grew = (self._probe() - before) if self._probe else None
             healthy = self._loader.check(handle)
         except BaseException as exc:
+            with self._lock:
+                self._loads_running -= 1
             error = (
                 exc
                 if isinstance(exc, ModelfleetError)
@@ -274,13 +290,17 @@ class ModelManager:
                 raise
             raise error from (exc if error is not exc else None)
         with self._lock:
+            # A measurement is this model's only if no other load ran at any time during it.
+            alone = alone_at_start and self._loads_running == 1 and self._loads_begun == ticket
+            self._loads_running -= 1
+            record.measured_bytes = grew if alone and grew is not None and grew >= 0 else None
             now = self._clock()
             record.handle = handle
             record.state = ModelState.LOADED
             record.context_length = handle.context_length
             record.gpu_layers = handle.gpu_layers if handle.gpu_layers is not None else record.gpu_layers
             record.size_bytes = handle.size_bytes
-            record.reserved_bytes = max(handle.size_bytes, record.reserved_bytes)
+            record.reserved_bytes = max(handle.size_bytes, record.reserved_bytes, record.measured_bytes or 0)
             record.loaded_at = datetime.fromtimestamp(now, UTC)
             record.last_used = now
             record.healthy = healthy

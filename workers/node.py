@@ -105,7 +105,12 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
     budget = int(settings.memory_budget) if settings.memory_budget is not None else default_memory_budget()
     lib = resolve_lib(settings.lib)
-    manager = ModelManager(CTransformersLoader(threads=settings.threads, lib=lib), memory_budget=budget)
+    process = psutil.Process()
+    manager = ModelManager(
+        CTransformersLoader(threads=settings.threads, lib=lib),
+        memory_budget=budget,
+        memory_probe=lambda: int(process.memory_info().rss),
+    )
     log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
     info = NodeInfo(

@@ -40,6 +40,11 @@ def test_rss_returns_to_baseline_after_load_unload_cycles(fleet: Fleet, tmp_path
         assert client.post(f"{url}/load", json={"modelId": "big"}).status_code == 200
         loaded = fresh_rss(client, node.fingerprint)
         assert loaded > baseline + MODEL_BYTES // 2, "a loaded model must show in RSS, or this test proves nothing"
+        [model] = client.get(url).json()["data"]
+        # The node measured what the load took (it ran alone) and reserves at least that much of its budget.
+        assert model["measuredBytes"] is not None and model["measuredBytes"] > MODEL_BYTES // 2
+        node_info = client.get(f"/api/v1/nodes/{node.fingerprint}").json()
+        assert node_info["memoryUsedBytes"] >= model["measuredBytes"]
         assert client.post(f"{url}/unload", json={"modelId": "big"}).status_code == 200
 
         for _ in range(4):

@@ -8,6 +8,7 @@ import pytest
 
 from broker.errors import InsufficientMemory, ModelLoadFailed, ModelNotLoaded
 from broker.schemas import ModelState
+from tests.conftest import wait_for
 from workers.manager import ModelManager
 
 
@@ -435,3 +436,51 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
         assert replies[0].result == replies[1].result and loader.loads == 1
     finally:
         tasks.install(None)  # type: ignore[arg-type]
+
+
+class Probe:
+    """A memory reading the test sets: what the process holds before and after a load."""
+
+    def __init__(self) -> None:
+        self.value = 1000
+
+    def __call__(self) -> int:
+        return self.value
+
+
+class GrowingLoader(GatedLoader):
+    """Loads that make the probe's memory grow by `grows` bytes, as a real load grows RSS."""
+
+    def __init__(self, probe: Probe, grows: int) -> None:
+        super().__init__(size=100)
+        self.probe, self.grows = probe, grows
+
+    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> FakeModel:
+        model = super().load(path, context_length=context_length, gpu_layers=gpu_layers)
+        self.probe.value += self.grows
+        return model
+
+
+def test_a_load_that_ran_alone_is_measured_and_its_reservation_corrected_upwards() -> None:
+    probe = Probe()
+    loader = GrowingLoader(probe, grows=700)
+    loader.gate.set()
+    manager = ModelManager(loader, memory_budget=10_000, memory_probe=probe)
+    big = manager.load("big", Path("/big.gguf"), estimate_bytes=500).model
+    assert big.measured_bytes == 700 and manager.stats()["memoryUsedBytes"] == 700
+    small = manager.load("small", Path("/small.gguf"), estimate_bytes=900).model
+    assert small.measured_bytes == 700 and manager.stats()["memoryUsedBytes"] == 700 + 900
+
+
+def test_overlapping_loads_are_not_measured() -> None:
+    probe = Probe()
+    loader = GrowingLoader(probe, grows=700)
+    manager = ModelManager(loader, memory_probe=probe)
+    first, _ = in_thread(manager.load, "a", Path("/a.gguf"), estimate_bytes=10)
+    assert loader.started.wait(5)
+    second, _ = in_thread(manager.load, "b", Path("/b.gguf"), estimate_bytes=10)
+    wait_for(lambda: loader.loads == 2, 5, "the second load to reach the loader")
+    loader.gate.set()
+    first.join(5)
+    second.join(5)
+    assert [m.measured_bytes for m in manager.models()] == [None, None]
