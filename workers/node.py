@@ -109,7 +109,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     manager = ModelManager(
         CTransformersLoader(threads=settings.threads, lib=lib),
         memory_budget=budget,
-        memory_probe=lambda: int(process.memory_info().rss),
+        memory_probe=(lambda: int(process.memory_info().rss)) if settings.measure_loads else None,
     )
     log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)

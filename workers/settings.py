@@ -40,6 +40,9 @@ class WorkerSettings(BrokerSettings):
     # ctransformers build: "auto" uses CUDA when a GPU is visible and its runtime is installed, else the best
     # CPU build. `gpuLayers` offloads layers only with the CUDA build.
     lib: Literal["auto", "cuda", "avx2", "avx", "basic"] = "auto"
+    # Correct each reservation upwards with how much a load measurably grew the process (off: estimates only,
+    # which makes the budget's arithmetic exact and repeatable).
+    measure_loads: bool = True
     """None: `default_memory_budget()`, applied when the node is built."""
     health_interval: float = Field(default=10.0, gt=0)
 
