@@ -23,11 +23,11 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 from ctransformers import LLM, Config
 from ctransformers.lib import find_library
 
 from broker.errors import InvalidModelFile
+from workers.gguf_header import read_header
 
 GGUF_MAGIC = b"GGUF"
 CTRANSFORMERS_DEFAULT_CONTEXT = 512
@@ -120,8 +120,8 @@ class GGUFInfo:
 def read_gguf_info(path: Path) -> GGUFInfo:
     """Read the header of the GGUF file at `path`, once per version of the file.
 
-    Parsing a real model's header takes over a second (GGUFReader walks the whole vocabulary), and a load
-    needs it twice (memory estimate, then model type), so results are cached by path, size and mtime.
+    A load needs it twice (memory estimate, then model type) and the catalog reads every file, so results are
+    cached by path, size and mtime. `read_header` skips the vocabulary, so a miss costs milliseconds.
     """
     stat = Path(path).stat()
     return _read_gguf_info(str(path), stat.st_size, stat.st_mtime_ns)
@@ -140,48 +140,23 @@ def _read_gguf_info(path_text: str, size: int, mtime_ns: int) -> GGUFInfo:
     if magic != GGUF_MAGIC:
         raise InvalidModelFile(f"{path.name} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
     try:
-        reader = gguf.GGUFReader(path)
-        architecture = _field(reader, "general.architecture")
-        if not isinstance(architecture, str) or not architecture:
+        facts = read_header(path)
+        if not facts.architecture:
             raise ValueError("general.architecture is missing")
-        counts = {
-            name: _int_or_none(_field(reader, f"{architecture}.{name}"))
-            for name in (
-                "context_length",
-                "block_count",
-                "embedding_length",
-                "attention.head_count",
-                "attention.head_count_kv",
-            )
-        }
-    # The reader raises whatever numpy raises on short or garbled data (ValueError, IndexError, ...).
-    except Exception as exc:
+    except ValueError as exc:
         raise InvalidModelFile(
             f"{path.name} is damaged: its GGUF header cannot be read ({type(exc).__name__}: {exc}). "
             "Download or convert the model again."
         ) from exc
     return GGUFInfo(
-        architecture=architecture,
-        context_length=counts["context_length"],
-        block_count=counts["block_count"],
-        embedding_length=counts["embedding_length"],
-        head_count=counts["attention.head_count"],
-        head_count_kv=counts["attention.head_count_kv"],
+        architecture=facts.architecture,
+        context_length=facts.context_length,
+        block_count=facts.block_count,
+        embedding_length=facts.embedding_length,
+        head_count=facts.head_count,
+        head_count_kv=facts.head_count_kv,
         file_size=path.stat().st_size,
     )
-
-
-def _field(reader: gguf.GGUFReader, key: str) -> object:
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
-
-
-def _int_or_none(value: object) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {value!r}")
-    return value
 
 
 def estimate_kv_cache_bytes(info: GGUFInfo, context_length: int) -> int:
