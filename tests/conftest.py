@@ -327,20 +327,26 @@ def thaw(worker: Worker) -> None:
         worker.signal(signal.SIGCONT)
 
 
+def node_info(fp: str | None = None, name: str = "n1", **fields: Any) -> NodeInfo:
+    """A node's registration as a worker would write it, for tests that need one without a worker."""
+    fp = fp or secrets.token_hex(16)
+    base: dict[str, Any] = {
+        "fingerprint": fp,
+        "name": name,
+        "hostname": "h",
+        "models_dir": "/models",
+        "version": "0",
+        "boot_id": uuid.uuid4().hex,
+        "pid": 1,
+        "started_at": datetime.now(UTC),
+        "queue": keys.node_queue(fp),
+    }
+    return NodeInfo(**(base | fields))
+
+
 def register_gone_node(fleet: "Fleet", name: str = "ghost") -> NodeInfo:
     """A node that registered once and is gone: listed, never online."""
-    fp = secrets.token_hex(16)
-    info = NodeInfo(
-        fingerprint=fp,
-        name=name,
-        hostname="elsewhere",
-        models_dir="/models",
-        version="0",
-        boot_id=uuid.uuid4().hex,
-        pid=1,
-        started_at=datetime.now(UTC),
-        queue=keys.node_queue(fp),
-    )
+    info = node_info(name=name, hostname="elsewhere")
     registrar = NodeRegistrar(fleet.redis.client(), info, interval=1, ttl=3)
     registrar.claim()
     registrar.release()

@@ -4,33 +4,19 @@ The scrape of a real fleet is in tests/e2e/test_metrics.py.
 """
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.metrics import Metrics
-from broker import keys
 from broker.errors import ModelNotLoaded, NodeError
 from broker.schemas import ModelState, NodeInfo
+from tests.conftest import node_info
 
 
 def node(fp: str, name: str, *, online: bool, **fields: Any) -> NodeInfo:
-    return NodeInfo(
-        fingerprint=fp,
-        name=name,
-        hostname="h",
-        models_dir="/m",
-        version="0",
-        boot_id="b",
-        pid=1,
-        started_at=datetime.now(UTC),
-        queue=keys.node_queue(fp),
-        online=online,
-        seconds_since_heartbeat=1.5,
-        **fields,
-    )
+    return node_info(fp, name, online=online, seconds_since_heartbeat=1.5, **fields)
 
 
 def samples(metrics: Metrics, nodes: list[NodeInfo]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -2,8 +2,6 @@
 
 import asyncio
 import json
-import uuid
-from datetime import UTC, datetime
 
 import fakeredis
 import pytest
@@ -11,22 +9,13 @@ import pytest
 from broker import keys
 from broker.registry import DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
 from broker.schemas import ModelState, NodeInfo
+from tests.conftest import node_info
 
 FP = "ab" * 16
 
 
 def info(fp: str = FP) -> NodeInfo:
-    return NodeInfo(
-        fingerprint=fp,
-        name="n1",
-        hostname="h",
-        models_dir="/m",
-        version="0",
-        boot_id=uuid.uuid4().hex,
-        pid=1,
-        started_at=datetime.now(UTC),
-        queue=keys.node_queue(fp),
-    )
+    return node_info(fp)
 
 
 @pytest.fixture

@@ -9,13 +9,11 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from broker import keys
 from broker.errors import NodeError, NodeUnavailable
 from broker.schemas import ModelState, NodeInfo
 from modelfleet.client import (
@@ -29,7 +27,7 @@ from modelfleet.client import (
     UnexpectedResponse,
     pick_node,
 )
-from tests.conftest import OPERATOR_KEY, READ_KEY, Api, Fleet, Worker, free_port
+from tests.conftest import OPERATOR_KEY, READ_KEY, Api, Fleet, Worker, free_port, node_info
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -164,18 +162,7 @@ def test_url_and_key_from_the_environment(api: Api, node: Worker, monkeypatch: p
 
 
 def info(fp: str, name: str, *, online: bool = True) -> NodeInfo:
-    return NodeInfo(
-        fingerprint=fp,
-        name=name,
-        hostname="h",
-        models_dir="/m",
-        version="0",
-        boot_id="b",
-        pid=1,
-        started_at=datetime.now(UTC),
-        queue=keys.node_queue(fp),
-        online=online,
-    )
+    return node_info(fp, name, online=online)
 
 
 def test_node_references() -> None:
