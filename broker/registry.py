@@ -102,6 +102,10 @@ class NodeRegistrar:
         self._redis.hset(keys.node_info(self.fingerprint), "heartbeat", json.dumps(beat))
         return outcome == 2
 
+    def mark_consuming(self) -> None:
+        """Say that this boot's Celery consumer is taking jobs (online alone means registered and beating)."""
+        self._redis.hset(keys.node_info(self.fingerprint), "consuming", self.info.boot_id)
+
     def release(self) -> None:
         """Mark the node offline at once on a clean stop (only if the alive key is still ours)."""
         alive = keys.node_alive(self.fingerprint)
@@ -126,7 +130,8 @@ def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: d
     except (ValidationError, ValueError) as exc:
         log.warning("node %s has a registration this API cannot read (%s); skipped", fingerprint, exc)
         return None
-    update: dict[str, Any] = {"online": alive}
+    consuming = fields.get(b"consuming")
+    update: dict[str, Any] = {"online": alive, "consuming": alive and consuming == info.boot_id.encode()}
     try:
         update |= _heartbeat(fields.get(b"heartbeat"), now)
     except (KeyError, TypeError, ValueError) as exc:

@@ -247,6 +247,8 @@ class NodeInfo(Schema):
     started_at: datetime
     queue: str
     online: bool = False
+    # Online and its Celery consumer is taking jobs (a node is online a moment before it consumes).
+    consuming: bool = False
     last_heartbeat: datetime | None = None
     seconds_since_heartbeat: float | None = None
     models_loaded: int = 0

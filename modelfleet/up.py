@@ -16,11 +16,14 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import redis
 
 from broker import keys
+from broker.registry import parse_node
 
 STATE_DIR = Path(".modelfleet")
 STOP_TIMEOUT = 15.0
@@ -159,7 +162,19 @@ def _ensure_demo_model(models_dir: Path) -> Path | None:
     return write_tiny_llama(models_dir / "demo-tiny.gguf")
 
 
-def _wait_ready(url: str, fingerprint: str, port: int, host: str, sup: Supervisor, stopping: threading.Event) -> None:
+def _consuming(client: redis.Redis, fingerprint: str, pid: int) -> bool:
+    """The local node is online as this worker process (not one from an earlier run with the same fingerprint)
+    and its consumer takes jobs: the banner means ready to load."""
+    fields = cast(dict[bytes, bytes], client.hgetall(keys.node_info(fingerprint)))  # no decode_responses
+    info = parse_node(fingerprint, fields, True, datetime.now(UTC))
+    alive = bool(client.exists(keys.node_alive(fingerprint)))
+    return alive and info is not None and info.pid == pid and info.consuming
+
+
+def _wait_ready(
+    url: str, node: tuple[str, int], port: int, host: str, sup: Supervisor, stopping: threading.Event
+) -> None:
+    fingerprint, pid = node
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 60
     node_up = api_up = False
@@ -169,7 +184,7 @@ def _wait_ready(url: str, fingerprint: str, port: int, host: str, sup: Superviso
         if time.monotonic() > deadline:
             raise RuntimeError("the API or the worker did not come up within 60 s; see the log above")
         try:
-            node_up = node_up or bool(client.exists(keys.node_alive(fingerprint)))
+            node_up = node_up or _consuming(client, fingerprint, pid)
         except redis.RedisError as exc:
             raise RuntimeError(f"Redis does not answer ({type(exc).__name__}); check --redis-url") from None
         api_up = api_up or _port_taken(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port)  # noqa: S104
@@ -217,11 +232,11 @@ def run_up(args: argparse.Namespace) -> int:
         ]
         if args.memory_budget:
             worker += ["--memory-budget", args.memory_budget]
-        sup.start("worker", worker, env)
+        worker_proc = sup.start("worker", worker, env)
         sup.start(
             "api", [sys.executable, "-m", "modelfleet", "api", "--host", args.host, "--port", str(args.port)], env
         )
-        _wait_ready(url, fp, args.port, args.host, sup, stopping)
+        _wait_ready(url, (fp, worker_proc.pid), args.port, args.host, sup, stopping)
         if not sup.exited() and not stopping.is_set():
             lines = [
                 "",

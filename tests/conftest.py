@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from broker import keys
-from broker.registry import NodeRegistrar
+from broker.registry import NodeRegistrar, parse_node
 from broker.schemas import NodeInfo
 from workers.identity import fingerprint, load_or_create_node_key
 
@@ -215,8 +215,11 @@ class Fleet:
         def ready() -> bool:
             if not worker.alive():
                 raise AssertionError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
-            # Online, and Celery is consuming: the worker logs 'ready' once its consumer is up.
-            return bool(client.exists(keys.node_alive(worker.fingerprint))) and " ready." in worker.log()
+            # Online as this process (not a previous one with the same fingerprint), its Celery consumer taking jobs.
+            fields = client.hgetall(keys.node_info(worker.fingerprint))
+            alive = bool(client.exists(keys.node_alive(worker.fingerprint)))
+            node = parse_node(worker.fingerprint, fields, alive, datetime.now(UTC))
+            return node is not None and node.pid == worker.pid and node.consuming
 
         wait_for(ready, timeout, f"worker {worker.name} to come online")
 

@@ -9,6 +9,7 @@ import logging
 import time
 
 import redis
+from celery.signals import worker_ready
 
 from broker.celery_app import make_celery
 from broker.errors import ModelfleetError, RedisRefused
@@ -75,6 +76,7 @@ def run_worker(settings: WorkerSettings) -> int:
         "--without-gossip",
         "--loglevel=INFO",
     ]
+    worker_ready.connect(lambda **_: runtime.registrar.mark_consuming(), weak=False)
     try:
         app.worker_main(argv)
     except SystemExit as exc:

@@ -113,3 +113,18 @@ def test_a_record_from_a_newer_or_broken_node_does_not_break_the_listing(server:
     nodes = asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).all())
     assert sorted(n.fingerprint for n in nodes) == sorted([FP, "cd" * 16])
     assert next(n for n in nodes if n.fingerprint == FP).models_loaded == 1
+
+
+def test_consuming_belongs_to_the_boot_that_said_it(server: fakeredis.FakeServer) -> None:
+    first = registrar(server, ttl=0.3)
+    first.claim()
+
+    def read() -> NodeInfo:
+        return asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get(FP))
+
+    assert not read().consuming
+    first.mark_consuming()
+    assert read().consuming
+    successor = registrar(server, ttl=0.3)  # the same node restarted: a new boot, not consuming yet
+    successor.claim(wait=2.0)
+    assert read().online and not read().consuming

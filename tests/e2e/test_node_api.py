@@ -192,7 +192,7 @@ def test_nodes_listing(api: Api, node: Worker, models_dir: Path) -> None:
     with api.client(READ_KEY) as client:
         nodes = client.get("/api/v1/nodes").json()["data"]
         [me] = [n for n in nodes if n["fingerprint"] == node.fingerprint]
-        assert me["online"] is True and me["name"] == "api-node"
+        assert me["online"] is True and me["consuming"] is True and me["name"] == "api-node"
         assert me["modelsDir"] == str(models_dir.resolve()) and me["queue"] == keys.node_queue(node.fingerprint)
         for field in ("hostname", "version", "bootId", "startedAt", "lastHeartbeat", "modelsLoaded", "rssBytes"):
             assert field in me
