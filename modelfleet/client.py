@@ -291,6 +291,18 @@ class Endpoints:
         return Call("POST", "/v1/models/unload-all", _one(PoolUnloadAllResult), {}, self.job_timeout)
 
 
+def _http_options(url: str | None, key: str | None, timeout: float, transport: object) -> tuple[str, dict[str, Any]]:
+    """The API's URL and the httpx client options both clients share (base URL, key, timeouts, transport)."""
+    url, headers = _settings(url, key)
+    options = {
+        "base_url": url,
+        "headers": headers,
+        "timeout": httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+        "transport": transport,
+    }
+    return url, options
+
+
 def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     url = (url or os.environ.get("MODELFLEET_URL") or DEFAULT_URL).rstrip("/")
     try:
@@ -358,14 +370,9 @@ class Client(Endpoints):
         job_timeout: float = JOB_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url, headers = _settings(url, key)
+        self.url, options = _http_options(url, key, timeout, transport)
         self.job_timeout = job_timeout
-        self._http = httpx.Client(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
-            transport=transport,
-        )
+        self._http = httpx.Client(**options)
 
     def _execute(self, call: Call[T]) -> T:
         try:
@@ -396,14 +403,9 @@ class AsyncClient(Endpoints):
         job_timeout: float = JOB_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url, headers = _settings(url, key)
+        self.url, options = _http_options(url, key, timeout, transport)
         self.job_timeout = job_timeout
-        self._http = httpx.AsyncClient(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
-            transport=transport,
-        )
+        self._http = httpx.AsyncClient(**options)
 
     async def _execute(self, call: Call[T]) -> T:
         try:
