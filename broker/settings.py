@@ -16,6 +16,8 @@ class BrokerSettings(BaseSettings):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=6.0, gt=0)
     reply_ttl: int = Field(default=900, gt=0)
+    events_history: int = Field(default=10_000, ge=100)
+    """Pool events kept in the Redis stream: how far back a reconnecting SSE client can replay."""
 
     @property
     def safe_redis_url(self) -> str:

@@ -1,0 +1,210 @@
+"""Pool events: what changed on which node, kept in order in a Redis stream and announced on pub/sub.
+
+Every event is appended to the capped stream `keys.events_stream()` (`XADD ... MAXLEN ~ history`) and, in the
+same Lua call, published on `keys.events_channel()` as `<stream id>\\n<event JSON>`. The stream entry id is the
+event's id everywhere (the SSE `id:` line, `Last-Event-ID`), so a reader that missed pub/sub messages reads the
+stream from the last id it saw and gets each event exactly once, in order.
+
+The same call also keeps two fields of the node's hash (`keys.node_info`) in step with the stream:
+
+- `models`: the JSON list of the node's models after this event, so a snapshot read in one MULTI with the
+  stream's last id is exactly the state that the events up to that id describe;
+- `announced`: `online:<boot id>` or `offline:<boot id>`, the last node event published. Node events are
+  published only when they change it, which is what makes `node-offline` exactly-once when several API
+  processes notice the same lapsed heartbeat, and `node-online` once per boot.
+
+Who publishes: a worker its model events, its own `node-online` (at start and when it re-takes a lapsed
+heartbeat) and its `node-offline` on a clean stop; any API process the `node-offline` of a node whose
+heartbeat lapsed.
+"""
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, get_args
+
+import redis
+import redis.asyncio as aioredis
+from pydantic import Field
+
+from broker import keys
+from broker.schemas import ModelInfo, ModelState, NodeInfo, Schema, read_lenient
+
+DEFAULT_HISTORY = 10_000
+"""Events kept in the stream (approximately: trimming is `MAXLEN ~`): what a reconnecting client can replay."""
+
+SSE_EVENT = "distributed-pool-changed"
+SNAPSHOT_EVENT = "snapshot"
+
+ModelEventType = Literal["model-loading", "model-loaded", "model-load-failed", "model-unloading", "model-unloaded"]
+NodeEventType = Literal["node-online", "node-offline"]
+OfflineReason = Literal["heartbeat-lapsed", "stopped", "restarted"]
+
+STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ModelEvent(Schema):
+    """A model changed state on a node. `model` is the model's record after the change."""
+
+    type: ModelEventType
+    node: str
+    model_id: str
+    state: ModelState
+    at: datetime
+    model: ModelInfo
+    error: str | None = None
+    """Why the load failed (`model-load-failed` only)."""
+
+
+class NodeEvent(Schema):
+    """A node came online (a new boot, or a stalled one back) or went offline."""
+
+    type: NodeEventType
+    node: str
+    name: str
+    state: Literal["online", "offline"]
+    at: datetime
+    reason: OfflineReason | None = None
+    """Why it went offline: its heartbeat lapsed, it stopped cleanly, or a new boot replaced it unnoticed."""
+
+
+PoolEvent = Annotated[ModelEvent | NodeEvent, Field(discriminator="type")]
+"""The union on the wire, discriminated by `type` (for a client's own TypeAdapter; we read with `parse_event`)."""
+
+
+_BY_TYPE: dict[str, type[ModelEvent] | type[NodeEvent]] = {
+    **{t: ModelEvent for t in get_args(ModelEventType)},
+    **{t: NodeEvent for t in get_args(NodeEventType)},
+}
+
+
+def parse_event(raw: bytes | str) -> ModelEvent | NodeEvent:
+    """Validate an event another process wrote; raises pydantic.ValidationError (or ValueError) if malformed.
+
+    Lenient like `read_lenient` (a newer node's extra fields are ignored), strict about everything known."""
+    data = json.loads(raw)
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind not in _BY_TYPE:
+        raise ValueError(f"not a pool event type: {str(kind)[:40]!r}")
+    return read_lenient(_BY_TYPE[kind], raw)
+
+
+class NodeState(NodeInfo):
+    """A node as the snapshot shows it: its registration, liveness and models."""
+
+    models: list[ModelInfo] = Field(default_factory=list)
+
+
+class Snapshot(Schema):
+    """The whole pool (or one node of it) as of stream id `id`: what a client starts from."""
+
+    type: Literal["snapshot"] = "snapshot"
+    at: datetime
+    nodes: list[NodeState]
+
+
+def model_event(kind: str, node: str, info: ModelInfo) -> ModelEvent:
+    return ModelEvent.model_validate(
+        {"type": kind, "node": node, "model_id": info.id, "state": info.state, "at": now(), "model": info}
+        | ({"error": info.error} if kind == "model-load-failed" else {})
+    )
+
+
+def stream_id(value: str | None) -> tuple[int, int] | None:
+    """`"<ms>-<seq>"` as a comparable pair, or None if it is not a stream id."""
+    match = STREAM_ID_RE.fullmatch(value or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def models_json(models: list[ModelInfo]) -> str:
+    return json.dumps([m.wire() for m in models])
+
+
+# KEYS: stream, node hash, alive key. ARGV: history, channel, event JSON, models JSON ('' leaves it), mode, boot.
+# Modes: 'always' (model events); 'online' (unless already announced online for this boot); 'lapsed' (if the
+# alive key is gone and the node was announced online); 'stopped' (if announced online for this boot);
+# 'replaced' (if announced online for another boot). Returns the new entry id, or false if nothing was published.
+_PUBLISH = """
+local announced = redis.call('HGET', KEYS[2], 'announced') or ''
+local mode, boot = ARGV[5], ARGV[6]
+local mark = nil
+if mode == 'online' then
+  if announced == 'online:' .. boot then return false end
+  mark = 'online:' .. boot
+elseif mode == 'lapsed' then
+  if redis.call('EXISTS', KEYS[3]) == 1 or string.sub(announced, 1, 7) ~= 'online:' then return false end
+  mark = 'offline:' .. string.sub(announced, 8)
+elseif mode == 'stopped' then
+  if announced ~= 'online:' .. boot then return false end
+  mark = 'offline:' .. boot
+elseif mode == 'replaced' then
+  if string.sub(announced, 1, 7) ~= 'online:' or announced == 'online:' .. boot then return false end
+  mark = 'offline:' .. string.sub(announced, 8)
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[3])
+if mark then redis.call('HSET', KEYS[2], 'announced', mark) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'models', ARGV[4]) end
+redis.call('PUBLISH', ARGV[2], id .. '\\n' .. ARGV[3])
+return id
+"""
+
+
+def _decoded(result: Any) -> str | None:
+    return result.decode() if isinstance(result, bytes) else result
+
+
+class _Publisher:
+    """What both buses share: the publish script, registered on their client, and its arguments."""
+
+    def __init__(self, client: redis.Redis | aioredis.Redis, *, history: int = DEFAULT_HISTORY) -> None:
+        self._history = history
+        self._script = client.register_script(_PUBLISH)
+
+    def _run(self, event: ModelEvent | NodeEvent, models: list[ModelInfo] | None, mode: str, boot: str) -> Any:
+        """The script's result: the entry id (or nil), or on an asyncio client an awaitable of it."""
+        node_keys = [keys.events_stream(), keys.node_info(event.node), keys.node_alive(event.node)]
+        args: list[str | int] = [
+            self._history,
+            keys.events_channel(),
+            event.model_dump_json(by_alias=True),
+            "" if models is None else models_json(models),
+            mode,
+            boot,
+        ]
+        return self._script(keys=node_keys, args=args)
+
+
+class EventBus(_Publisher):
+    """Publishes pool events from a synchronous process (a worker)."""
+
+    def publish(
+        self,
+        event: ModelEvent | NodeEvent,
+        *,
+        models: list[ModelInfo] | None = None,
+        mode: str = "always",
+        boot: str = "",
+    ) -> str | None:
+        """Append and announce `event`; returns its id, or None if `mode`'s condition did not hold.
+
+        `models`, when given, becomes the node's `models` field in the same step."""
+        return _decoded(self._run(event, models, mode, boot))
+
+
+class AsyncEventBus(_Publisher):
+    """Publishes pool events from the API's event loop (the node-offline of a lapsed heartbeat)."""
+
+    async def publish(
+        self,
+        event: ModelEvent | NodeEvent,
+        *,
+        models: list[ModelInfo] | None = None,
+        mode: str = "always",
+        boot: str = "",
+    ) -> str | None:
+        """As `EventBus.publish`."""
+        return _decoded(await self._run(event, models, mode, boot))
