@@ -6,14 +6,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Literal
 
 import psutil
 import redis
 
 from broker import __version__, keys
+from broker.events import EventBus, NodeEvent, OfflineReason, model_event, now
 from broker.registry import LostNodeOwnership, NodeRegistrar
-from broker.schemas import NodeInfo
+from broker.schemas import ModelInfo, NodeInfo
 from workers.identity import fingerprint, load_or_create_node_key
 from workers.manager import ModelManager
 from workers.service import NodeService
@@ -22,13 +25,64 @@ from workers.settings import WorkerSettings, default_memory_budget
 log = logging.getLogger(__name__)
 
 
+class NodeEvents:
+    """Publishes this node's pool events: its models' changes (the manager's hook) and its own coming and going.
+
+    One lock orders the publications, so the node's `models` record in Redis is always the one computed after
+    the last published change (two loads finishing at once cannot leave the older list behind).
+    """
+
+    def __init__(self, bus: EventBus, info: NodeInfo) -> None:
+        self._bus = bus
+        self._info = info
+        self._lock = threading.Lock()
+        self.models: Callable[[], list[ModelInfo]] = list
+        """The node's models now: set to the manager's `models` once the manager (which takes our hook) exists."""
+
+    def model_changed(self, kind: str, model: ModelInfo) -> None:
+        with self._lock:
+            self._bus.publish(model_event(kind, self._info.fingerprint, model), models=self.models())
+
+    def online(self) -> None:
+        """Announce this boot online, once; first the offline of a previous boot that nobody announced."""
+        with self._lock:
+            self._bus.publish(
+                self._node_event("offline", "restarted"), models=[], mode="replaced", boot=self._info.boot_id
+            )
+            self._bus.publish(self._node_event("online"), models=self.models(), mode="online", boot=self._info.boot_id)
+
+    def stopped(self) -> None:
+        with self._lock:
+            self._bus.publish(
+                self._node_event("offline", "stopped"), models=[], mode="stopped", boot=self._info.boot_id
+            )
+
+    def _node_event(self, state: Literal["online", "offline"], reason: OfflineReason | None = None) -> NodeEvent:
+        return NodeEvent(
+            type="node-online" if state == "online" else "node-offline",
+            node=self._info.fingerprint,
+            name=self._info.name,
+            state=state,
+            at=now(),
+            reason=reason,
+        )
+
+
 class NodeRuntime:
     """Everything one worker process holds for its node, built once at start-up."""
 
-    def __init__(self, settings: WorkerSettings, service: NodeService, registrar: NodeRegistrar, client: redis.Redis):
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        service: NodeService,
+        registrar: NodeRegistrar,
+        client: redis.Redis,
+        events: NodeEvents,
+    ) -> None:
         self.settings = settings
         self.service = service
         self.registrar = registrar
+        self.events = events
         self.redis = client
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -46,6 +100,7 @@ class NodeRuntime:
         """Claim the fingerprint (raises DuplicateNode), register, and start beating."""
         self.registrar.claim()
         self._beat()
+        self.events.online()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="modelfleet-heartbeat", daemon=True)
         self._thread.start()
         # Reading a real model's GGUF header takes about a second: read them all now, in the background, so the
@@ -68,6 +123,7 @@ class NodeRuntime:
             self._thread.join(timeout=5)
         try:
             self.registrar.release()
+            self.events.stopped()
         except redis.RedisError as exc:
             log.warning("could not mark node offline on stop: %s", type(exc).__name__)
         log.info("node %s stopped", self.fingerprint)
@@ -76,6 +132,7 @@ class NodeRuntime:
         stats = {**self.service.manager.stats(), "rssBytes": self._process.memory_info().rss}
         if self.registrar.beat(stats):
             log.warning("heartbeat had lapsed (stalled process?); node %s is online again", self.fingerprint)
+            self.events.online()
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval
@@ -106,13 +163,6 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     budget = int(settings.memory_budget) if settings.memory_budget is not None else default_memory_budget()
     lib = resolve_lib(settings.lib)
     process = psutil.Process()
-    manager = ModelManager(
-        CTransformersLoader(threads=settings.threads, lib=lib),
-        memory_budget=budget,
-        memory_probe=(lambda: int(process.memory_info().rss)) if settings.measure_loads else None,
-    )
-    log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
-    service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
     info = NodeInfo(
         fingerprint=fp,
         name=settings.name,
@@ -124,5 +174,15 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         started_at=datetime.now(UTC),
         queue=keys.node_queue(fp),
     )
+    events = NodeEvents(EventBus(client, history=settings.events_history), info)
+    manager = ModelManager(
+        CTransformersLoader(threads=settings.threads, lib=lib),
+        memory_budget=budget,
+        memory_probe=(lambda: int(process.memory_info().rss)) if settings.measure_loads else None,
+        on_change=events.model_changed,
+    )
+    events.models = manager.models
+    log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
+    service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
     registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)
-    return NodeRuntime(settings, service, registrar, client)
+    return NodeRuntime(settings, service, registrar, client, events)
