@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from api.subscription import follow
 from broker import keys
 from broker.errors import NodeWentOffline
 from broker.registry import NodeDirectory
@@ -81,26 +82,14 @@ class ReplyWaiter:
             item.future.set_result(reply)
 
     async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(keys.replies_channel())
-                self.subscribed.set()
-                backoff = 0.1
-                await self._collect_stored()
-                while True:
-                    message = await pubsub.get_message(timeout=5.0)
-                    if message is not None and message.get("type") == "message":
-                        self._deliver(message["data"])
-            except (RedisError, OSError) as exc:
-                self.subscribed.clear()
-                log.warning("reply subscription lost (%s); resubscribing in %.1fs", type(exc).__name__, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        await follow(
+            self._redis,
+            keys.replies_channel(),
+            deliver=self._deliver,
+            catch_up=self._collect_stored,
+            subscribed=self.subscribed,
+            what="reply",
+        )
 
     async def _watch(self) -> None:
         while True:
