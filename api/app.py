@@ -9,13 +9,15 @@ from fastapi import FastAPI
 
 from api.auth import KeyRing
 from api.errors import install_error_handlers
+from api.events import EventRelay, OfflineWatcher
 from api.jobs import JobClient
 from api.metrics import Metrics
 from api.replies import ReplyWaiter
-from api.routes import health, metrics, models, nodes
+from api.routes import events, health, metrics, models, nodes
 from api.settings import ApiSettings
 from broker import __version__
 from broker.celery_app import make_celery
+from broker.events import AsyncEventBus
 from broker.registry import NodeDirectory
 
 log = logging.getLogger("modelfleet.api")
@@ -43,11 +45,23 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.jobs = JobClient(
             celery, client, waiter, send_threads=settings.send_threads, metrics=app.state.metrics
         )
+        relay = EventRelay(
+            client, directory, queue_size=settings.sse_queue_size, ping_interval=settings.sse_ping_interval
+        )
+        watcher = OfflineWatcher(
+            client, directory, AsyncEventBus(client, history=settings.events_history), tick=settings.liveness_interval
+        )
+        app.state.relay = relay
+        app.state.metrics.watch_relay(relay)
         await waiter.start()
+        await relay.start()
+        await watcher.start()
         log.info("API ready; redis %s", settings.safe_redis_url)
         try:
             yield
         finally:
+            await watcher.stop()
+            await relay.stop()
             await waiter.stop()
             celery.close()
             await client.aclose()
@@ -57,8 +71,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.keyring = keyring
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    events.quiet_cut_streams()
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(nodes.router)
     app.include_router(models.router)
+    app.include_router(events.router)
     return app

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from api.auth import KeyRing, Scope
+from api.events import EventRelay
 from api.jobs import JobClient
 from api.metrics import Metrics
 from api.pool import Pool
@@ -26,6 +27,10 @@ def get_directory(request: Request) -> NodeDirectory:
 
 def get_jobs(request: Request) -> JobClient:
     return _state(request).jobs
+
+
+def get_relay(request: Request) -> EventRelay:
+    return _state(request).relay
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -53,6 +58,7 @@ def require_operator(request: Request, authorization: Annotated[str | None, Head
 Settings = Annotated[ApiSettings, Depends(get_settings)]
 Directory = Annotated[NodeDirectory, Depends(get_directory)]
 Jobs = Annotated[JobClient, Depends(get_jobs)]
+Relay = Annotated[EventRelay, Depends(get_relay)]
 AppMetrics = Annotated[Metrics, Depends(get_metrics)]
 Fleet = Annotated[Pool, Depends(get_pool)]
 Reader = Annotated[Scope, Depends(require_read)]

@@ -20,12 +20,16 @@ from the registry their workers wrote. Model ids never appear.
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from api.events import EventRelay
 
 from broker import __version__
 from broker.errors import ERRORS_BY_CODE, BrokerUnavailable, InternalError, ModelfleetError, NodeError
@@ -87,6 +91,26 @@ class FleetCollector(Collector):
         yield info
 
 
+class RelayCollector(Collector):
+    """SSE clients connected to this API process, and what its relay dropped and relayed."""
+
+    def __init__(self, relay: "EventRelay") -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge("sse_clients", "Clients connected to this API's event stream.", self.relay.clients)
+        yield CounterMetricFamily(
+            "modelfleet_sse_clients_dropped",
+            "SSE clients this API disconnected for falling too far behind.",
+            value=self.relay.dropped_total,
+        )
+        yield CounterMetricFamily(
+            "modelfleet_sse_events_relayed",
+            "Pool events this API relayed to its SSE clients.",
+            value=self.relay.relayed_total,
+        )
+
+
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"modelfleet_{name}", documentation, value=value)
 
@@ -121,6 +145,10 @@ class Metrics:
         )
         self.fleet = FleetCollector()
         self.registry.register(self.fleet)
+
+    def watch_relay(self, relay: "EventRelay") -> None:
+        """Expose the event relay's clients and totals, read at scrape time."""
+        self.registry.register(RelayCollector(relay))
 
     @contextmanager
     def job(self, operation: str) -> Iterator[None]:

@@ -17,5 +17,9 @@ class ApiSettings(BrokerSettings):
     list_timeout: float = Field(default=30.0, gt=0)
     liveness_interval: float = Field(default=1.0, gt=0)
     send_threads: int = Field(default=16, ge=1, le=256)
+    sse_ping_interval: float = Field(default=15.0, gt=0)
+    """Seconds between the comment pings that keep an idle event stream open through proxies."""
+    sse_queue_size: int = Field(default=512, ge=1)
+    """Events an SSE client may fall behind before it is disconnected (to reconnect with its last id)."""
 
     _split = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)

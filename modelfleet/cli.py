@@ -49,9 +49,8 @@ def _environment_keys() -> list[str]:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from api.app import create_app
+    from api.server import serve
     from api.settings import ApiSettings
 
     try:
@@ -63,13 +62,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"modelfleet api: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        log_config=None,  # our root handler, with its secret mask, formats uvicorn's records too
-    )
+    serve(app, host=settings.host, port=settings.port, graceful_timeout=args.graceful_timeout)
     return 0
 
 
@@ -145,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--redis-url")
     flower.set_defaults(func=cmd_flower)
 
-    add_commands(sub)  # nodes, ps, load, unload: the operator commands, over the API
+    add_commands(sub)  # nodes, ps, load, unload, events: the operator commands, over the API
     return parser
 
 

@@ -1,0 +1,378 @@
+"""The live pool: one Redis subscription per API process, fanned out to every SSE client.
+
+`EventRelay` listens on `keys.events_channel()`. Each message is `<stream id>\\n<event JSON>`; the relay
+validates the event with the schemas in `broker.events` (a malformed one is logged and dropped), encodes its SSE
+frame once and puts the same bytes into every matching client's bounded mailbox. Pub/sub is at-most-once, so the
+relay remembers the last stream id it relayed and, after every (re)subscription and every quiet stretch, reads
+the stream from there: what the subscription missed is relayed late but in order, and an id it already relayed
+is skipped, so no client sees an event twice.
+
+A client first gets a snapshot (every node and its models, read in one MULTI with the stream's last id) or, when
+it reconnects with a `Last-Event-ID` still in the stream, the events after it. It is registered before that
+read, so an event is either covered by the read or waiting in its mailbox, which skips what the read covered.
+A client whose mailbox overflows is too slow to keep up: it is disconnected (it can reconnect with its last id)
+rather than allowed to grow memory or hold the others back.
+
+`OfflineWatcher` publishes the `node-offline` of a node whose heartbeat lapsed. Every API process runs one; the
+publish script's check on the node's `announced` field makes the event exactly-once across them.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from fastapi.sse import format_sse_event
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from api.subscription import follow
+from broker import keys
+from broker.events import (
+    SNAPSHOT_EVENT,
+    SSE_EVENT,
+    AsyncEventBus,
+    NodeEvent,
+    NodeState,
+    Snapshot,
+    now,
+    parse_event,
+    stream_id,
+)
+from broker.registry import NodeDirectory, parse_node
+from broker.schemas import ModelInfo
+
+log = logging.getLogger(__name__)
+
+StreamId = tuple[int, int]
+PING = b": ping\n\n"
+HISTORY_PAGE = 500
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One SSE client: its node filter and its bounded mailbox of SSE frames (a stream id, or None for a ping).
+
+    A plain deque and one waiter future rather than an asyncio.Queue read under a timeout: with a thousand
+    clients, a Queue's bookkeeping and a timer per wait cost more CPU than the writes themselves.
+    """
+
+    node: str | None
+    limit: int
+    pending: "deque[tuple[StreamId | None, bytes]]" = field(default_factory=deque)
+    ended: bool = False
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiter: "asyncio.Future[None] | None" = None
+
+    def wants(self, node: str) -> bool:
+        return self.node is None or self.node == node
+
+    def put(self, sid: StreamId | None, frame: bytes) -> bool:
+        """Queue a frame; False (and nothing queued) if the client is already `limit` frames behind."""
+        if len(self.pending) >= self.limit:
+            return False
+        self.pending.append((sid, frame))
+        self._wake()
+        return True
+
+    def end(self) -> None:
+        """End the stream after nothing more: what is still queued, the client replays when it reconnects."""
+        self.pending.clear()
+        self.ended = True
+        self._wake()
+
+    async def take(self) -> "list[tuple[StreamId | None, bytes]] | None":
+        """Everything queued, once something is; None once the stream has ended."""
+        while not self.pending and not self.ended:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if self.ended:
+            return None
+        items = list(self.pending)
+        self.pending.clear()
+        return items
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _frame(event: str, data: str, event_id: str) -> bytes:
+    return format_sse_event(data_str=data, event=event, id=event_id)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class EventRelay:
+    """Relays pool events from Redis to this process's SSE clients."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        directory: NodeDirectory,
+        *,
+        queue_size: int = 512,
+        ping_interval: float = 15.0,
+    ) -> None:
+        self._redis = client
+        self._directory = directory
+        self._queue_size = queue_size
+        self.ping_interval = ping_interval
+        self._subscribers: set[Subscriber] = set()
+        self._cursor: StreamId | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.subscribed = asyncio.Event()
+        self.dropped_total = 0
+        self.relayed_total = 0
+
+    @property
+    def clients(self) -> int:
+        return len(self._subscribers)
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="modelfleet-events"),
+            asyncio.create_task(self._ping(), name="modelfleet-events-ping"),
+        ]
+
+    async def stop(self) -> None:
+        self.close_all()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def close_all(self) -> None:
+        """End every stream cleanly (shutdown): what a client has not received yet it replays on reconnect."""
+        for sub in list(self._subscribers):
+            sub.end()
+        self._subscribers.clear()
+
+    def open(self, node: str | None) -> Subscriber:
+        sub = Subscriber(node, self._queue_size)
+        self._subscribers.add(sub)
+        return sub
+
+    def close(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    # The live path.
+
+    async def _listen(self) -> None:
+        await follow(
+            self._redis,
+            keys.events_channel(),
+            deliver=self._deliver,
+            catch_up=self._catch_up,
+            subscribed=self.subscribed,
+            what="event",
+        )
+
+    def _deliver(self, data: bytes | str) -> None:
+        # One connection delivers in order; a gap is a lost connection, which `follow` makes us catch up on.
+        event_id, _, raw = _text(data).partition("\n")
+        self._relay(event_id, raw)
+
+    async def _catch_up(self) -> None:
+        """Relay what the stream holds after the last relayed id."""
+        if self._cursor is None:
+            last = await self._redis.xrevrange(keys.events_stream(), count=1)
+            self._cursor = stream_id(_text(last[0][0] or b"")) if last else (0, 0)
+            return
+        while True:
+            entries = await self._page("{}-{}".format(*self._cursor))
+            for event_id, raw in entries:
+                self._relay(event_id, raw)
+            if len(entries) < HISTORY_PAGE:
+                return
+
+    async def _page(self, after: str) -> list[tuple[str, str]]:
+        """Up to HISTORY_PAGE stream entries after `after`, as (id, event JSON)."""
+        entries = await self._redis.xrange(keys.events_stream(), min=f"({after}", count=HISTORY_PAGE) or []
+        return [(_text(raw_id or b""), _text((fields or {}).get(b"event", b""))) for raw_id, fields in entries]
+
+    def _relay(self, event_id: str, raw: str) -> None:
+        sid = stream_id(event_id)
+        if sid is None or (self._cursor is not None and sid <= self._cursor):
+            return  # already relayed (from the stream, before its pub/sub copy arrived)
+        self._cursor = sid
+        try:
+            event = parse_event(raw)
+        except (ValidationError, ValueError):
+            log.warning("dropped malformed pool event %s", event_id)
+            return
+        frame = _frame(SSE_EVENT, event.model_dump_json(by_alias=True), event_id)
+        self.relayed_total += 1
+        for sub in list(self._subscribers):
+            if sub.wants(event.node) and not sub.put(sid, frame):
+                self._drop(sub)
+
+    async def _ping(self) -> None:
+        """A comment to every client each interval: proxies keep an idle stream open, and a client that went
+        away without closing is noticed when the write fails, within one interval."""
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            for sub in list(self._subscribers):
+                if not sub.put(None, PING):
+                    self._drop(sub)
+
+    def _drop(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+        sub.dropped.set()
+        self.dropped_total += 1
+        log.warning("an SSE client fell %d events behind and was disconnected", self._queue_size)
+
+    # What a client starts from.
+
+    async def can_replay(self, last_event_id: str | None) -> bool:
+        """Whether the stream still holds `last_event_id` (trimming drops the oldest first, so all after it too)."""
+        if stream_id(last_event_id) is None:
+            return False
+        assert last_event_id is not None
+        return bool(await self._redis.xrange(keys.events_stream(), min=last_event_id, max=last_event_id, count=1))
+
+    async def snapshot(self, node: str | None) -> tuple[StreamId, bytes]:
+        """Every node (or `node`) with its models, and the stream id they are current as of."""
+        for _ in range(5):
+            fingerprints = [node] if node is not None else await self._directory.fingerprints()
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.smembers(keys.nodes_set())
+            for fp in fingerprints:
+                pipe.hgetall(keys.node_info(fp))
+                pipe.exists(keys.node_alive(fp))
+            pipe.xrevrange(keys.events_stream(), count=1)
+            raw = await pipe.execute()
+            # A node that registered between the two reads may have events up to our id: read again.
+            if node is None and {_text(m) for m in raw[0]} != set(fingerprints):
+                continue
+            break
+        at = now()
+        nodes = []
+        for i, fp in enumerate(fingerprints):
+            fields, alive = raw[1 + 2 * i], bool(raw[2 + 2 * i])
+            info = parse_node(fp, fields, alive, at)
+            if info is not None:
+                nodes.append(NodeState(**dict(info), models=_models(fp, fields.get(b"models"))))
+        last = raw[-1]
+        event_id = _text(last[0][0]) if last else "0-0"
+        snapshot = Snapshot(at=at, nodes=nodes)
+        return stream_id(event_id) or (0, 0), _frame(SNAPSHOT_EVENT, snapshot.model_dump_json(by_alias=True), event_id)
+
+    async def history(self, after: str, node: str | None) -> AsyncIterator[tuple[StreamId, bytes]]:
+        """The stream's events after `after`, validated and filtered like live ones."""
+        start = after
+        while True:
+            entries = await self._page(start)
+            for start, raw in entries:
+                try:
+                    event = parse_event(raw)
+                except (ValidationError, ValueError):
+                    log.warning("dropped malformed pool event %s", start)
+                    continue
+                if node is None or event.node == node:
+                    yield stream_id(start) or (0, 0), _frame(SSE_EVENT, event.model_dump_json(by_alias=True), start)
+            if len(entries) < HISTORY_PAGE:
+                return
+
+    async def frames(
+        self, sub: Subscriber, first: tuple[StreamId, bytes] | None, replay_after: str | None
+    ) -> AsyncIterator[bytes]:
+        """The stream one client reads: its snapshot or replay, then live events and pings, until it ends."""
+        try:
+            cursor: StreamId = (0, 0)
+            if first is not None:
+                cursor = first[0]
+                yield first[1]
+            if replay_after is not None:
+                cursor = stream_id(replay_after) or cursor
+                async for sid, frame in self.history(replay_after, sub.node):
+                    cursor = sid
+                    yield frame
+            # Everything queued since the last write goes out as one: a client that fell behind catches up in
+            # fewer, larger sends, so a burst costs less per event, not more.
+            while (items := await sub.take()) is not None:
+                batch = []
+                for item_id, frame in items:
+                    if item_id is None:  # a ping
+                        batch.append(frame)
+                    elif item_id > cursor:  # what the snapshot or replay already covered is skipped
+                        cursor = item_id
+                        batch.append(frame)
+                if batch:
+                    yield b"".join(batch)
+        finally:
+            self.close(sub)
+
+
+def _models(fingerprint: str, raw: bytes | None) -> list[ModelInfo]:
+    if not raw:
+        return []
+    try:
+        return [ModelInfo.model_validate(item) for item in json.loads(raw)]
+    except (ValidationError, ValueError, TypeError):
+        log.warning("node %s has a model list this API cannot read; shown without models", fingerprint)
+        return []
+
+
+class OfflineWatcher:
+    """Publishes `node-offline` for nodes announced online whose alive key has lapsed."""
+
+    def __init__(self, client: aioredis.Redis, directory: NodeDirectory, bus: AsyncEventBus, *, tick: float) -> None:
+        self._redis = client
+        self._directory = directory
+        self._bus = bus
+        self._tick = tick
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="modelfleet-offline-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            try:
+                await self.check()
+            except (RedisError, OSError) as exc:
+                log.warning("offline check failed: %s", type(exc).__name__)
+
+    async def check(self) -> list[str]:
+        """Announce every lapsed node once; returns the fingerprints this call announced."""
+        fingerprints = await self._directory.fingerprints()
+        pipe = self._redis.pipeline(transaction=False)
+        for fp in fingerprints:
+            pipe.hget(keys.node_info(fp), "announced")
+            pipe.exists(keys.node_alive(fp))
+        raw = await pipe.execute()
+        lapsed = [
+            fp
+            for i, fp in enumerate(fingerprints)
+            if _text(raw[2 * i] or b"").startswith("online:") and not raw[2 * i + 1]
+        ]
+        announced = []
+        for node in await self._directory.many(lapsed) if lapsed else []:
+            event = NodeEvent(
+                type="node-offline",
+                node=node.fingerprint,
+                name=node.name,
+                state="offline",
+                at=now(),
+                reason="heartbeat-lapsed",
+            )
+            if await self._bus.publish(event, models=[], mode="lapsed") is not None:
+                log.warning("node %s (%s) went offline: its heartbeat lapsed", node.name, node.fingerprint)
+                announced.append(node.fingerprint)
+        return announced

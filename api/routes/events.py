@@ -1,0 +1,97 @@
+"""`GET /api/v1/events`: the pool's changes as Server-Sent Events (see `api.events` for how they travel)."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Query
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from api.deps import Directory, Reader, Relay
+from broker.events import stream_id
+
+router = APIRouter(prefix="/api/v1", tags=["events"])
+
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+INCOMPLETE = "ASGI callable returned without completing response."
+
+
+class CutStreamFilter(logging.Filter):
+    """uvicorn logs a response cut short as an error; a dropped slow client's is cut on purpose, and the relay
+    already said why. Swallows one such line per stream we cut, and no other."""
+
+    cuts = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if CutStreamFilter.cuts > 0 and record.getMessage() == INCOMPLETE:
+            CutStreamFilter.cuts -= 1
+            return False
+        return True
+
+
+def quiet_cut_streams() -> None:
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, CutStreamFilter) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(CutStreamFilter())
+
+
+class EventStreamResponse(StreamingResponse):
+    """A `text/event-stream` that ends when its body ends, the client goes, or the relay drops the client.
+
+    A client too slow to read blocks our writes (flow control), so the relay's drop cannot wait for the next
+    write: it cancels the stream from the side, and the connection is closed under it.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], dropped: asyncio.Event) -> None:
+        super().__init__(content, headers=HEADERS)
+        self._dropped = dropped
+        self._frames = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def until(func: Callable[[], Awaitable[object]]) -> None:
+                    await func()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(until, partial(self.stream_response, send))
+                group.start_soon(until, partial(self.listen_for_disconnect, receive))
+                group.start_soon(until, self._dropped.wait)
+        finally:
+            await self._frames.aclose()  # type: ignore[attr-defined]
+            if self._dropped.is_set():
+                CutStreamFilter.cuts += 1
+
+
+@router.get("/events", response_class=EventStreamResponse)
+async def events(
+    _: Reader,
+    relay: Relay,
+    directory: Directory,
+    node: Annotated[str | None, Query(description="Only this node's events (a fingerprint).")] = None,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+) -> EventStreamResponse:
+    """Every change of the pool, as `distributed-pool-changed` events, after a `snapshot` of where it stands.
+
+    With `Last-Event-ID` still in the retained history, the missed events come first instead of the snapshot.
+    """
+    if node is not None:
+        await directory.get(node)  # 404 for an unknown node, before the stream starts
+    sub = relay.open(node)  # before the read below: see api.events
+    try:
+        if last_event_id is not None and await relay.can_replay(last_event_id):
+            first, replay_after = None, last_event_id
+        else:
+            first, replay_after = await relay.snapshot(node), None
+    except BaseException:
+        relay.close(sub)
+        raise
+    assert replay_after is None or stream_id(replay_after) is not None
+    return EventStreamResponse(relay.frames(sub, first, replay_after), sub.dropped)

@@ -1,0 +1,46 @@
+"""Serving the app with uvicorn so that a stop (SIGTERM, Ctrl-C) ends the event streams too.
+
+uvicorn waits for open responses before it shuts down, and an SSE stream never ends by itself; its
+`timeout_graceful_shutdown` would then cut every stream mid-write. Instead, the first exit signal ends each
+stream cleanly (its client reconnects elsewhere with its last id), and the timeout stays a backstop.
+"""
+
+import asyncio
+import logging
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger("modelfleet.api")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, closing the app's event streams when asked to exit."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        relay = getattr(self._app.state, "relay", None)
+        if relay is not None and self._loop is not None and not self.should_exit:
+            log.info("stopping: closing %d event streams", relay.clients)
+            self._loop.call_soon_threadsafe(relay.close_all)
+        super().handle_exit(sig, frame)
+
+
+def serve(app: FastAPI, *, host: str, port: int, graceful_timeout: float | None) -> None:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=int(graceful_timeout) if graceful_timeout is not None else None,
+        log_config=None,  # our root handler, with its secret mask, formats uvicorn's records too
+    )
+    Server(config, app).run()
