@@ -20,9 +20,7 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,98 +31,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import psutil
 import redis
+from harness import Processes, fleet_env, free_port, modelfleet_command, ms, quantile, start_redis, wait_until
 
 from broker import keys
 from broker.celery_app import make_celery
 from broker.schemas import ListJob
 from broker.settings import BrokerSettings
-from modelfleet.up import redis_server_binary
 from workers.gguf_factory import write_tiny_llama
 from workers.identity import fingerprint, load_or_create_node_key
 
 OPERATOR_KEY = "bench-op-" + secrets.token_hex(16)
 MODEL = "bench-tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def modelfleet_command() -> list[str]:
-    return [sys.executable, "-m", "modelfleet"]
-
-
-class Processes:
-    """Children started with their output in files; stopped newest first (Redis, started first, last)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with open(self.root / f"{name}.log", "wb") as out:
-            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.started.append((name, proc))
-        return proc
-
-    def cpu_seconds(self) -> dict[str, float]:
-        """User+system CPU time used so far by each child, and by this process (the benchmark's client)."""
-        used = {"bench": sum(psutil.Process().cpu_times()[:2])}
-        for name, proc in self.started:
-            used[name] = sum(psutil.Process(proc.pid).cpu_times()[:2])
-        return used
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        for name, proc in self.started:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(self.started):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def wait_until(condition: Callable[[], object], procs: Processes, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        procs.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def start_redis(procs: Processes) -> str:
-    port, password = free_port(), secrets.token_urlsafe(24)
-    conf = procs.root / "redis.conf"
-    conf.write_text(
-        f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\nrequirepass {password}\ndir {procs.root}\n'
-        "loglevel warning\n"
-    )
-    procs.start("redis", [redis_server_binary(), str(conf)])
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(answers, procs, "redis-server")
-    return url
 
 
 def timed(fn: Callable[[], object], iterations: int, warmup: int) -> list[float]:
@@ -136,11 +54,6 @@ def timed(fn: Callable[[], object], iterations: int, warmup: int) -> list[float]
         fn()
         samples.append(time.perf_counter() - started)
     return samples
-
-
-def quantile(samples: list[float], q: int) -> float:
-    """The q-th percentile (inclusive method), in seconds."""
-    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
 
 class CeleryBaseline:
@@ -222,10 +135,6 @@ async def burst(base_url: str, path: str, concurrency: int) -> tuple[list[float]
     return [o for o in outcomes if isinstance(o, float)], wall, [o for o in outcomes if isinstance(o, str)]
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.2f}"
-
-
 def report(rows: list[tuple[str, list[float]]]) -> None:
     medians = {name: statistics.median(samples) for name, samples in rows}
     ping, celery = medians["redis PING"], medians["celery list"]
@@ -247,8 +156,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> None:
     write_tiny_llama(models / f"{MODEL}.gguf")
     state = root / "state"
     fp = fingerprint(load_or_create_node_key(state))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")}
-    env |= {"MODELFLEET_REDIS_URL": url, "MODELFLEET_OPERATOR_KEYS": OPERATOR_KEY, "PYTHONUNBUFFERED": "1"}
+    env = fleet_env(url, MODELFLEET_OPERATOR_KEYS=OPERATOR_KEY)
     procs.start(
         "worker",
         [*modelfleet_command(), "worker", "--name", "bench", "--models-dir", str(models), "--state-dir", str(state)],
