@@ -10,8 +10,9 @@
 `AsyncClient` has the same methods, awaited. Every endpoint is written once, in `Endpoints`, as a method that
 builds a `Call`: the HTTP request and how to read its answer. The two clients differ only in `_execute`, which
 sends a call with httpx.Client or httpx.AsyncClient; the `endpoint` descriptor gives each client its methods
-with the right signature (plain or awaitable) for type checkers. A streaming endpoint (the SSE events, later)
-needs a streaming kind of call and one more executor per client; everything else stays shared.
+with the right signature (plain or awaitable) for type checkers. The one streaming endpoint, `events`, is a
+generator on each client around the shared `modelfleet.sse.SseDecoder`; it resumes a lost stream after the last
+event id it received, as a browser's EventSource does.
 
 Everything the client raises derives from `ModelfleetClientError`:
 
@@ -25,10 +26,12 @@ Everything the client raises derives from `ModelfleetClientError`:
 This module imports `broker` (schemas and the error tree) but never `workers`: it works without ctransformers.
 """
 
+import asyncio
 import functools
 import inspect
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
@@ -47,6 +50,7 @@ from modelfleet.results import (
     PoolUnloadAllResult,
     PoolUnloadResult,
 )
+from modelfleet.sse import SseDecoder, StreamEvent
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 """Where `modelfleet up` serves the API."""
@@ -55,6 +59,10 @@ TIMEOUT = 30.0
 JOB_TIMEOUT = 900.0
 """Seconds to wait for a load or unload: above the API's own deadlines (600 s for a load by default)."""
 CONNECT_TIMEOUT = 5.0
+EVENTS_READ_TIMEOUT = 60.0
+"""Seconds of silence after which the event stream counts as lost: four of the API's 15 s pings."""
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0)
+"""Waits before the 1st, 2nd, 3rd and later reconnections of a lost event stream (unless the server says)."""
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -358,6 +366,64 @@ def _read(call: Call[T], response: httpx.Response) -> T:
         ) from exc
 
 
+EventRetry = Callable[[ModelfleetClientError, float], None]
+"""Called with what ended the stream and the seconds until the next attempt, before each reconnection."""
+
+
+def _events_request(node: str | None, last_event_id: str | None) -> dict[str, Any]:
+    headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+    if last_event_id:
+        headers["Last-Event-ID"] = last_event_id
+    return {
+        "params": {"node": node} if node else None,
+        "headers": headers,
+        "timeout": httpx.Timeout(CONNECT_TIMEOUT, read=EVENTS_READ_TIMEOUT),
+    }
+
+
+class _Follower:
+    """What both clients' `events` share: the decoder, the request to (re)open the stream, and when to retry."""
+
+    def __init__(
+        self, url: str, node: str | None, last_event_id: str | None, reconnect: bool, on_retry: EventRetry | None
+    ) -> None:
+        self.decoder = SseDecoder()
+        self.decoder.last_event_id = last_event_id
+        self._url, self._node, self._reconnect, self._on_retry = url, node, reconnect, on_retry
+        self._opened, self._failures = False, 0
+
+    def request(self) -> dict[str, Any]:
+        return _events_request(self._node, self.decoder.last_event_id)
+
+    def opened(self, response: httpx.Response) -> None:
+        """Raise the API's refusal of the stream (bad key, unknown node) as for any other call; else note it open."""
+        if response.status_code != 200:  # read by the caller; a 200's body is the stream, not read here
+            _read(Call("GET", "/api/v1/events", lambda body: None), response)
+        self._opened, self._failures = True, 0
+
+    def retry_after(self, lost: httpx.TransportError | None) -> float | None:
+        """Seconds to wait before reopening a stream that ended (`lost` None) or broke; None to stop there.
+
+        Raises what ends the stream for good: a broken one without `reconnect`, or one that never opened."""
+        if lost is None:
+            error: ModelfleetClientError = ModelfleetConnectionError(STREAM_ENDED)
+        else:
+            error = _transport_error(self._url, lost)
+            if not (self._reconnect and self._opened):
+                raise error from lost
+        if not self._reconnect:
+            return None
+        retry = self.decoder.retry
+        delay = retry if retry is not None else RECONNECT_DELAYS[min(self._failures, len(RECONNECT_DELAYS) - 1)]
+        self._failures += 1
+        if self._on_retry is not None:
+            self._on_retry(error, delay)
+        return delay
+
+
+STREAM_ENDED = "The API ended the event stream (it may be restarting)."
+
+
 class Client(Endpoints):
     """The modelfleet API, synchronously. URL and key default to MODELFLEET_URL and MODELFLEET_KEY."""
 
@@ -380,6 +446,34 @@ class Client(Endpoints):
         except httpx.TransportError as exc:
             raise _transport_error(self.url, exc) from exc
         return _read(call, response)
+
+    def events(
+        self,
+        node: str | None = None,
+        *,
+        last_event_id: str | None = None,
+        reconnect: bool = True,
+        on_retry: EventRetry | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Follow the pool's changes (`GET /api/v1/events`, one node's with `node`, a fingerprint): a snapshot
+        first, then every event. With `reconnect`, a stream that is lost after it opened is resumed after the last
+        event received (or starts over from a new snapshot if the API no longer holds that far back)."""
+        follower = _Follower(self.url, node, last_event_id, reconnect, on_retry)
+        while True:
+            try:
+                with self._http.stream("GET", "/api/v1/events", **follower.request()) as response:
+                    if response.status_code != 200:
+                        response.read()
+                    follower.opened(response)
+                    for line in response.iter_lines():
+                        if (event := follower.decoder.feed(line)) is not None:
+                            yield event
+                delay = follower.retry_after(None)
+            except httpx.TransportError as exc:
+                delay = follower.retry_after(exc)
+            if delay is None:
+                return
+            time.sleep(delay)
 
     def close(self) -> None:
         self._http.close()
@@ -413,6 +507,32 @@ class AsyncClient(Endpoints):
         except httpx.TransportError as exc:
             raise _transport_error(self.url, exc) from exc
         return _read(call, response)
+
+    async def events(
+        self,
+        node: str | None = None,
+        *,
+        last_event_id: str | None = None,
+        reconnect: bool = True,
+        on_retry: EventRetry | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """As `Client.events`, for `async for`."""
+        follower = _Follower(self.url, node, last_event_id, reconnect, on_retry)
+        while True:
+            try:
+                async with self._http.stream("GET", "/api/v1/events", **follower.request()) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                    follower.opened(response)
+                    async for line in response.aiter_lines():
+                        if (event := follower.decoder.feed(line)) is not None:
+                            yield event
+                delay = follower.retry_after(None)
+            except httpx.TransportError as exc:
+                delay = follower.retry_after(exc)
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
         await self._http.aclose()

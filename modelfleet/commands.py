@@ -1,4 +1,4 @@
-"""The operator commands, on top of `modelfleet.client`: `nodes`, `ps`, `load`, `unload`.
+"""The operator commands, on top of `modelfleet.client`: `nodes`, `ps`, `load`, `unload`, `events`.
 
 They talk to a running API: `--url` / `--key`, else MODELFLEET_URL / MODELFLEET_KEY. Tables and results go
 to stdout; errors, with the API's message and code, and notes (an offline node) go to stderr. Exit status:
@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TextIO
 
+from broker.events import ModelEvent, NodeEvent, Snapshot
 from broker.schemas import ModelInfo, NodeInfo
 from modelfleet.client import (
     Client,
@@ -22,7 +23,9 @@ from modelfleet.client import (
     ModelfleetClientError,
     ModelfleetConnectionError,
     NodeReferenceError,
+    pick_node,
 )
+from modelfleet.sse import StreamEvent
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -228,6 +231,59 @@ def cmd_unload(args: argparse.Namespace, client: Client) -> int:
     return EXIT_ERROR if result.errors else 0
 
 
+class EventPrinter:
+    """One readable line per event of the stream, with node names (learnt from the snapshot and node events)."""
+
+    def __init__(self, names: dict[str, str], out: TextIO) -> None:
+        self.names = names
+        self.out = out
+
+    def line(self, item: StreamEvent) -> str:
+        event = item.data
+        if isinstance(event, Snapshot):
+            self.names |= {n.fingerprint: n.name for n in event.nodes}
+            parts = [
+                f"{n.name} {'online' if n.online else 'offline'}, {len(n.models)} model(s)"
+                + "".join(f" [{m.id} {m.state.value}]" for m in sorted(n.models, key=lambda m: m.id))
+                for n in sorted(event.nodes, key=lambda n: (n.name, n.fingerprint))
+            ]
+            return f"{_clock(event.at)}  snapshot  " + ("; ".join(parts) or "no node registered")
+        if isinstance(event, NodeEvent):
+            self.names[event.node] = event.name
+            why = f" ({event.reason})" if event.reason else ""
+            return f"{_clock(event.at)}  {event.name}  {event.type}{why}"
+        if isinstance(event, ModelEvent):
+            node = self.names.get(event.node, event.node[:12])
+            detail = f"  {human_bytes(event.model.size_bytes)}" if event.type == "model-loaded" else ""
+            if event.error:
+                detail = f"  error: {event.error}"
+            return f"{_clock(event.at)}  {node}  {event.type}  {event.model_id}{detail}"
+        return f"{_clock(datetime.now(UTC))}  {item.kind}  (not understood by this version) {item.raw!r:.200}"
+
+    def __call__(self, item: StreamEvent) -> None:
+        print(self.line(item), file=self.out, flush=True)
+
+
+def _clock(at: datetime) -> str:
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_events(args: argparse.Namespace, client: Client) -> int:
+    nodes = client.nodes()
+    node = pick_node(nodes, args.node).fingerprint if args.node else None
+    printer = EventPrinter({n.fingerprint: n.name for n in nodes}, sys.stdout)
+
+    def retrying(error: ModelfleetClientError, delay: float) -> None:
+        print(f"note: {error.message} Reconnecting in {human_duration(delay)}.", file=sys.stderr, flush=True)
+
+    try:
+        for item in client.events(node, last_event_id=args.since, on_retry=retrying):
+            printer(item)
+    except KeyboardInterrupt:
+        return 0  # the way to stop following
+    return 0
+
+
 # Wiring into `modelfleet`'s parser.
 
 Command = Callable[[argparse.Namespace, Client], int]
@@ -252,7 +308,7 @@ def _run(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add `nodes`, `ps`, `load` and `unload` to the `modelfleet` command's subparsers."""
+    """Add `nodes`, `ps`, `load`, `unload` and `events` to the `modelfleet` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="the API's URL (default $MODELFLEET_URL, else http://127.0.0.1:8000)")
     common.add_argument("--key", help="an API key (default $MODELFLEET_KEY; prefer the variable: flags show in ps)")
@@ -283,3 +339,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         return run_unload(args)
 
     unload.set_defaults(func=checked_unload)
+
+    events = sub.add_parser("events", parents=[common], help="follow the pool's changes live, one line per event")
+    events.add_argument("--node", metavar="NODE", help="only this node's events (a fingerprint, prefix or name)")
+    events.add_argument("--since", metavar="ID", help="replay the events after this event id first")
+    events.set_defaults(func=_run(cmd_events))

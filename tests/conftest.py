@@ -223,8 +223,8 @@ class Fleet:
 
         wait_for(ready, timeout, f"worker {worker.name} to come online")
 
-    def api(self, *args: str, wait: bool = True, **env: str) -> Api:
-        port = free_port()
+    def api(self, *args: str, wait: bool = True, port: int | None = None, **env: str) -> Api:
+        port = port or free_port()
         argv = [*modelfleet_command(), "api", "--host", "127.0.0.1", "--port", str(port), *args]
         proc = Api(f"api-{port}", argv, self.env(**env), self.root / f"api-{port}.log", url=f"http://127.0.0.1:{port}")
         self.procs.append(proc.start())

@@ -1,9 +1,10 @@
-"""The operator commands (`modelfleet nodes | ps | load | unload`) run as an operator runs them: subprocesses
+"""The operator commands (`modelfleet nodes | ps | load | unload | events`) run as an operator runs them: subprocesses
 against a running fleet, with MODELFLEET_URL / MODELFLEET_KEY in their environment."""
 
 import os
 import pty
 import re
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,3 +172,40 @@ def test_spinner_on_a_terminal(api: Api, node: Worker, clean: None) -> None:
     text = shown.decode()
     assert re.search(r"\r\x1b\[K. Loading tiny-c on cli-node \d+\.\ds", text)
     assert text.endswith("\r\x1b[K")
+
+
+def test_events_follows_the_pool_one_line_per_event(api: Api, node: Worker, clean: None) -> None:
+    follow = subprocess.Popen(
+        [*modelfleet_command(), "events", "--node", "cli-node"],
+        env=environment(api, READ_KEY),  # following needs no operator key
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert follow.stdout is not None
+        first = follow.stdout.readline()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  snapshot  cli-node online, 0 model\(s\)\n", first)
+        assert cli(api, "load", "cli-node", "tiny-a").code == 0
+        assert cli(api, "unload", "cli-node", "tiny-a").code == 0
+        lines = [follow.stdout.readline() for _ in range(4)]
+    finally:
+        follow.send_signal(signal.SIGINT)
+        out, err = follow.communicate(timeout=10)
+    shown = [line.split("  ", 1)[1].rstrip("\n") for line in lines]
+    assert shown[0] == "cli-node  model-loading  tiny-a"
+    assert re.fullmatch(r"cli-node  model-loaded  tiny-a  \d+\.\d KiB", shown[1])
+    assert shown[2:] == ["cli-node  model-unloading  tiny-a", "cli-node  model-unloaded  tiny-a"]
+    assert follow.returncode == 0 and "Traceback" not in err  # Ctrl-C is how one stops following
+    for secret in ALL_SECRETS:
+        assert secret not in "".join(lines) + out + err
+
+
+def test_events_errors(api: Api) -> None:
+    nobody = cli(api, "events", "--node", "nobody")
+    assert nobody.code == EXIT_NOT_FOUND and "No node matches 'nobody'" in nobody.err
+    anonymous = cli(api, "events", key="wrong")
+    assert anonymous.code == EXIT_AUTH and "(unauthenticated, HTTP 401)" in anonymous.err
+    unreachable = cli(api, "events", "--url", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.code == EXIT_UNREACHABLE

@@ -8,14 +8,17 @@ import ast
 import asyncio
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from broker.errors import NodeError, NodeUnavailable
-from broker.schemas import ModelState, NodeInfo
+from broker.events import EventBus, ModelEvent, Snapshot, model_event
+from broker.schemas import ModelInfo, ModelState, NodeInfo
 from modelfleet.client import (
     AsyncClient,
     Client,
@@ -27,7 +30,18 @@ from modelfleet.client import (
     UnexpectedResponse,
     pick_node,
 )
-from tests.conftest import OPERATOR_KEY, READ_KEY, Api, Fleet, Worker, free_port, node_info
+from modelfleet.sse import StreamEvent
+from tests.conftest import (
+    OPERATOR_KEY,
+    READ_KEY,
+    Api,
+    Fleet,
+    Worker,
+    free_port,
+    node_info,
+    register_gone_node,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -223,3 +237,113 @@ def test_the_client_and_cli_need_no_worker_code() -> None:
     probe = "import sys, modelfleet.client, modelfleet.cli; print(sorted({m.split('.')[0] for m in sys.modules}))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert not {"workers", "ctransformers", "api", "fastapi", "celery"} & set(ast.literal_eval(loaded))
+
+
+# The event stream.
+
+
+def collect(events: Iterator[StreamEvent], into: list[StreamEvent], stop: threading.Event) -> threading.Thread:
+    def run() -> None:
+        try:
+            for item in events:
+                into.append(item)
+                if stop.is_set():
+                    return
+        except Exception:
+            if not stop.is_set():  # once stopped, the test closes the client under the stream
+                raise
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_events_typed_and_errors(api: Api, client: Client, node: Worker) -> None:
+    seen: list[StreamEvent] = []
+    stop = threading.Event()
+    with Client(api.url, READ_KEY) as reader:
+        collect(reader.events(node.fingerprint), seen, stop)
+        wait_for(lambda: seen, 10, "the snapshot")
+        client.load(node.fingerprint, "tiny-a")
+        wait_for(lambda: any(isinstance(e.data, ModelEvent) and e.data.type == "model-loaded" for e in seen), 10)
+        stop.set()
+    snapshot = seen[0]
+    assert isinstance(snapshot.data, Snapshot) and [n.fingerprint for n in snapshot.data.nodes] == [node.fingerprint]
+    changes = [e.data for e in seen[1:]]
+    assert all(isinstance(e, ModelEvent) and e.node == node.fingerprint for e in changes)
+    assert [(e.type, e.model_id) for e in changes if isinstance(e, ModelEvent)][:2] == [
+        ("model-loading", "tiny-a"),
+        ("model-loaded", "tiny-a"),
+    ]
+
+    with pytest.raises(ModelfleetAPIError) as unknown:
+        next(iter(client.events("f" * 32)))
+    assert (unknown.value.status, unknown.value.code) == (404, "node_not_found")
+    with Client(api.url, "wrong") as anonymous, pytest.raises(ModelfleetAPIError) as refused:
+        next(iter(anonymous.events()))
+    assert refused.value.status == 401
+    with Client(f"http://127.0.0.1:{free_port()}", READ_KEY) as nowhere, pytest.raises(ModelfleetConnectionError):
+        next(iter(nowhere.events()))
+
+
+def test_async_events(api: Api, node: Worker) -> None:
+    async def scenario() -> list[StreamEvent]:
+        seen: list[StreamEvent] = []
+        async with AsyncClient(api.url, OPERATOR_KEY) as fleet:
+
+            async def follow() -> None:
+                async for item in fleet.events():
+                    seen.append(item)
+                    if isinstance(item.data, ModelEvent) and item.data.type == "model-unloaded":
+                        return
+
+            reading = asyncio.create_task(follow())
+            while not seen:
+                await asyncio.sleep(0.05)
+            await fleet.load(node.fingerprint, "tiny-b")
+            await fleet.unload(node.fingerprint, "tiny-b")
+            await asyncio.wait_for(reading, 20)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert isinstance(seen[0].data, Snapshot)
+    kinds = [e.data.type for e in seen[1:] if isinstance(e.data, ModelEvent) and e.data.model_id == "tiny-b"]
+    assert kinds == ["model-loading", "model-loaded", "model-unloading", "model-unloaded"]
+
+
+def test_events_resume_across_an_api_restart(fleet: Fleet) -> None:
+    """The head restarts: the client reconnects by itself and resumes after the last event it saw, so every
+    event arrives exactly once, in order, with no second snapshot."""
+    port = free_port()
+    ghost = register_gone_node(fleet)
+    first = fleet.api(port=port)
+    url = f"http://127.0.0.1:{port}"
+    client = fleet.redis.client()
+    seen: list[StreamEvent] = []
+    retries: list[tuple[str, float]] = []
+    stop = threading.Event()
+    with Client(url, READ_KEY) as reader:
+        # Only the events this test publishes: another module's node (on the same Redis) may announce itself.
+        events = reader.events(ghost.fingerprint, on_retry=lambda error, delay: retries.append((error.code, delay)))
+        collect(events, seen, stop)
+        wait_for(lambda: seen, 10, "the snapshot")
+        before = publish(client, ghost.fingerprint, 0, 3)
+        wait_for(lambda: len(seen) == 4, 10, "three events")
+        first.stop()
+        during = publish(client, ghost.fingerprint, 3, 3)  # while no API runs
+        fleet.api(port=port)
+        after = publish(client, ghost.fingerprint, 6, 2)
+        wait_for(lambda: len(seen) == 9, 20, "every event after the restart")
+        stop.set()
+    assert [e.kind for e in seen] == ["snapshot"] + ["distributed-pool-changed"] * 8
+    assert [e.id for e in seen[1:]] == before + during + after
+    assert retries and retries[0][0] == "connection_error"
+
+
+def publish(client: redis.Redis, node: str, start: int, count: int) -> list[str]:
+    bus = EventBus(client)
+    info = ModelInfo(id="m", path="/m.gguf", healthy=True, state=ModelState.LOADED, size_bytes=1)
+    return [
+        str(bus.publish(model_event("model-loaded", node, info.model_copy(update={"id": f"m{i}"}))))
+        for i in range(start, start + count)
+    ]

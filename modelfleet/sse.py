@@ -1,0 +1,81 @@
+"""Reading `GET /api/v1/events`: the Server-Sent Events wire format, decoded line by line into typed events.
+
+`SseDecoder` is transport-free (the sync and async clients feed it the lines httpx gives them) and follows the
+WHATWG rules that matter here: `event:`, `data:` (joined with newlines), `id:`, `retry:`, comments (`:`), and a
+blank line ending each event. A `snapshot` event becomes a `Snapshot`, a `distributed-pool-changed` one a
+`ModelEvent` or `NodeEvent`; an event type or pool-event type this version does not know is passed on with
+`data` None and its JSON in `raw`, so that a newer API does not break an older client's stream.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from broker.events import SNAPSHOT_EVENT, SSE_EVENT, ModelEvent, NodeEvent, Snapshot, parse_event
+from broker.schemas import read_lenient
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of the stream: its id (what `Last-Event-ID` resumes after), its SSE type and its content."""
+
+    id: str | None
+    kind: str
+    """`snapshot` or `distributed-pool-changed` (or a type a newer API added)."""
+    data: Snapshot | ModelEvent | NodeEvent | None
+    """None for a type this client does not know; `raw` still holds it."""
+    raw: Any = field(repr=False, default=None)
+
+
+class SseDecoder:
+    """Turns SSE lines into `StreamEvent`s; remembers the last event id and the server's `retry:` advice."""
+
+    def __init__(self) -> None:
+        self.last_event_id: str | None = None
+        self.retry: float | None = None
+        """Seconds the server asked a client to wait before reconnecting, if it said."""
+        self._kind = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> StreamEvent | None:
+        """One line, without its line ending; returns the event that a blank line completes."""
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None  # a comment: the server's keep-alive ping
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._kind = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self.last_event_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value) / 1000
+        return None
+
+    def _dispatch(self) -> StreamEvent | None:
+        kind, data = self._kind or "message", self._data
+        self._kind, self._data = "", []
+        if not data:
+            return None
+        text = "\n".join(data)
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            raw = text
+        return StreamEvent(self.last_event_id, kind, _typed(kind, text), raw)
+
+
+def _typed(kind: str, text: str) -> Snapshot | ModelEvent | NodeEvent | None:
+    try:
+        if kind == SNAPSHOT_EVENT:
+            return read_lenient(Snapshot, text)
+        if kind == SSE_EVENT:
+            return parse_event(text)
+    except (ValidationError, ValueError):
+        return None
+    return None

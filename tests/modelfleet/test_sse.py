@@ -1,0 +1,60 @@
+"""The client's SSE decoder on the wire format, including what a conforming server may send and ours does not."""
+
+import json
+from datetime import UTC, datetime
+
+from broker.events import ModelEvent, NodeEvent, Snapshot, model_event
+from broker.schemas import ModelInfo, ModelState
+from modelfleet.sse import SseDecoder, StreamEvent
+
+FP = "ab" * 16
+
+
+def decode(text: str, decoder: SseDecoder | None = None) -> list[StreamEvent]:
+    decoder = decoder or SseDecoder()
+    return [e for line in text.split("\n") if (e := decoder.feed(line)) is not None]
+
+
+def loaded_json() -> str:
+    info = ModelInfo(id="m", path="/m.gguf", healthy=True, state=ModelState.LOADED, size_bytes=1)
+    return model_event("model-loaded", FP, info).model_dump_json(by_alias=True)
+
+
+def test_typed_events_ids_and_pings() -> None:
+    snapshot = Snapshot(at=datetime.now(UTC), nodes=[]).model_dump_json(by_alias=True)
+    online = json.dumps(
+        {"type": "node-online", "node": FP, "name": "n", "state": "online", "at": "2026-01-01T00:00:00Z"}
+    )
+    text = (
+        f"event: snapshot\ndata: {snapshot}\nid: 1-0\n\n: ping\n\n"
+        f"event: distributed-pool-changed\ndata: {loaded_json()}\nid: 2-0\n\n"
+        f"event: distributed-pool-changed\ndata: {online}\nid: 3-0\n\n"
+    )
+    decoder = SseDecoder()
+    first, second, third = decode(text, decoder)
+    assert first.kind == "snapshot" and isinstance(first.data, Snapshot) and first.id == "1-0"
+    assert isinstance(second.data, ModelEvent) and second.data.model_id == "m" and second.id == "2-0"
+    assert isinstance(third.data, NodeEvent) and third.data.name == "n"
+    assert decoder.last_event_id == "3-0"
+
+
+def test_multiline_data_retry_and_fields_without_a_space() -> None:
+    decoder = SseDecoder()
+    (event,) = decode('retry: 2500\nevent:other\ndata:{"a":\ndata: 1}\n\n', decoder)
+    assert event.kind == "other" and event.raw == {"a": 1} and event.data is None
+    assert decoder.retry == 2.5 and event.id is None
+
+
+def test_what_this_version_does_not_know_is_passed_on_untyped() -> None:
+    unknown = json.dumps({"type": "node-draining", "node": FP})
+    (event,) = decode(f"event: distributed-pool-changed\ndata: {unknown}\nid: 5-0\n\n")
+    assert event.data is None and event.raw["type"] == "node-draining" and event.id == "5-0"
+    (broken,) = decode("event: snapshot\ndata: not json\n\n")
+    assert broken.data is None and broken.raw == "not json"
+
+
+def test_blank_lines_without_data_dispatch_nothing_and_the_id_persists() -> None:
+    decoder = SseDecoder()
+    assert decode("\n\nid: 7-0\n\n", decoder) == []
+    (event,) = decode(f"event: distributed-pool-changed\ndata: {loaded_json()}\n\n", decoder)
+    assert event.id == "7-0"  # an event without an id: line keeps the last one (as EventSource does)
