@@ -169,3 +169,23 @@ def write_truncated_gguf(path: Path, *, keep_bytes: int = 64) -> Path:
     with path.open("r+b") as f:
         f.truncate(keep_bytes)
     return path
+
+
+def write_headless_llama(path: Path) -> Path:
+    """Write a well-formed GGUF llama header with only the token embedding (no layers), and return `path`.
+
+    Every header check passes; ctransformers then refuses it cleanly (no crash), which is how a load gets as far
+    as the backend and fails there, with a `model-load-failed` event.
+    """
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_head_count(4)
+    writer.add_tensor("token_embd.weight", np.zeros((512, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -27,6 +27,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.e2e.test_faults import start_again
+from workers.gguf_factory import write_headless_llama
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -186,6 +187,26 @@ def test_load_and_unload_stream_in_order(fleet: Fleet, models_dir: Path, streams
     assert [(m["id"], m["state"]) for m in node["models"]] == [("tiny-b", "loaded")]
     raw = json.dumps([i.data for i in s.items + late.items])
     assert not any(secret in raw for secret in ALL_SECRETS)
+
+
+def test_a_load_that_fails_in_the_backend_streams_model_load_failed(
+    fleet: Fleet, tmp_path: Path, streams: list[Stream]
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    write_headless_llama(models / "headless.gguf")
+    worker = fleet.worker("ev-fail", models)
+    api = fleet.api()
+    s = open_stream(streams, api, node=worker.fingerprint)
+    s.wait(lambda s: s.items, what="the snapshot")
+    with api.client() as client:
+        refused = client.post(f"/api/v1/nodes/{worker.fingerprint}/models/load", json={"modelId": "headless"})
+    assert refused.status_code == 422, refused.text
+    s.wait(lambda s: any(e["type"] == "model-load-failed" for e in s.changes()), what="model-load-failed")
+    loading, failed = s.changes()
+    assert loading["type"] == "model-loading" and failed["modelId"] == "headless" and failed["state"] == "failed"
+    assert failed["error"] == refused.json()["error"] and "ctransformers could not load" in failed["error"]
+    assert worker.alive()
 
 
 def test_the_stream_needs_a_key_and_a_known_node(module_fleet: Fleet, streams: list[Stream]) -> None:
