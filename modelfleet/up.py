@@ -253,7 +253,12 @@ def run_up(args: argparse.Namespace) -> int:
                 ]
             else:
                 lines.append("  keys          from MODELFLEET_OPERATOR_KEYS / MODELFLEET_API_KEYS (not shown)")
-            lines += ["  Ctrl-C stops everything.", ""]
+            lines += [
+                f"  then        export MODELFLEET_URL=http://{args.host}:{args.port} MODELFLEET_KEY=<a key above>",
+                "              modelfleet ps; modelfleet events   # the models; the pool's changes, live",
+                "  Ctrl-C stops everything.",
+                "",
+            ]
             sup.say("\n".join(lines))
         while not stopping.wait(0.2):
             dead = sup.exited()
