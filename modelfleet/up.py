@@ -254,7 +254,7 @@ def run_up(args: argparse.Namespace) -> int:
             else:
                 lines.append("  keys          from MODELFLEET_OPERATOR_KEYS / MODELFLEET_API_KEYS (not shown)")
             lines += [
-                f"  then        export MODELFLEET_URL=http://{args.host}:{args.port} MODELFLEET_KEY=<a key above>",
+                f"  then        export MODELFLEET_URL=http://{args.host}:{args.port} MODELFLEET_KEY=<either key>",
                 "              modelfleet ps; modelfleet events   # the models; the pool's changes, live",
                 "  Ctrl-C stops everything.",
                 "",
