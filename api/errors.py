@@ -24,6 +24,7 @@ STATUS: dict[type[e.ModelfleetError], int] = {
     e.NodeNotFound: 404,
     e.NodeUnavailable: 503,
     e.BrokerUnavailable: 503,
+    e.ShuttingDown: 503,
     e.JobTimeout: 504,
     e.NodeError: 502,
     e.ModelFileNotFound: 404,

@@ -11,6 +11,7 @@
     │   ├── NodeOffline           heartbeat lapsed before the request
     │   └── NodeWentOffline       heartbeat lapsed while the job ran
     ├── BrokerUnavailable         Redis cannot be reached
+    ├── ShuttingDown              this API process is stopping; another (or its restart) will answer
     ├── JobTimeout                no reply within the operation's timeout
     ├── NodeError                 raised on a node, passed through by the API
     │   ├── ModelFileNotFound
@@ -104,6 +105,12 @@ class BrokerUnavailable(ModelfleetError):
     """Redis, which carries every job, cannot be reached."""
 
     code = "broker_unavailable"
+
+
+class ShuttingDown(ModelfleetError):
+    """This API process is stopping and takes no new streams; reconnect (to it once restarted, or another)."""
+
+    code = "shutting_down"
 
 
 class JobTimeout(ModelfleetError):

@@ -4,7 +4,6 @@ All are frozen Pydantic models that forbid unknown fields and travel as JSON. Fi
 Python and camelCase on the wire, because the REST contract speaks camelCase.
 """
 
-import json
 import unicodedata
 from datetime import datetime
 from enum import StrEnum
@@ -31,16 +30,13 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def read_lenient(cls: type[M], raw: bytes | str) -> M:
-    """Validate what another process wrote, ignoring top-level fields this version does not know.
+    """Validate what another process wrote, ignoring fields this version does not know, at any depth.
 
     We write with `extra="forbid"`; we read leniently, so that one newer node in a rolling upgrade cannot
-    break every older API head that reads its registration or reply.
+    break every older API head that reads its registration, reply or events. Anything malformed (not JSON,
+    not UTF-8, nested too deep, wrong types) raises pydantic.ValidationError, a ValueError, and nothing else.
     """
-    data = json.loads(raw)
-    if isinstance(data, dict):
-        known = {f.alias or name for name, f in cls.model_fields.items()} | set(cls.model_fields)
-        data = {k: v for k, v in data.items() if k in known}
-    return cls.model_validate(data)
+    return cls.model_validate_json(raw, extra="ignore")
 
 
 def check_model_id(value: str) -> str:
