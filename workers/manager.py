@@ -101,7 +101,9 @@ class LoadOutcome:
     evicted: tuple[str, ...] = ()
 
 
-ChangeHook = Callable[[str, ModelInfo], None]
+ChangeHook = Callable[[str, ModelInfo, list[ModelInfo]], None]
+"""`(event type, the model's record after the change, every model after it)`, called with the registry lock held,
+in the order the changes happen, before anyone waiting on the change is woken: it must queue, never block."""
 
 
 class ModelManager:
@@ -169,6 +171,7 @@ class ModelManager:
                         pending=future,
                     )
                     self._records[model_id] = record
+                    self._emit_locked("model-loading", record)
                     evictions = [(victim, self._begin_unload_locked(victim)) for victim in victims]
                     break
                 if record.state is ModelState.LOADED:
@@ -231,6 +234,7 @@ class ModelManager:
         record.state = ModelState.UNLOADING
         record.healthy = False
         record.pending = future
+        self._emit_locked("model-unloading", record)
         return future
 
     def _unload_quietly(self, record: ModelRecord, future: "Future[ModelInfo]") -> None:
@@ -242,8 +246,9 @@ class ModelManager:
 
     def _drop_old_copy(self, old: ModelRecord) -> None:
         """Free the handle of a model being reloaded; its record was already replaced by the new load."""
-        old.state, old.healthy, old.reserved_bytes = ModelState.UNLOADING, False, 0
-        self._emit("model-unloading", old.info())
+        with self._lock:
+            old.state, old.healthy, old.reserved_bytes = ModelState.UNLOADING, False, 0
+            self._emit_locked("model-unloading", old)
         handle, old.handle = old.handle, None
         try:
             if handle is not None:
@@ -252,14 +257,14 @@ class ModelManager:
             log.exception("dropping the old copy of %s failed in the backend", old.model_id)
         finally:
             del handle
-        old.state = ModelState.UNLOADED
-        self._emit("model-unloaded", old.info())
+        with self._lock:
+            old.state = ModelState.UNLOADED
+            self._emit_locked("model-unloaded", old)
 
     def _used_locked(self) -> int:
         return sum(r.reserved_bytes for r in self._records.values() if r.state is not ModelState.FAILED)
 
     def _run_load(self, record: ModelRecord, future: "Future[LoadOutcome]") -> LoadOutcome:
-        self._emit("model-loading", record.info())
         started = self._clock()
         with self._lock:
             self._loads_begun += 1
@@ -283,9 +288,8 @@ class ModelManager:
                 record.error = error.message
                 record.reserved_bytes = 0
                 record.pending = None
-                info = record.info()
+                self._emit_locked("model-load-failed", record)
             future.set_exception(error)
-            self._emit("model-load-failed", info)
             if not isinstance(exc, Exception):
                 raise
             raise error from (exc if error is not exc else None)
@@ -306,8 +310,8 @@ class ModelManager:
             record.healthy = healthy
             record.pending = None
             outcome = LoadOutcome(record.info(), round(now - started, 4), already_loaded=False)
+            self._emit_locked("model-loaded", record)
         future.set_result(outcome)
-        self._emit("model-loaded", outcome.model)
         return outcome
 
     def unload(self, model_id: str, *, deadline: float | None = None) -> ModelInfo:
@@ -344,7 +348,6 @@ class ModelManager:
 
     def _run_unload(self, record: ModelRecord, future: "Future[ModelInfo]") -> ModelInfo:
         """Unload a record that `_begin_unload_locked` marked unloading; releases its reservation."""
-        self._emit("model-unloading", record.info())
         handle, record.handle = record.handle, None
         try:
             if handle is not None:
@@ -358,8 +361,8 @@ class ModelManager:
                 if self._records.get(record.model_id) is record:
                     del self._records[record.model_id]
                 info = record.info()
+                self._emit_locked("model-unloaded", record)
             future.set_result(info)
-            self._emit("model-unloaded", info)
         return info
 
     def unload_all(self, *, deadline: float | None = None) -> tuple[list[str], list[tuple[str, ModelfleetError]]]:
@@ -382,7 +385,16 @@ class ModelManager:
 
     def models(self) -> list[ModelInfo]:
         with self._lock:
-            return [r.info() for r in sorted(self._records.values(), key=lambda r: r.model_id)]
+            return self._models_locked()
+
+    def _models_locked(self) -> list[ModelInfo]:
+        return [r.info() for r in sorted(self._records.values(), key=lambda r: r.model_id)]
+
+    def with_models(self, action: Callable[[list[ModelInfo]], None]) -> None:
+        """Call `action` with the models now, under the registry lock: ordered with the change hook's calls, so
+        what `action` queues stands between the changes before and after it. It must not block."""
+        with self._lock:
+            action(self._models_locked())
 
     def loading(self, model_id: str, *, pin: bool = False) -> "Future[LoadOutcome] | None":
         """The in-flight load of `model_id`, to wait on without calling `load`; None if it is not loading.
@@ -433,13 +445,13 @@ class ModelManager:
         with self._lock:
             return [replace(r, handle=None, pending=None) for r in self._records.values()]
 
-    def _emit(self, kind: str, info: ModelInfo) -> None:
+    def _emit_locked(self, kind: str, record: ModelRecord) -> None:
         if self._on_change is None:
             return
         try:
-            self._on_change(kind, info)
+            self._on_change(kind, record.info(), self._models_locked())
         except Exception:
-            log.exception("pool event %s for %s could not be published", kind, info.id)
+            log.exception("pool event %s for %s could not be queued", kind, record.model_id)
 
 
 def _wait_quietly(future: "Future[Any]") -> None:

@@ -6,66 +6,22 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
 
 import psutil
 import redis
 
 from broker import __version__, keys
-from broker.events import EventBus, NodeEvent, OfflineReason, model_event, now
+from broker.events import EventBus
 from broker.registry import LostNodeOwnership, NodeRegistrar
-from broker.schemas import ModelInfo, NodeInfo
+from broker.schemas import NodeInfo
+from workers.events import NodeEvents
 from workers.identity import fingerprint, load_or_create_node_key
 from workers.manager import ModelManager
 from workers.service import NodeService
 from workers.settings import WorkerSettings, default_memory_budget
 
 log = logging.getLogger(__name__)
-
-
-class NodeEvents:
-    """Publishes this node's pool events: its models' changes (the manager's hook) and its own coming and going.
-
-    One lock orders the publications, so the node's `models` record in Redis is always the one computed after
-    the last published change (two loads finishing at once cannot leave the older list behind).
-    """
-
-    def __init__(self, bus: EventBus, info: NodeInfo) -> None:
-        self._bus = bus
-        self._info = info
-        self._lock = threading.Lock()
-        self.models: Callable[[], list[ModelInfo]] = list
-        """The node's models now: set to the manager's `models` once the manager (which takes our hook) exists."""
-
-    def model_changed(self, kind: str, model: ModelInfo) -> None:
-        with self._lock:
-            self._bus.publish(model_event(kind, self._info.fingerprint, model), models=self.models())
-
-    def online(self) -> None:
-        """Announce this boot online, once; first the offline of a previous boot that nobody announced."""
-        with self._lock:
-            self._bus.publish(
-                self._node_event("offline", "restarted"), models=[], mode="replaced", boot=self._info.boot_id
-            )
-            self._bus.publish(self._node_event("online"), models=self.models(), mode="online", boot=self._info.boot_id)
-
-    def stopped(self) -> None:
-        with self._lock:
-            self._bus.publish(
-                self._node_event("offline", "stopped"), models=[], mode="stopped", boot=self._info.boot_id
-            )
-
-    def _node_event(self, state: Literal["online", "offline"], reason: OfflineReason | None = None) -> NodeEvent:
-        return NodeEvent(
-            type="node-online" if state == "online" else "node-offline",
-            node=self._info.fingerprint,
-            name=self._info.name,
-            state=state,
-            at=now(),
-            reason=reason,
-        )
 
 
 class NodeRuntime:
@@ -99,8 +55,7 @@ class NodeRuntime:
     def start(self) -> None:
         """Claim the fingerprint (raises DuplicateNode), register, and start beating."""
         self.registrar.claim()
-        self._beat()
-        self.events.online()
+        self._beat()  # and announces this boot online
         self._thread = threading.Thread(target=self._heartbeat_loop, name="modelfleet-heartbeat", daemon=True)
         self._thread.start()
         # Reading a real model's GGUF header takes about a second: read them all now, in the background, so the
@@ -123,16 +78,18 @@ class NodeRuntime:
             self._thread.join(timeout=5)
         try:
             self.registrar.release()
-            self.events.stopped()
         except redis.RedisError as exc:
             log.warning("could not mark node offline on stop: %s", type(exc).__name__)
+        self.events.stopped()
+        self.events.close()
         log.info("node %s stopped", self.fingerprint)
 
     def _beat(self) -> None:
         stats = {**self.service.manager.stats(), "rssBytes": self._process.memory_info().rss}
         if self.registrar.beat(stats):
             log.warning("heartbeat had lapsed (stalled process?); node %s is online again", self.fingerprint)
-            self.events.online()
+        # Every beat, not only on a re-take: a re-announcement lost to a Redis error is made at the next one.
+        self.events.online()
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval
@@ -181,7 +138,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         memory_probe=(lambda: int(process.memory_info().rss)) if settings.measure_loads else None,
         on_change=events.model_changed,
     )
-    events.models = manager.models
+    events.with_models = manager.with_models
     log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
     registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)

@@ -1,13 +1,15 @@
 """ModelManager's rules, built directly with a loader we control (STYLE: logic free of the transport)."""
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from broker.errors import InsufficientMemory, ModelLoadFailed, ModelNotLoaded
-from broker.schemas import ModelState
+from broker.schemas import ModelInfo, ModelState
 from tests.conftest import wait_for
 from workers.manager import ModelManager
 
@@ -178,18 +180,75 @@ def test_admission_reserves_before_loading() -> None:
     assert manager.load("b", Path("/b.gguf"), estimate_bytes=600).model.state is ModelState.LOADED
 
 
-def test_events_in_order() -> None:
+def recorder() -> tuple[list[tuple[str, str, list[tuple[str, str]]]], Callable[..., None]]:
+    """A change hook that records (type, the model's state, every model's (id, state)) as the manager calls it."""
+    seen: list[tuple[str, str, list[tuple[str, str]]]] = []
+
+    def hook(kind: str, info: ModelInfo, models: list[ModelInfo]) -> None:
+        seen.append((kind, info.state.value, [(m.id, m.state.value) for m in models]))
+
+    return seen, hook
+
+
+def test_events_in_order_with_the_models_after_each_change() -> None:
     loader = GatedLoader()
     loader.gate.set()
-    seen: list[tuple[str, str]] = []
-    manager = ModelManager(loader, on_change=lambda kind, info: seen.append((kind, info.state.value)))
+    seen, hook = recorder()
+    manager = ModelManager(loader, on_change=hook)
     manager.load("m", Path("/m.gguf"))
     manager.unload("m")
     assert seen == [
-        ("model-loading", "loading"),
-        ("model-loaded", "loaded"),
-        ("model-unloading", "unloading"),
-        ("model-unloaded", "unloaded"),
+        ("model-loading", "loading", [("m", "loading")]),
+        ("model-loaded", "loaded", [("m", "loaded")]),
+        ("model-unloading", "unloading", [("m", "unloading")]),
+        ("model-unloaded", "unloaded", []),
+    ]
+
+
+def test_an_unload_waiting_for_a_load_is_announced_after_it() -> None:
+    """The hook runs before the load's waiters wake: the unload that waited cannot announce itself first."""
+    loader = GatedLoader()
+    seen, record = recorder()
+
+    def slow_hook(kind: str, info: ModelInfo, models: list[ModelInfo]) -> None:
+        record(kind, info, models)
+        if kind == "model-loaded":
+            time.sleep(0.05)  # a slow publisher: were the waiters woken first, the unload would announce meanwhile
+
+    manager = ModelManager(loader, on_change=slow_hook)
+    load, _ = in_thread(manager.load, "m", Path("/m.gguf"))
+    assert loader.started.wait(5)
+    unload, _ = in_thread(manager.unload, "m")
+    # Only makes the test sharper (the unload is then surely waiting on the load); the order holds either way.
+    time.sleep(0.05)
+    loader.gate.set()
+    load.join(5)
+    unload.join(5)
+    assert [kind for kind, _, _ in seen] == ["model-loading", "model-loaded", "model-unloading", "model-unloaded"]
+
+
+def test_a_failed_load_and_an_eviction_are_announced() -> None:
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    seen, hook = recorder()
+    manager = ModelManager(loader, memory_budget=100, on_change=hook)
+    loader.fail_with = RuntimeError("bad file")
+    with pytest.raises(ModelLoadFailed):
+        manager.load("bad", Path("/bad.gguf"), estimate_bytes=100)
+    assert seen == [
+        ("model-loading", "loading", [("bad", "loading")]),
+        ("model-load-failed", "failed", [("bad", "failed")]),  # listed as failed, holding no memory
+    ]
+    loader.fail_with = None
+    manager.load("a", Path("/a.gguf"), estimate_bytes=100)
+    seen.clear()
+    manager.load("b", Path("/b.gguf"), estimate_bytes=100, evict=True)
+    bad = ("bad", "failed")
+    assert [(kind, model) for kind, _, model in seen] == [
+        ("model-loading", [("a", "loaded"), ("b", "loading"), bad]),
+        ("model-unloading", [("a", "unloading"), ("b", "loading"), bad]),
+        ("model-unloaded", [("b", "loading"), bad]),
+        ("model-loaded", [("b", "loaded"), bad]),
     ]
 
 

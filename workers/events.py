@@ -1,0 +1,108 @@
+"""A node's pool events, published in the order its state changed, by one thread.
+
+The manager calls `NodeEvents.model_changed` with its registry lock held, in the order the changes happen and
+before it wakes anyone waiting on them (a load's outcome, an unload waiting for that load), and
+`NodeEvents.online` queues through `ModelManager.with_models`, under the same lock. So the queue's order is the
+state's order, and each item carries the node's models as they were right after its change: published in
+order, the stream's events and the `models` field that a snapshot reads always agree.
+
+Publishing happens on the `modelfleet-events` thread, never under the manager's lock. A Redis error is retried
+with a capped backoff, in order, until it goes through or the node stops; `close` waits for what is queued.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from broker.events import EventBus, ModelEvent, NodeEvent, OfflineReason, model_event, now
+from broker.schemas import ModelInfo, NodeInfo
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["always", "online", "stopped", "replaced"]
+WithModels = Callable[[Callable[[list[ModelInfo]], None]], None]
+
+
+@dataclass(frozen=True)
+class _Item:
+    event: ModelEvent | NodeEvent
+    models: list[ModelInfo] | None
+    mode: Mode
+
+
+class NodeEvents:
+    """Queues this node's events (its models' changes, its own coming and going) and publishes them in order."""
+
+    def __init__(self, bus: EventBus, info: NodeInfo) -> None:
+        self._bus = bus
+        self._info = info
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._online_queued = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._publish_all, name="modelfleet-events", daemon=True)
+        self._thread.start()
+        self.with_models: WithModels = lambda action: action([])
+        """Runs an action with the node's models under the manager's lock: set to `ModelManager.with_models` once
+        the manager (which takes `model_changed` as its hook) exists."""
+
+    def model_changed(self, kind: str, model: ModelInfo, models: list[ModelInfo]) -> None:
+        """The manager's change hook (called under its lock): queue, never block."""
+        self._queue.put(_Item(model_event(kind, self._info.fingerprint, model), models, "always"))
+
+    def online(self) -> None:
+        """Announce this boot online unless it already is (cheap to call on every heartbeat: it re-announces a
+        node that some API process declared offline while it stalled); first the offline of a previous boot that
+        nobody announced. At most one such check waits in the queue."""
+        if self._online_queued.is_set():
+            return
+        self._online_queued.set()
+        self._queue.put(_Item(self._node_event("offline", "restarted"), [], "replaced"))
+        self.with_models(lambda models: self._queue.put(_Item(self._node_event("online"), models, "online")))
+
+    def stopped(self) -> None:
+        self._queue.put(_Item(self._node_event("offline", "stopped"), [], "stopped"))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish what is queued (giving up on Redis after `timeout`), then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._closing.set()
+        self._thread.join(1.0)
+
+    def _publish_all(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if item.mode == "online":
+                self._online_queued.clear()  # a later check may queue again once this one is on its way
+            self._publish(item)
+
+    def _publish(self, item: _Item) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self._bus.publish(item.event, models=item.models, mode=item.mode, boot=self._info.boot_id)
+                return
+            except redis.RedisError as exc:
+                if self._closing.is_set():
+                    log.warning("gave up publishing %s on stop: %s", item.event.type, type(exc).__name__)
+                    return
+                log.warning(
+                    "publishing %s failed (%s); retrying in %.1fs", item.event.type, type(exc).__name__, backoff
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _node_event(self, state: Literal["online", "offline"], reason: OfflineReason | None = None) -> NodeEvent:
+        return NodeEvent(
+            type="node-online" if state == "online" else "node-offline",
+            node=self._info.fingerprint,
+            name=self._info.name,
+            state=state,
+            at=now(),
+            reason=reason,
+        )
