@@ -1,11 +1,14 @@
 """The live pool: one Redis subscription per API process, fanned out to every SSE client.
 
-`EventRelay` listens on `keys.events_channel()`. Each message is `<stream id>\\n<event JSON>`; the relay
-validates the event with the schemas in `broker.events` (a malformed one is logged and dropped), encodes its SSE
-frame once and puts the same bytes into every matching client's bounded mailbox. Pub/sub is at-most-once, so the
-relay remembers the last stream id it relayed and, after every (re)subscription and every quiet stretch, reads
-the stream from there: what the subscription missed is relayed late but in order, and an id it already relayed
-is skipped, so no client sees an event twice.
+The Redis stream `keys.events_stream()` is the only source the relay reads events from. The pub/sub messages on
+`keys.events_channel()` only wake it (their content is neither needed nor trusted: anything that can reach
+Redis can publish there), and so do every (re)subscription and every quiet stretch, since pub/sub is
+at-most-once. Woken, the relay reads the stream after the last id it relayed, validates each event with the
+schemas in `broker.events` (a malformed one is logged and skipped), encodes its SSE frame once and puts the
+same bytes into every matching client's bounded mailbox. Stream ids only grow, so each event is relayed once,
+in order. It reads in pages of at most half a mailbox and yields between pages, so a client that keeps up is
+never pushed over its limit by a burst. If the relay falls so far behind that the history was trimmed under
+it (Redis was unreachable for long), it ends every stream: clients reconnect and start over from a snapshot.
 
 A client first gets a snapshot (every node and its models, read in one MULTI with the stream's last id) or, when
 it reconnects with a `Last-Event-ID` still in the stream, the events after it. It is registered before that
@@ -19,7 +22,6 @@ publish script's check on the node's `announced` field makes the event exactly-o
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from fastapi.sse import format_sse_event
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter
 from redis.exceptions import RedisError
 
 from api.subscription import follow
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 StreamId = tuple[int, int]
 PING = b": ping\n\n"
 HISTORY_PAGE = 500
+MODEL_LIST: TypeAdapter[list[ModelInfo]] = TypeAdapter(list[ModelInfo])
 
 
 @dataclass(eq=False)
@@ -102,12 +105,18 @@ class Subscriber:
             waiter.set_result(None)
 
 
-def _frame(event: str, data: str, event_id: str) -> bytes:
-    return format_sse_event(data_str=data, event=event, id=event_id)
+def _frame(event: str, content: BaseModel, event_id: str) -> bytes:
+    # ASCII-only JSON: a line separator in a model id (U+2028, U+0085) must not split the data line for a client
+    # whose line reader is Unicode-aware.
+    return format_sse_event(
+        data_str=content.model_dump_json(by_alias=True, ensure_ascii=True), event=event, id=event_id
+    )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 class EventRelay:
@@ -127,8 +136,13 @@ class EventRelay:
         self.ping_interval = ping_interval
         self._subscribers: set[Subscriber] = set()
         self._cursor: StreamId | None = None
+        self._gap_seen_at: StreamId | None = None
+        self._page_size = max(1, min(HISTORY_PAGE, queue_size // 2))
+        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
+        self.closing = False
+        """Set once the process is stopping: streams are ended, and new ones refused."""
         self.dropped_total = 0
         self.relayed_total = 0
 
@@ -137,8 +151,15 @@ class EventRelay:
         return len(self._subscribers)
 
     async def start(self) -> None:
+        # The cursor is set before the first request is served: a client's snapshot can then never be older than
+        # where the relay starts relaying. If Redis is not there yet, it is set when Redis answers.
+        try:
+            self._cursor = await self._last_id()
+        except (RedisError, OSError) as exc:
+            log.warning("the event stream cannot be read yet (%s); relaying from when it can", type(exc).__name__)
         self._tasks = [
             asyncio.create_task(self._listen(), name="modelfleet-events"),
+            asyncio.create_task(self._read(), name="modelfleet-events-read"),
             asyncio.create_task(self._ping(), name="modelfleet-events-ping"),
         ]
 
@@ -151,7 +172,11 @@ class EventRelay:
                 await task
 
     def close_all(self) -> None:
-        """End every stream cleanly (shutdown): what a client has not received yet it replays on reconnect."""
+        """End every stream cleanly and refuse new ones (shutdown): a client replays what it missed on reconnect."""
+        self.closing = True
+        self._end_all()
+
+    def _end_all(self) -> None:
         for sub in list(self._subscribers):
             sub.end()
         self._subscribers.clear()
@@ -170,54 +195,81 @@ class EventRelay:
         await follow(
             self._redis,
             keys.events_channel(),
-            deliver=self._deliver,
+            deliver=lambda _: self._wake.set(),
             catch_up=self._catch_up,
             subscribed=self.subscribed,
             what="event",
         )
 
-    def _deliver(self, data: bytes | str) -> None:
-        # One connection delivers in order; a gap is a lost connection, which `follow` makes us catch up on.
-        event_id, _, raw = _text(data).partition("\n")
-        self._relay(event_id, raw)
-
     async def _catch_up(self) -> None:
-        """Relay what the stream holds after the last relayed id."""
+        self._wake.set()
+
+    async def _read(self) -> None:
+        """Relay what the stream holds after the cursor, each time something wakes the relay."""
+        backoff = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._relay_new()
+                backoff = 0.1
+            except Exception as exc:  # Redis errors mostly; whatever it is, the relay must outlive it
+                log.warning("reading the event stream failed (%s); retrying in %.1fs", type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                self._wake.set()
+
+    async def _last_id(self) -> StreamId:
+        last = await self._redis.xrevrange(keys.events_stream(), count=1)
+        return (stream_id(_text(last[0][0])) or (0, 0)) if last else (0, 0)
+
+    async def _relay_new(self) -> None:
         if self._cursor is None:
-            last = await self._redis.xrevrange(keys.events_stream(), count=1)
-            self._cursor = stream_id(_text(last[0][0] or b"")) if last else (0, 0)
+            self._cursor = await self._last_id()
             return
         while True:
-            entries = await self._page("{}-{}".format(*self._cursor))
-            for event_id, raw in entries:
-                self._relay(event_id, raw)
-            if len(entries) < HISTORY_PAGE:
+            after = "{}-{}".format(*self._cursor)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xrange(keys.events_stream(), min=after, max=after, count=1)
+            pipe.xrange(keys.events_stream(), min=f"({after}", count=self._page_size)
+            at_cursor, entries = await pipe.execute()
+            if not at_cursor and self._cursor != (0, 0) and self._gap_seen_at != self._cursor:
+                # The last event relayed is gone: the history was trimmed (or emptied) past it, and what came
+                # between may be lost. Start everyone over rather than relay a silent gap.
+                self._gap_seen_at = self._cursor
+                log.warning("event history lost past %s; ending %d streams to resync them", after, self.clients)
+                self._end_all()
+            for raw_id, fields in entries:
+                self._relay(_text(raw_id), _text((fields or {}).get(b"event", b"")))
+            if len(entries) < self._page_size:
                 return
+            await asyncio.sleep(0)  # let clients write this page before the next one
 
     async def _page(self, after: str) -> list[tuple[str, str]]:
         """Up to HISTORY_PAGE stream entries after `after`, as (id, event JSON)."""
         entries = await self._redis.xrange(keys.events_stream(), min=f"({after}", count=HISTORY_PAGE) or []
-        return [(_text(raw_id or b""), _text((fields or {}).get(b"event", b""))) for raw_id, fields in entries]
+        return [(_text(raw_id), _text((fields or {}).get(b"event", b""))) for raw_id, fields in entries]
 
     def _relay(self, event_id: str, raw: str) -> None:
         sid = stream_id(event_id)
         if sid is None or (self._cursor is not None and sid <= self._cursor):
-            return  # already relayed (from the stream, before its pub/sub copy arrived)
+            return
         self._cursor = sid
         try:
             event = parse_event(raw)
-        except (ValidationError, ValueError):
+        except ValueError:  # pydantic's ValidationError, for anything malformed
             log.warning("dropped malformed pool event %s", event_id)
             return
-        frame = _frame(SSE_EVENT, event.model_dump_json(by_alias=True), event_id)
+        frame = _frame(SSE_EVENT, event, event_id)
         self.relayed_total += 1
         for sub in list(self._subscribers):
             if sub.wants(event.node) and not sub.put(sid, frame):
                 self._drop(sub)
 
     async def _ping(self) -> None:
-        """A comment to every client each interval: proxies keep an idle stream open, and a client that went
-        away without closing is noticed when the write fails, within one interval."""
+        """A comment to every client each interval: proxies keep an idle stream open. A client that closed its
+        connection is forgotten at once; one that vanished without closing, once its unacknowledged ping makes
+        the kernel drop the connection (TCP_USER_TIMEOUT, two intervals: see `api.server`)."""
         while True:
             await asyncio.sleep(self.ping_interval)
             for sub in list(self._subscribers):
@@ -264,7 +316,7 @@ class EventRelay:
         last = raw[-1]
         event_id = _text(last[0][0]) if last else "0-0"
         snapshot = Snapshot(at=at, nodes=nodes)
-        return stream_id(event_id) or (0, 0), _frame(SNAPSHOT_EVENT, snapshot.model_dump_json(by_alias=True), event_id)
+        return stream_id(event_id) or (0, 0), _frame(SNAPSHOT_EVENT, snapshot, event_id)
 
     async def history(self, after: str, node: str | None) -> AsyncIterator[tuple[StreamId, bytes]]:
         """The stream's events after `after`, validated and filtered like live ones."""
@@ -274,11 +326,11 @@ class EventRelay:
             for start, raw in entries:
                 try:
                     event = parse_event(raw)
-                except (ValidationError, ValueError):
+                except ValueError:
                     log.warning("dropped malformed pool event %s", start)
                     continue
                 if node is None or event.node == node:
-                    yield stream_id(start) or (0, 0), _frame(SSE_EVENT, event.model_dump_json(by_alias=True), start)
+                    yield stream_id(start) or (0, 0), _frame(SSE_EVENT, event, start)
             if len(entries) < HISTORY_PAGE:
                 return
 
@@ -316,8 +368,8 @@ def _models(fingerprint: str, raw: bytes | None) -> list[ModelInfo]:
     if not raw:
         return []
     try:
-        return [ModelInfo.model_validate(item) for item in json.loads(raw)]
-    except (ValidationError, ValueError, TypeError):
+        return MODEL_LIST.validate_json(raw, extra="ignore")  # lenient like every read of another's writing
+    except ValueError:
         log.warning("node %s has a model list this API cannot read; shown without models", fingerprint)
         return []
 

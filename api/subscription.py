@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,11 @@ async def follow(
                 if message is None:
                     await catch_up()
                 elif message.get("type") == "message":
-                    deliver(message["data"])
-        except (RedisError, OSError) as exc:
+                    try:
+                        deliver(message["data"])
+                    except Exception:  # one bad message must not end the subscription for the process's life
+                        log.exception("a message on the %s channel could not be handled; dropped", what)
+        except Exception as exc:  # Redis and socket errors, or anything else: resubscribe, never give up
             subscribed.clear()
             log.warning("%s subscription lost (%s); resubscribing in %.1fs", what, type(exc).__name__, backoff)
             await asyncio.sleep(backoff)

@@ -2,6 +2,8 @@
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Annotated
@@ -12,6 +14,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.deps import Directory, Reader, Relay
+from broker.errors import ShuttingDown
 from broker.events import stream_id
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
@@ -22,13 +25,21 @@ INCOMPLETE = "ASGI callable returned without completing response."
 
 class CutStreamFilter(logging.Filter):
     """uvicorn logs a response cut short as an error; a dropped slow client's is cut on purpose, and the relay
-    already said why. Swallows one such line per stream we cut, and no other."""
+    already said why. Swallows one such line per stream we cut, logged within a second of the cut, and no other
+    (uvicorn skips the line when the client went at the same moment: an old cut must not hide a later error)."""
 
-    cuts = 0
+    cuts: "deque[float]" = deque()
+
+    @classmethod
+    def cut(cls) -> None:
+        cls.cuts.append(time.monotonic())
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if CutStreamFilter.cuts > 0 and record.getMessage() == INCOMPLETE:
-            CutStreamFilter.cuts -= 1
+        cuts = CutStreamFilter.cuts
+        while cuts and time.monotonic() - cuts[0] > 1.0:
+            cuts.popleft()
+        if cuts and record.getMessage() == INCOMPLETE:
+            cuts.popleft()
             return False
         return True
 
@@ -67,7 +78,7 @@ class EventStreamResponse(StreamingResponse):
         finally:
             await self._frames.aclose()  # type: ignore[attr-defined]
             if self._dropped.is_set():
-                CutStreamFilter.cuts += 1
+                CutStreamFilter.cut()
 
 
 @router.get("/events", response_class=EventStreamResponse)
@@ -82,6 +93,8 @@ async def events(
 
     With `Last-Event-ID` still in the retained history, the missed events come first instead of the snapshot.
     """
+    if relay.closing:
+        raise ShuttingDown("This API process is shutting down; reconnect (with Last-Event-ID) in a moment.")
     if node is not None:
         await directory.get(node)  # 404 for an unknown node, before the stream starts
     sub = relay.open(node)  # before the read below: see api.events

@@ -253,17 +253,66 @@ def test_malformed_events_are_dropped_and_the_relay_goes_on(fleet: Fleet, stream
     s = open_stream(streams, api)
     s.wait(lambda s: s.items)
     first = publish_many(client, 1)
-    for junk in ('{"type": "model-loaded"}', "not json", '{"type": "node-exploded", "node": "x"}'):
-        junk_id = client.xadd(keys.events_stream(), {"event": junk})
-        client.publish(keys.events_channel(), f"{junk_id.decode()}\n{junk}")
-    client.publish(keys.events_channel(), "no id at all")
+    junk = [
+        b'{"type": "model-loaded"}',
+        b"not json",
+        b'{"type": "node-exploded", "node": "x"}',
+        b'{"type": []}',
+        b"\xff\xfe not utf-8",
+        b"[" * 100_000,
+    ]
+    for raw in junk:
+        junk_id = client.xadd(keys.events_stream(), {"event": raw})
+        client.publish(keys.events_channel(), junk_id + b"\n" + raw)
+    # The channel's content is never trusted: a forged id far in the future must not make the relay skip
+    # every real event after it.
+    client.publish(keys.events_channel(), "99999999999999-0\n{}")
+    client.publish(keys.events_channel(), b"\xff no id at all")
     last = publish_many(client, 1, start=1)
     s.wait(lambda s: len(s.changes()) == 2)
     assert s.ids() == first + last
     replayed = open_stream(streams, api, last_event_id=first[0])
     replayed.wait(lambda s: len(s.changes()) == 1)
     assert replayed.ids() == last
-    assert api.alive() and "dropped malformed pool event" in api.log()
+    later = publish_many(client, 1, start=2)
+    s.wait(lambda s: len(s.changes()) == 3)
+    assert s.ids() == first + last + later
+    assert api.alive() and "dropped malformed pool event" in api.log() and "Traceback" not in api.log()
+
+
+def test_a_burst_never_drops_a_client_that_keeps_up(fleet: Fleet, streams: list[Stream]) -> None:
+    """1,500 events back to back against a mailbox of 64: the relay yields between pages, so a reader that
+    keeps up is never pushed over its limit."""
+    client = fleet.redis.client()
+    api = fleet.api(MODELFLEET_SSE_QUEUE_SIZE="64")
+    s = open_stream(streams, api)
+    s.wait(lambda s: s.items)
+    pipe = client.pipeline(transaction=False)
+    bus = EventBus(pipe)
+    for i in range(1500):
+        bus.publish(model_event("model-loaded", FAKE_NODE, fake_model(i)))
+    pipe.execute()
+    s.wait(lambda s: len(s.changes()) == 1500, timeout=60, what="all 1,500 events")
+    assert s.ended is None and [e["modelId"] for e in s.changes()] == [f"m{i}" for i in range(1500)]
+    with api.client() as http:
+        assert "modelfleet_sse_clients_dropped_total 0.0" in http.get("/metrics").text
+
+
+def test_history_lost_under_the_relay_ends_streams_to_resync(fleet: Fleet, streams: list[Stream]) -> None:
+    client = fleet.redis.client()
+    api = fleet.api()
+    s = open_stream(streams, api)
+    s.wait(lambda s: s.items)
+    ids = publish_many(client, 2)
+    s.wait(lambda s: len(s.changes()) == 2)
+    client.delete(keys.events_stream())  # as a Redis restart without persistence would
+    publish_many(client, 1, start=2)
+    s.wait(lambda s: s.ended is not None, what="the stream to end")
+    assert s.ended == "closed" and len(s.changes()) == 2
+    again = open_stream(streams, api, last_event_id=ids[-1])
+    again.wait(lambda s: s.items)
+    assert again.items[0].event == "snapshot"  # the old id is gone: it starts over from where the pool stands
+    assert "event history lost" in api.log()
 
 
 def test_killed_worker_goes_offline_and_comes_back_online(
@@ -378,6 +427,7 @@ def test_a_client_that_never_reads_is_dropped_and_the_others_keep_up(fleet: Flee
         assert "modelfleet_sse_clients_dropped_total 1.0" in metrics
         assert "modelfleet_sse_clients 1.0" in metrics
         assert "fell 16 events behind and was disconnected" in api.log()
+        assert "ASGI callable returned without completing response" not in api.log()  # a cut on purpose
     finally:
         stuck.close()
 
