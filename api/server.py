@@ -7,6 +7,7 @@ stream cleanly (its client reconnects elsewhere with its last id), and the timeo
 
 import asyncio
 import logging
+import socket
 from types import FrameType
 
 import uvicorn
@@ -35,7 +36,19 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(app: FastAPI, *, host: str, port: int, graceful_timeout: float | None) -> None:
+def listening_socket(config: uvicorn.Config, *, dead_peer_after: float) -> socket.socket:
+    """uvicorn's bound socket for `config`, with TCP_USER_TIMEOUT and keep-alive set so that every accepted
+    connection inherits them: a peer that vanished without closing (a laptop lid shut, a cable pulled) leaves
+    its event stream's pings unacknowledged, and the kernel drops the connection `dead_peer_after` seconds
+    later instead of retransmitting for a quarter of an hour."""
+    sock = config.bind_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_peer_after * 1000))
+    return sock
+
+
+def serve(app: FastAPI, *, host: str, port: int, graceful_timeout: float | None, ping_interval: float) -> None:
     config = uvicorn.Config(
         app,
         host=host,
@@ -43,4 +56,5 @@ def serve(app: FastAPI, *, host: str, port: int, graceful_timeout: float | None)
         timeout_graceful_shutdown=int(graceful_timeout) if graceful_timeout is not None else None,
         log_config=None,  # our root handler, with its secret mask, formats uvicorn's records too
     )
-    Server(config, app).run()
+    sock = listening_socket(config, dead_peer_after=max(2 * ping_interval, 5.0))
+    Server(config, app).run(sockets=[sock])

@@ -62,7 +62,13 @@ def cmd_api(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"modelfleet api: {exc}", file=sys.stderr)
         return 2
-    serve(app, host=settings.host, port=settings.port, graceful_timeout=args.graceful_timeout)
+    serve(
+        app,
+        host=settings.host,
+        port=settings.port,
+        graceful_timeout=args.graceful_timeout,
+        ping_interval=settings.sse_ping_interval,
+    )
     return 0
 
 
