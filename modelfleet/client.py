@@ -381,33 +381,46 @@ def _events_request(node: str | None, last_event_id: str | None) -> dict[str, An
     }
 
 
+RETRY_STATUSES = (429, 502, 503, 504)
+"""Answers to a reconnection that mean "not now" (a proxy while the head restarts, a head shutting down or
+without Redis for a moment): retried like a lost connection once the stream has opened, never before."""
+
+
 class _Follower:
     """What both clients' `events` share: the decoder, the request to (re)open the stream, and when to retry."""
 
     def __init__(
         self, url: str, node: str | None, last_event_id: str | None, reconnect: bool, on_retry: EventRetry | None
     ) -> None:
-        self.decoder = SseDecoder()
-        self.decoder.last_event_id = last_event_id
+        self.decoder = SseDecoder(last_event_id)
         self._url, self._node, self._reconnect, self._on_retry = url, node, reconnect, on_retry
         self._opened, self._failures = False, 0
 
     def request(self) -> dict[str, Any]:
+        self.decoder.reset()
         return _events_request(self._node, self.decoder.last_event_id)
 
-    def opened(self, response: httpx.Response) -> None:
-        """Raise the API's refusal of the stream (bad key, unknown node) as for any other call; else note it open."""
-        if response.status_code != 200:  # read by the caller; a 200's body is the stream, not read here
+    def refusal(self, response: httpx.Response) -> ModelfleetClientError | None:
+        """None if the stream opened. A passing refusal of a reconnection is returned, to retry after; any other
+        refusal (bad key, unknown node) is raised as for any other call. The caller has read a refusal's body."""
+        if response.status_code == 200:
+            self._opened, self._failures = True, 0
+            return None
+        try:
             _read(Call("GET", "/api/v1/events", lambda body: None), response)
-        self._opened, self._failures = True, 0
+        except ModelfleetAPIError as exc:
+            if self._reconnect and self._opened and exc.status in RETRY_STATUSES:
+                return exc
+            raise
+        raise UnexpectedResponse(f"GET /api/v1/events answered HTTP {response.status_code} without an error.")
 
-    def retry_after(self, lost: httpx.TransportError | None) -> float | None:
-        """Seconds to wait before reopening a stream that ended (`lost` None) or broke; None to stop there.
-
-        Raises what ends the stream for good: a broken one without `reconnect`, or one that never opened."""
-        if lost is None:
-            error: ModelfleetClientError = ModelfleetConnectionError(STREAM_ENDED)
-        else:
+    def retry_after(
+        self, error: ModelfleetClientError | None, lost: httpx.TransportError | None = None
+    ) -> float | None:
+        """Seconds to wait before reopening a stream that ended (`error` None), broke (`lost`) or was refused for
+        now; None to stop there. Raises what ends the stream for good: a broken one without `reconnect`, or one
+        that never opened."""
+        if lost is not None:
             error = _transport_error(self._url, lost)
             if not (self._reconnect and self._opened):
                 raise error from lost
@@ -417,7 +430,7 @@ class _Follower:
         delay = retry if retry is not None else RECONNECT_DELAYS[min(self._failures, len(RECONNECT_DELAYS) - 1)]
         self._failures += 1
         if self._on_retry is not None:
-            self._on_retry(error, delay)
+            self._on_retry(error or ModelfleetConnectionError(STREAM_ENDED), delay)
         return delay
 
 
@@ -464,13 +477,13 @@ class Client(Endpoints):
                 with self._http.stream("GET", "/api/v1/events", **follower.request()) as response:
                     if response.status_code != 200:
                         response.read()
-                    follower.opened(response)
-                    for line in response.iter_lines():
-                        if (event := follower.decoder.feed(line)) is not None:
-                            yield event
-                delay = follower.retry_after(None)
+                    refused = follower.refusal(response)
+                    if refused is None:
+                        for text in response.iter_text():
+                            yield from follower.decoder.feed_text(text)
+                delay = follower.retry_after(refused)
             except httpx.TransportError as exc:
-                delay = follower.retry_after(exc)
+                delay = follower.retry_after(None, exc)
             if delay is None:
                 return
             time.sleep(delay)
@@ -523,13 +536,14 @@ class AsyncClient(Endpoints):
                 async with self._http.stream("GET", "/api/v1/events", **follower.request()) as response:
                     if response.status_code != 200:
                         await response.aread()
-                    follower.opened(response)
-                    async for line in response.aiter_lines():
-                        if (event := follower.decoder.feed(line)) is not None:
-                            yield event
-                delay = follower.retry_after(None)
+                    refused = follower.refusal(response)
+                    if refused is None:
+                        async for text in response.aiter_text():
+                            for event in follower.decoder.feed_text(text):
+                                yield event
+                delay = follower.retry_after(refused)
             except httpx.TransportError as exc:
-                delay = follower.retry_after(exc)
+                delay = follower.retry_after(None, exc)
             if delay is None:
                 return
             await asyncio.sleep(delay)

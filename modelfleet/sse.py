@@ -1,13 +1,18 @@
 """Reading `GET /api/v1/events`: the Server-Sent Events wire format, decoded line by line into typed events.
 
-`SseDecoder` is transport-free (the sync and async clients feed it the lines httpx gives them) and follows the
-WHATWG rules that matter here: `event:`, `data:` (joined with newlines), `id:`, `retry:`, comments (`:`), and a
-blank line ending each event. A `snapshot` event becomes a `Snapshot`, a `distributed-pool-changed` one a
-`ModelEvent` or `NodeEvent`; an event type or pool-event type this version does not know is passed on with
-`data` None and its JSON in `raw`, so that a newer API does not break an older client's stream.
+`SseDecoder` is transport-free (the sync and async clients feed it the text httpx decodes) and follows the
+WHATWG rules that matter here: lines end at CR, LF or CRLF and nowhere else (not at U+2028 or U+0085, which
+`str.splitlines` would split on); `event:`, `data:` (joined with newlines), `id:`, `retry:`, comments (`:`); a
+blank line dispatches the event, and only then does its id become the last event id, so a connection cut
+mid-event resumes before that event, not after it.
+
+A `snapshot` event becomes a `Snapshot`, a `distributed-pool-changed` one a `ModelEvent` or `NodeEvent`; an
+event type or pool-event type this version does not know is passed on with `data` None and its JSON in `raw`,
+so that a newer API does not break an older client's stream.
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +20,8 @@ from pydantic import ValidationError
 
 from broker.events import SNAPSHOT_EVENT, SSE_EVENT, ModelEvent, NodeEvent, Snapshot, parse_event
 from broker.schemas import read_lenient
+
+LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,32 @@ class StreamEvent:
 class SseDecoder:
     """Turns SSE lines into `StreamEvent`s; remembers the last event id and the server's `retry:` advice."""
 
-    def __init__(self) -> None:
-        self.last_event_id: str | None = None
+    def __init__(self, last_event_id: str | None = None) -> None:
+        self.last_event_id = last_event_id
         self.retry: float | None = None
         """Seconds the server asked a client to wait before reconnecting, if it said."""
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget a half-read event and line: a new connection starts clean."""
         self._kind = ""
         self._data: list[str] = []
+        self._id = self.last_event_id
+        self._partial = ""
+
+    def feed_text(self, text: str) -> list[StreamEvent]:
+        """A chunk of the stream's text, cut anywhere; returns the events it completes."""
+        buffer = self._partial + text
+        events = []
+        pos = 0
+        for match in LINE_END.finditer(buffer):
+            if match.group() == "\r" and match.end() == len(buffer):
+                break  # perhaps the first half of a CRLF: wait for the next chunk
+            if (event := self.feed(buffer[pos : match.start()])) is not None:
+                events.append(event)
+            pos = match.end()
+        self._partial = buffer[pos:]
+        return events
 
     def feed(self, line: str) -> StreamEvent | None:
         """One line, without its line ending; returns the event that a blank line completes."""
@@ -52,7 +79,7 @@ class SseDecoder:
         elif name == "data":
             self._data.append(value)
         elif name == "id" and "\0" not in value:
-            self.last_event_id = value
+            self._id = value
         elif name == "retry" and value.isdigit():
             self.retry = int(value) / 1000
         return None
@@ -60,6 +87,7 @@ class SseDecoder:
     def _dispatch(self) -> StreamEvent | None:
         kind, data = self._kind or "message", self._data
         self._kind, self._data = "", []
+        self.last_event_id = self._id
         if not data:
             return None
         text = "\n".join(data)

@@ -347,3 +347,37 @@ def publish(client: redis.Redis, node: str, start: int, count: int) -> list[str]
         str(bus.publish(model_event("model-loaded", node, info.model_copy(update={"id": f"m{i}"}))))
         for i in range(start, start + count)
     ]
+
+
+def test_events_retry_a_passing_refusal_but_not_a_final_one() -> None:
+    """After the stream has opened, a 503 (a head shutting down, a proxy while it restarts) is retried like a
+    lost connection, resuming after the last id; a 401 ends the stream; before it opened, both raise at once."""
+
+    def stream(event_id: str) -> httpx.Response:
+        info = ModelInfo(id=event_id, path="/m.gguf", healthy=True, state=ModelState.LOADED, size_bytes=1)
+        data = model_event("model-loaded", "e" * 32, info).model_dump_json(by_alias=True)
+        body = f"retry: 10\nevent: distributed-pool-changed\ndata: {data}\nid: {event_id}\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    busy = {"success": False, "error": "shutting down", "code": "shutting_down", "details": {}}
+    denied = {"success": False, "error": "bad key", "code": "unauthenticated", "details": {}}
+    answers = iter([stream("1-0"), httpx.Response(503, json=busy), stream("2-0"), httpx.Response(401, json=denied)])
+    asked_after: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked_after.append(request.headers.get("last-event-id"))
+        return next(answers)
+
+    retries: list[str] = []
+    seen: list[StreamEvent] = []
+    with pytest.raises(ModelfleetAPIError) as final:
+        for item in mocked(httpx.MockTransport(handler)).events(on_retry=lambda e, d: retries.append(e.code)):
+            seen.append(item)
+    assert [e.id for e in seen] == ["1-0", "2-0"] and final.value.status == 401
+    assert asked_after == [None, "1-0", "1-0", "2-0"]
+    assert retries == ["connection_error", "shutting_down", "connection_error"]
+
+    first_busy = httpx.MockTransport(lambda request: httpx.Response(503, json=busy))
+    with pytest.raises(ModelfleetAPIError) as at_once:
+        next(iter(mocked(first_busy).events()))
+    assert at_once.value.code == "shutting_down"

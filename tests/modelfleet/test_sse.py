@@ -58,3 +58,28 @@ def test_blank_lines_without_data_dispatch_nothing_and_the_id_persists() -> None
     assert decode("\n\nid: 7-0\n\n", decoder) == []
     (event,) = decode(f"event: distributed-pool-changed\ndata: {loaded_json()}\n\n", decoder)
     assert event.id == "7-0"  # an event without an id: line keeps the last one (as EventSource does)
+
+
+def test_text_cut_anywhere_and_every_line_ending() -> None:
+    text = f"event: distributed-pool-changed\r\ndata: {loaded_json()}\rid: 2-0\r\n\r\n: ping\n\n"
+    for cut in range(1, len(text)):
+        decoder = SseDecoder()
+        events = decoder.feed_text(text[:cut]) + decoder.feed_text(text[cut:])
+        assert [(e.kind, e.id) for e in events] == [("distributed-pool-changed", "2-0")], cut
+        assert isinstance(events[0].data, ModelEvent)
+
+
+def test_unicode_line_separators_do_not_end_a_line() -> None:
+    """U+2028 and U+0085 are allowed in model ids; only CR and LF end an SSE line."""
+    data = json.dumps({"type": "node-draining", "note": "a\u2028b\x85c"}, ensure_ascii=False)
+    (event,) = SseDecoder().feed_text(f"event: x\ndata: {data}\n\n")
+    assert event.raw["note"] == "a\u2028b\x85c"
+
+
+def test_an_event_cut_before_its_blank_line_is_not_counted_as_received() -> None:
+    decoder = SseDecoder("1-0")
+    assert decoder.feed_text(f"event: distributed-pool-changed\ndata: {loaded_json()}\nid: 2-0\n") == []
+    assert decoder.last_event_id == "1-0"  # the connection breaks here: resume after 1-0, so 2-0 comes again
+    decoder.reset()
+    (event,) = decoder.feed_text(f"event: distributed-pool-changed\ndata: {loaded_json()}\nid: 2-0\n\n")
+    assert event.id == "2-0" and isinstance(event.data, ModelEvent) and decoder.last_event_id == "2-0"
