@@ -25,11 +25,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import psutil
 import redis
 import redis.asyncio as aioredis
-from harness import Processes, fleet_env, free_port, modelfleet_command, ms, quantile, start_redis, wait_until
+from harness import Processes, fleet_env, ms, quantile, start_api, start_redis
 
 from broker import keys
 from broker.events import EventBus, model_event
@@ -208,17 +207,9 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     stack.callback(procs.stop_all)
     started = time.perf_counter()
     url = start_redis(procs)
-    port = free_port()
     env = fleet_env(url, MODELFLEET_API_KEYS=READ_KEY, MODELFLEET_OPERATOR_KEYS="bench-op-" + secrets.token_hex(16))
-    api_proc = procs.start("api", [*modelfleet_command(), "api", "--host", "127.0.0.1", "--port", str(port)], env)
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, procs, "the API")
+    base, api_proc = start_api(procs, env)
+    port = int(base.rsplit(":", 1)[1])
     api = psutil.Process(api_proc.pid)
     print(
         f"processes up in {time.perf_counter() - started:.1f}s; {args.events} events at {args.rate:g}/s per round",

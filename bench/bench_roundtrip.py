@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 import redis
-from harness import Processes, fleet_env, free_port, modelfleet_command, ms, quantile, start_redis, wait_until
+from harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
 
 from broker import keys
 from broker.celery_app import make_celery
@@ -162,19 +162,9 @@ def run(args: argparse.Namespace, stack: ExitStack) -> None:
         [*modelfleet_command(), "worker", "--name", "bench", "--models-dir", str(models), "--state-dir", str(state)],
         env,
     )
-    port = free_port()
-    procs.start("api", [*modelfleet_command(), "api", "--host", "127.0.0.1", "--port", str(port)], env)
-    base = f"http://127.0.0.1:{port}"
     store = redis.Redis.from_url(url)
     wait_until(lambda: store.exists(keys.node_alive(fp)) and " ready." in procs.log("worker"), procs, "the worker")
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, procs, "the API")
+    base, _ = start_api(procs, env)
     print(f"processes up in {time.perf_counter() - started:.1f}s", flush=True)
 
     n, warm = args.iterations, args.warmup

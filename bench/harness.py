@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import psutil
 import redis
 
@@ -102,6 +103,22 @@ def start_redis(procs: Processes) -> str:
 def quantile(samples: list[float], q: int) -> float:
     """The q-th percentile (inclusive method), in seconds."""
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+
+def start_api(procs: Processes, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
+    """`modelfleet api` on a free port, once it answers /healthz: its base URL and process."""
+    port = free_port()
+    proc = procs.start("api", [*modelfleet_command(), "api", "--host", "127.0.0.1", "--port", str(port)], env)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, procs, "the API")
+    return base, proc
 
 
 def fleet_env(redis_url: str, **extra: str) -> dict[str, str]:
