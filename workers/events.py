@@ -77,17 +77,23 @@ class NodeEvents:
 
     def _publish_all(self) -> None:
         while (item := self._queue.get()) is not None:
-            if item.mode == "online":
-                self._online_queued.clear()  # a later check may queue again once this one is on its way
-            self._publish(item)
+            try:
+                self._publish(item)
+            except Exception:  # one event that cannot go out must not stop every later one
+                log.exception("pool event %s could not be published; dropped", item.event.type)
+            finally:
+                if item.mode == "online":
+                    self._online_queued.clear()  # a later check may queue again once this one is done
 
     def _publish(self, item: _Item) -> None:
+        """Publish `item`, retrying what passes (Redis unreachable, loading, read-only during a failover) with a
+        capped backoff; raise what will not (a refused script, a wrong key type) so it is dropped."""
         backoff = 0.1
         while True:
             try:
                 self._bus.publish(item.event, models=item.models, mode=item.mode, boot=self._info.boot_id)
                 return
-            except redis.RedisError as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
                 if self._closing.is_set():
                     log.warning("gave up publishing %s on stop: %s", item.event.type, type(exc).__name__)
                     return

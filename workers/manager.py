@@ -171,7 +171,8 @@ class ModelManager:
                         pending=future,
                     )
                     self._records[model_id] = record
-                    self._emit_locked("model-loading", record)
+                    if old is None:  # a reload announces itself once its old copy is gone (below)
+                        self._emit_locked("model-loading", record)
                     evictions = [(victim, self._begin_unload_locked(victim)) for victim in victims]
                     break
                 if record.state is ModelState.LOADED:
@@ -190,6 +191,8 @@ class ModelManager:
             self._unload_quietly(victim, victim_future)
         if old is not None:
             self._drop_old_copy(old)
+            with self._lock:
+                self._emit_locked("model-loading", record)
         outcome = self._run_load(record, future)
         return replace(outcome, evicted=tuple(victim.model_id for victim, _ in evictions))
 

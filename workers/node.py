@@ -76,12 +76,14 @@ class NodeRuntime:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        # node-offline (stopped) goes out before the alive key does: an API noticing the key gone first would
+        # announce the stop as a lapsed heartbeat.
+        self.events.stopped()
+        self.events.close()
         try:
             self.registrar.release()
         except redis.RedisError as exc:
             log.warning("could not mark node offline on stop: %s", type(exc).__name__)
-        self.events.stopped()
-        self.events.close()
         log.info("node %s stopped", self.fingerprint)
 
     def _beat(self) -> None:
@@ -89,7 +91,8 @@ class NodeRuntime:
         if self.registrar.beat(stats):
             log.warning("heartbeat had lapsed (stalled process?); node %s is online again", self.fingerprint)
         # Every beat, not only on a re-take: a re-announcement lost to a Redis error is made at the next one.
-        self.events.online()
+        if not self._stop.is_set():
+            self.events.online()
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval

@@ -543,3 +543,15 @@ def test_overlapping_loads_are_not_measured() -> None:
     first.join(5)
     second.join(5)
     assert [m.measured_bytes for m in manager.models()] == [None, None]
+
+
+def test_a_forced_reload_announces_the_old_copy_gone_before_the_new_one_loading() -> None:
+    loader = GatedLoader()
+    loader.gate.set()
+    seen, hook = recorder()
+    manager = ModelManager(loader, on_change=hook)
+    manager.load("m", Path("/m.gguf"))
+    seen.clear()
+    manager.load("m", Path("/m.gguf"), force_reload=True)
+    assert [kind for kind, _, _ in seen] == ["model-unloading", "model-unloaded", "model-loading", "model-loaded"]
+    assert seen[-1][2] == [("m", "loaded")]
