@@ -134,7 +134,7 @@ def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: d
     update: dict[str, Any] = {"online": alive, "consuming": alive and consuming == info.boot_id.encode()}
     try:
         update |= _heartbeat(fields.get(b"heartbeat"), now)
-    except (KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # another process's bytes: whatever is wrong with them, the node is still listed
         log.warning("node %s has a heartbeat this API cannot read (%s); shown without it", fingerprint, exc)
     return info.model_copy(update=update)
 

@@ -114,6 +114,12 @@ def test_a_record_from_a_newer_or_broken_node_does_not_break_the_listing(server:
     assert sorted(n.fingerprint for n in nodes) == sorted([FP, "cd" * 16])
     assert next(n for n in nodes if n.fingerprint == FP).models_loaded == 1
 
+    # Heartbeats whose fields have the wrong shape: the node is still listed, without its heartbeat figures.
+    for beat in ({"at": "2026-01-01T00:00:00+00:00", "modelStates": []}, {"at": "x"}, {"rssBytes": 1e400}, []):
+        client.hset(keys.node_info("cd" * 16), "heartbeat", json.dumps(beat))
+        nodes = asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).all())
+        assert "cd" * 16 in {n.fingerprint for n in nodes}, beat
+
 
 def test_consuming_belongs_to_the_boot_that_said_it(server: fakeredis.FakeServer) -> None:
     first = registrar(server, ttl=0.3)
