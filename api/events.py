@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from api.subscription import follow
 from broker import keys
+from broker.errors import ShuttingDown
 from broker.events import (
     SNAPSHOT_EVENT,
     SSE_EVENT,
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 StreamId = tuple[int, int]
 PING = b": ping\n\n"
 HISTORY_PAGE = 500
+STARTUP_READ = 2.0
+"""Seconds the API's start waits for the event stream's end before serving without it (Redis not up yet)."""
 MODEL_LIST: TypeAdapter[list[ModelInfo]] = TypeAdapter(list[ModelInfo])
 
 
@@ -136,7 +139,6 @@ class EventRelay:
         self.ping_interval = ping_interval
         self._subscribers: set[Subscriber] = set()
         self._cursor: StreamId | None = None
-        self._gap_seen_at: StreamId | None = None
         self._page_size = max(1, min(HISTORY_PAGE, queue_size // 2))
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -151,11 +153,11 @@ class EventRelay:
         return len(self._subscribers)
 
     async def start(self) -> None:
-        # The cursor is set before the first request is served: a client's snapshot can then never be older than
-        # where the relay starts relaying. If Redis is not there yet, it is set when Redis answers.
+        # The cursor is set before the first request is served, so a client's snapshot is never older than where
+        # the relay starts relaying; if Redis is not there yet, the first stream request sets it (`ensure_cursor`).
         try:
-            self._cursor = await self._last_id()
-        except (RedisError, OSError) as exc:
+            await asyncio.wait_for(self.ensure_cursor(), STARTUP_READ)
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             log.warning("the event stream cannot be read yet (%s); relaying from when it can", type(exc).__name__)
         self._tasks = [
             asyncio.create_task(self._listen(), name="modelfleet-events"),
@@ -182,6 +184,9 @@ class EventRelay:
         self._subscribers.clear()
 
     def open(self, node: str | None) -> Subscriber:
+        """Register a client; raises ShuttingDown once the process is stopping (its stream would never end)."""
+        if self.closing:
+            raise ShuttingDown("This API process is shutting down; reconnect (with Last-Event-ID) in a moment.")
         sub = Subscriber(node, self._queue_size)
         self._subscribers.add(sub)
         return sub
@@ -219,26 +224,34 @@ class EventRelay:
                 backoff = min(backoff * 2, 2.0)
                 self._wake.set()
 
-    async def _last_id(self) -> StreamId:
-        last = await self._redis.xrevrange(keys.events_stream(), count=1)
-        return (stream_id(_text(last[0][0])) or (0, 0)) if last else (0, 0)
+    async def ensure_cursor(self) -> None:
+        """Start relaying from the stream's end, unless already started. Awaited by every stream request before
+        its snapshot or replay is read, so nothing between the two is missed even if Redis came late."""
+        if self._cursor is None:
+            last = await self._redis.xrevrange(keys.events_stream(), count=1)
+            if self._cursor is None:
+                self._cursor = (stream_id(_text(last[0][0])) or (0, 0)) if last else (0, 0)
 
     async def _relay_new(self) -> None:
         if self._cursor is None:
-            self._cursor = await self._last_id()
+            await self.ensure_cursor()
             return
         while True:
             after = "{}-{}".format(*self._cursor)
             pipe = self._redis.pipeline(transaction=False)
             pipe.xrange(keys.events_stream(), min=after, max=after, count=1)
             pipe.xrange(keys.events_stream(), min=f"({after}", count=self._page_size)
-            at_cursor, entries = await pipe.execute()
-            if not at_cursor and self._cursor != (0, 0) and self._gap_seen_at != self._cursor:
-                # The last event relayed is gone: the history was trimmed (or emptied) past it, and what came
-                # between may be lost. Start everyone over rather than relay a silent gap.
-                self._gap_seen_at = self._cursor
+            pipe.xrevrange(keys.events_stream(), count=1)
+            at_cursor, entries, last = await pipe.execute()
+            if not at_cursor and self._cursor != (0, 0):
+                # The last event relayed is gone: the history was trimmed or emptied past it (a Redis restart
+                # without persistence, a failover), and what came between may be lost. Start everyone over from a
+                # snapshot rather than relay a silent gap, and go on from the stream's end as it is now (a new
+                # stream's ids may even be below the old cursor).
                 log.warning("event history lost past %s; ending %d streams to resync them", after, self.clients)
                 self._end_all()
+                self._cursor = (stream_id(_text(last[0][0])) or (0, 0)) if last else (0, 0)
+                return
             for raw_id, fields in entries:
                 self._relay(_text(raw_id), _text((fields or {}).get(b"event", b"")))
             if len(entries) < self._page_size:
@@ -268,8 +281,8 @@ class EventRelay:
 
     async def _ping(self) -> None:
         """A comment to every client each interval: proxies keep an idle stream open. A client that closed its
-        connection is forgotten at once; one that vanished without closing, once its unacknowledged ping makes
-        the kernel drop the connection (TCP_USER_TIMEOUT, two intervals: see `api.server`)."""
+        connection is forgotten at once; one that vanished without closing, once its next ping has gone
+        unacknowledged for two intervals and the kernel drops the connection (TCP_USER_TIMEOUT: `api.server`)."""
         while True:
             await asyncio.sleep(self.ping_interval)
             for sub in list(self._subscribers):
@@ -345,9 +358,14 @@ class EventRelay:
                 yield first[1]
             if replay_after is not None:
                 cursor = stream_id(replay_after) or cursor
-                async for sid, frame in self.history(replay_after, sub.node):
-                    cursor = sid
-                    yield frame
+                try:
+                    async for sid, frame in self.history(replay_after, sub.node):
+                        cursor = sid
+                        yield frame
+                except (RedisError, OSError) as exc:
+                    # Headers are sent: end the stream cleanly; the client resumes after what it did receive.
+                    log.warning("replaying events failed (%s); ending the stream to be resumed", type(exc).__name__)
+                    return
             # Everything queued since the last write goes out as one: a client that fell behind catches up in
             # fewer, larger sends, so a burst costs less per event, not more.
             while (items := await sub.take()) is not None:
@@ -398,7 +416,7 @@ class OfflineWatcher:
             await asyncio.sleep(self._tick)
             try:
                 await self.check()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis errors mostly; whatever it is, the next tick must still come
                 log.warning("offline check failed: %s", type(exc).__name__)
 
     async def check(self) -> list[str]:

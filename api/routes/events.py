@@ -14,7 +14,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.deps import Directory, Reader, Relay
-from broker.errors import ShuttingDown
 from broker.events import stream_id
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
@@ -93,10 +92,9 @@ async def events(
 
     With `Last-Event-ID` still in the retained history, the missed events come first instead of the snapshot.
     """
-    if relay.closing:
-        raise ShuttingDown("This API process is shutting down; reconnect (with Last-Event-ID) in a moment.")
     if node is not None:
         await directory.get(node)  # 404 for an unknown node, before the stream starts
+    await relay.ensure_cursor()
     sub = relay.open(node)  # before the read below: see api.events
     try:
         if last_event_id is not None and await relay.can_replay(last_event_id):

@@ -312,6 +312,9 @@ def test_history_lost_under_the_relay_ends_streams_to_resync(fleet: Fleet, strea
     again = open_stream(streams, api, last_event_id=ids[-1])
     again.wait(lambda s: s.items)
     assert again.items[0].event == "snapshot"  # the old id is gone: it starts over from where the pool stands
+    after = publish_many(client, 1, start=3)
+    again.wait(lambda s: len(s.changes()) == 1, what="live events after the resync")
+    assert again.ids() == after
     assert "event history lost" in api.log()
 
 
