@@ -50,20 +50,26 @@ class SseDecoder:
         self._kind = ""
         self._data: list[str] = []
         self._id = self.last_event_id
-        self._partial = ""
+        self._partial: list[str] = []
+        self._after_cr = False
 
     def feed_text(self, text: str) -> list[StreamEvent]:
-        """A chunk of the stream's text, cut anywhere; returns the events it completes."""
-        buffer = self._partial + text
+        """A chunk of the stream's text, cut anywhere; returns the events it completes. Linear in the text: a
+        long line (a big pool's snapshot) arriving in many chunks is joined once, when it ends."""
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]  # the LF of a CRLF whose CR ended the previous chunk
+        self._after_cr = False
         events = []
         pos = 0
-        for match in LINE_END.finditer(buffer):
-            if match.group() == "\r" and match.end() == len(buffer):
-                break  # perhaps the first half of a CRLF: wait for the next chunk
-            if (event := self.feed(buffer[pos : match.start()])) is not None:
+        for match in LINE_END.finditer(text):
+            line = "".join([*self._partial, text[pos : match.start()]]) if self._partial else text[pos : match.start()]
+            self._partial = []
+            if (event := self.feed(line)) is not None:
                 events.append(event)
             pos = match.end()
-        self._partial = buffer[pos:]
+            self._after_cr = match.group() == "\r" and pos == len(text)
+        if pos < len(text):
+            self._partial.append(text[pos:])
         return events
 
     def feed(self, line: str) -> StreamEvent | None:
@@ -80,7 +86,7 @@ class SseDecoder:
             self._data.append(value)
         elif name == "id" and "\0" not in value:
             self._id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self.retry = int(value) / 1000
         return None
 
