@@ -2,7 +2,9 @@
 
     ModelfleetError
     ├── InvalidRequest            bad input, rejected before anything is enqueued
-    │   └── InvalidModelId
+    │   ├── InvalidModelId
+    │   ├── ContextLengthExceeded the prompt plus max_tokens does not fit in the model's context
+    │   └── ChatTemplateError     the model's chat template failed on (or refused) these messages
     ├── AuthError
     │   ├── Unauthenticated       missing or wrong key
     │   └── Forbidden             a read-only key asked for a change
@@ -20,7 +22,9 @@
     │   ├── InvalidModelFile
     │   ├── ModelLoadFailed
     │   ├── InsufficientMemory
-    │   └── JobExpired
+    │   ├── JobExpired
+    │   ├── ModelBusy             the model's queue of generations is full; retry after `retry_after` s
+    │   └── GenerationFailed      the backend failed while generating
     ├── NodeLifecycleError        why a worker process cannot (go on) serving its node
     │   ├── DuplicateNode
     │   ├── LostNodeOwnership
@@ -57,6 +61,18 @@ class InvalidModelId(InvalidRequest):
     """The model id is empty, too long, or could escape its directory or URL."""
 
     code = "invalid_model_id"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt plus max_tokens is more than the loaded model's context length."""
+
+    code = "context_length_exceeded"
+
+
+class ChatTemplateError(InvalidRequest):
+    """The model's chat template failed to render these messages, or refused them."""
+
+    code = "chat_template_error"
 
 
 class AuthError(ModelfleetError):
@@ -165,6 +181,18 @@ class JobExpired(NodeError):
     """The job reached the node after its deadline and was not run."""
 
     code = "job_expired"
+
+
+class ModelBusy(NodeError):
+    """The model's bounded queue of generations is full; `details.retry_after` says when to try again."""
+
+    code = "model_busy"
+
+
+class GenerationFailed(NodeError):
+    """The backend failed while generating; the model is marked unhealthy."""
+
+    code = "generation_failed"
 
 
 class NodeLifecycleError(ModelfleetError):

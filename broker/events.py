@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from pydantic import Field, TypeAdapter
 
 from broker import keys
-from broker.schemas import ModelInfo, ModelState, NodeInfo, Schema
+from broker.schemas import ModelInfo, ModelState, NodeInfo, Schema, UnloadReason
 
 DEFAULT_HISTORY = 10_000
 """Events kept in the stream (approximately: trimming is `MAXLEN ~`): what a reconnecting client can replay."""
@@ -58,6 +58,8 @@ class ModelEvent(Schema):
     model: ModelInfo
     error: str | None = None
     """Why the load failed (`model-load-failed` only)."""
+    reason: UnloadReason | None = None
+    """Why it unloads (`model-unloading` and `model-unloaded` only)."""
 
 
 class NodeEvent(Schema):
@@ -104,6 +106,7 @@ def model_event(kind: str, node: str, info: ModelInfo) -> ModelEvent:
     return ModelEvent.model_validate(
         {"type": kind, "node": node, "model_id": info.id, "state": info.state, "at": now(), "model": info}
         | ({"error": info.error} if kind == "model-load-failed" else {})
+        | ({"reason": info.unload_reason} if kind in ("model-unloading", "model-unloaded") else {})
     )
 
 

@@ -86,6 +86,19 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
+class UnloadReason(StrEnum):
+    """Why a model left memory (on `model-unloading` / `model-unloaded`)."""
+
+    REQUESTED = "requested"
+    """An operator's unload (or unload-all)."""
+    EVICTED = "evicted"
+    """Made room for another model's load."""
+    IDLE = "idle"
+    """Unused for longer than its keep-alive."""
+    RELOADED = "reloaded"
+    """Replaced by a fresh copy (`force_reload`)."""
+
+
 class Operation(StrEnum):
     LOAD = "load"
     UNLOAD = "unload"
@@ -113,6 +126,8 @@ class LoadJob(Job):
     """If the model does not fit, unload least recently used, unpinned, loaded models until it does."""
     pin: bool = False
     """Never evict this model (it can still be unloaded explicitly)."""
+    keep_alive: float | None = Field(default=None, ge=0, le=365 * 86400)
+    """Seconds the model may stay unused before it unloads itself; 0 never. None: the node's default."""
 
 
 class UnloadJob(Job):
@@ -150,6 +165,18 @@ class ModelInfo(Schema):
     pinned: bool = False
     # How much the node's memory grew while this model loaded (None if another load overlapped it).
     measured_bytes: int | None = None
+    in_flight: int = 0
+    """Generations running now (at most one per model)."""
+    queued: int = 0
+    """Generations waiting for the one running to finish."""
+    tokens_generated: int = 0
+    """Tokens generated since the model was loaded."""
+    last_used: datetime | None = None
+    """When it last finished or started a generation (or was loaded): what LRU eviction and the idle TTL use."""
+    keep_alive: float | None = None
+    """Seconds unused after which it unloads itself; None: never."""
+    unload_reason: UnloadReason | None = None
+    """Why it is unloading or was unloaded."""
 
 
 class LoadResult(Schema):
@@ -242,6 +269,8 @@ class NodeInfo(Schema):
     pid: int
     started_at: datetime
     queue: str
+    endpoint: str | None = None
+    """The base URL of the node's OpenAI-compatible inference endpoint (None: it serves none)."""
     online: bool = False
     # Online and its Celery consumer is taking jobs (a node is online a moment before it consumes).
     consuming: bool = False

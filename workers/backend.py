@@ -20,14 +20,17 @@ import ctypes
 import functools
 import gc
 import platform
+import random
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ctransformers import LLM, Config
 from ctransformers.lib import find_library
 
-from broker.errors import InvalidModelFile
-from workers.gguf_header import read_header
+from broker.errors import InvalidModelFile, ModelNotLoaded
+from workers.gguf_header import read_header, read_token_texts
+from workers.inference.backend import SamplingParams
 
 GGUF_MAGIC = b"GGUF"
 CTRANSFORMERS_DEFAULT_CONTEXT = 512
@@ -36,6 +39,8 @@ KV_CACHE_BYTES_PER_VALUE = 2
 """llama.cpp in ctransformers 0.2.27 keeps K and V in F16: `llama_context_default_params()` sets `f16_kv = true`,
 and ctransformers does not change it. Measured: eight more layers at 4096 context and embedding 256 added
 32.5 MB of address space beyond the extra weights. F16 predicts 33.5 MB, F32 would be 67 MB."""
+PROMPT_BATCH = 64
+"""Prompt tokens evaluated per call: a cancelled request stops between two batches."""
 
 
 @functools.cache
@@ -115,6 +120,10 @@ class GGUFInfo:
     head_count: int | None
     head_count_kv: int | None
     file_size: int
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    tokens_at: tuple[int, int] | None = None
 
 
 def read_gguf_info(path: Path) -> GGUFInfo:
@@ -156,6 +165,10 @@ def _read_gguf_info(path_text: str, size: int, mtime_ns: int) -> GGUFInfo:
         head_count=facts.head_count,
         head_count_kv=facts.head_count_kv,
         file_size=path.stat().st_size,
+        chat_template=facts.chat_template,
+        bos_token_id=facts.bos_token_id,
+        eos_token_id=facts.eos_token_id,
+        tokens_at=facts.tokens_at,
     )
 
 
@@ -198,13 +211,64 @@ def safe_tokenize(llm: LLM, text: str, *, add_bos: bool = True) -> list[int]:
 
 @dataclass
 class LoadedModel:
-    """A model in memory. `handle` is the ctransformers LLM. `unload` sets it to None."""
+    """A model in memory, served through `workers.inference.backend.InferenceModel`.
+
+    `handle` is the ctransformers LLM; `unload` sets it to None. Not thread-safe (nor is the LLM): the manager's
+    lease makes every call below one at a time.
+    """
 
     handle: LLM | None
     architecture: str
     context_length: int
     gpu_layers: int
     size_bytes: int
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def _llm(self) -> LLM:
+        if self.handle is None:
+            raise ModelNotLoaded("The model was unloaded.")
+        return self.handle
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return safe_tokenize(self._llm(), text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        llm = self._llm()
+        return b"".join(llm.ctransformers_llm_detokenize(i) for i in ids)
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: Callable[[], bool]
+    ) -> Generator[int, None, None]:
+        llm = self._llm()
+        # ctransformers reseeds its sampler with the seed it is given on every call, so one seed per token,
+        # drawn from the request's seed, keeps a seeded answer repeatable without repeating the same draw.
+        draws = random.Random(params.seed)
+        greedy = params.temperature <= 0
+        try:
+            # Keep the cached prefix that this prompt shares with the last one (what `LLM.generate` does).
+            todo = llm.prepare_inputs_for_generation(list(prompt_ids), reset=True)
+            for start in range(0, len(todo), PROMPT_BATCH):
+                if cancelled():
+                    return
+                llm.eval(todo[start : start + PROMPT_BATCH])
+            while True:
+                token = llm.sample(
+                    top_k=1 if greedy else llm.vocab_size,
+                    top_p=1.0 if greedy else params.top_p,
+                    temperature=1.0 if greedy else params.temperature,
+                    repetition_penalty=1.0,
+                    seed=draws.randrange(1 << 31),
+                )
+                if llm.is_eos_token(token):
+                    return
+                yield token
+                # Evaluated only when the caller asks for the next token: a stopped caller costs nothing more.
+                llm.eval([token])
+        except BaseException:
+            llm._context.clear()  # what was evaluated is unknown: the next prompt is evaluated from scratch
+            raise
 
 
 class CTransformersLoader:
@@ -243,12 +307,17 @@ class CTransformersLoader:
                 f"ctransformers could not load {path.name} as a {info.architecture!r} model: either the file is "
                 "damaged or ctransformers 0.2.27 does not support that architecture"
             ) from exc
+        special = [i for i in (info.bos_token_id, info.eos_token_id) if i is not None]
+        texts = read_token_texts(path, info.tokens_at, special) if special else {}
         return LoadedModel(
             handle=llm,
             architecture=info.architecture,
             context_length=llm.context_length,
             gpu_layers=layers,
             size_bytes=info.file_size,
+            chat_template=info.chat_template,
+            bos_token=texts.get(info.bos_token_id, "") if info.bos_token_id is not None else "",
+            eos_token=texts.get(info.eos_token_id, "") if info.eos_token_id is not None else "",
         )
 
     def unload(self, model: LoadedModel) -> None:
@@ -260,10 +329,19 @@ class CTransformersLoader:
         gc.collect()
 
     def check(self, model: LoadedModel) -> bool:
-        """Return True if the model still answers a cheap call (tokenizing one letter), and False otherwise."""
+        """Return True if the model answers: it tokenizes a letter and generates one token from it.
+
+        Not thread-safe, like every call on the model: the manager calls it under the model's lease.
+        """
         if model.handle is None:
             return False
         try:
-            return len(safe_tokenize(model.handle, "a")) > 0
+            ids = model.tokenize("a", add_bos=True)
+            tokens = model.generate(ids, SamplingParams(temperature=0), lambda: False)
+            try:
+                next(tokens, None)  # the end-of-text token is an answer too
+            finally:
+                tokens.close()
+            return len(ids) > 0
         except Exception:  # any failure means the model is not usable, which is the answer
             return False

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -97,6 +98,12 @@ class HeaderFacts:
     embedding_length: int | None
     head_count: int | None
     head_count_kv: int | None
+    chat_template: str | None = None
+    """`tokenizer.chat_template`: the Jinja2 template that turns chat messages into a prompt."""
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    tokens_at: tuple[int, int] | None = None
+    """(file offset of the first string, count) of `tokenizer.ggml.tokens`, for `read_token_texts`."""
 
 
 def read_header(path: Path) -> HeaderFacts:
@@ -164,6 +171,28 @@ class _Stream:
                 raise ValueError(f"string {i} of {what} claims {n} bytes, but the file ends at {size}")
             seek(n, os.SEEK_CUR)
         self.pos = pos
+
+
+def read_token_texts(path: Path, tokens_at: tuple[int, int] | None, ids: Sequence[int]) -> dict[int, str]:
+    """The vocabulary's text of each token id in `ids` (ids outside the vocabulary are left out).
+
+    Walks the token strings from their start up to the largest id asked for: milliseconds even for a 128k
+    vocabulary, and only done once per load.
+    """
+    if tokens_at is None:
+        return {}
+    offset, count = tokens_at
+    wanted = {i for i in ids if 0 <= i < count}
+    found: dict[int, str] = {}
+    with Path(path).open("rb") as f:
+        f.seek(offset)
+        for i in range(max(wanted, default=-1) + 1):
+            (n,) = _U64.unpack(f.read(8))
+            if i in wanted:
+                found[i] = f.read(n).decode(errors="replace")
+            else:
+                f.seek(n, os.SEEK_CUR)
+    return found
 
 
 def _parse(s: _Stream) -> HeaderFacts:
@@ -247,11 +276,31 @@ def _parse(s: _Stream) -> HeaderFacts:
         embedding_length=counts["embedding_length"],
         head_count=counts["attention.head_count"],
         head_count_kv=counts["attention.head_count_kv"],
+        chat_template=_text_or_none(values.get(b"tokenizer.chat_template")),
+        bos_token_id=_int_or_none(types, values, b"tokenizer.ggml.bos_token_id"),
+        eos_token_id=_int_or_none(types, values, b"tokenizer.ggml.eos_token_id"),
+        tokens_at=_tokens_at(values.get(b"tokenizer.ggml.tokens")),
     )
 
 
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int_or_none(types: dict[bytes, int], values: dict[bytes, object], key: bytes) -> int | None:
+    value = values.get(key)
+    return value if types.get(key) in _INTEGERS and isinstance(value, int) else None
+
+
+def _tokens_at(value: object) -> tuple[int, int] | None:
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value[0], value[1]
+    return None
+
+
 def _read_value(s: _Stream, key: bytes, vtype: int) -> object:
-    """Read a scalar value, or `general.architecture`; skip any other string or array and return None."""
+    """Read a scalar value, `general.architecture` or `tokenizer.chat_template`; skip any other string or array
+    and return None, except the vocabulary, whose (offset, count) is returned."""
     scalar = _SCALARS.get(vtype)
     if scalar is not None:
         return scalar.unpack(s.read(scalar.size, f"the value of {_show(key)}"))[0]
@@ -262,6 +311,8 @@ def _read_value(s: _Stream, key: bytes, vtype: int) -> object:
                 return raw.decode()
             except UnicodeDecodeError as exc:
                 raise ValueError(f"general.architecture is not UTF-8: {raw[:40]!r}") from exc
+        if key == b"tokenizer.chat_template":
+            return s.string("tokenizer.chat_template").decode(errors="replace")
         s.skip(s.string_length(f"the value of {_show(key)}"), f"the value of {_show(key)}")
         return None
     if vtype == _ARRAY:
@@ -271,7 +322,10 @@ def _read_value(s: _Stream, key: bytes, vtype: int) -> object:
         if elem_type == _STRING:
             if count * 8 > s.left():
                 raise ValueError(f"{what} claims {count} strings, more than the rest of the file can hold")
+            start = s.pos
             s.skip_strings(count, what)
+            if key == b"tokenizer.ggml.tokens":
+                return (start, count)
         elif elem_type in _SCALARS:
             s.skip(count * _SCALARS[elem_type].size, what)
         elif elem_type == _ARRAY:

@@ -7,6 +7,13 @@ One `ModelRecord` per model. The rules, per model:
 - `models()` answers at once: it takes only the short registry lock, never a model's in-flight operation.
 - a load with `force_reload` of a loaded model drops the old copy and loads afresh, admitted as a new load.
 
+Generations (see `acquire`): one at a time per loaded model, behind a bounded queue (full: ModelBusy). Each
+holds a `Lease`; using a model refreshes its last use. An unload (explicit, idle, or a `force_reload`'s old copy)
+first refuses new generations and wakes the queued ones with ModelNotLoaded, then waits for the running one up to
+the unload's deadline (less `DRAIN_MARGIN`), then stops it (within one token) and waits until it has: the model is
+never freed under a running generation. Eviction only picks idle models. A model whose keep-alive is set unloads
+itself once unused for that long (`reap_idle`, reason `idle`).
+
 Memory admission: a load reserves its estimate under the registry lock before it starts, so two concurrent
 loads cannot both squeeze into the same free space; once loaded it keeps the larger of the estimate and the size
 the backend reports, so the budget never counts a model as smaller than what was admitted.
@@ -17,6 +24,7 @@ new model loads. If evicting every candidate would still not make room, nothing 
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -28,10 +36,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from broker.errors import InsufficientMemory, JobTimeout, ModelfleetError, ModelLoadFailed, ModelNotLoaded
-from broker.schemas import MemoryInfo, ModelInfo, ModelState
+from broker.errors import (
+    InsufficientMemory,
+    JobTimeout,
+    ModelBusy,
+    ModelfleetError,
+    ModelLoadFailed,
+    ModelNotLoaded,
+)
+from broker.schemas import MemoryInfo, ModelInfo, ModelState, UnloadReason
 
 log = logging.getLogger(__name__)
+
+DRAIN_MARGIN = 1.0
+"""Seconds before an unload's deadline at which running generations are stopped, so the reply still makes it."""
+DEFAULT_MAX_QUEUE = 8
 
 
 class Loaded(Protocol):
@@ -73,14 +92,27 @@ class ModelRecord:
     pinned: bool = False
     error: str | None = None
     measured_bytes: int | None = None
+    endpoint: str | None = None
+    keep_alive: float | None = None
+    unload_reason: UnloadReason | None = None
+    in_flight: int = 0
+    queued: int = 0
+    tokens_generated: int = 0
+    generation_seconds: float = 0.0
+    """A moving average of how long one generation holds the model: the `retry_after` of a full queue."""
     handle: Loaded | None = field(default=None, repr=False)
     pending: "Future[Any] | None" = field(default=None, repr=False)
+    leases: "set[Lease]" = field(default_factory=set, repr=False)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_flight or self.queued)
 
     def info(self) -> ModelInfo:
         return ModelInfo(
             id=self.model_id,
             path=str(self.path),
-            endpoint=None,
+            endpoint=self.endpoint if self.state is ModelState.LOADED else None,
             healthy=self.healthy and self.state is ModelState.LOADED,
             state=self.state,
             context_length=self.context_length,
@@ -90,7 +122,50 @@ class ModelRecord:
             error=self.error,
             pinned=self.pinned,
             measured_bytes=self.measured_bytes,
+            in_flight=self.in_flight,
+            queued=self.queued,
+            tokens_generated=self.tokens_generated,
+            last_used=datetime.fromtimestamp(self.last_used, UTC) if self.last_used else None,
+            keep_alive=self.keep_alive,
+            unload_reason=self.unload_reason,
         )
+
+
+class Lease:
+    """The right to run one generation on a loaded model: `model` is the backend's object, to use until released.
+
+    `stopped` turns true when the holder should stop (its client left: `stop()`; or an unload's deadline came);
+    a generation checks it before each token. Release exactly once (or use `with`).
+    """
+
+    def __init__(self, manager: "ModelManager", record: ModelRecord) -> None:
+        self._manager = manager
+        self._record = record
+        self.model_id = record.model_id
+        self.model: Any = record.handle
+        self.tokens = 0
+        self.failed = False
+        self._stop = threading.Event()
+        self._released = False
+        self.started = time.monotonic()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._release(self, self._record)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -117,14 +192,24 @@ class ModelManager:
         clock: Callable[[], float] = time.time,
         on_change: ChangeHook | None = None,
         memory_probe: Callable[[], int] | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        keep_alive: float | None = None,
+        endpoint: str | None = None,
     ) -> None:
         """`memory_probe` reads the process's memory in use (RSS); with it, each load that ran alone is measured
-        and its reservation corrected upwards if the model took more than its estimate."""
+        and its reservation corrected upwards if the model took more than its estimate. `max_queue` generations
+        may wait per model; `keep_alive` is the default idle TTL of a load (None: never); `endpoint` is the
+        node's inference URL, listed with each loaded model."""
         self._loader = loader
+        self._max_queue = max_queue
+        self._keep_alive = keep_alive or None
+        self.endpoint = endpoint
         self._budget = memory_budget
         self._clock = clock
         self._on_change = on_change
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        """Notified when a generation ends or a model starts unloading: what queued generations wait on."""
         self._records: dict[str, ModelRecord] = {}
         self._probe = memory_probe
         self._loads_begun = 0
@@ -145,11 +230,16 @@ class ModelManager:
         force_reload: bool = False,
         evict: bool = False,
         pin: bool = False,
+        keep_alive: float | None = None,
+        deadline: float | None = None,
     ) -> LoadOutcome:
         """Load `model_id` from `path`, or join its load, or answer that it is loaded (see the module rules).
 
         Raises InsufficientMemory (nothing evicted, nothing unloaded) if `estimate_bytes` does not fit.
+        `keep_alive` (seconds, 0: never; None: the node's default) applies to a loaded model too. `deadline`
+        bounds how long a `force_reload` waits for generations on the old copy.
         """
+        ttl = (keep_alive or None) if keep_alive is not None else self._keep_alive
         while True:
             with self._lock:
                 record = self._records.get(model_id)
@@ -169,15 +259,21 @@ class ModelManager:
                         reserved_bytes=estimate_bytes,
                         pinned=pin or (old is not None and old.pinned),
                         pending=future,
+                        endpoint=self.endpoint,
+                        keep_alive=ttl if keep_alive is not None or old is None else old.keep_alive,
                     )
                     self._records[model_id] = record
                     if old is None:  # a reload announces itself once its old copy is gone (below)
                         self._emit_locked("model-loading", record)
-                    evictions = [(victim, self._begin_unload_locked(victim)) for victim in victims]
+                    evictions = [
+                        (victim, self._begin_unload_locked(victim, UnloadReason.EVICTED)) for victim in victims
+                    ]
                     break
                 if record.state is ModelState.LOADED:
                     record.last_used = self._clock()
                     record.pinned = record.pinned or pin
+                    if keep_alive is not None:
+                        record.keep_alive = ttl
                     return LoadOutcome(record.info(), 0.0, already_loaded=True)
                 assert record.pending is not None
                 pending, joining = record.pending, record.state is ModelState.LOADING
@@ -190,7 +286,7 @@ class ModelManager:
         for victim, victim_future in evictions:
             self._unload_quietly(victim, victim_future)
         if old is not None:
-            self._drop_old_copy(old)
+            self._drop_old_copy(old, deadline)
             with self._lock:
                 self._emit_locked("model-loading", record)
         outcome = self._run_load(record, future)
@@ -226,17 +322,22 @@ class ModelManager:
         )
 
     def _evictable_locked(self, *, exclude: str | None = None) -> list[ModelRecord]:
-        """Loaded, unpinned models, least recently used first. Loading and unloading ones are never candidates."""
+        """Loaded, unpinned, idle models, least recently used first. Loading, unloading and busy ones (a generation
+        running or queued) are never candidates."""
         candidates = [
-            r for r in self._records.values() if r.state is ModelState.LOADED and not r.pinned and r.model_id != exclude
+            r
+            for r in self._records.values()
+            if r.state is ModelState.LOADED and not r.pinned and not r.busy and r.model_id != exclude
         ]
         return sorted(candidates, key=lambda r: (r.last_used, r.model_id))
 
-    def _begin_unload_locked(self, record: ModelRecord) -> "Future[ModelInfo]":
+    def _begin_unload_locked(self, record: ModelRecord, reason: UnloadReason) -> "Future[ModelInfo]":
         future: Future[ModelInfo] = Future()
         record.state = ModelState.UNLOADING
+        record.unload_reason = reason
         record.healthy = False
         record.pending = future
+        self._changed.notify_all()  # queued generations give up
         self._emit_locked("model-unloading", record)
         return future
 
@@ -247,11 +348,14 @@ class ModelManager:
             # The record is gone and its reservation released whatever the backend said; the load goes on.
             log.exception("evicting %s failed in the backend", record.model_id)
 
-    def _drop_old_copy(self, old: ModelRecord) -> None:
+    def _drop_old_copy(self, old: ModelRecord, deadline: float | None) -> None:
         """Free the handle of a model being reloaded; its record was already replaced by the new load."""
         with self._lock:
             old.state, old.healthy, old.reserved_bytes = ModelState.UNLOADING, False, 0
+            old.unload_reason = UnloadReason.RELOADED
+            self._changed.notify_all()
             self._emit_locked("model-unloading", old)
+        self._drain(old, deadline)
         handle, old.handle = old.handle, None
         try:
             if handle is not None:
@@ -328,7 +432,7 @@ class ModelManager:
                 if record.state is ModelState.FAILED:
                     raise ModelNotLoaded(f"Model {model_id} is not loaded on this node (its last load failed).")
                 if record.state is ModelState.LOADED:
-                    future = self._begin_unload_locked(record)
+                    future = self._begin_unload_locked(record, UnloadReason.REQUESTED)
                     break
                 assert record.pending is not None
                 pending, joining = record.pending, record.state is ModelState.UNLOADING
@@ -336,7 +440,7 @@ class ModelManager:
             if joining:
                 return pending.result()
             # loading: it is done now, so unload what it loaded (or report that it failed)
-        return self._run_unload(record, future)
+        return self._run_unload(record, future, deadline)
 
     def _wait_until(self, pending: "Future[Any]", deadline: float | None, model_id: str) -> None:
         timeout = None if deadline is None else max(0.0, deadline - self._clock())
@@ -349,8 +453,10 @@ class ModelManager:
         except BaseException:  # noqa: S110 - the caller re-reads the record's state and decides
             pass
 
-    def _run_unload(self, record: ModelRecord, future: "Future[ModelInfo]") -> ModelInfo:
-        """Unload a record that `_begin_unload_locked` marked unloading; releases its reservation."""
+    def _run_unload(self, record: ModelRecord, future: "Future[ModelInfo]", deadline: float | None = None) -> ModelInfo:
+        """Unload a record that `_begin_unload_locked` marked unloading, once no generation runs on it; releases
+        its reservation."""
+        self._drain(record, deadline)
         handle, record.handle = record.handle, None
         try:
             if handle is not None:
@@ -367,6 +473,125 @@ class ModelManager:
                 self._emit_locked("model-unloaded", record)
             future.set_result(info)
         return info
+
+    def _drain(self, record: ModelRecord, deadline: float | None) -> None:
+        """Wait until no generation runs on `record` (marked unloading, so none starts): up to `deadline` less
+        `DRAIN_MARGIN`, then stop the running ones and wait for them to notice (within one token)."""
+        with self._lock:
+            until = None if deadline is None else deadline - DRAIN_MARGIN
+            while record.in_flight:
+                left = None if until is None else until - self._clock()
+                if left is not None and left <= 0:
+                    break
+                self._changed.wait(left)
+            if record.in_flight:
+                log.warning(
+                    "unloading %s: stopping %d running generation(s) at the deadline", record.model_id, record.in_flight
+                )
+                for lease in record.leases:
+                    lease.stop()
+            while record.in_flight:
+                self._changed.wait()
+
+    def acquire(self, model_id: str, *, cancelled: threading.Event | None = None) -> Lease:
+        """Take the model for one generation, waiting in its queue while another runs.
+
+        Raises ModelNotLoaded if it is not loaded (or starts unloading while this waits), ModelBusy (with
+        `retry_after` seconds) if its queue is full, and GenerationCancelled if `cancelled` is set while this
+        waits (set it, then call `wake()`).
+        """
+        with self._lock:
+            record = self._servable_locked(model_id)
+            if record.in_flight:
+                if record.queued >= self._max_queue:
+                    retry = max(1, min(60, math.ceil(record.generation_seconds * (record.queued + 1))))
+                    raise ModelBusy(
+                        f"Model {model_id} is busy: one generation is running and {record.queued} are queued, "
+                        f"the most this node queues per model. Retry after {retry}s, or use another replica.",
+                        retry_after=retry,
+                    )
+                record.queued += 1
+                try:
+                    while record.in_flight and record.state is ModelState.LOADED:
+                        if cancelled is not None and cancelled.is_set():
+                            raise GenerationCancelled(model_id)
+                        self._changed.wait()
+                finally:
+                    record.queued -= 1
+                if cancelled is not None and cancelled.is_set():
+                    raise GenerationCancelled(model_id)
+                record = self._servable_locked(model_id, record)
+            record.in_flight += 1
+            record.last_used = self._clock()
+            lease = Lease(self, record)
+            record.leases.add(lease)
+            return lease
+
+    def try_acquire(self, model_id: str) -> Lease | None:
+        """The model's lease if it is loaded and idle right now, else None (never waits, never queues)."""
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is None or record.state is not ModelState.LOADED or record.busy:
+                return None
+            record.in_flight += 1
+            lease = Lease(self, record)
+            record.leases.add(lease)
+            return lease
+
+    def _servable_locked(self, model_id: str, expected: ModelRecord | None = None) -> ModelRecord:
+        record = self._records.get(model_id)
+        if record is None or (expected is not None and record is not expected):
+            raise ModelNotLoaded(f"Model {model_id} is not loaded on this node.")
+        if record.state is not ModelState.LOADED:
+            doing = {ModelState.LOADING: "still loading", ModelState.UNLOADING: "being unloaded"}
+            raise ModelNotLoaded(
+                f"Model {model_id} is {doing.get(record.state, 'not loaded')} on this node.", state=record.state.value
+            )
+        return record
+
+    def wake(self) -> None:
+        """Wake queued generations, so that one whose `cancelled` event was set gives up its place."""
+        with self._lock:
+            self._changed.notify_all()
+
+    def _release(self, lease: Lease, record: ModelRecord) -> None:
+        with self._lock:
+            record.in_flight -= 1
+            record.leases.discard(lease)
+            record.tokens_generated += lease.tokens
+            now = self._clock()
+            if lease.tokens or lease.failed:  # a health check is not a use
+                record.last_used = now
+                took = time.monotonic() - lease.started
+                avg = record.generation_seconds
+                record.generation_seconds = took if not avg else 0.8 * avg + 0.2 * took
+            if record.state is ModelState.LOADED:
+                # A generation that ran is the best health check there is; a failed one marks the model unwell.
+                record.healthy = not lease.failed if (lease.tokens or lease.failed) else record.healthy
+            self._changed.notify_all()
+
+    def reap_idle(self) -> list[str]:
+        """Unload every model unused for longer than its keep-alive (reason `idle`); returns their ids."""
+        now = self._clock()
+        with self._lock:
+            idle = [
+                r
+                for r in self._records.values()
+                if r.state is ModelState.LOADED
+                and r.keep_alive is not None
+                and not r.busy
+                and now - r.last_used >= r.keep_alive
+            ]
+            futures = [(r, self._begin_unload_locked(r, UnloadReason.IDLE)) for r in idle]
+        for record, future in futures:
+            log.info(
+                "unloading %s: unused for %.0fs (keep-alive %.0fs)",
+                record.model_id,
+                now - record.last_used,
+                record.keep_alive or 0,
+            )
+            self._unload_quietly(record, future)
+        return [r.model_id for r, _ in futures]
 
     def unload_all(self, *, deadline: float | None = None) -> tuple[list[str], list[tuple[str, ModelfleetError]]]:
         """Unload every model; failed records are cleared too. Returns (unloaded ids, failures)."""
@@ -415,14 +640,21 @@ class ModelManager:
             return record.info() if record else None
 
     def check_health(self) -> None:
-        """Ask the backend about every loaded model; `healthy` reflects the last answer."""
+        """Ask the backend about every idle loaded model, under its lease (never beside a generation); `healthy`
+        reflects the last answer. A busy model is skipped: its generations say whether it answers."""
         with self._lock:
-            loaded = [(r, r.handle) for r in self._records.values() if r.state is ModelState.LOADED]
-        for record, handle in loaded:
-            ok = handle is not None and self._loader.check(handle)
-            with self._lock:
-                if record.state is ModelState.LOADED:
-                    record.healthy = ok
+            ids = [r.model_id for r in self._records.values() if r.state is ModelState.LOADED]
+        for model_id in ids:
+            lease = self.try_acquire(model_id)
+            if lease is None:
+                continue
+            try:
+                ok = lease.model is not None and self._loader.check(lease.model)
+                with self._lock:
+                    if lease._record.state is ModelState.LOADED:
+                        lease._record.healthy = ok
+            finally:
+                lease.release()
 
     def stats(self) -> dict[str, Any]:
         """The heartbeat's figures, read under one lock so they agree with each other."""
@@ -455,6 +687,10 @@ class ModelManager:
             self._on_change(kind, record.info(), self._models_locked())
         except Exception:
             log.exception("pool event %s for %s could not be queued", kind, record.model_id)
+
+
+class GenerationCancelled(Exception):
+    """A queued generation's caller gave up before its turn came (never shown to anyone: the caller left)."""
 
 
 def _wait_quietly(future: "Future[Any]") -> None:

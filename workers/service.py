@@ -44,6 +44,8 @@ class NodeService:
             force_reload=job.force_reload,
             evict=job.evict,
             pin=job.pin,
+            keep_alive=job.keep_alive,
+            deadline=job.deadline,
         )
         return self._load_result(job, outcome)
 

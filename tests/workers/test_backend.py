@@ -22,6 +22,7 @@ from workers.backend import (
     safe_tokenize,
 )
 from workers.gguf_factory import write_not_gguf, write_tiny_llama, write_truncated_gguf
+from workers.gguf_header import read_token_texts
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K.gguf"
 MB = 1_000_000
@@ -62,7 +63,8 @@ def test_choose_lib_names_a_build_once_per_process() -> None:
 
 
 def test_header_of_a_generated_llama(tiny: Path) -> None:
-    assert read_gguf_info(tiny) == GGUFInfo(
+    info = read_gguf_info(tiny)
+    assert info == GGUFInfo(
         architecture="llama",
         context_length=128,
         block_count=2,
@@ -70,7 +72,11 @@ def test_header_of_a_generated_llama(tiny: Path) -> None:
         head_count=4,
         head_count_kv=2,
         file_size=tiny.stat().st_size,
+        bos_token_id=1,
+        eos_token_id=2,
+        tokens_at=info.tokens_at,
     )
+    assert read_token_texts(tiny, info.tokens_at, [2, 1, 10_000]) == {1: "<s>", 2: "</s>"}
     reader = gguf.GGUFReader(tiny)
     description = reader.get_field("general.description")
     assert description is not None

@@ -37,7 +37,19 @@ def facts_from_gguf_reader(path: Path) -> HeaderFacts:
         embedding_length=value(f"{architecture}.embedding_length"),
         head_count=value(f"{architecture}.attention.head_count"),
         head_count_kv=value(f"{architecture}.attention.head_count_kv"),
+        chat_template=value("tokenizer.chat_template"),
+        bos_token_id=value("tokenizer.ggml.bos_token_id"),
+        eos_token_id=value("tokenizer.ggml.eos_token_id"),
+        tokens_at=tokens_at(reader),
     )
+
+
+def tokens_at(reader: gguf.GGUFReader) -> tuple[int, int] | None:
+    field = reader.get_field("tokenizer.ggml.tokens")
+    if field is None:
+        return None
+    # parts: key length, key, value type, element type, count, then (length, bytes) per token
+    return int(field.offset) + sum(p.nbytes for p in field.parts[:5]), len(field.data)
 
 
 def data_end(path: Path) -> int:

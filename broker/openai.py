@@ -1,0 +1,293 @@
+"""The OpenAI wire format of the inference routes, shared by the nodes (which answer) and the head (which proxies).
+
+These follow OpenAI's API reference for `POST /v1/completions`, `POST /v1/chat/completions` and their
+Server-Sent Event chunks, so openai-python, LangChain and curl work unchanged. Unlike `broker.schemas`, they are
+snake_case on the wire (OpenAI's spelling) and requests ignore fields they do not know: clients send options
+such as `user` or `logit_bias` routinely, and an unknown field must not fail a request that would otherwise work.
+Options that change what is generated and that no backend here implements are refused by `unsupported()`.
+
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`ErrorBody`); `code` is the
+modelfleet error code (`broker.errors`), `type` OpenAI's coarse class of it (`error_type`).
+"""
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from broker.schemas import ModelInfo
+
+MAX_STOP_SEQUENCES = 4
+"""OpenAI's own limit on `stop`."""
+MAX_STOP_LENGTH = 256
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send one more chunk before `data: [DONE]`, with empty `choices` and the request's `usage`."""
+
+
+class _Sampling(_Request):
+    """What both kinds of request share."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    """0 is greedy: always the most likely token (same answer every time)."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None = None
+    n: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
+        if isinstance(value, str) and not 0 < len(value) <= MAX_STOP_LENGTH:
+            raise ValueError(f"a stop sequence has 1 to {MAX_STOP_LENGTH} characters")
+        return value
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def unsupported(self) -> str | None:
+        """Why this request asks for something no backend here does, or None. A sentence for a 400."""
+        if self.n is not None and self.n > 1:
+            return f"n={self.n} is not supported: each request generates one choice; send {self.n} requests."
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty and frequency_penalty are not supported; leave them out or at 0."
+        if self.logit_bias:
+            return "logit_bias is not supported."
+        if self.logprobs not in (None, False, 0):
+            return "logprobs are not supported."
+        return None
+
+
+class CompletionRequest(_Sampling):
+    """`POST /v1/completions`: continue a prompt."""
+
+    prompt: str | list[str] | list[int]
+    """Text, a list holding one text, or token ids of the model's own vocabulary."""
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def unsupported(self) -> str | None:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
+            return f"a list of {len(self.prompt)} prompts is not supported: send one prompt per request."
+        if self.echo:
+            return "echo is not supported."
+        if self.suffix:
+            return "suffix (insertion) is not supported."
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of is not supported."
+        return super().unsupported()
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    """One message of a conversation. `content` may be OpenAI's list of parts; only text parts are accepted."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """`POST /v1/chat/completions`: answer a conversation, rendered through the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """OpenAI's newer name for `max_tokens`; the smaller wins when both are given."""
+
+    @property
+    def token_limit(self) -> int | None:
+        limits = [x for x in (self.max_tokens, self.max_completion_tokens) if x is not None]
+        return min(limits) if limits else None
+
+
+# Answers.
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Usage(_Answer):
+    """Tokens counted with the model's own tokenizer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def chat_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def created_now() -> int:
+    return int(time.time())
+
+
+class CompletionChoice(_Answer):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(_Answer):
+    """The answer of `/v1/completions`; also each streamed chunk (same `object`, as OpenAI sends it)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class AssistantMessage(_Answer):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Answer):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(_Answer):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(_Answer):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Answer):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_Answer):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ErrorDetail(_Answer):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorBody(_Answer):
+    """OpenAI's error shape; also the `data:` of an error event in a stream that already started."""
+
+    error: ErrorDetail
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `type` for an HTTP status (openai-python keys its exception classes on the status, not this)."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(message=message, type=error_type(status), param=param, code=code))
+
+
+class ModelCard(ModelInfo):
+    """A model as `GET /v1/models` lists it: modelfleet's record plus OpenAI's `object`, `created`, `owned_by`."""
+
+    object: Literal["model"] = Field(default="model", alias="object")
+    created: int = Field(default=0, alias="created")
+    owned_by: str = Field(default="modelfleet", alias="owned_by")
+
+
+class ModelCardList(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_data(answer: BaseModel) -> bytes:
+    """One Server-Sent Event carrying `answer` as JSON, as OpenAI streams it."""
+    return b"data: " + answer.model_dump_json().encode() + b"\n\n"

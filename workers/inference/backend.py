@@ -1,0 +1,57 @@
+"""What a backend's loaded model must offer to be served: the whole contract between the routes and a backend.
+
+A backend (ctransformers in `workers.backend`, llama.cpp next) implements `InferenceModel` on the object its
+loader returns. Everything above token ids is generic and lives in `workers.inference.text`: incremental UTF-8
+decoding, stop strings, `max_tokens` and `finish_reason`, usage counting, cancellation, chat templates.
+
+Rules a backend follows:
+- One call at a time per model: the manager's lease serializes every call below, so a backend needs no lock.
+- `generate` yields sampled token ids one by one and returns (without yielding it) at an end-of-generation
+  token. It never evaluates more than the caller consumes: the next token is computed only when asked for, so
+  a caller that stops iterating (or closes the generator) costs at most the token in progress.
+- `temperature == 0` means greedy decoding; `seed` makes sampling repeatable; `top_p` is nucleus sampling.
+- The caller guarantees `len(prompt_ids) + tokens asked for <= context_length`.
+"""
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    """None: a different draw every request."""
+
+
+@runtime_checkable
+class InferenceModel(Protocol):
+    """A loaded model that can tokenize and generate. See the module docstring for the rules."""
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's `tokenizer.chat_template` (Jinja2), or None if it has none."""
+
+    @property
+    def bos_token(self) -> str:
+        """The text of the BOS token, for chat templates (`bos_token`); "" if unknown."""
+
+    @property
+    def eos_token(self) -> str:
+        """The text of the EOS token, for chat templates (`eos_token`); "" if unknown."""
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        """The bytes of these tokens (a multi-byte character may be split across tokens)."""
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: Callable[[], bool]
+    ) -> Generator[int, None, None]: ...

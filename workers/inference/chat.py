@@ -1,0 +1,83 @@
+"""Chat messages to a prompt, through the model's own `tokenizer.chat_template`, as llama.cpp and transformers do.
+
+The template comes from the model file, so it is untrusted code: it is rendered in Jinja2's
+`ImmutableSandboxedEnvironment` (no attribute access to internals, no mutation of the messages), with the
+variables and helpers that Hugging Face templates expect (`messages`, `add_generation_prompt`, `bos_token`,
+`eos_token`, `raise_exception`, `strftime_now`).
+
+A model without a template gets `PLAIN_TEMPLATE`, which writes each message as `Role: content` on its own
+line and ends with `Assistant:`; its answers stop at `PLAIN_STOP` (the model starting the user's next turn).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NoReturn
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from broker.errors import ChatTemplateError
+from broker.openai import ChatMessage
+
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{{ message.role | capitalize }}: {{ message.content }}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PLAIN_STOP = ("\nUser:",)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str
+    """The rendered prompt, without a leading BOS text (the tokenizer adds BOS itself)."""
+    stop: tuple[str, ...]
+    """Stop strings the template implies (the plain template's next turn); the request's own come on top."""
+
+
+def _raise(message: str) -> NoReturn:
+    raise ChatTemplateError(f"The model's chat template refused these messages: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+_ENV.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
+
+
+def render_chat(
+    messages: Sequence[ChatMessage], *, template: str | None, bos_token: str = "", eos_token: str = ""
+) -> ChatPrompt:
+    """Render `messages` for the model; raises ChatTemplateError if the template fails or refuses them."""
+    source = template if template else PLAIN_TEMPLATE
+    plain = not template
+    payload: list[dict[str, Any]] = [{"role": m.role, "content": m.text} for m in messages]
+    try:
+        text = _compile(source).render(
+            messages=payload, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
+        )
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"The model's chat template failed: {type(exc).__name__}: {exc}") from exc
+    if bos_token and text.startswith(bos_token):
+        text = text[len(bos_token) :]
+    return ChatPrompt(text=text, stop=PLAIN_STOP if plain else ())
+
+
+_COMPILED: dict[str, jinja2.Template] = {}
+
+
+def _compile(source: str) -> jinja2.Template:
+    # A model's template is rendered on every chat request; compiling it takes longer than rendering it.
+    compiled = _COMPILED.get(source)
+    if compiled is None:
+        if len(_COMPILED) > 64:
+            _COMPILED.clear()
+        try:
+            compiled = _COMPILED[source] = _ENV.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"The model's chat template does not compile: {exc}") from exc
+    return compiled
