@@ -10,10 +10,15 @@ from fastapi import FastAPI
 from api.auth import KeyRing
 from api.errors import install_error_handlers
 from api.events import EventRelay, OfflineWatcher
+from api.inflight import InFlight
 from api.jobs import JobClient
 from api.metrics import Metrics
+from api.pool import Pool
+from api.proxy import NodeProxy, node_auth, node_http_client
 from api.replies import ReplyWaiter
 from api.routes import events, health, metrics, models, nodes
+from api.routing import Router
+from api.schemas import PoolLoadRequest
 from api.settings import ApiSettings
 from broker import __version__
 from broker.celery_app import make_celery
@@ -53,13 +58,26 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         app.state.relay = relay
         app.state.metrics.watch_relay(relay)
+        fleet = Pool(directory, app.state.jobs, settings)
+
+        async def load(model_id: str) -> object:
+            return await fleet.load(PoolLoadRequest(model_name=model_id, evict=settings.on_demand_evict))
+
+        router = Router(client, directory, load, on_demand=settings.load_on_demand, load_timeout=settings.load_timeout)
+        inflight = InFlight(client, lease=settings.inflight_lease)
+        http = node_http_client(settings)
+        app.state.proxy = NodeProxy(http, inflight, router, app.state.metrics.inference, node_auth(settings))
+        app.state.metrics.watch_inference(router)
         await waiter.start()
         await relay.start()
         await watcher.start()
+        await inflight.start()
         log.info("API ready; redis %s", settings.safe_redis_url)
         try:
             yield
         finally:
+            await inflight.stop()
+            await http.aclose()
             await watcher.stop()
             await relay.stop()
             await waiter.stop()

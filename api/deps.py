@@ -9,6 +9,7 @@ from api.events import EventRelay
 from api.jobs import JobClient
 from api.metrics import Metrics
 from api.pool import Pool
+from api.proxy import NodeProxy
 from api.settings import ApiSettings
 from broker.registry import NodeDirectory
 
@@ -37,6 +38,10 @@ def get_metrics(request: Request) -> Metrics:
     return _state(request).metrics
 
 
+def get_proxy(request: Request) -> NodeProxy:
+    return _state(request).proxy
+
+
 def get_pool(request: Request) -> Pool:
     state = _state(request)
     return Pool(state.directory, state.jobs, state.settings)
@@ -61,5 +66,6 @@ Jobs = Annotated[JobClient, Depends(get_jobs)]
 Relay = Annotated[EventRelay, Depends(get_relay)]
 AppMetrics = Annotated[Metrics, Depends(get_metrics)]
 Fleet = Annotated[Pool, Depends(get_pool)]
+Proxy = Annotated[NodeProxy, Depends(get_proxy)]
 Reader = Annotated[Scope, Depends(require_read)]
 Operator = Annotated[Scope, Depends(require_operator)]

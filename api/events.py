@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from api.subscription import follow
@@ -46,8 +46,7 @@ from broker.events import (
     parse_event,
     stream_id,
 )
-from broker.registry import NodeDirectory, parse_node
-from broker.schemas import ModelInfo
+from broker.registry import NodeDirectory, parse_models, parse_node
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ PING = b": ping\n\n"
 HISTORY_PAGE = 500
 STARTUP_READ = 2.0
 """Seconds the API's start waits for the event stream's end before serving without it (Redis not up yet)."""
-MODEL_LIST: TypeAdapter[list[ModelInfo]] = TypeAdapter(list[ModelInfo])
 
 
 @dataclass(eq=False)
@@ -325,7 +323,7 @@ class EventRelay:
             fields, alive = raw[1 + 2 * i], bool(raw[2 + 2 * i])
             info = parse_node(fp, fields, alive, at)
             if info is not None:
-                nodes.append(NodeState(**dict(info), models=_models(fp, fields.get(b"models"))))
+                nodes.append(NodeState(**dict(info), models=parse_models(fp, fields.get(b"models"))))
         last = raw[-1]
         event_id = _text(last[0][0]) if last else "0-0"
         snapshot = Snapshot(at=at, nodes=nodes)
@@ -380,16 +378,6 @@ class EventRelay:
                     yield b"".join(batch)
         finally:
             self.close(sub)
-
-
-def _models(fingerprint: str, raw: bytes | None) -> list[ModelInfo]:
-    if not raw:
-        return []
-    try:
-        return MODEL_LIST.validate_json(raw, extra="ignore")  # lenient like every read of another's writing
-    except ValueError:
-        log.warning("node %s has a model list this API cannot read; shown without models", fingerprint)
-        return []
 
 
 class OfflineWatcher:

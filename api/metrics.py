@@ -1,28 +1,32 @@
 """`GET /metrics`: the fleet and the API's jobs in Prometheus form, through `prometheus-client`.
 
 Each app has its own `CollectorRegistry`, so several apps can live in one process (the tests build many).
-Two kinds of series:
+Three kinds of series:
 
 - job counts and durations, recorded by `JobClient.run` around every job it sends to a node:
   `modelfleet_jobs_total` and `modelfleet_job_duration_seconds`, labelled by `operation` (load, unload,
   unload_all, list, catalog) and `outcome` (`ok`, or the error's stable code);
 - gauges read from the node registry at scrape time (`FleetCollector`): nodes registered and online, and per
-  online node its models by state and its memory budget and use, as its last heartbeat reported them.
+  online node its models by state and its memory budget and use, as its last heartbeat reported them, and the
+  inference requests in flight to it from every API process (`api.inflight`);
+- inference (`InferenceMetrics`), recorded by the proxy: requests by model and outcome, time to first token and
+  tokens per second per model, this API's requests in flight and waiting for a load on demand.
 
 A Prometheus collector is synchronous and the registry is read with async Redis calls, so the route reads the
 directory first and hands the snapshot to the collector just before generating; both happen without an await
 between them, so concurrent scrapes cannot see each other's snapshot.
 
 No label carries user input: operations come from a fixed set, outcomes from the error tree's codes, nodes
-from the registry their workers wrote. Model ids never appear.
+from the registry their workers wrote, model ids only once a replica served the model.
 """
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -30,6 +34,7 @@ from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
     from api.events import EventRelay
+    from api.routing import Router
 
 from broker import __version__
 from broker.errors import ERRORS_BY_CODE, BrokerUnavailable, InternalError, ModelfleetError, NodeError
@@ -48,6 +53,7 @@ class FleetCollector(Collector):
 
     def __init__(self) -> None:
         self.nodes: list[NodeInfo] = []
+        self.in_flight: dict[str, int] = {}
 
     def collect(self) -> Iterator[Metric]:
         nodes = self.nodes
@@ -71,6 +77,11 @@ class FleetCollector(Collector):
         rss = GaugeMetricFamily(
             "modelfleet_node_rss_bytes", "Resident memory of an online node's worker.", labels=labels
         )
+        flight = GaugeMetricFamily(
+            "modelfleet_node_inference_in_flight",
+            "Inference requests the heads are proxying to an online node, counted across every API process.",
+            labels=labels,
+        )
         for node in nodes:
             ids = [node.fingerprint, node.name]
             up.add_metric(ids, 1 if node.online else 0)
@@ -84,7 +95,8 @@ class FleetCollector(Collector):
                 budget.add_metric(ids, node.memory_budget_bytes)
             used.add_metric(ids, node.memory_used_bytes)
             rss.add_metric(ids, node.rss_bytes)
-        yield from (up, age, models, budget, used, rss)
+            flight.add_metric(ids, self.in_flight.get(node.fingerprint, 0))
+        yield from (up, age, models, budget, used, rss, flight)
 
         info = InfoMetricFamily("modelfleet_api", "The API's version.")
         info.add_metric([], {"version": __version__})
@@ -145,6 +157,11 @@ class Metrics:
         )
         self.fleet = FleetCollector()
         self.registry.register(self.fleet)
+        self.inference = InferenceMetrics(self.registry)
+
+    def watch_inference(self, router: "Router") -> None:
+        """Expose the head's queue (requests waiting for a load on demand), read at scrape time."""
+        self.inference.waiting.set_function(lambda: router.waiting)
 
     def watch_relay(self, relay: "EventRelay") -> None:
         """Expose the event relay's clients and totals, read at scrape time."""
@@ -165,8 +182,101 @@ class Metrics:
             self.jobs.labels(operation, outcome).inc()
             self.job_seconds.labels(operation, outcome).observe(time.perf_counter() - started)
 
-    def render(self, nodes: list[NodeInfo], accept: str | None) -> tuple[bytes, str]:
+    def render(
+        self, nodes: list[NodeInfo], accept: str | None, in_flight: dict[str, int] | None = None
+    ) -> tuple[bytes, str]:
         """The exposition for this snapshot of the fleet, in the format the scraper accepts, and its type."""
         encode, content_type = choose_encoder(accept or "")
         self.fleet.nodes = nodes
+        self.fleet.in_flight = in_flight or {}
         return encode(self.registry), content_type
+
+
+# Inference: from a token every few milliseconds to a long answer.
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+_USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+NO_MODEL = ""
+"""The model label of a request refused before a replica was found: user input never becomes a label."""
+
+
+class InferenceMetrics:
+    """The head's inference series. The model label is set only once a replica served the model, so it comes
+    from the fleet's models, never from what a caller typed."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "modelfleet_inference_requests",
+            "Inference requests through the head, by model and outcome (ok, an error code, http_<status>).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "modelfleet_inference_time_to_first_token_seconds",
+            "Time from a streamed request's arrival to its first token leaving the head.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.rate = Histogram(
+            "modelfleet_inference_tokens_per_second",
+            "Completion tokens per second of each answer, after its first token for a stream.",
+            ["model"],
+            buckets=RATE_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "modelfleet_inference_in_flight", "Requests this API is proxying now.", ["model"], registry=registry
+        )
+        self.waiting = Gauge(
+            "modelfleet_inference_waiting",
+            "Requests this API holds until their model is loaded on demand (its queue).",
+            registry=registry,
+        )
+
+    def refused(self, outcome: str) -> None:
+        self.requests.labels(NO_MODEL, outcome).inc()
+
+    def tally(self, model: str, started: float, *, stream: bool) -> "Tally":
+        return Tally(self, model, started, stream)
+
+
+class Tally:
+    """One answer's figures as it passes through: when its first token left, and how many tokens it had."""
+
+    def __init__(self, metrics: InferenceMetrics, model: str, started: float, stream: bool) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._started = started
+        self._stream = stream
+        self._first_at: float | None = None
+        self._events = 0
+        self._tail = b""
+
+    def first(self, chunk: bytes) -> None:
+        self._first_at = time.perf_counter()
+        if self._stream:
+            self._metrics.ttft.labels(self._model).observe(self._first_at - self._started)
+        self.chunk(chunk)
+
+    def chunk(self, chunk: bytes) -> None:
+        # Cheap on the hot path: count event starts, keep only the tail, where a usage figure would be.
+        self._events += chunk.count(b"data: {")
+        self._tail = (self._tail + chunk)[-2048:]
+
+    def tokens(self) -> int:
+        found = _USAGE.findall(self._tail)
+        if found:
+            return int(found[-1])
+        # No usage asked for: one event per token, plus the closing one with the finish reason.
+        return max(self._events - 1, 0) if self._stream else 0
+
+    def done(self, outcome: str) -> None:
+        self._metrics.requests.labels(self._model, outcome).inc()
+        if outcome != "ok" or self._first_at is None:
+            return
+        tokens = self.tokens()
+        since = self._first_at if self._stream else self._started
+        elapsed = time.perf_counter() - since
+        if tokens > 1 and elapsed > 0:
+            self._metrics.rate.labels(self._model).observe(tokens / elapsed)

@@ -29,6 +29,8 @@ from broker.registry import NodeDirectory
 from broker.schemas import LoadResult, ModelList, ModelState, NodeCatalog, NodeInfo, UnloadAllResult
 
 Outcome = dict[str, Any] | ModelfleetError
+OWNER = "modelfleet"
+"""OpenAI's `owned_by` of every model the pool lists."""
 
 
 @dataclass
@@ -261,10 +263,14 @@ def model_entries(views: list[NodeView]) -> list[dict[str, Any]]:
         files = [(v, f) for v in views if (f := v.file(model)) is not None]
         loaded = [(v, m) for v in views if (m := v.model(model)) is not None and m.state is ModelState.LOADED]
         sizes = [f.size_bytes for _, f in files] or [m.size_bytes for _, m in loaded] or [0]
+        since = [m.loaded_at for _, m in loaded if m.loaded_at is not None]
         entries.append(
             {
                 "id": model,
                 "object": "model",
+                # OpenAI's fields, for openai-python's models.list(): when it was first loaded (0: not loaded).
+                "created": int(min(since).timestamp()) if since else 0,
+                "owned_by": OWNER,
                 "state": states[model].value,
                 "nodes": [v.fingerprint for v, _ in files],
                 "loaded_on": [v.fingerprint for v, _ in loaded],

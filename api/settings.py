@@ -22,4 +22,14 @@ class ApiSettings(BrokerSettings):
     sse_queue_size: int = Field(default=512, ge=1)
     """Events an SSE client may fall behind before it is disconnected (to reconnect with its last id)."""
 
+    load_on_demand: bool = True
+    """A prompt for a model loaded nowhere loads it where placement puts it (else 404)."""
+    on_demand_evict: bool = False
+    """A load on demand may evict idle, unpinned models to make room."""
+    inference_connect_timeout: float = Field(default=5.0, gt=0)
+    inference_read_timeout: float = Field(default=300.0, gt=0)
+    """Seconds a node may stay silent in the middle of an answer (or before its first byte) before it has failed."""
+    inflight_lease: float = Field(default=30.0, ge=1)
+    """Seconds the requests in flight of an API process that died keep counting against their nodes."""
+
     _split = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)

@@ -7,6 +7,12 @@
 | `modelfleet:alive:<fp>`               | string     | worker     | TTL `heartbeat_ttl`; absent = node offline |
 | `modelfleet:reply:<job-id>`           | string     | worker     | TTL `reply_ttl`: the job's JSON reply      |
 | `modelfleet:cancel:<job-id>`          | string     | API        | TTL = the job's remaining lifetime         |
+| `modelfleet:inflight:<fp>`            | zset       | API        | inference requests proxied to the node:    |
+|                                       |            |            | member `<api>:<request>`, score = lease    |
+|                                       |            |            | expiry (ms); expired members are dropped   |
+| `modelfleet:ondemand:<model>`         | string     | API        | TTL lock lease: the one process loading    |
+|                                       |            |            | the model on demand                        |
+| `modelfleet:ondemand-failed:<model>`  | string     | API        | short TTL: why that load failed (JSON)     |
 | `modelfleet:replies`                  | channel    | worker     | pub/sub: fast path for replies             |
 | `modelfleet:events`                   | stream     | any        | capped history of pool events              |
 | `distributed-pool-changed`            | channel    | any        | pub/sub: live pool events                  |
@@ -47,6 +53,18 @@ def node_alive(fingerprint: str) -> str:
 
 def node_queue(fingerprint: str) -> str:
     return f"{PREFIX}.node.{fingerprint}"
+
+
+def inflight(fingerprint: str) -> str:
+    return f"{PREFIX}:inflight:{fingerprint}"
+
+
+def ondemand_lock(model_id: str) -> str:
+    return f"{PREFIX}:ondemand:{encode_id(model_id)}"
+
+
+def ondemand_failed(model_id: str) -> str:
+    return f"{PREFIX}:ondemand-failed:{encode_id(model_id)}"
 
 
 def reply(job_id: str) -> str:

@@ -19,16 +19,17 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from broker import keys
 from broker.errors import DuplicateNode, LostNodeOwnership, NodeNotFound
-from broker.schemas import ModelState, NodeInfo, read_lenient
+from broker.schemas import ModelInfo, ModelState, NodeInfo, read_lenient
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _STATES = {s.value for s in ModelState}  # a newer node's unknown states are skipped, not fatal
+_MODEL_LIST: TypeAdapter[list[ModelInfo]] = TypeAdapter(list[ModelInfo])
 
 # Refresh the alive key only while it is still ours; re-take it if it lapsed (a long GC pause, say).
 _REFRESH = """
@@ -139,6 +140,17 @@ def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: d
     return info.model_copy(update=update)
 
 
+def parse_models(fingerprint: str, raw: bytes | None) -> list[ModelInfo]:
+    """The node hash's `models` field (kept by the node's event publisher): its models as of its last event."""
+    if not raw:
+        return []
+    try:
+        return _MODEL_LIST.validate_json(raw, extra="ignore")  # lenient like every read of another's writing
+    except ValueError:
+        log.warning("node %s has a model list this API cannot read; shown without models", fingerprint)
+        return []
+
+
 def _heartbeat(beat_raw: bytes | None, now: datetime) -> dict[str, Any]:
     update: dict[str, Any] = {}
     if beat_raw:
@@ -166,19 +178,29 @@ class NodeDirectory:
         members = await self._redis.smembers(keys.nodes_set())
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
 
-    async def many(self, fingerprints: list[str]) -> list[NodeInfo]:
+    async def _read(self, fingerprints: list[str]) -> list[tuple[NodeInfo, dict[bytes, bytes]]]:
+        """Each readable node with its raw hash, in one pipelined round trip."""
         pipe = self._redis.pipeline(transaction=False)
         for fp in fingerprints:
             pipe.hgetall(keys.node_info(fp))
             pipe.exists(keys.node_alive(fp))
         raw = await pipe.execute()
         now = _now()
-        nodes = []
+        found = []
         for i, fp in enumerate(fingerprints):
             node = parse_node(fp, raw[2 * i], bool(raw[2 * i + 1]), now)
             if node is not None:
-                nodes.append(node)
-        return nodes
+                found.append((node, raw[2 * i]))
+        return found
+
+    async def many(self, fingerprints: list[str]) -> list[NodeInfo]:
+        return [node for node, _ in await self._read(fingerprints)]
+
+    async def with_models(self) -> list[tuple[NodeInfo, list[ModelInfo]]]:
+        """Every registered node with its models as its last pool event left them: two Redis round trips (the
+        node set, then the hashes pipelined), no job sent. What routing reads on every inference request."""
+        found = await self._read(await self.fingerprints())
+        return [(node, parse_models(node.fingerprint, fields.get(b"models"))) for node, fields in found]
 
     async def all(self) -> list[NodeInfo]:
         return await self.many(await self.fingerprints())

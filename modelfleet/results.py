@@ -42,6 +42,9 @@ class PoolModel(Answer):
 
     id: str
     object: str = "model"
+    created: int = 0
+    """When the model was first loaded in the fleet (UNIX seconds); 0 if it is not loaded."""
+    owned_by: str = "modelfleet"
     state: ModelState
     nodes: list[str]
     loaded_on: list[str]

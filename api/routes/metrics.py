@@ -4,15 +4,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
-from api.deps import AppMetrics, Directory, Reader
+from api.deps import AppMetrics, Directory, Proxy, Reader
 
 router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics")
 async def metrics(
-    _: Reader, directory: Directory, metrics: AppMetrics, accept: Annotated[str | None, Header()] = None
+    _: Reader,
+    directory: Directory,
+    metrics: AppMetrics,
+    proxy: Proxy,
+    accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     nodes = await directory.all()
-    body, content_type = metrics.render(nodes, accept)
+    in_flight = await proxy.inflight.counts([n.fingerprint for n in nodes if n.online])
+    body, content_type = metrics.render(nodes, accept, in_flight)
     return Response(body, media_type=content_type)

@@ -1,0 +1,237 @@
+"""Proxying one inference request to a node's endpoint, as a stream, with one retry before the first byte.
+
+`ProxyResponse` is an ASGI response that does the whole exchange itself, so that a client going away is seen
+at every stage (waiting for a load, for a node's queue, or mid-stream): a task watches for `http.disconnect`
+and cancels the exchange, which closes the upstream response, which closes the connection to the node, which
+stops its generation.
+
+The exchange: take an in-flight lease on the least loaded replica (`api.inflight`), send the request there
+with httpx and read the first chunk of the answer. A node that cannot be reached, answers 5xx or 429, or
+breaks before its first byte, is left and the request is sent once more to another replica. Only then does the
+client get the status line and headers: the node's own, with its first chunk right behind, then every chunk as
+it arrives (`aiter_raw`: nothing re-encoded, nothing buffered). A node that fails after the first byte cannot
+be retried (the client has part of an answer): an event stream gets an OpenAI error event in place of the rest.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from api.inflight import InFlight, Lease
+from api.metrics import InferenceMetrics
+from api.routing import Replica, Router
+from api.settings import ApiSettings
+from broker.errors import ModelfleetError, NodeUnavailable
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""A node's answers that another replica may not give: busy, or broken."""
+PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
+SSE = "text/event-stream"
+
+NodeHeaders = Callable[[Replica], dict[str, str]]
+"""The headers that authenticate the head to a replica's node."""
+
+
+@dataclass
+class Opened:
+    """An upstream answer whose first chunk has arrived."""
+
+    replica: Replica
+    lease: Lease
+    response: httpx.Response
+    chunks: AsyncIterator[bytes]
+    """The rest of the body, after `first`."""
+    first: bytes
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def node_http_client(settings: ApiSettings) -> httpx.AsyncClient:
+    """The head's one connection pool to every node: no cap on connections (a node's own queue bounds them),
+    kept alive between requests so that a request costs no handshake."""
+    timeout = httpx.Timeout(
+        settings.inference_read_timeout, connect=settings.inference_connect_timeout, pool=settings.load_timeout
+    )
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+def node_auth(settings: ApiSettings) -> NodeHeaders:
+    """How the head authenticates to nodes."""
+    return lambda replica: {}
+
+
+class NodeProxy:
+    """Sends inference requests to replicas: picks, retries before the first byte, and releases leases."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, inflight: InFlight, router: Router, metrics: InferenceMetrics, auth: NodeHeaders
+    ) -> None:
+        self.http = http
+        self.inflight = inflight
+        self.router = router
+        self.metrics = metrics
+        self._auth = auth
+
+    async def open(self, model_id: str, path: str, body: bytes) -> Opened:
+        """The first replica's answer that is worth passing on, or raise NodeUnavailable if none gave one."""
+        replicas = await self.router.route(model_id)
+        remaining = {r.node.fingerprint: r for r in replicas}
+        failures: list[str] = []
+        for attempt in range(2):
+            candidates = list(remaining)
+            random.shuffle(candidates)  # ties between equally loaded nodes spread
+            lease, counts = await self.inflight.acquire(candidates)
+            replica = remaining.pop(lease.node)
+            last = attempt == 1 or not remaining
+            try:
+                opened = await self._try(replica, lease, path, body, last=last)
+            except BaseException:
+                await _shielded(self.inflight.release(lease))
+                raise
+            if isinstance(opened, Opened):
+                opened.counts = counts
+                return opened
+            failures.append(opened)
+            await self.inflight.release(lease)
+            if last:
+                break
+            log.warning("retrying %s on another replica: %s", model_id, opened)
+        raise NodeUnavailable(
+            f"No replica of model {model_id} could answer: {'; '.join(failures)}.", model=model_id, attempts=failures
+        )
+
+    async def _try(self, replica: Replica, lease: Lease, path: str, body: bytes, *, last: bool) -> Opened | str:
+        """An Opened, or why this replica failed before its first byte."""
+        headers = {"content-type": "application/json", **self._auth(replica)}
+        request = self.http.build_request("POST", replica.endpoint + path, content=body, headers=headers)
+        where = f"node {replica.node.name} ({replica.node.fingerprint})"
+        response: httpx.Response | None = None
+        try:
+            response = await self.http.send(request, stream=True)
+            if response.status_code in RETRY_STATUSES and not last:
+                await response.aread()
+                await response.aclose()
+                return f"{where} answered HTTP {response.status_code}"
+            chunks = response.aiter_raw()
+            first = b""
+            async for chunk in chunks:
+                if chunk:
+                    first = chunk
+                    break
+            return Opened(replica, lease, response, chunks, first)
+        except httpx.TransportError as exc:
+            if response is not None:
+                await _shielded(response.aclose())
+            return f"{where} failed before answering ({type(exc).__name__})"
+        except BaseException:
+            if response is not None:
+                await _shielded(response.aclose())
+            raise
+
+
+async def _shielded(awaitable: Awaitable[object]) -> None:
+    """Run a cleanup step to its end even while the task is being cancelled."""
+    task = asyncio.ensure_future(awaitable)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.shield(task)
+    if not task.done():
+        with contextlib.suppress(Exception):
+            await task
+
+
+def error_event(message: str, code: str, kind: str = "server_error") -> bytes:
+    """An OpenAI error as one SSE event: what openai-python raises as APIError mid-stream."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class ProxyResponse(Response):
+    """The ASGI response of one proxied inference request (see the module docstring). A Response subclass only
+    so that FastAPI passes it through; status and headers are the node's, decided once its first chunk is in."""
+
+    def __init__(self, proxy: NodeProxy, model_id: str, path: str, body: bytes, *, stream: bool) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._model = model_id
+        self._path = path
+        self._body = body
+        self._stream = stream
+        self.started = time.perf_counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"done": False, "gone": False}
+
+        async def watch() -> None:
+            while True:
+                message: Message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not state["done"]:
+                        state["gone"] = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch(), name="modelfleet-proxy-disconnect")
+        try:
+            await self._exchange(send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            task.uncancel()  # the client left: nothing to answer, nobody to tell
+        finally:
+            state["done"] = True
+            watcher.cancel()
+
+    async def _exchange(self, send: Send) -> None:
+        metrics = self._proxy.metrics
+        outcome = "cancelled"
+        try:
+            opened = await self._proxy.open(self._model, self._path, self._body)
+        except ModelfleetError as exc:
+            metrics.refused(exc.code)
+            raise
+        except BaseException:
+            metrics.refused(outcome)
+            raise
+        metrics.in_flight.labels(self._model).inc()
+        response = opened.response
+        tally = metrics.tally(self._model, self.started, stream=self._stream)
+        try:
+            tally.first(opened.first)
+            headers = [(k.encode(), v.encode()) for k in PASSED_HEADERS if (v := response.headers.get(k)) is not None]
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+            headers.append((b"x-modelfleet-node", opened.replica.node.fingerprint.encode()))
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            if opened.first:
+                await send({"type": "http.response.body", "body": opened.first, "more_body": True})
+            outcome = "ok" if response.status_code < 400 else f"http_{response.status_code}"
+            try:
+                async for chunk in opened.chunks:
+                    tally.chunk(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.TransportError as exc:
+                outcome = "node_failed_mid_stream"
+                node = opened.replica.node
+                log.warning("node %s failed mid-stream for %s: %s", node.name, self._model, type(exc).__name__)
+                if response.headers.get("content-type", "").startswith(SSE):
+                    message = f"Node {node.name} ({node.fingerprint}) failed while answering; the answer is cut short."
+                    event = error_event(message, "node_error")
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await _shielded(response.aclose())
+            await _shielded(self._proxy.inflight.release(opened.lease))
+            metrics.in_flight.labels(self._model).dec()
+            tally.done(outcome)

@@ -1,0 +1,193 @@
+"""Which nodes can answer a prompt for a model, read cheaply from Redis, and loading the model on demand.
+
+A replica is a node that is online and lists the model as loaded, healthy and served at an endpoint. The head
+learns that from the node hashes' `models` field, which each node's event publisher keeps current with every
+model event (`broker/events.py`): one pipelined read per request, never a job sent to a node.
+
+Load on demand (`load_on_demand`): a request for a model with no replica, whose file is on an online node,
+loads it through the pool's placement and memory admission (`Pool.load`; with `on_demand_evict`, idle unpinned
+models may be evicted to make room). Exactly one load runs however many requests arrive at once:
+
+- within one API process, the requests for a model share one `asyncio.Task` that loads or waits;
+- across API processes, that task takes the Redis lock `keys.ondemand_lock(model)` (SET NX with a lease it
+  renews while loading, so a crashed process frees it within `LOCK_LEASE` seconds). The holder loads; the others
+  wait for a replica to appear. A holder whose load fails leaves the error in `keys.ondemand_failed(model)` for a
+  few seconds, so the waiters answer that error rather than each trying the same failing load again.
+
+Everyone waits within the load timeout; the node publishes `model-loading` and `model-loaded` as it goes.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from broker import keys
+from broker.errors import JobTimeout, ModelfleetError, ModelNotLoaded, from_code
+from broker.registry import NodeDirectory
+from broker.schemas import ModelInfo, ModelState, NodeInfo
+
+log = logging.getLogger(__name__)
+
+LOCK_LEASE = 10.0
+"""Seconds the on-demand lock outlives a process that died holding it."""
+FAILURE_TTL = 5.0
+"""Seconds a failed on-demand load's error is answered to waiters before anyone tries again."""
+POLL = 0.05
+"""Seconds between looks at the node hashes while waiting for a replica to appear."""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A node that serves the model now, and the base URL of its inference endpoint."""
+
+    node: NodeInfo
+    model: ModelInfo
+    endpoint: str
+
+
+def replicas(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> list[Replica]:
+    """The online nodes where `model_id` is loaded, healthy and has an endpoint."""
+    found = []
+    for node, models in nodes:
+        if not node.online:
+            continue
+        for model in models:
+            if model.id == model_id and model.state is ModelState.LOADED and model.healthy and model.endpoint:
+                found.append(Replica(node, model, model.endpoint.rstrip("/")))
+    return found
+
+
+Loader = Callable[[str], Awaitable[object]]
+"""Loads a model through the pool's placement; raises the pool's errors (ModelFileNotFound, ...)."""
+
+
+class Router:
+    """Finds a model's replicas, loading it on demand (once, fleet-wide) when it has none."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        directory: NodeDirectory,
+        load: Loader,
+        *,
+        on_demand: bool,
+        load_timeout: float,
+    ) -> None:
+        self._redis = client
+        self._directory = directory
+        self._load = load
+        self._on_demand = on_demand
+        self._load_timeout = load_timeout
+        self._pending: dict[str, asyncio.Task[list[Replica]]] = {}
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        self.waiting = 0
+        """Requests of this process waiting for a model to load (the head's queue)."""
+
+    async def replicas(self, model_id: str) -> list[Replica]:
+        return replicas(await self._directory.with_models(), model_id)
+
+    async def route(self, model_id: str) -> list[Replica]:
+        """The model's replicas, at least one; loads the model first if it has none and load on demand is on.
+
+        Raises ModelNotLoaded (404) when it has none and may not be loaded, or the load's error."""
+        found = await self.replicas(model_id)
+        if found:
+            return found
+        if not self._on_demand:
+            raise ModelNotLoaded(
+                f"Model {model_id} is not loaded on any online node (loading on demand is off; an operator can "
+                f"load it with POST /v1/models/load).",
+                model=model_id,
+            )
+        task = self._pending.get(model_id)
+        if task is None:
+            task = asyncio.create_task(self._load_once(model_id), name=f"modelfleet-ondemand-{model_id[:40]}")
+            self._pending[model_id] = task
+            task.add_done_callback(lambda _: self._pending.pop(model_id, None))
+        self.waiting += 1
+        try:
+            # shield: one caller going away must not cancel the load the others wait for
+            return await asyncio.shield(task)
+        finally:
+            self.waiting -= 1
+
+    async def _load_once(self, model_id: str) -> list[Replica]:
+        deadline = time.monotonic() + self._load_timeout
+        lock, failed = keys.ondemand_lock(model_id), keys.ondemand_failed(model_id)
+        token = uuid.uuid4().hex
+        while time.monotonic() < deadline:
+            found = await self.replicas(model_id)
+            if found:
+                return found
+            raw = await self._redis.get(failed)
+            if raw is not None:
+                raise _failure(raw)
+            if await self._redis.set(lock, token, nx=True, px=int(LOCK_LEASE * 1000)):
+                try:
+                    await self._load_holding(model_id, token)
+                finally:
+                    await self._release(keys=[lock], args=[token])
+                return await self._wait_for_replica(model_id, deadline)
+            await asyncio.sleep(POLL)  # another process loads it: watch for the replica (or its failure)
+        raise _timeout(model_id, self._load_timeout)
+
+    async def _load_holding(self, model_id: str, token: str) -> None:
+        lock = keys.ondemand_lock(model_id)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(LOCK_LEASE / 3)
+                await self._renew(keys=[lock], args=[token, int(LOCK_LEASE * 1000)])
+
+        renewer = asyncio.create_task(renew())
+        log.info("loading model %s on demand", model_id)
+        try:
+            await self._load(model_id)
+        except ModelfleetError as exc:
+            body = json.dumps({"code": exc.code, "error": exc.message, "details": exc.details}, default=str)
+            await self._redis.set(keys.ondemand_failed(model_id), body, px=int(FAILURE_TTL * 1000))
+            raise
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _wait_for_replica(self, model_id: str, deadline: float) -> list[Replica]:
+        """The load answered; its node's event publisher updates the node hash a moment later (and the model's
+        first health check may still run)."""
+        while time.monotonic() < deadline:
+            found = await self.replicas(model_id)
+            if found:
+                return found
+            await asyncio.sleep(POLL)
+        raise _timeout(model_id, self._load_timeout)
+
+
+def _failure(raw: bytes | str) -> ModelfleetError:
+    failure = json.loads(raw)
+    return from_code(str(failure["code"]), str(failure["error"]), failure.get("details") or {})
+
+
+def _timeout(model_id: str, timeout: float) -> JobTimeout:
+    return JobTimeout(
+        f"Model {model_id} was not loaded and healthy within the load timeout ({timeout:g} seconds).",
+        model=model_id,
+        timeout_seconds=timeout,
+    )

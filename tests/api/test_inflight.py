@@ -1,0 +1,82 @@
+"""In-flight leases against fakeredis (our own Redis code; real Redis and real API processes are in tests/e2e)."""
+
+import asyncio
+import time
+
+import fakeredis
+import pytest
+
+from api.inflight import InFlight
+from broker import keys
+
+A, B = "aa" * 16, "bb" * 16
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+def inflight(server: fakeredis.FakeServer, lease: float = 30.0) -> InFlight:
+    return InFlight(fakeredis.FakeAsyncRedis(server=server), lease=lease)
+
+
+def test_picks_the_least_loaded_node_across_processes(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        one, two = inflight(server), inflight(server)  # two API processes
+        leases = []
+        for i in range(10):
+            lease, _ = await (one if i % 2 else two).acquire([A, B])
+            leases.append(lease)
+        assert await one.counts([A, B]) == {A: 5, B: 5}
+        for lease in leases[:4]:
+            await one.release(lease)
+        counts = await two.counts([A, B])
+        assert sum(counts.values()) == 6
+        emptier = min(counts, key=counts.__getitem__)
+        lease, seen = await one.acquire([A, B])
+        assert lease.node == emptier and seen == counts
+
+    asyncio.run(run())
+
+
+def test_release_frees_at_once(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        flight = inflight(server)
+        lease, before = await flight.acquire([A])
+        assert before == {A: 0} and flight.held == 1
+        assert await flight.counts([A]) == {A: 1}
+        await flight.release(lease)
+        assert await flight.counts([A]) == {A: 0} and flight.held == 0
+
+    asyncio.run(run())
+
+
+def test_a_crashed_process_stops_counting_after_its_lease(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        crashed, alive = inflight(server, lease=1.0), inflight(server, lease=1.0)
+        await crashed.acquire([A])  # and never released nor renewed: the process died
+        kept, _ = await alive.acquire([A])
+        assert await alive.counts([A]) == {A: 2}
+        client = fakeredis.FakeAsyncRedis(server=server)
+        # Age the dead lease past its expiry rather than sleeping a second: its score is its expiry.
+        dead = [m for m in await client.zrange(keys.inflight(A), 0, -1) if m.decode() != kept.member]
+        await client.zadd(keys.inflight(A), {dead[0]: int(time.time() * 1000) - 1})
+        await alive.renew()
+        assert await alive.counts([A]) == {A: 1}
+        _, seen = await alive.acquire([A])  # a pick drops the dead member for good
+        assert seen == {A: 1}
+        assert await client.zcard(keys.inflight(A)) == 2
+
+    asyncio.run(run())
+
+
+def test_renewal_never_revives_a_released_lease(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        flight = inflight(server)
+        lease, _ = await flight.acquire([A])
+        await flight.release(lease)
+        await flight.renew()
+        assert await flight.counts([A]) == {A: 0}
+
+    asyncio.run(run())

@@ -1,0 +1,240 @@
+"""The streaming proxy over real HTTP: real uvicorn servers stand in for the nodes' endpoints (the real node
+endpoint is exercised end to end in tests/e2e/test_inference.py), the head side is `ProxyResponse` served by
+uvicorn, the in-flight leases and node hashes live in fakeredis."""
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import fakeredis
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from api.errors import install_error_handlers
+from api.inflight import InFlight
+from api.metrics import Metrics
+from api.proxy import NodeProxy, ProxyResponse
+from api.routing import Router
+from broker.registry import NodeDirectory
+from tests.api.test_routing import A, B, model, register
+from tests.conftest import free_port, wait_for
+
+
+@dataclass
+class Upstream:
+    """A node's endpoint: answers a few SSE tokens, or fails the way it is told to."""
+
+    mode: str = "ok"
+    tokens: int = 5
+    gap: float = 0.0
+    requests: int = 0
+    open_streams: int = 0
+    closed: threading.Event = field(default_factory=threading.Event)
+
+    def app(self) -> Starlette:
+        async def complete(request: Request) -> Response:
+            self.requests += 1
+            body = await request.json()
+            if self.mode == "500":
+                return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": "x"}}, 500)
+            if self.mode == "404":
+                return JSONResponse({"error": {"message": "no", "type": "not_found_error", "code": "y"}}, 404)
+            if not body.get("stream"):
+                return JSONResponse({"choices": [{"text": "hi"}], "usage": {"completion_tokens": 1}})
+
+            async def events() -> AsyncIterator[bytes]:
+                self.open_streams += 1
+                try:
+                    for i in range(self.tokens):
+                        if self.mode == "cut" and i == 2:
+                            raise RuntimeError("node died mid-stream")
+                        yield f'data: {{"choices":[{{"text":"t{i}","finish_reason":null}}]}}\n\n'.encode()
+                        await asyncio.sleep(self.gap)
+                    yield b"data: [DONE]\n\n"
+                finally:
+                    self.open_streams -= 1
+                    self.closed.set()
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        return Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
+
+
+@contextlib.contextmanager
+def serve(app: object) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 10, "a test server")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def head(redis: fakeredis.FakeServer, upstreams: dict[str, str]) -> tuple[Starlette, dict[str, object]]:
+    """The head's proxy route, its nodes registered in fakeredis with `upstreams` as their endpoints."""
+    state: dict[str, object] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = fakeredis.FakeAsyncRedis(server=redis)
+        for fp, url in upstreams.items():
+            await register(client, fp, [model("m").model_copy(update={"endpoint": url})])
+
+        async def no_load(model_id: str) -> None:
+            raise AssertionError("no load on demand here")
+
+        router = Router(client, NodeDirectory(client), no_load, on_demand=False, load_timeout=5)
+        inflight = InFlight(client)
+        metrics = Metrics()
+        async with httpx.AsyncClient(timeout=10) as http:
+            state["proxy"] = NodeProxy(http, inflight, router, metrics.inference, lambda r: {})
+            state["metrics"] = metrics
+            yield
+
+    async def complete(request: Request) -> Response:
+        body = await request.body()
+        stream = bool(json.loads(body).get("stream"))
+        return ProxyResponse(state["proxy"], "m", "/v1/completions", body, stream=stream)  # type: ignore[arg-type]
+
+    app = Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])], lifespan=lifespan)
+    install_error_handlers(app)  # type: ignore[arg-type]
+    return app, state
+
+
+@pytest.fixture
+def redis() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+def inflight_total(redis: fakeredis.FakeServer) -> int:
+    client = fakeredis.FakeRedis(server=redis)
+    return sum(int(client.zcard(f"modelfleet:inflight:{fp}")) for fp in (A, B))
+
+
+def test_streams_each_chunk_as_the_node_sends_it(redis: fakeredis.FakeServer) -> None:
+    node = Upstream(tokens=3, gap=0.3)
+    with serve(node.app()) as node_url:
+        app, _ = head(redis, {A: node_url})
+        with serve(app) as url, httpx.stream("POST", url + "/v1/completions", json={"stream": True}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-modelfleet-node"] == A
+            lines = response.iter_lines()
+            first = next(lines)
+            # The first token is here while the node still holds the others back: nothing was buffered.
+            assert first.startswith("data: ") and '"t0"' in first
+            assert node.open_streams == 1
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and len(rest) == 3
+    assert inflight_total(redis) == 0
+
+
+def test_plain_answers_pass_through(redis: fakeredis.FakeServer) -> None:
+    with serve(Upstream().app()) as node_url:
+        app, _ = head(redis, {A: node_url})
+        with serve(app) as url:
+            response = httpx.post(url + "/v1/completions", json={"stream": False})
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == "hi"
+
+
+def test_a_client_that_disconnects_closes_the_node_stream_at_once(redis: fakeredis.FakeServer) -> None:
+    node = Upstream(tokens=10_000, gap=0.02)
+    with serve(node.app()) as node_url:
+        app, _ = head(redis, {A: node_url})
+        with serve(app) as url:
+            with httpx.stream("POST", url + "/v1/completions", json={"stream": True}) as response:
+                next(response.iter_lines())
+                assert inflight_total(redis) == 1
+            # The client closed its connection: the head closes the node's, the node's stream ends.
+            wait_for(node.closed.is_set, 5, "the node's stream to be closed")
+            wait_for(lambda: inflight_total(redis) == 0, 5, "the lease to be released")
+            assert node.open_streams == 0
+
+
+def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: fakeredis.FakeServer) -> None:
+    broken, good = Upstream(mode="500"), Upstream()
+    with serve(broken.app()) as broken_url, serve(good.app()) as good_url:
+        app, _ = head(redis, {A: broken_url, B: good_url})
+        with serve(app) as url:
+            for _ in range(4):  # whichever the pick starts with, the answer comes from the good one
+                response = httpx.post(url + "/v1/completions", json={"stream": True})
+                assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
+                assert response.text.endswith("data: [DONE]\n\n")
+    assert good.requests == 4 and broken.requests >= 1
+    assert inflight_total(redis) == 0
+
+
+def test_an_unreachable_node_is_retried_and_two_failures_answer_503(redis: fakeredis.FakeServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with serve(Upstream().app()) as good_url:
+        app, _ = head(redis, {A: dead, B: good_url})
+        with serve(app) as url:
+            for _ in range(3):
+                response = httpx.post(url + "/v1/completions", json={"stream": False})
+                assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
+    app, _ = head(redis, {A: dead, B: dead})
+    with serve(app) as url:
+        response = httpx.post(url + "/v1/completions", json={"stream": False})
+    assert response.status_code == 503
+    assert "failed before answering (ConnectError)" in response.text
+    assert inflight_total(redis) == 0
+
+
+def test_a_client_error_of_the_node_is_passed_on_not_retried(redis: fakeredis.FakeServer) -> None:
+    first, second = Upstream(mode="404"), Upstream(mode="404")
+    with serve(first.app()) as one, serve(second.app()) as two:
+        app, _ = head(redis, {A: one, B: two})
+        with serve(app) as url:
+            response = httpx.post(url + "/v1/completions", json={"stream": True})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "y"
+    assert first.requests + second.requests == 1
+
+
+def test_a_node_failing_mid_stream_ends_it_with_an_error_event(redis: fakeredis.FakeServer) -> None:
+    with serve(Upstream(mode="cut", tokens=5).app()) as node_url:
+        app, state = head(redis, {A: node_url})
+        with serve(app) as url:
+            response = httpx.post(url + "/v1/completions", json={"stream": True})
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert response.status_code == 200 and len(events) == 3
+    assert json.loads(events[-1])["error"]["code"] == "node_error"
+    assert inflight_total(redis) == 0
+    metrics = state["metrics"]
+    assert (
+        metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+            "modelfleet_inference_requests_total", {"model": "m", "outcome": "node_failed_mid_stream"}
+        )
+        == 1
+    )
+
+
+def test_streams_are_spread_over_the_replicas(redis: fakeredis.FakeServer) -> None:
+    one, two = Upstream(tokens=20, gap=0.05), Upstream(tokens=20, gap=0.05)
+    with serve(one.app()) as one_url, serve(two.app()) as two_url:
+        app, _ = head(redis, {A: one_url, B: two_url})
+        with serve(app) as url:
+
+            async def run() -> list[str]:
+                async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+                    async def stream() -> str:
+                        async with client.stream("POST", "/v1/completions", json={"stream": True}) as response:
+                            await response.aread()
+                            return response.headers["x-modelfleet-node"]
+
+                    return await asyncio.gather(*(stream() for _ in range(10)))
+
+            served = asyncio.run(run())
+    assert sorted(served.count(fp) for fp in (A, B)) == [5, 5]

@@ -1,0 +1,154 @@
+"""Routing and load on demand against fakeredis: replicas from the node hashes, one load however many ask."""
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import fakeredis
+import pytest
+
+from api.routing import Router, replicas
+from broker import keys
+from broker.errors import InsufficientMemory, ModelFileNotFound, ModelNotLoaded
+from broker.schemas import ModelInfo, ModelState, NodeInfo
+from tests.conftest import node_info
+
+A, B = "aa" * 16, "bb" * 16
+
+
+def model(model_id: str = "m", state: ModelState = ModelState.LOADED, healthy: bool = True, port: int = 1) -> ModelInfo:
+    return ModelInfo(
+        id=model_id,
+        path=f"/models/{model_id}.gguf",
+        endpoint=f"http://127.0.0.1:{port}/" if state is ModelState.LOADED else None,
+        healthy=healthy,
+        state=state,
+        size_bytes=1,
+        loaded_at=datetime.now(UTC),
+    )
+
+
+async def register(client: fakeredis.FakeAsyncRedis, fp: str, models: list[ModelInfo], online: bool = True) -> None:
+    info = node_info(fp, name=fp[:4])
+    await client.sadd(keys.nodes_set(), fp)
+    await client.hset(keys.node_info(fp), "registration", info.model_dump_json(by_alias=True))
+    await client.hset(keys.node_info(fp), "models", json.dumps([m.wire() for m in models]))
+    if online:
+        await client.set(keys.node_alive(fp), info.boot_id)
+
+
+def node(online: bool = True) -> NodeInfo:
+    return node_info(online=online)
+
+
+def test_replicas_are_online_loaded_healthy_and_served() -> None:
+    up, down = node(), node(online=False)
+    nodes = [
+        (up, [model("m"), model("loading", ModelState.LOADING), model("sick", healthy=False)]),
+        (down, [model("m")]),
+    ]
+    found = replicas(nodes, "m")
+    assert [(r.node.fingerprint, r.endpoint) for r in found] == [(up.fingerprint, "http://127.0.0.1:1")]
+    assert replicas(nodes, "loading") == [] and replicas(nodes, "sick") == [] and replicas(nodes, "x") == []
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+def router(server: fakeredis.FakeServer, load, *, on_demand: bool = True, timeout: float = 10.0) -> Router:  # type: ignore[no-untyped-def]
+    client = fakeredis.FakeAsyncRedis(server=server)
+    from broker.registry import NodeDirectory
+
+    return Router(client, NodeDirectory(client), load, on_demand=on_demand, load_timeout=timeout)
+
+
+def test_fifty_first_requests_over_two_processes_load_once(server: fakeredis.FakeServer) -> None:
+    loads: list[str] = []
+
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [])
+
+        async def load(model_id: str) -> None:
+            loads.append(model_id)
+            await asyncio.sleep(0.2)  # the node loading it
+            await register(client, A, [model(model_id)])
+
+        heads = [router(server, load), router(server, load)]
+        answers = await asyncio.gather(*(heads[i % 2].route("m") for i in range(50)))
+        assert all(a[0].node.fingerprint == A for a in answers)
+
+    asyncio.run(run())
+    assert loads == ["m"]
+
+
+def test_a_failed_load_is_answered_to_every_waiter_without_another_load(server: fakeredis.FakeServer) -> None:
+    loads: list[str] = []
+
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [])
+
+        async def load(model_id: str) -> None:
+            loads.append(model_id)
+            await asyncio.sleep(0.1)
+            raise InsufficientMemory("does not fit", needed_bytes=10)
+
+        heads = [router(server, load), router(server, load)]
+        outcomes = await asyncio.gather(*(heads[i % 2].route("m") for i in range(10)), return_exceptions=True)
+        assert all(isinstance(o, InsufficientMemory) for o in outcomes), outcomes
+        assert {o.details.get("needed_bytes") for o in outcomes if isinstance(o, InsufficientMemory)} == {10}
+
+    asyncio.run(run())
+    assert loads == ["m"]
+
+
+def test_without_load_on_demand_an_unloaded_model_is_not_found(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m", state=ModelState.UNLOADED)])
+
+        async def load(model_id: str) -> None:
+            raise AssertionError("must not load")
+
+        with pytest.raises(ModelNotLoaded, match="loading on demand is off"):
+            await router(server, load, on_demand=False).route("m")
+
+    asyncio.run(run())
+
+
+def test_a_model_nobody_has_is_not_found_and_loads_again_later(server: fakeredis.FakeServer) -> None:
+    loads: list[str] = []
+
+    async def run() -> None:
+        async def load(model_id: str) -> None:
+            loads.append(model_id)
+            raise ModelFileNotFound("no such file", model=model_id)
+
+        head = router(server, load)
+        with pytest.raises(ModelFileNotFound):
+            await head.route("nope")
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await client.delete(keys.ondemand_failed("nope"))  # as its short TTL would
+        with pytest.raises(ModelFileNotFound):
+            await head.route("nope")
+
+    asyncio.run(run())
+    assert loads == ["nope", "nope"]
+
+
+def test_the_lock_of_a_dead_loader_lapses(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, B, [])
+        await client.set(keys.ondemand_lock("m"), "dead-process", px=300)  # held by a process that died
+
+        async def load(model_id: str) -> None:
+            await register(client, B, [model(model_id)])
+
+        [found] = await router(server, load).route("m")
+        assert found.node.fingerprint == B
+
+    asyncio.run(run())
