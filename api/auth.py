@@ -1,4 +1,8 @@
-"""Bearer keys in two scopes. Keys are kept only as SHA-256 digests and compared in constant time."""
+"""Bearer keys in two scopes. Keys are kept only as SHA-256 digests and compared in constant time.
+
+A dashboard session (`api.sessions`) remembers which key signed it in by the key's *id*, a digest of its digest:
+enough to end the session when the operator removes the key, useless for presenting the key.
+"""
 
 import hashlib
 import hmac
@@ -18,6 +22,10 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
+def _key_id(digest: bytes) -> str:
+    return hashlib.sha256(b"modelfleet-key-id:" + digest).hexdigest()[:32]
+
+
 class KeyRing:
     """Knows which scope a presented key has, without holding the keys themselves."""
 
@@ -33,6 +41,19 @@ class KeyRing:
         found: Scope | None = None
         for digest, scope in self._digests:  # no early exit: the time taken does not depend on which key matched
             if hmac.compare_digest(candidate, digest) and (found is None or scope > found):
+                found = scope
+        return found
+
+    def identify(self, presented: str) -> tuple[str, Scope] | None:
+        """The key's id and scope, or None if it is not one of ours."""
+        scope = self.scope_of(presented)
+        return None if scope is None else (_key_id(_digest(presented)), scope)
+
+    def scope_of_id(self, key_id: str) -> Scope | None:
+        """The scope the key with this id has now (None once the operator removed it)."""
+        found: Scope | None = None
+        for digest, scope in self._digests:
+            if hmac.compare_digest(_key_id(digest), key_id) and (found is None or scope > found):
                 found = scope
         return found
 

@@ -1,8 +1,14 @@
-"""Request dependencies as `Annotated` aliases: the services on app.state, and the two auth scopes."""
+"""Request dependencies as `Annotated` aliases: the services on app.state, and the two auth scopes.
+
+A request authenticates with `Authorization: Bearer <key>` (scripts, the CLI, openai-python) or with the
+dashboard's session cookie (`api.sessions`). The header wins when both are sent. A cookie-authenticated request
+that changes something must also carry the session's CSRF token.
+"""
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import KeyRing, Scope
 from api.events import EventRelay
@@ -10,8 +16,20 @@ from api.jobs import JobClient
 from api.metrics import Metrics
 from api.pool import Pool
 from api.proxy import NodeProxy
+from api.sessions import COOKIE, CSRF_HEADER, Session, SessionStore
 from api.settings import ApiSettings
+from broker.errors import Forbidden, Unauthenticated
 from broker.registry import NodeDirectory
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Declared for the OpenAPI schema (two alternative schemes); the checks below read the raw header and cookie, so
+# that a malformed header still gets our own message.
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+session_scheme = APIKeyCookie(
+    name=COOKIE,
+    auto_error=False,
+    description="The dashboard's session (`POST /api/v1/session`); changes also need the `X-CSRF-Token` header.",
+)
 
 
 def _state(request: Request):
@@ -47,17 +65,47 @@ def get_pool(request: Request) -> Pool:
     return Pool(state.directory, state.jobs, state.settings)
 
 
-def _authorize(request: Request, authorization: str | None, scope: Scope) -> Scope:
+def get_sessions(request: Request) -> SessionStore:
+    return _state(request).sessions
+
+
+async def current_session(request: Request) -> Session | None:
+    """The dashboard session the request's cookie holds, if any and still valid."""
+    session_id = request.cookies.get(COOKIE)
+    if not session_id:
+        return None
+    return await get_sessions(request).get(session_id)
+
+
+async def _authorize(request: Request, needed: Scope) -> Scope:
     keyring: KeyRing = _state(request).keyring
-    return keyring.authorize(authorization, scope)
+    header = request.headers.get("authorization")
+    if header is not None or COOKIE not in request.cookies:
+        return keyring.authorize(header, needed)
+    session = await current_session(request)
+    if session is None:
+        raise Unauthenticated("Your dashboard session has ended; sign in again.")
+    if request.method not in SAFE_METHODS and not session.csrf_ok(request.headers.get(CSRF_HEADER)):
+        raise Forbidden(f"Missing or wrong {CSRF_HEADER} header: a signed-in page sends it with every change.")
+    if session.scope < needed:
+        raise Forbidden("This key is read-only; loading and unloading models needs an operator key.")
+    return session.scope
 
 
-def require_read(request: Request, authorization: Annotated[str | None, Header()] = None) -> Scope:
-    return _authorize(request, authorization, Scope.READ)
+async def require_read(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    _session: Annotated[str | None, Security(session_scheme)],
+) -> Scope:
+    return await _authorize(request, Scope.READ)
 
 
-def require_operator(request: Request, authorization: Annotated[str | None, Header()] = None) -> Scope:
-    return _authorize(request, authorization, Scope.OPERATOR)
+async def require_operator(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    _session: Annotated[str | None, Security(session_scheme)],
+) -> Scope:
+    return await _authorize(request, Scope.OPERATOR)
 
 
 Settings = Annotated[ApiSettings, Depends(get_settings)]
@@ -67,5 +115,7 @@ Relay = Annotated[EventRelay, Depends(get_relay)]
 AppMetrics = Annotated[Metrics, Depends(get_metrics)]
 Fleet = Annotated[Pool, Depends(get_pool)]
 Proxy = Annotated[NodeProxy, Depends(get_proxy)]
+Sessions = Annotated[SessionStore, Depends(get_sessions)]
+CurrentSession = Annotated[Session | None, Depends(current_session)]
 Reader = Annotated[Scope, Depends(require_read)]
 Operator = Annotated[Scope, Depends(require_operator)]

@@ -1,5 +1,7 @@
 """Request bodies of the REST API (responses are the node's schemas from `broker.schemas`)."""
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.schemas import ModelId
@@ -41,3 +43,17 @@ class PoolUnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: ModelId
+
+
+class ErrorBody(BaseModel):
+    """Every failure's answer (`api.errors`): a sentence a person can act on and a stable code."""
+
+    success: bool = False
+    error: str
+    code: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can fail with these statuses, for its OpenAPI schema."""
+    return {status: {"model": ErrorBody} for status in statuses}

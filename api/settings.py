@@ -31,5 +31,7 @@ class ApiSettings(BrokerSettings):
     """Seconds a node may stay silent in the middle of an answer (or before its first byte) before it has failed."""
     inflight_lease: float = Field(default=30.0, ge=1)
     """Seconds the requests in flight of an API process that died keep counting against their nodes."""
+    session_ttl: float = Field(default=12 * 3600.0, gt=0)
+    """Seconds a dashboard session may sit idle before it ends (each request renews it)."""
 
     _split = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)

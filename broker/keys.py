@@ -13,6 +13,7 @@
 | `modelfleet:ondemand:<model>`         | string     | API        | TTL lock lease: the one process loading    |
 |                                       |            |            | the model on demand                        |
 | `modelfleet:ondemand-failed:<model>`  | string     | API        | short TTL: why that load failed (JSON)     |
+| `modelfleet:session:<digest>`         | string     | API        | TTL `session_ttl`, renewed on use          |
 | `modelfleet:replies`                  | channel    | worker     | pub/sub: fast path for replies             |
 | `modelfleet:events`                   | stream     | any        | capped history of pool events              |
 | `distributed-pool-changed`            | channel    | any        | pub/sub: live pool events                  |
@@ -73,6 +74,11 @@ def reply(job_id: str) -> str:
 
 def cancel(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"
+
+
+def session(digest: str) -> str:
+    """A dashboard session, keyed by a digest of its id (the id itself, a credential, is never stored)."""
+    return f"{PREFIX}:session:{digest}"
 
 
 def replies_channel() -> str:

@@ -160,6 +160,8 @@ class ModelInfo(Schema):
     context_length: int | None = None
     gpu_layers: int | None = None
     loaded_at: datetime | None = None
+    last_used_at: datetime | None = None
+    """When a load or a request last used the model: what eviction goes by (least recently used first)."""
     size_bytes: int
     error: str | None = None
     pinned: bool = False
@@ -255,6 +257,15 @@ class Reply(Schema):
     node: str
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+
+
+class DashboardSession(Schema):
+    """A dashboard session as Redis keeps it: which key signed it in (by id, never the key) and with what scope."""
+
+    key_id: str = Field(min_length=1, max_length=64)
+    scope: int = Field(ge=1)
+    """`api.auth.Scope`'s value."""
+    created_at: datetime
 
 
 class NodeInfo(Schema):

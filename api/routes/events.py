@@ -80,18 +80,27 @@ class EventStreamResponse(StreamingResponse):
                 CutStreamFilter.cut()
 
 
-@router.get("/events", response_class=EventStreamResponse)
+@router.get("/events", response_class=EventStreamResponse, status_code=200)
 async def events(
     _: Reader,
     relay: Relay,
     directory: Directory,
     node: Annotated[str | None, Query(description="Only this node's events (a fingerprint).")] = None,
     last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+    resume_after: Annotated[
+        str | None,
+        Query(
+            alias="lastEventId",
+            description="Resume after this event id, for a client that cannot set the header (a browser's new "
+            "EventSource after its old one gave up). The header wins when both are sent.",
+        ),
+    ] = None,
 ) -> EventStreamResponse:
     """Every change of the pool, as `distributed-pool-changed` events, after a `snapshot` of where it stands.
 
     With `Last-Event-ID` still in the retained history, the missed events come first instead of the snapshot.
     """
+    last_event_id = last_event_id if last_event_id is not None else resume_after
     if node is not None:
         await directory.get(node)  # 404 for an unknown node, before the stream starts
     await relay.ensure_cursor()

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from api.deps import Directory, Jobs, Operator, Reader, Settings
 from api.schemas import NodeLoadRequest, NodeUnloadRequest
 from broker import keys
+from broker.schemas import NodeCatalog
 
 router = APIRouter(prefix="/api/v1/nodes", tags=["nodes"])
 
@@ -26,6 +27,13 @@ async def get_node(fingerprint: str, _: Reader, directory: Directory) -> dict[st
 async def list_models(fingerprint: str, _: Reader, directory: Directory, jobs: Jobs, settings: Settings) -> Any:
     node = await directory.get(fingerprint)
     return await jobs.run(node, keys.TASK_LIST, {}, settings.list_timeout)
+
+
+@router.get("/{fingerprint}/catalog", response_model=NodeCatalog)
+async def node_catalog(fingerprint: str, _: Reader, directory: Directory, jobs: Jobs, settings: Settings) -> Any:
+    """What the node can load (each file with its memory estimate), what it holds, and its memory budget."""
+    node = await directory.get(fingerprint)
+    return await jobs.run(node, keys.TASK_CATALOG, {}, settings.list_timeout)
 
 
 @router.post("/{fingerprint}/models/load")
