@@ -16,9 +16,10 @@ from api.metrics import Metrics
 from api.pool import Pool
 from api.proxy import NodeProxy, node_auth, node_http_client
 from api.replies import ReplyWaiter
-from api.routes import events, health, metrics, models, nodes
+from api.routes import dashboard, events, health, metrics, models, nodes, session
 from api.routing import Router
 from api.schemas import PoolLoadRequest
+from api.sessions import SessionStore
 from api.settings import ApiSettings
 from broker import __version__
 from broker.celery_app import make_celery
@@ -45,6 +46,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         waiter = ReplyWaiter(client, directory, tick=settings.liveness_interval)
         celery = make_celery(settings)
         app.state.redis = client
+        app.state.sessions = SessionStore(client, keyring, ttl=settings.session_ttl)
         app.state.directory = directory
         app.state.waiter = waiter
         app.state.jobs = JobClient(
@@ -95,4 +97,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(nodes.router)
     app.include_router(models.router)
     app.include_router(events.router)
+    app.include_router(session.router)
+    dashboard.install(app)
     return app

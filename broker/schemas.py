@@ -160,8 +160,6 @@ class ModelInfo(Schema):
     context_length: int | None = None
     gpu_layers: int | None = None
     loaded_at: datetime | None = None
-    last_used_at: datetime | None = None
-    """When a load or a request last used the model: what eviction goes by (least recently used first)."""
     size_bytes: int
     error: str | None = None
     pinned: bool = False

@@ -118,7 +118,6 @@ class ModelRecord:
             context_length=self.context_length,
             gpu_layers=self.gpu_layers,
             loaded_at=self.loaded_at,
-            last_used_at=datetime.fromtimestamp(self.last_used, UTC) if self.last_used else None,
             size_bytes=self.size_bytes,
             error=self.error,
             pinned=self.pinned,

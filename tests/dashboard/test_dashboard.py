@@ -1,0 +1,264 @@
+"""The fleet dashboard, driven in a real Chromium against real processes (see conftest).
+
+Tests share one fleet; each leaves the nodes as it found them (nothing loaded) and saves a screenshot under its
+temporary folder.
+"""
+
+import json
+import signal
+from pathlib import Path
+
+import httpx
+from playwright.sync_api import Page, Route, expect
+
+from tests.conftest import ALL_SECRETS, OPERATOR_KEY, READ_KEY, park, thaw, wait_for
+from tests.dashboard.conftest import UNLOAD_TIMEOUT, Dash, model_row, node_card, shoot, sign_in
+
+
+def seen(page: Page) -> list[str]:
+    return page.evaluate("window.__seen")  # type: ignore[no-any-return]
+
+
+def api_load(dash: Dash, fp: str, model: str) -> None:
+    with dash.api.client() as client:
+        response = client.post(f"/api/v1/nodes/{fp}/models/load", json={"modelId": model})
+        assert response.status_code == 200, response.text
+
+
+def unload_everything(dash: Dash) -> None:
+    with dash.api.client() as client:
+        for worker in (dash.a, dash.b):
+            assert client.post(f"/api/v1/nodes/{worker.fingerprint}/models/unload-all").status_code == 200
+
+
+def test_sign_in_load_with_the_keyboard_and_watch_loading_turn_loaded(dash: Dash, new_page, tmp_path: Path) -> None:
+    page = new_page()
+    sign_in(page, dash.api)
+    expect(page.get_by_test_id("scope")).to_have_text("Operator")
+    for name in ("node-a", "node-b"):
+        expect(node_card(page, name)).to_have_attribute("data-online", "true")
+    page.evaluate("window.__sameDocument = true")
+
+    # Keyboard only: focus the node's load button, open the dialog, pick the file, submit.
+    node_card(page, "node-a").get_by_test_id("open-load").focus()
+    page.keyboard.press("Enter")
+    dialog = page.get_by_test_id("load-dialog")
+    stories = dialog.get_by_role("radio", name="stories260K")
+    expect(dialog.locator("label.file", has_text="stories260K")).to_contain_text("fits now")
+    stories.focus()
+    page.keyboard.press("Space")
+    expect(stories).to_be_checked()
+    shoot(page, tmp_path / "load-dialog.png")
+    page.keyboard.press("Enter")
+
+    row = model_row(page, "node-a", "stories260K")
+    expect(row).to_have_attribute("data-state", "loaded")
+    marks = seen(page)
+    assert marks.index("node-a/stories260K:loading") < marks.index("node-a/stories260K:loaded"), marks
+    assert page.evaluate("window.__sameDocument") is True  # no reload happened
+    expect(node_card(page, "node-a").get_by_test_id("notice")).to_contain_text("Loaded stories260K")
+    expect(page.get_by_test_id("event-log").locator('[data-type="model-loaded"]')).to_contain_text("stories260K")
+    expect(row).to_contain_text("1.1 MiB")  # its size
+
+    page.get_by_test_id("tab-pool").click()
+    pool_row = page.locator('[data-testid="pool-model"][data-model="stories260K"]')
+    expect(pool_row.get_by_test_id("loaded-on")).to_have_text("node-a")
+    page.get_by_test_id("tab-fleet").click()
+    shoot(page, tmp_path / "fleet.png", "dashboard.png")
+    unload_everything(dash)
+    expect(row).to_have_count(0)
+
+
+def test_unload_is_optimistic(dash: Dash, new_page, tmp_path: Path) -> None:
+    api_load(dash, dash.b.fingerprint, "tiny-a")
+    page = new_page()
+    sign_in(page, dash.api)
+    row = model_row(page, "node-b", "tiny-a")
+    expect(row).to_have_attribute("data-state", "loaded")
+
+    held: list[Route] = []
+    page.route("**/models/unload", lambda route: held.append(route))  # the request waits here until the test lets it go
+    row.get_by_test_id("unload").click()
+    wait_for(lambda: held, 10, "the unload request")
+    expect(row).to_have_count(0)  # gone before the server has even received the request
+    expect(node_card(page, "node-b").get_by_test_id("operating")).to_contain_text("Unloading tiny-a")
+    expect(node_card(page, "node-b").get_by_test_id("open-load")).to_be_disabled()
+    shoot(page, tmp_path / "optimistic.png")
+    held[0].continue_()
+    expect(node_card(page, "node-b").get_by_test_id("notice")).to_contain_text("Unloaded tiny-a")
+    expect(row).to_have_count(0)
+    expect(node_card(page, "node-b").get_by_test_id("operating")).to_have_count(0)
+
+
+def test_a_refused_unload_is_rolled_back_with_its_error(dash: Dash, new_page, tmp_path: Path) -> None:
+    api_load(dash, dash.b.fingerprint, "tiny-b")
+    page = new_page()
+    sign_in(page, dash.api)
+    row = model_row(page, "node-b", "tiny-b")
+    expect(row).to_have_attribute("data-state", "loaded")
+    park(dash.fleet, dash.b)  # frozen but still online: the API gives up on the unload after UNLOAD_TIMEOUT
+    try:
+        row.get_by_test_id("unload").click()
+        expect(row).to_have_count(0)
+        notice = node_card(page, "node-b").get_by_test_id("notice")
+        expect(notice).to_contain_text(
+            f"Could not unload tiny-b: Node node-b did not finish the unload within {UNLOAD_TIMEOUT} seconds",
+            timeout=(UNLOAD_TIMEOUT + 5) * 1000,
+        )
+        expect(row).to_have_attribute("data-state", "loaded")  # rolled back
+        shoot(page, tmp_path / "rolled-back.png")
+    finally:
+        thaw(dash.b)
+    unload_everything(dash)
+    expect(row).to_have_count(0)
+
+
+def test_a_file_the_backend_refuses_shows_failed_with_its_reason(dash: Dash, new_page, tmp_path: Path) -> None:
+    page = new_page(800, 900)
+    sign_in(page, dash.api)
+    node_card(page, "node-a").get_by_test_id("open-load").click()
+    page.get_by_test_id("load-dialog").get_by_role("radio", name="headless").check()
+    page.get_by_test_id("load-submit").click()
+    row = model_row(page, "node-a", "headless")
+    expect(row).to_have_attribute("data-state", "failed")
+    expect(row.get_by_test_id("reason")).to_contain_text("could not load")
+    expect(node_card(page, "node-a").get_by_test_id("notice")).to_contain_text("could not load")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 800  # readable at 800 px: no sideways scroll
+    shoot(page, tmp_path / "failed-800px.png")
+
+
+def test_a_read_only_key_sees_everything_and_changes_nothing(dash: Dash, new_page, tmp_path: Path) -> None:
+    api_load(dash, dash.b.fingerprint, "tiny-a")
+    page = new_page()
+    sign_in(page, dash.api, READ_KEY)
+    expect(page.get_by_test_id("scope")).to_have_text("Read-only")
+    expect(page.get_by_test_id("read-only")).to_contain_text("operator key")
+    row = model_row(page, "node-b", "tiny-a")
+    expect(row).to_have_attribute("data-state", "loaded")
+    for control in (
+        node_card(page, "node-b").get_by_test_id("open-load"),
+        node_card(page, "node-b").get_by_test_id("unload-all"),
+        row.get_by_test_id("unload"),
+    ):
+        expect(control).to_be_disabled()
+        expect(control).to_have_attribute(
+            "title", "Read-only key: sign in with an operator key to load or unload models."
+        )
+    page.get_by_test_id("tab-pool").click()
+    expect(page.get_by_test_id("pool-load").first).to_be_disabled()
+    shoot(page, tmp_path / "read-only.png")
+
+    # The session itself cannot change anything either, with or without the CSRF token.
+    fp = dash.b.fingerprint
+    statuses = page.evaluate(
+        """async (fp) => {
+            const session = await (await fetch('/api/v1/session')).json();
+            const send = (headers) => fetch(`/api/v1/nodes/${fp}/models/unload`, {method: 'POST',
+                headers: {'Content-Type': 'application/json', ...headers}, body: JSON.stringify({modelId: 'tiny-a'})});
+            return [(await send({[session.csrfHeader]: session.csrfToken})).status, (await send({})).status];
+        }""",
+        fp,
+    )
+    assert statuses == [403, 403]
+    page.get_by_test_id("tab-fleet").click()
+    expect(row).to_have_attribute("data-state", "loaded")
+    unload_everything(dash)
+
+
+def test_a_second_browser_sees_the_first_ones_changes_live(dash: Dash, new_page, tmp_path: Path) -> None:
+    first, second = new_page(), new_page(800, 900)
+    sign_in(first, dash.api)
+    sign_in(second, dash.api)
+    first.get_by_test_id("tab-pool").click()
+    first.locator('[data-testid="pool-model"][data-model="tiny-b"]').get_by_test_id("pool-load").click()
+    row = model_row(second, "node-b", "tiny-b")
+    expect(row).to_have_attribute("data-state", "loaded")  # placed automatically on the only node that has it
+    second.get_by_test_id("tab-pool").click()
+    expect(second.locator('[data-testid="pool-model"][data-model="tiny-b"]').get_by_test_id("loaded-on")).to_have_text(
+        "node-b"
+    )
+    second.get_by_test_id("tab-fleet").click()
+
+    first.get_by_test_id("tab-fleet").click()
+    node_card(first, "node-b").get_by_test_id("unload-all").click()
+    confirm = first.get_by_test_id("confirm-dialog")
+    expect(confirm).to_contain_text("tiny-b will be unloaded")
+    shoot(first, tmp_path / "confirm.png")
+    confirm.get_by_test_id("confirm-unload-all").click()
+    expect(row).to_have_count(0)
+    expect(second.get_by_test_id("event-log").locator('[data-type="model-unloaded"]').first).to_contain_text("tiny-b")
+    shoot(second, tmp_path / "second.png")
+
+
+def test_a_killed_worker_goes_offline(dash: Dash, new_page, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    worker = dash.fleet.worker(
+        "node-c", models, MODELFLEET_HEARTBEAT_INTERVAL="0.5", MODELFLEET_HEARTBEAT_TTL="2", wait=False
+    )
+    page = new_page()
+    sign_in(page, dash.api)
+    card = node_card(page, "node-c")
+    expect(card).to_have_attribute("data-online", "true", timeout=30_000)
+    worker.signal(signal.SIGKILL)
+    expect(card).to_have_attribute("data-online", "false", timeout=10_000)  # its 2 s heartbeat window, and a tick
+    expect(card).to_have_class("card node is-offline")
+    expect(card.get_by_test_id("open-load")).to_be_disabled()
+    expect(page.get_by_test_id("event-log").locator('[data-type="node-offline"]').first).to_contain_text("node-c")
+    shoot(page, tmp_path / "offline.png")
+
+
+def test_an_api_restart_misses_no_event(dash: Dash, new_page, tmp_path: Path) -> None:
+    page = new_page()
+    sign_in(page, dash.api)
+    redis = dash.fleet.redis.client()
+    (start,) = redis.xrevrange("modelfleet:events", count=1) or [(b"0-0", {})]
+    dash.stop_api()
+    expect(page.get_by_test_id("connection")).to_have_text("Reconnecting…")
+    other = dash.fleet.api()  # the fleet goes on changing through another API process meanwhile
+    with other.client() as client:
+        for path, body in (("load", {"modelId": "tiny-a"}), ("unload", {"modelId": "tiny-a"})):
+            response = client.post(f"/api/v1/nodes/{dash.b.fingerprint}/models/{path}", json=body)
+            assert response.status_code == 200, response.text
+    dash.start_api()
+    expect(page.get_by_test_id("connection")).to_have_text("Live", timeout=30_000)
+    log = page.get_by_test_id("event-log")
+    expect(log.locator('[data-type="model-unloaded"]').first).to_contain_text("tiny-a")
+    missed = [e[0].decode() for e in redis.xrange("modelfleet:events", min=f"({start[0].decode()}")]
+    assert len(missed) >= 4
+    shown = log.locator("li").evaluate_all("items => items.map(i => i.dataset.id)")
+    assert set(missed) <= set(shown), (missed, shown)
+    expect(page.get_by_label("API key")).to_have_count(0)  # still signed in: the session outlived the process
+    shoot(page, tmp_path / "caught-up.png")
+
+
+def test_no_key_reaches_the_page_its_storage_a_url_or_the_log(dash: Dash, new_page, tmp_path: Path) -> None:
+    page = new_page()
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    sign_in(page, dash.api)
+    expect(node_card(page, "node-a")).to_be_visible()
+    cookies = page.context.cookies()
+    (cookie,) = [c for c in cookies if c["name"] == "modelfleet_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]  # Secure over HTTPS only
+    exposed = page.evaluate(
+        """() => JSON.stringify({html: document.documentElement.outerHTML, cookie: document.cookie,
+            local: {...localStorage}, session: {...sessionStorage}, url: location.href, history: history.length})"""
+    )
+    assert "modelfleet_session" not in exposed and cookie["value"] not in exposed
+    shoot(page, tmp_path / "signed-in.png")
+
+    # Sign out ends the session on the server too: the old cookie opens nothing.
+    page.get_by_test_id("sign-out").click()
+    expect(page.get_by_label("API key")).to_be_visible()
+    stale = httpx.get(dash.api.url + "/api/v1/nodes", cookies={"modelfleet_session": cookie["value"]})
+    assert stale.status_code == 401
+
+    redis = dash.fleet.redis.client()
+    stored = json.dumps([[k.decode(), str(redis.dump(k))] for k in redis.scan_iter()])
+    for secret in (*ALL_SECRETS, cookie["value"]):
+        assert secret not in exposed
+        assert not any(secret in url for url in urls)
+        assert secret not in dash.api.log()
+        assert secret not in stored
+    assert OPERATOR_KEY not in page.content()
