@@ -50,7 +50,9 @@ class Dash:
         return self.api
 
 
-@pytest.fixture(scope="session")
+# Module-scoped: Playwright's sync API keeps an event loop running in this thread while it is open, which
+# asyncio.run() in later tests would trip over.
+@pytest.fixture(scope="module")
 def browser() -> Iterator["playwright_api.Browser"]:
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
