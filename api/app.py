@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api.auth import KeyRing
 from api.errors import install_error_handlers
 from api.events import EventRelay, OfflineWatcher
 from api.inflight import InFlight
@@ -22,6 +21,7 @@ from api.schemas import PoolLoadRequest
 from api.sessions import SessionStore
 from api.settings import ApiSettings
 from broker import __version__
+from broker.auth import KeyRing
 from broker.celery_app import make_celery
 from broker.events import AsyncEventBus
 from broker.registry import NodeDirectory

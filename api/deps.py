@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
-from api.auth import KeyRing, Scope
 from api.events import EventRelay
 from api.jobs import JobClient
 from api.metrics import Metrics
@@ -18,6 +17,7 @@ from api.pool import Pool
 from api.proxy import NodeProxy
 from api.sessions import COOKIE, CSRF_HEADER, Session, SessionStore
 from api.settings import ApiSettings
+from broker.auth import KeyRing, Scope
 from broker.errors import Forbidden, Unauthenticated
 from broker.registry import NodeDirectory
 

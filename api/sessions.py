@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
-from api.auth import KeyRing, Scope
 from broker import keys
+from broker.auth import KeyRing, Scope
 from broker.schemas import DashboardSession, read_lenient
 
 log = logging.getLogger(__name__)

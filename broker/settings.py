@@ -18,6 +18,9 @@ class BrokerSettings(BaseSettings):
     reply_ttl: int = Field(default=900, gt=0)
     events_history: int = Field(default=10_000, ge=100)
     """Pool events kept in the Redis stream: how far back a reconnecting SSE client can replay."""
+    node_token: SecretStr | None = None
+    """The bearer the head sends to the nodes' inference endpoints (they accept it beside the fleet's API keys);
+    set the same value on the head and every node. Never stored in Redis."""
 
     @property
     def safe_redis_url(self) -> str:

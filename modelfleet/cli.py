@@ -38,12 +38,14 @@ def _secrets_of(settings: BrokerSettings) -> list[str]:
         found += [url, password, unquote(password), quote(unquote(password), safe="")]
     for name in ("operator_keys", "api_keys"):
         found += [k.get_secret_value() for k in getattr(settings, name, [])]
+    if settings.node_token is not None:
+        found.append(settings.node_token.get_secret_value())
     return found
 
 
 def _environment_keys() -> list[str]:
-    """API keys in this process's environment. A worker does not use them, but under `up` it inherits them, and a
-    key a caller sends as a model id would otherwise reach the worker's log in the text of the job's reply."""
+    """API keys in this process's environment, masked in its log even where its settings did not take them: a key a
+    caller sends as a model id would otherwise reach the worker's log in the text of the job's reply."""
     names = ("MODELFLEET_OPERATOR_KEYS", "MODELFLEET_API_KEYS")
     return [part.strip() for name in names for part in os.environ.get(name, "").split(",") if part.strip()]
 
@@ -76,8 +78,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.main import run_worker
     from workers.settings import WorkerSettings
 
-    names = ("name", "models_dir", "state_dir", "concurrency", "threads", "memory_budget", "redis_url", "lib")
+    names: tuple[str, ...] = ("name", "models_dir", "state_dir", "concurrency", "threads", "memory_budget")
+    names += ("redis_url", "lib", "serve_port", "serve_host", "advertise_url", "max_queue", "keep_alive", "preload")
     fields = _given(args, *names)
+    if args.no_serve:
+        fields["serve_port"] = None
     try:
         settings = WorkerSettings(**fields)
     except ValidationError as exc:
@@ -136,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ctransformers build (default auto: CUDA when a GPU and its runtime are present, else the best CPU one)",
     )
     worker.add_argument("--redis-url")
+    worker.add_argument("--serve-port", type=int, help="port of the inference endpoint (default 8081; 0: a free one)")
+    worker.add_argument("--serve-host", help="address it listens on (default 127.0.0.1; 0.0.0.0 for other hosts)")
+    worker.add_argument("--advertise-url", help="its base URL for the head and clients, e.g. http://%%h:8081")
+    worker.add_argument("--no-serve", action="store_true", help="serve no inference endpoint")
+    worker.add_argument("--max-queue", type=int, help="generations that may wait per model (default 8)")
+    worker.add_argument("--keep-alive", type=float, help="seconds unused before a model unloads itself (default never)")
+    worker.add_argument("--preload", help="model ids to load at start, comma-separated")
     worker.set_defaults(func=cmd_worker)
 
     flower = sub.add_parser("flower", help="run the Flower dashboard: basic auth (MODELFLEET_FLOWER_AUTH), read-only")

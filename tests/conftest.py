@@ -36,7 +36,8 @@ STORIES = SHARED_MODELS / "stories260K.gguf"
 REDIS_PASSWORD = "rpw-SECRET-" + secrets.token_hex(8)
 OPERATOR_KEY = "opk-SECRET-" + secrets.token_hex(12)
 READ_KEY = "rok-SECRET-" + secrets.token_hex(12)
-ALL_SECRETS = (REDIS_PASSWORD, OPERATOR_KEY, READ_KEY)
+NODE_TOKEN = "ntk-SECRET-" + secrets.token_hex(12)
+ALL_SECRETS = (REDIS_PASSWORD, OPERATOR_KEY, READ_KEY, NODE_TOKEN)
 
 
 def free_port() -> int:
@@ -156,6 +157,22 @@ class Proc:
 class Worker(Proc):
     fingerprint: str = ""
     models_dir: Path = Path()
+    redis: "RedisServer | None" = None
+
+    @property
+    def endpoint(self) -> str:
+        """The inference endpoint this worker registered."""
+        assert self.redis is not None
+        node = parse_node(
+            self.fingerprint, self.redis.client().hgetall(keys.node_info(self.fingerprint)), True, datetime.now(UTC)
+        )
+        assert node is not None and node.endpoint, "the worker registered no inference endpoint"
+        return node.endpoint
+
+    def inference(self, key: str | None = READ_KEY, timeout: float = 30.0) -> httpx.Client:
+        """A client of the worker's inference endpoint, with `key` as its bearer."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.endpoint, headers=headers, timeout=timeout)
 
 
 @dataclass
@@ -181,6 +198,7 @@ class Fleet:
             "MODELFLEET_REDIS_URL": self.redis.url,
             "MODELFLEET_OPERATOR_KEYS": OPERATOR_KEY,
             "MODELFLEET_API_KEYS": READ_KEY,
+            "MODELFLEET_NODE_TOKEN": NODE_TOKEN,
             "PYTHONUNBUFFERED": "1",
         }
         return env | extra
@@ -190,6 +208,8 @@ class Fleet:
     ) -> Worker:
         state = state_dir or self.root / "state" / name
         fp = fingerprint(load_or_create_node_key(state))
+        if "--serve-port" not in args and "--no-serve" not in args:
+            args = ("--serve-port", "0", *args)  # many nodes on one machine: each its own free port
         argv = [
             *modelfleet_command(),
             "worker",
@@ -202,7 +222,13 @@ class Fleet:
             *args,
         ]
         proc = Worker(
-            name, argv, self.env(**env), self.root / f"worker-{name}.log", fingerprint=fp, models_dir=models_dir
+            name,
+            argv,
+            self.env(**env),
+            self.root / f"worker-{name}.log",
+            fingerprint=fp,
+            models_dir=models_dir,
+            redis=self.redis,
         )
         self.procs.append(proc.start())
         if wait:

@@ -42,12 +42,16 @@ def write_tiny_llama(
     pad_to_bytes: int | None = None,
     seed: int = 0,
     description: str = "modelfleet demo: random weights, not a trained model",
+    endless: bool = False,
 ) -> Path:
     """Write a llama model with random F32 weights to `path` and return `path`.
 
     The file has a SentencePiece ("llama") tokenizer: `<unk>`, `<s>` (BOS), `</s>` (EOS), the 256 byte tokens,
     and the pieces that keep ASCII prompts safe (see the module docstring), and then filler tokens up to
     `n_vocab`. `n_vocab` must be at least `MIN_VOCAB`.
+
+    `endless` zeroes the output row of EOS, so greedy decoding never ends the text by itself (random logits
+    around zero always have a larger one): for tests that need a generation as long as they ask.
 
     `pad_to_bytes` makes the file at least that many bytes long by widening the feed-forward layers
     (`llama.feed_forward_length`). llama.cpp refuses files with tensors it does not expect, so extra tensors
@@ -70,6 +74,7 @@ def write_tiny_llama(
         context_length=context_length,
         seed=seed,
         description=description,
+        endless=endless,
     )
     n_ff = 2 * n_embd
     write(n_ff=n_ff)
@@ -96,6 +101,7 @@ def _write(
     context_length: int,
     seed: int,
     description: str,
+    endless: bool,
 ) -> None:
     rng = np.random.default_rng(seed)
 
@@ -134,7 +140,10 @@ def _write(
     ones = np.ones(n_embd, dtype=np.float32)
     writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
     writer.add_tensor("output_norm.weight", ones)
-    writer.add_tensor("output.weight", weights(n_vocab, n_embd))
+    output = weights(n_vocab, n_embd)
+    if endless:
+        output[EOS_ID] = 0.0
+    writer.add_tensor("output.weight", output)
     for i in range(n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
         writer.add_tensor(f"blk.{i}.attn_q.weight", weights(n_embd, n_embd))
@@ -189,3 +198,19 @@ def write_headless_llama(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_with_chat_template(source: Path, path: Path, template: str) -> Path:
+    """Copy the GGUF model at `source` to `path` with `tokenizer.chat_template` set to `template`.
+
+    Weights and every other key are copied as they are, so a real model keeps answering as before.
+    """
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(source, "r")
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    assert arch is not None, f"{source} has no general.architecture"
+    writer = gguf.GGUFWriter(path, arch=str(arch.contents()), endianess=reader.endianess)
+    new = {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(gguf.GGUFValueType.STRING, template)}
+    copy_with_new_metadata(reader, writer, new, [])
+    return Path(path)

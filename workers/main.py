@@ -51,6 +51,7 @@ def run_worker(settings: WorkerSettings) -> int:
     register_tasks(app)
     install(runtime)
     try:
+        runtime.serve()
         _start_when_redis_answers(runtime, settings)
     except ModelfleetError as exc:
         log.error("%s", exc.message)

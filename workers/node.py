@@ -7,16 +7,22 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import psutil
 import redis
 
 from broker import __version__, keys
+from broker.auth import KeyRing
+from broker.errors import ModelfleetError
 from broker.events import EventBus
 from broker.registry import LostNodeOwnership, NodeRegistrar
-from broker.schemas import NodeInfo
+from broker.schemas import LoadJob, NodeInfo
 from workers.events import NodeEvents
 from workers.identity import fingerprint, load_or_create_node_key
+
+if TYPE_CHECKING:
+    from workers.inference.server import NodeServer
 from workers.manager import ModelManager
 from workers.service import NodeService
 from workers.settings import WorkerSettings, default_memory_budget
@@ -34,8 +40,10 @@ class NodeRuntime:
         registrar: NodeRegistrar,
         client: redis.Redis,
         events: NodeEvents,
+        server: "NodeServer | None" = None,
     ) -> None:
         self.settings = settings
+        self.server = server
         self.service = service
         self.registrar = registrar
         self.events = events
@@ -52,8 +60,14 @@ class NodeRuntime:
     def queue(self) -> str:
         return keys.node_queue(self.fingerprint)
 
+    def serve(self) -> None:
+        """Start the inference endpoint (before registering: the endpoint a node advertises answers)."""
+        if self.server is not None:
+            self.server.start()
+            log.info("inference endpoint %s (port %d)", self.registrar.info.endpoint, self.server.port)
+
     def start(self) -> None:
-        """Claim the fingerprint (raises DuplicateNode), register, and start beating."""
+        """Claim the fingerprint (raises DuplicateNode), register, start beating, then preload models."""
         self.registrar.claim()
         self._beat()  # and announces this boot online
         self._thread = threading.Thread(target=self._heartbeat_loop, name="modelfleet-heartbeat", daemon=True)
@@ -61,7 +75,20 @@ class NodeRuntime:
         # Reading a real model's GGUF header takes about a second: read them all now, in the background, so the
         # first catalog (which the pool API asks for under the list timeout) finds them cached.
         threading.Thread(target=self._warm_catalog, name="modelfleet-catalog", daemon=True).start()
+        if self.settings.preload:
+            threading.Thread(target=self._preload, name="modelfleet-preload", daemon=True).start()
         log.info("node %s (%s) registered; queue %s", self.fingerprint, self.settings.name, self.queue)
+
+    def _preload(self) -> None:
+        for model_id in self.settings.preload:
+            try:
+                job = LoadJob(deadline=time.time() + 3600, model_id=model_id)
+                result = self.service.load(job)
+                log.info("preloaded %s in %.2fs", model_id, result.load_seconds)
+            except ModelfleetError as exc:
+                log.error("could not preload %s: %s", model_id, exc.message)
+            except Exception as exc:
+                log.error("could not preload %s: %s", model_id, type(exc).__name__)
 
     def _warm_catalog(self) -> None:
         started = time.monotonic()
@@ -76,6 +103,8 @@ class NodeRuntime:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.server is not None:
+            self.server.stop()
         # node-offline (stopped) goes out before the alive key does: an API noticing the key gone first would
         # announce the stop as a lapsed heartbeat.
         self.events.stopped()
@@ -106,6 +135,7 @@ class NodeRuntime:
                 return
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s; retrying", type(exc).__name__)
+            self.service.manager.reap_idle()
             if time.monotonic() >= next_health:
                 self.service.manager.check_health()
                 next_health = time.monotonic() + self.settings.health_interval
@@ -114,6 +144,7 @@ class NodeRuntime:
 def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     """Wire a node from its settings: the real ctransformers backend and a sync Redis client."""
     from workers.backend import CTransformersLoader, estimate_memory_bytes, resolve_lib
+    from workers.inference.server import NodeServer, bind, create_node_app
 
     models_dir = settings.models_dir.resolve()
     if not models_dir.is_dir():
@@ -123,6 +154,18 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     budget = int(settings.memory_budget) if settings.memory_budget is not None else default_memory_budget()
     lib = resolve_lib(settings.lib)
     process = psutil.Process()
+    node_tokens = [settings.node_token] if settings.node_token else []
+    keyring = KeyRing(settings.operator_keys, [*settings.api_keys, *node_tokens])
+    sock = None
+    if settings.serve_port is not None:
+        if len(keyring):
+            sock = bind(settings.serve_host, settings.serve_port)
+        else:
+            log.error(
+                "no keys configured (MODELFLEET_API_KEYS, MODELFLEET_OPERATOR_KEYS or MODELFLEET_NODE_TOKEN): "
+                "this node serves no inference endpoint, since every call to it needs a key"
+            )
+    endpoint = settings.endpoint(int(sock.getsockname()[1])) if sock is not None else None
     info = NodeInfo(
         fingerprint=fp,
         name=settings.name,
@@ -133,6 +176,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         pid=os.getpid(),
         started_at=datetime.now(UTC),
         queue=keys.node_queue(fp),
+        endpoint=endpoint,
     )
     events = NodeEvents(EventBus(client, history=settings.events_history), info)
     manager = ModelManager(
@@ -140,9 +184,13 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         memory_budget=budget,
         memory_probe=(lambda: int(process.memory_info().rss)) if settings.measure_loads else None,
         on_change=events.model_changed,
+        max_queue=settings.max_queue,
+        keep_alive=settings.keep_alive,
+        endpoint=endpoint,
     )
     events.with_models = manager.with_models
     log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
     registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)
-    return NodeRuntime(settings, service, registrar, client, events)
+    server = NodeServer(create_node_app(manager, keyring), sock) if sock is not None else None
+    return NodeRuntime(settings, service, registrar, client, events, server)

@@ -4,12 +4,13 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import psutil
 from pydantic import ByteSize, Field, field_validator
+from pydantic_settings import NoDecode
 
-from broker.settings import BrokerSettings
+from broker.settings import BrokerSettings, SecretList, split_secrets
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -45,6 +46,39 @@ class WorkerSettings(BrokerSettings):
     measure_loads: bool = True
     """None: `default_memory_budget()`, applied when the node is built."""
     health_interval: float = Field(default=10.0, gt=0)
+    # The inference endpoint (OpenAI wire format) this process serves. None: none; 0: any free port.
+    serve_port: int | None = Field(default=8081, ge=0, le=65535)
+    serve_host: str = "127.0.0.1"
+    advertise_url: str | None = None
+    """The base URL the head and clients use (default http://SERVE_HOST:PORT); `%h` is the hostname."""
+    # Direct calls need one of the fleet's keys (either scope) or the node token (BrokerSettings.node_token).
+    operator_keys: SecretList = Field(default_factory=list)
+    api_keys: SecretList = Field(default_factory=list)
+    max_queue: int = Field(default=8, ge=0, le=10_000)
+    """Generations that may wait per model while one runs; beyond that, 429 with Retry-After."""
+    keep_alive: float | None = Field(default=None, ge=0)
+    """Seconds a model may stay unused before it unloads itself, unless its load says otherwise. None/0: never."""
+    preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Model ids to load when the node starts."""
+
+    _split = field_validator("operator_keys", "api_keys", "preload", mode="before")(split_secrets)
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.replace("%h", socket.gethostname()).rstrip("/")
+        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", value):
+            raise ValueError("the advertised URL is http(s)://host[:port][/path], without credentials or query")
+        return value
+
+    def endpoint(self, port: int) -> str:
+        """The base URL to register, once the serving port is known."""
+        if self.advertise_url:
+            return self.advertise_url
+        host = "127.0.0.1" if self.serve_host in ("0.0.0.0", "::", "") else self.serve_host  # noqa: S104
+        return f"http://{host}:{port}"
 
     @field_validator("name")
     @classmethod

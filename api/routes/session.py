@@ -12,10 +12,10 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.alias_generators import to_camel
 
-from api.auth import Scope
 from api.deps import CurrentSession, Sessions, Settings
 from api.schemas import error_responses
 from api.sessions import COOKIE, CSRF_HEADER, Session
+from broker.auth import Scope
 from broker.errors import Forbidden, Unauthenticated
 
 log = logging.getLogger("modelfleet.api")

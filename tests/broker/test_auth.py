@@ -3,7 +3,7 @@
 import pytest
 from pydantic import SecretStr
 
-from api.auth import KeyRing, Scope
+from broker.auth import KeyRing, Scope
 from broker.errors import Forbidden, Unauthenticated
 
 

@@ -1,0 +1,317 @@
+"""The node's inference endpoint: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`.
+
+A small FastAPI app served by uvicorn on a thread of the worker process (`NodeServer`), beside Celery. Every
+call needs `Authorization: Bearer <key>`: one of the fleet's API keys (either scope) or the node token that the
+head uses. Each request runs in a thread of its own (`InferenceRunner`); the route waits for its first event, so
+a request that cannot start (unknown model, full queue, prompt too long) gets a proper status and OpenAI's error
+body, and only a started one answers 200. Once a stream has started, a failure is sent as an error event (`data:
+{"error": {...}}`) followed by `data: [DONE]`. A client that disconnects, queued or streaming, stops its request:
+within one token, and its place or the model is free at once for the next one.
+"""
+
+import asyncio
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker import __version__
+from broker import errors as e
+from broker.auth import KeyRing, Scope
+from broker.openai import (
+    SSE_DONE,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+    ModelCard,
+    ModelCardList,
+    chat_completion_id,
+    completion_id,
+    created_now,
+    error_body,
+    sse_data,
+)
+from workers.inference.runner import Delta, Event, Failed, Finished, InferenceRequest, InferenceRunner, Started
+from workers.manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[e.ModelfleetError], int] = {
+    e.InvalidRequest: 400,
+    e.Unauthenticated: 401,
+    e.Forbidden: 403,
+    e.ModelNotLoaded: 404,
+    e.ModelBusy: 429,
+    e.GenerationFailed: 500,
+    e.ModelfleetError: 500,
+}
+"""The node's statuses are OpenAI's (a bad parameter is 400 there, not the head's 422)."""
+
+
+def status_of(error: e.ModelfleetError) -> int:
+    return next((STATUS[cls] for cls in type(error).__mro__ if cls in STATUS), 500)
+
+
+def error_response(error: e.ModelfleetError) -> JSONResponse:
+    status = status_of(error)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if isinstance(error, e.ModelBusy):
+        headers["Retry-After"] = str(error.details.get("retry_after", 1))
+    body = error_body(status, error.code, error.message)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in [
+        (400, "Bad parameters: n > 1, a prompt plus max_tokens beyond the context, a chat template error"),
+        (401, "No key, or not one of the fleet's"),
+        (404, "The model is not loaded on this node"),
+        (422, "The body does not match the schema"),
+        (429, "The model's queue is full; retry after Retry-After seconds"),
+    ]
+}
+
+
+def create_node_app(manager: ModelManager, keyring: KeyRing) -> FastAPI:
+    """The endpoint of one node's models."""
+    runner = InferenceRunner(manager)
+    app = FastAPI(title="modelfleet node", version=__version__, docs_url=None, redoc_url=None)
+
+    def authorize(authorization: Annotated[str | None, Header()] = None) -> Scope:
+        return keyring.authorize(authorization, Scope.READ)
+
+    Caller = Annotated[Scope, Depends(authorize)]
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelCardList, responses=ERRORS)
+    async def list_models(_: Caller) -> ModelCardList:
+        """The models on this node, with OpenAI's fields (`object`, `created`, `owned_by`)."""
+        cards = [
+            ModelCard(**m.model_dump(), created=int(m.loaded_at.timestamp()) if m.loaded_at else 0)
+            for m in manager.models()
+        ]
+        return ModelCardList(data=cards)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request, _: Caller) -> Response:
+        """Continue a prompt; with `stream: true`, Server-Sent Events of `text_completion` chunks."""
+        return await _serve(runner, request, body)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, _: Caller) -> Response:
+        """Answer a conversation, rendered with the model's chat template; with `stream: true`, SSE chunks."""
+        return await _serve(runner, request, body)
+
+    _install_error_handlers(app)
+    return app
+
+
+async def _serve(runner: InferenceRunner, request: Request, body: InferenceRequest) -> Response:
+    problem = body.unsupported()
+    if problem:
+        raise e.InvalidRequest(problem)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def emit(event: Event) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def cancel() -> None:
+        runner.cancel(cancelled)
+
+    threading.Thread(target=runner.run, args=(body, emit, cancelled), name="modelfleet-generate", daemon=True).start()
+    # Until the response starts, nothing else reads the connection: watch it, so a caller that leaves its place
+    # in the queue (or a long answer that is not streamed) stops its request.
+    watcher = asyncio.create_task(_on_disconnect(request, cancel))
+    try:
+        first = await events.get()
+        if isinstance(first, Failed):
+            raise first.error
+        assert isinstance(first, Started)
+        if not body.stream:
+            return await _whole(body, first, events)
+    except BaseException:
+        cancel()
+        raise
+    finally:
+        watcher.cancel()
+    return StreamingResponse(
+        _stream(body, first, events, cancel),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _on_disconnect(request: Request, cancel: Callable[[], None]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancel()
+
+
+async def _whole(body: InferenceRequest, started: Started, events: "asyncio.Queue[Event]") -> Response:
+    parts: list[str] = []
+    while True:
+        event = await events.get()
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Failed):
+            raise event.error
+        elif isinstance(event, Finished):
+            break
+    text = "".join(parts)
+    answer: CompletionResponse | ChatCompletionResponse
+    if isinstance(body, ChatCompletionRequest):
+        answer = ChatCompletionResponse(
+            id=chat_completion_id(),
+            created=created_now(),
+            model=body.model,
+            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=event.finish_reason)],
+            usage=event.usage,
+        )
+    else:
+        answer = CompletionResponse(
+            id=completion_id(),
+            created=created_now(),
+            model=body.model,
+            choices=[CompletionChoice(text=text, finish_reason=event.finish_reason)],
+            usage=event.usage,
+        )
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+async def _stream(
+    body: InferenceRequest, started: Started, events: "asyncio.Queue[Event]", cancel: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    chat = isinstance(body, ChatCompletionRequest)
+    ident, created = (chat_completion_id() if chat else completion_id()), created_now()
+
+    def chunk(text: str | None, finish: Any = None, *, role: bool = False) -> bytes:
+        if chat:
+            delta = ChatDelta(role="assistant" if role else None, content=text)
+            return sse_data(
+                ChatCompletionChunk(
+                    id=ident,
+                    created=created,
+                    model=body.model,
+                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
+                )
+            )
+        choice = CompletionChoice(text=text or "", finish_reason=finish)
+        return sse_data(CompletionResponse(id=ident, created=created, model=body.model, choices=[choice]))
+
+    try:
+        if chat:
+            yield chunk("", role=True)  # OpenAI's first chunk names the role
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield chunk(event.text)
+            elif isinstance(event, Failed):
+                status = status_of(event.error)
+                yield sse_data(error_body(status, event.error.code, event.error.message))
+                break
+            elif isinstance(event, Finished):
+                yield chunk("" if not chat else None, event.finish_reason)
+                if body.include_usage:
+                    usage: ChatCompletionChunk | CompletionResponse
+                    if chat:
+                        usage = ChatCompletionChunk(id=ident, created=created, model=body.model, choices=[])
+                    else:
+                        usage = CompletionResponse(id=ident, created=created, model=body.model, choices=[])
+                    yield sse_data(usage.model_copy(update={"usage": event.usage}))
+                break
+        yield SSE_DONE
+    finally:
+        cancel()  # a no-op once finished; a disconnected client's generation stops here
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def modelfleet_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, e.ModelfleetError)
+        return error_response(exc)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        problems = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+        body = error_body(422, "invalid_request", "; ".join(problems) or "Invalid request.")
+        return JSONResponse(body.model_dump(), status_code=422)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = error_body(exc.status_code, code, str(exc.detail))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unexpected error %s serving %s %s", ref, request.method, request.url.path)
+        body = error_body(500, "internal_error", f"Internal error (reference {ref}); the node's log has the details.")
+        return JSONResponse(body.model_dump(), status_code=500)
+
+    app.add_exception_handler(e.ModelfleetError, modelfleet_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so that the port (0: any free one) is known before the node registers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class NodeServer:
+    """uvicorn on a thread of the worker process (Celery keeps the main thread), on an already bound socket."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+        self._sock = sock
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="modelfleet-inference", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._sock.getsockname()[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        except Exception:
+            log.exception("the inference endpoint stopped")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
