@@ -214,6 +214,10 @@ def run_up(args: argparse.Namespace) -> int:
             env["MODELFLEET_OPERATOR_KEYS"] = "mf_op_" + secrets.token_urlsafe(32)
             env["MODELFLEET_API_KEYS"] = "mf_ro_" + secrets.token_urlsafe(32)
             keys_file = _write_keys(env["MODELFLEET_OPERATOR_KEYS"], env["MODELFLEET_API_KEYS"])
+        # The head's credential at the node's inference endpoint: only these two processes need it, so it is
+        # made afresh each run, kept in their environment, and never shown or written down.
+        env.setdefault("MODELFLEET_NODE_TOKEN", "mf_node_" + secrets.token_urlsafe(32))
+        serve_port = 8081 if not _port_taken("127.0.0.1", 8081) else _free_port()
         models_dir = Path(args.models_dir)
         demo = _ensure_demo_model(models_dir)
         state_dir = STATE_DIR / "nodes" / "local"
@@ -229,6 +233,8 @@ def run_up(args: argparse.Namespace) -> int:
             str(models_dir),
             "--state-dir",
             str(state_dir),
+            "--serve-port",
+            str(serve_port),
         ]
         if args.memory_budget:
             worker += ["--memory-budget", args.memory_budget]
@@ -242,6 +248,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "",
                 f"modelfleet is up: API http://{args.host}:{args.port}  (docs at /docs)",
                 f"  local node  {fp}  serving {models_dir.resolve()}",
+                f"  inference   http://127.0.0.1:{serve_port}/v1 (the node's OpenAI endpoint; either key)",
             ]
             if demo is not None:
                 lines.append(f"  demo model  {demo.name}: random weights, made so there is something to load")

@@ -25,6 +25,7 @@ REQUIRED = {
     "REDIS_PASSWORD": "compose-rpw-1234",
     "MODELFLEET_OPERATOR_KEYS": "compose-op-1234",
     "MODELFLEET_API_KEYS": "compose-ro-1234",
+    "MODELFLEET_NODE_TOKEN": "compose-ntk-1234",
     "FLOWER_AUTH": "ops:compose-fpw-1234",
 }
 MODELFLEET_SERVICES = {"api", "worker", "flower"}
@@ -124,6 +125,11 @@ def test_worker_replicas_are_distinct_nodes_with_read_only_models(services: dict
     assert command[command.index("--models-dir") + 1] == "/models"
     assert not command[command.index("--state-dir") + 1].startswith("/models")
     assert "ports" not in worker and "container_name" not in worker and "hostname" not in worker
+    # Its inference endpoint: reachable on the compose network, advertised by the replica's own hostname, and
+    # holding the same node token as the head.
+    env = worker["environment"]
+    assert env["MODELFLEET_SERVE_HOST"] == "0.0.0.0" and env["MODELFLEET_ADVERTISE_URL"] == "http://%h:8081"
+    assert env["MODELFLEET_NODE_TOKEN"] == services["api"]["environment"]["MODELFLEET_NODE_TOKEN"]
     [device] = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
