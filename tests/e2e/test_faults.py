@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from broker import keys
+from modelfleet.up import default_signals
 from tests.conftest import FREEZE_TTL, Fleet, Worker, modelfleet_command, node_json, park, queued, thaw, wait_for
 from workers.identity import KEY_FILE, fingerprint
 
@@ -312,6 +313,7 @@ def test_worker_started_before_redis_waits_for_it(fleet: Fleet, models_dir: Path
     server = subprocess.Popen(
         [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
+        preexec_fn=default_signals,
     )
     try:
         client = redis.Redis.from_url(url)

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from celery.app.utils import find_app
 
+from modelfleet.up import default_signals
 from tests.conftest import (
     ALL_SECRETS,
     OPERATOR_KEY,
@@ -166,7 +167,9 @@ def test_flower_sees_every_node_and_a_load_job_and_keeps_secrets(fleet: Fleet, m
 
 
 def _flower_exits(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(flower_argv(free_port()), env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        flower_argv(free_port()), env=env, capture_output=True, text=True, timeout=30, preexec_fn=default_signals
+    )
 
 
 def test_flower_refuses_to_start_without_auth(fleet: Fleet) -> None:

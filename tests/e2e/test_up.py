@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from broker import keys
+from modelfleet.up import default_signals
 from tests.conftest import REDIS_PASSWORD, RedisServer, free_port, modelfleet_command, wait_for
 from workers.gguf_factory import write_tiny_llama
 
@@ -75,6 +76,7 @@ class Up:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=default_signals,
             )
         return self
 
