@@ -63,16 +63,22 @@ def plan_load(model_id: str, views: list[NodeView], *, evict: bool) -> list[Cand
             f"No online node has a model file for {model_id} ({model_id}.gguf in its models directory).",
             model=model_id,
         )
-    fits = [(v, f) for v, f in having if f.estimate_bytes <= v.room(evict=False)]
+    fits = [(v, f) for v, f in having if _need(f) <= v.room(evict=False)]
     fits.sort(key=lambda vf: -vf[0].room(evict=False))
     if evict:
         placed = {v.fingerprint for v, _ in fits}
-        squeezed = [(v, f) for v, f in having if v.fingerprint not in placed and f.estimate_bytes <= v.room(evict=True)]
+        squeezed = [(v, f) for v, f in having if v.fingerprint not in placed and _need(f) <= v.room(evict=True)]
         fits += sorted(squeezed, key=lambda vf: -vf[0].room(evict=True))
     if fits:
         return [Candidate(v, None) for v, _ in fits]
-    best, file = max(having, key=lambda vf: (vf[0].room(evict=evict) - vf[1].estimate_bytes, vf[0].fingerprint))
-    raise shortfall(model_id, best, file.estimate_bytes, evict=evict)
+    best, file = max(having, key=lambda vf: (vf[0].room(evict=evict) - _need(vf[1]), vf[0].fingerprint))
+    raise shortfall(model_id, best, _need(file), evict=evict)
+
+
+def _need(file: ModelFile) -> int:
+    """The memory a load of `file` reserves. An unreadable file needs none: its node refuses it with the reason
+    (and lists it `failed`), which is the answer the caller should get, not a 404 or a 409."""
+    return file.estimate_bytes or 0
 
 
 def shortfall(model_id: str, node: NodeView, needed: int, *, evict: bool) -> InsufficientMemory:

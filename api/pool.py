@@ -275,7 +275,8 @@ def model_entries(views: list[NodeView]) -> list[dict[str, Any]]:
                 "nodes": [v.fingerprint for v, _ in files],
                 "loaded_on": [v.fingerprint for v, _ in loaded],
                 "size_bytes": max(sizes),
-                "estimate_bytes": max((f.estimate_bytes for _, f in files), default=None),
+                "estimate_bytes": max((f.estimate_bytes for _, f in files if f.estimate_bytes), default=None),
+                "problem": next((f.problem for _, f in files if f.problem), None),
             }
         )
     return entries

@@ -219,8 +219,11 @@ class ModelFile(Schema):
     id: str
     path: str
     size_bytes: int
-    estimate_bytes: int
-    """Memory a load with the default context takes (weights plus KV cache), from the GGUF header."""
+    estimate_bytes: int | None
+    """Memory a load with the default context takes (weights plus KV cache), from the GGUF header; None when
+    the header cannot be read."""
+    problem: str | None = None
+    """Why this file cannot be loaded (not a GGUF, truncated, ...): a load of it fails with this reason."""
 
 
 class MemoryInfo(Schema):

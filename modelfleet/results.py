@@ -50,6 +50,8 @@ class PoolModel(Answer):
     loaded_on: list[str]
     size_bytes: int
     estimate_bytes: int | None = None
+    problem: str | None = None
+    """Why a node cannot load this file (not a GGUF, truncated): a load of it fails with this reason."""
 
 
 class PoolModelList(Answer):

@@ -1,9 +1,10 @@
 """The model files a node offers: every `.gguf` under its models directory, with its memory estimate.
 
 A file's id is its path relative to the directory without `.gguf`, with `/` separators: exactly the id that
-loads it (`resolve_model_path`). Files a load could not use are left out: symlinks that resolve outside the
-directory, names that are not valid model ids, and files whose GGUF header cannot be read. Estimates are
-cached by path, size and mtime, so a catalog of an unchanged directory only stats its files.
+loads it (`resolve_model_path`). Files no load could name are left out: symlinks that resolve outside the
+directory and names that are not valid model ids. A file whose GGUF header cannot be read (not a GGUF,
+truncated) is listed with its `problem` and no estimate: it is there, and a load of it fails with that reason.
+Estimates are cached by path, size and mtime, so a catalog of an unchanged directory only stats its files.
 """
 
 import logging
@@ -31,8 +32,8 @@ class FileCatalog:
         self.root = models_dir.resolve()
         self._estimate = estimate
         self._lock = threading.Lock()
-        # path -> (size, mtime_ns, estimate or None for an unreadable header)
-        self._cache: dict[str, tuple[int, int, int | None]] = {}
+        # path -> (size, mtime_ns, estimate, or None and the problem for an unreadable header)
+        self._cache: dict[str, tuple[int, int, int | None, str | None]] = {}
 
     def files(self) -> list[ModelFile]:
         found: list[ModelFile] = []
@@ -61,22 +62,25 @@ class FileCatalog:
         except (InvalidModelId, OSError):
             return None
         seen.add(str(real))
-        estimate = self._estimate_cached(real, stat.st_size, stat.st_mtime_ns)
-        if estimate is None:
-            return None
-        return ModelFile(id=model_id, path=str(real), size_bytes=stat.st_size, estimate_bytes=estimate)
+        estimate, problem = self._estimate_cached(real, stat.st_size, stat.st_mtime_ns)
+        return ModelFile(id=model_id, path=str(real), size_bytes=stat.st_size, estimate_bytes=estimate, problem=problem)
 
-    def _estimate_cached(self, real: Path, size: int, mtime_ns: int) -> int | None:
+    def _estimate_cached(self, real: Path, size: int, mtime_ns: int) -> tuple[int | None, str | None]:
         key = str(real)
         with self._lock:
             cached = self._cache.get(key)
         if cached is not None and cached[:2] == (size, mtime_ns):
-            return cached[2]
+            return cached[2], cached[3]
+        estimate: int | None = None
+        problem: str | None = None
         try:
-            estimate: int | None = self._estimate(real, None)
-        except (InvalidModelFile, OSError) as exc:
-            log.info("catalog leaves out %s: %s", real.name, getattr(exc, "message", exc))
-            estimate = None
+            estimate = self._estimate(real, None)
+        except InvalidModelFile as exc:
+            problem = exc.message
+        except OSError as exc:
+            problem = f"{real.name} cannot be read: {exc.strerror or exc}"
+        if problem:
+            log.info("catalog: %s cannot be loaded: %s", real.name, problem)
         with self._lock:
-            self._cache[key] = (size, mtime_ns, estimate)
-        return estimate
+            self._cache[key] = (size, mtime_ns, estimate, problem)
+        return estimate, problem

@@ -270,11 +270,7 @@ class ModelManager:
                     ]
                     break
                 if record.state is ModelState.LOADED:
-                    record.last_used = self._clock()
-                    record.pinned = record.pinned or pin
-                    if keep_alive is not None:
-                        record.keep_alive = ttl
-                    return LoadOutcome(record.info(), 0.0, already_loaded=True)
+                    return self._touch_locked(record, pin=pin, keep_alive=keep_alive)
                 assert record.pending is not None
                 pending, joining = record.pending, record.state is ModelState.LOADING
                 if joining:
@@ -291,6 +287,46 @@ class ModelManager:
                 self._emit_locked("model-loading", record)
         outcome = self._run_load(record, future)
         return replace(outcome, evicted=tuple(victim.model_id for victim, _ in evictions))
+
+    def if_loaded(self, model_id: str, *, pin: bool = False, keep_alive: float | None = None) -> LoadOutcome | None:
+        """What `load` answers for a loaded model (`already_loaded`, pin and keep-alive applied), or None if
+        `model_id` is not loaded: a caller can then skip everything a real load needs, its file included."""
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is None or record.state is not ModelState.LOADED:
+                return None
+            return self._touch_locked(record, pin=pin, keep_alive=keep_alive)
+
+    def _touch_locked(self, record: ModelRecord, *, pin: bool, keep_alive: float | None) -> LoadOutcome:
+        record.last_used = self._clock()
+        record.pinned = record.pinned or pin
+        if keep_alive is not None:
+            record.keep_alive = keep_alive or None  # 0: never unload when idle
+        return LoadOutcome(record.info(), 0.0, already_loaded=True)
+
+    def fail(self, model_id: str, path: Path, error: ModelfleetError) -> None:
+        """Record that `model_id` cannot be loaded (its file was refused before any load began), so lists and
+        the pool status show it `failed` with the node's reason. A loaded or busy model is left as it is."""
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is not None and record.state not in (ModelState.FAILED, ModelState.UNLOADED):
+                return
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0
+            failed = ModelRecord(
+                model_id=model_id,
+                path=path,
+                state=ModelState.FAILED,
+                context_length=None,
+                gpu_layers=None,
+                size_bytes=size,
+                error=error.message,
+                endpoint=self.endpoint,
+            )
+            self._records[model_id] = failed
+            self._emit_locked("model-load-failed", failed)
 
     def _admit(self, model_id: str, estimate: int, *, evict: bool, releasing: int = 0) -> list[ModelRecord]:
         """Decide, under the lock, whether `estimate` fits; returns the records to evict to make it fit.

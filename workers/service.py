@@ -5,6 +5,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from broker.errors import InvalidModelFile
 from broker.schemas import (
     LoadJob,
     LoadResult,
@@ -32,9 +33,19 @@ class NodeService:
         self._files = FileCatalog(models_dir, estimate)
 
     def load(self, job: LoadJob) -> LoadResult:
+        if not job.force_reload:
+            # A loaded model is left alone, as model-loading.txt promises: its file is not even looked at, so a
+            # file replaced or damaged since cannot fail a load that has nothing to do.
+            loaded = self.manager.if_loaded(job.model_id, pin=job.pin, keep_alive=job.keep_alive)
+            if loaded is not None:
+                return self._load_result(job, loaded)
         path = resolve_model_path(self.models_dir, job.model_id, job.model_path)
-        # Always estimated (headers are cached by mtime): whether the manager needs it is decided under its lock.
-        estimate = self._estimate(path, job.context_length)
+        # Estimated before the manager's lock (headers are cached by mtime); it decides there whether to use it.
+        try:
+            estimate = self._estimate(path, job.context_length)
+        except InvalidModelFile as exc:
+            self.manager.fail(job.model_id, path, exc)  # listed `failed`, with this reason, like a failed load
+            raise
         outcome = self.manager.load(
             job.model_id,
             path,

@@ -157,8 +157,9 @@ def test_unloadable_file_is_422_and_recorded_as_failed(op: httpx.Client, node: W
     response = op.post(models_url(node, "load"), json={"modelId": "broken"})
     assert response.status_code == 422, response.text
     assert response.json()["code"] == "invalid_model_file" and "GGUF" in response.json()["error"]
-    listed = op.get(models_url(node)).json()["data"]
-    assert listed == [] or (listed[0]["state"] == "failed" and listed[0]["healthy"] is False)
+    [listed] = op.get(models_url(node)).json()["data"]
+    assert listed["id"] == "broken" and listed["state"] == "failed" and listed["healthy"] is False
+    assert listed["error"] == response.json()["error"]
 
 
 def test_missing_and_wrong_keys_are_401_with_bearer_challenge(api: Api, node: Worker) -> None:

@@ -31,7 +31,7 @@ def test_ids_are_relative_posix_paths_with_real_estimates(tmp_path: Path) -> Non
     assert nested.estimate_bytes == estimate_memory_bytes(Path(nested.path), None) > nested.size_bytes
 
 
-def test_leaves_out_escapes_unreadable_files_and_bad_ids(tmp_path: Path) -> None:
+def test_lists_unreadable_files_with_their_problem_and_leaves_out_escapes_and_bad_ids(tmp_path: Path) -> None:
     root, outside = tmp_path / "models", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
@@ -43,8 +43,12 @@ def test_leaves_out_escapes_unreadable_files_and_bad_ids(tmp_path: Path) -> None
     write_not_gguf(root / "text.gguf")
     write_truncated_gguf(root / "cut.gguf")
     write_tiny_llama(root / "a..b.gguf")  # no load could name it: ".." is refused in a model id
-    ids = sorted(f.id for f in FileCatalog(root, estimate_memory_bytes).files())
-    assert ids == ["alias", "good"]
+    files = {f.id: f for f in FileCatalog(root, estimate_memory_bytes).files()}
+    assert sorted(files) == ["alias", "cut", "good", "text"]
+    assert files["good"].problem is None and files["good"].estimate_bytes
+    for broken in ("cut", "text"):  # there, so listed; not loadable, so no estimate and the reason why
+        assert files[broken].estimate_bytes is None and files[broken].size_bytes > 0
+        assert files[broken].problem and "GGUF" in files[broken].problem, files[broken].problem
 
 
 def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
@@ -59,6 +63,7 @@ def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
     assert len(estimator.calls) == 2, "each file, readable or not, is estimated once while unchanged"
     stat = (root / "a.gguf").stat()
     os.utime(root / "a.gguf", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert [f.id for f in catalog.files()] == ["a"] and len(estimator.calls) == 3
+    assert [f.id for f in catalog.files()] == ["a", "bad"] and len(estimator.calls) == 3
     (root / "a.gguf").unlink()
+    (root / "bad.gguf").unlink()
     assert catalog.files() == []
