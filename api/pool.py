@@ -109,6 +109,7 @@ class Pool:
     async def load(self, body: PoolLoadRequest) -> dict[str, Any]:
         model = body.model_name
         fields = {"model_id": model, "force_reload": body.force_reload, "evict": body.evict, "pin": body.pin}
+        fields["keep_alive"] = body.keep_alive
         if body.node is not None:
             node = await self._directory.get(body.node)
             try:

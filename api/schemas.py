@@ -16,6 +16,8 @@ class NodeLoadRequest(BaseModel):
     modelPath: str | None = Field(default=None, min_length=1, max_length=4096)
     contextLength: int | None = Field(default=None, ge=1, le=1 << 20)
     gpuLayers: int | None = Field(default=None, ge=-1, le=10_000)
+    keepAlive: float | None = Field(default=None, ge=0, le=365 * 86400)
+    """Seconds the model may stay unused before it unloads itself (0: never; absent: the node's default)."""
 
 
 class NodeUnloadRequest(BaseModel):
@@ -35,6 +37,8 @@ class PoolLoadRequest(BaseModel):
     """A fingerprint: load there instead of where placement would."""
     evict: bool = False
     pin: bool = False
+    keep_alive: float | None = Field(default=None, ge=0, le=365 * 86400)
+    """Seconds the model may stay unused before it unloads itself (0: never; absent: the node's default)."""
 
 
 class PoolUnloadRequest(BaseModel):

@@ -46,6 +46,7 @@ async def load_model(
         "model_path": body.modelPath,
         "context_length": body.contextLength,
         "gpu_layers": body.gpuLayers,
+        "keep_alive": body.keepAlive,
     }
     return await jobs.run(node, keys.TASK_LOAD, fields, settings.load_timeout)
 

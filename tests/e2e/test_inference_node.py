@@ -16,7 +16,7 @@ import pytest
 
 from broker import keys
 from broker.events import ModelEvent, parse_event
-from tests.conftest import NODE_TOKEN, OPERATOR_KEY, READ_KEY, Fleet, Worker, require_stories, wait_for
+from tests.conftest import NODE_TOKEN, OPERATOR_KEY, READ_KEY, Api, Fleet, Worker, require_stories, wait_for
 from workers.gguf_factory import write_tiny_llama, write_with_chat_template
 
 pytestmark = pytest.mark.slow
@@ -29,19 +29,24 @@ SLOW = {"n_embd": 256, "n_layer": 4, "n_head": 8, "n_head_kv": 8, "context_lengt
 
 
 @pytest.fixture(scope="module")
-def node(module_fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Worker:
+def api(module_fleet: Fleet) -> Api:
+    return module_fleet.api()
+
+
+@pytest.fixture(scope="module")
+def node(module_fleet: Fleet, api: Api, tmp_path_factory: pytest.TempPathFactory) -> Worker:
     stories = require_stories()
     models = tmp_path_factory.mktemp("inference-models")
     (models / "stories260K.gguf").write_bytes(stories.read_bytes())
     write_with_chat_template(stories, models / "chatty.gguf", TEMPLATE)
     write_tiny_llama(models / "slow.gguf", **SLOW)  # type: ignore[arg-type]
     worker = module_fleet.worker(
-        "infer", models, "--preload", "stories260K,chatty", "--max-queue", "1", "--threads", "1"
+        "infer", models, "--preload", "stories260K,chatty", "--max-queue", "1", "--threads", "1", "--keep-alive", "3600"
     )
     with worker.inference() as client:
         wait_for(lambda: {"stories260K", "chatty"} <= loaded(client), 60, "the preloaded models")
-    with module_fleet.api().client() as api:
-        response = api.post(
+    with api.client() as operator:
+        response = operator.post(
             f"/api/v1/nodes/{worker.fingerprint}/models/load", json={"modelId": "slow", "contextLength": 2048}
         )
         assert response.status_code == 200, response.text
@@ -184,16 +189,17 @@ def test_errors_have_openais_shape(
     assert all(w in error["message"] for w in words), error["message"]
 
 
-def test_the_node_lists_its_endpoint_and_use_per_model(node: Worker, module_fleet: Fleet) -> None:
+def test_the_node_lists_its_endpoint_and_use_per_model(node: Worker, api: Api) -> None:
     with node.inference() as client:
         client.post("/v1/completions", json={"model": "stories260K", "prompt": "Once", "max_tokens": 3})
         card = model(client, "stories260K")
     assert card["object"] == "model" and card["owned_by"] == "modelfleet" and card["created"] > 0
     assert card["endpoint"] == node.endpoint and card["healthy"] is True
     assert card["tokensGenerated"] >= 3 and card["lastUsed"] and card["inFlight"] == 0 and card["queued"] == 0
-    with module_fleet.api().client() as api:
-        listed = api.get(f"/api/v1/nodes/{node.fingerprint}/models").json()
-        info = api.get(f"/api/v1/nodes/{node.fingerprint}").json()
+    assert card["keepAlive"] == 3600  # the node's --keep-alive
+    with api.client() as operator:
+        listed = operator.get(f"/api/v1/nodes/{node.fingerprint}/models").json()
+        info = operator.get(f"/api/v1/nodes/{node.fingerprint}").json()
     entry = next(m for m in listed["data"] if m["id"] == "stories260K")
     assert entry["endpoint"] == node.endpoint and entry["tokensGenerated"] >= 3
     assert info["endpoint"] == node.endpoint
@@ -279,20 +285,24 @@ def test_unload_during_a_stream_waits_then_stops_it_cleanly(module_fleet: Fleet,
     assert node.alive() and "Traceback" not in node.log()
 
 
-def test_an_idle_model_unloads_itself_after_its_keep_alive(module_fleet: Fleet, node: Worker) -> None:
-    worker = module_fleet.worker("ttl", node.models_dir, "--preload", "stories260K", "--keep-alive", "1")
+def test_an_idle_model_unloads_itself_after_its_keep_alive(module_fleet: Fleet, node: Worker, api: Api) -> None:
+    with api.client() as operator:
+        response = operator.post(
+            f"/api/v1/nodes/{node.fingerprint}/models/load",
+            json={"modelId": "brief", "modelPath": "stories260K.gguf", "keepAlive": 1},
+        )
+        assert response.status_code == 200, response.text
 
     def unload_events() -> list[tuple[str, str | None]]:
         stream = module_fleet.redis.client().xrange(keys.events_stream())
         events = [parse_event(fields[b"event"]) for _, fields in stream if b"event" in fields]
-        mine = [e for e in events if isinstance(e, ModelEvent) and e.node == worker.fingerprint]
+        mine = [e for e in events if isinstance(e, ModelEvent) and e.model_id == "brief"]
         return [(e.type, e.reason) for e in mine if e.type in ("model-loaded", "model-unloading", "model-unloaded")]
 
-    wait_for(lambda: len(unload_events()) == 3, 30, "the preloaded model to load, then unload when idle")
+    wait_for(lambda: len(unload_events()) == 3, 30, "the model to load, then unload when idle")
     assert unload_events() == [("model-loaded", None), ("model-unloading", "idle"), ("model-unloaded", "idle")]
-    with worker.inference() as client:
-        assert "stories260K" not in loaded(client)
-    assert "unused for" in worker.log()
+    with node.inference() as client:
+        assert "brief" not in loaded(client) and {"stories260K", "chatty"} <= loaded(client)  # 3600 s each
 
 
 def test_a_node_without_keys_serves_no_endpoint(module_fleet: Fleet, node: Worker, tmp_path: Path) -> None:
