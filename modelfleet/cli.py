@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", help="use this Redis instead of an embedded one")
     up.add_argument("--models-dir", default="models")
     up.add_argument("--memory-budget", help="the local node's memory budget, e.g. 8GiB")
+    up.add_argument("--serve-port", type=int, default=0, help="the local node's inference port (default: a free one)")
     up.set_defaults(func=cmd_up)
 
     api = sub.add_parser("api", help="run the REST head")

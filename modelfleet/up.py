@@ -182,6 +182,12 @@ def _consuming(client: redis.Redis, fingerprint: str, pid: int) -> bool:
     return alive and info is not None and info.pid == pid and info.consuming
 
 
+def _endpoint(url: str, fingerprint: str) -> str:
+    fields = cast(dict[bytes, bytes], redis.Redis.from_url(url).hgetall(keys.node_info(fingerprint)))
+    info = parse_node(fingerprint, fields, True, datetime.now(UTC))
+    return info.endpoint if info is not None and info.endpoint else "(none: see the worker's log)"
+
+
 def _wait_ready(
     url: str, node: tuple[str, int], port: int, host: str, sup: Supervisor, stopping: threading.Event
 ) -> None:
@@ -228,7 +234,6 @@ def run_up(args: argparse.Namespace) -> int:
         # The head's credential at the node's inference endpoint: only these two processes need it, so it is
         # made afresh each run, kept in their environment, and never shown or written down.
         env.setdefault("MODELFLEET_NODE_TOKEN", "mf_node_" + secrets.token_urlsafe(32))
-        serve_port = 8081 if not _port_taken("127.0.0.1", 8081) else _free_port()
         models_dir = Path(args.models_dir)
         demo = _ensure_demo_model(models_dir)
         state_dir = STATE_DIR / "nodes" / "local"
@@ -245,7 +250,7 @@ def run_up(args: argparse.Namespace) -> int:
             "--state-dir",
             str(state_dir),
             "--serve-port",
-            str(serve_port),
+            str(args.serve_port),  # 0 (default): a free port, so that two `up`s on one machine never collide
         ]
         if args.memory_budget:
             worker += ["--memory-budget", args.memory_budget]
@@ -259,7 +264,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "",
                 f"modelfleet is up: API http://{args.host}:{args.port}  (docs at /docs)",
                 f"  local node  {fp}  serving {models_dir.resolve()}",
-                f"  inference   http://127.0.0.1:{serve_port}/v1 (the node's OpenAI endpoint; either key)",
+                f"  inference   {_endpoint(url, fp)}/v1  (the node's OpenAI endpoint; either key)",
             ]
             if demo is not None:
                 lines.append(f"  demo model  {demo.name}: random weights, made so there is something to load")

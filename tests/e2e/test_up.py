@@ -233,6 +233,19 @@ def test_up_serves_the_readme_walkthrough_and_ctrl_c_stops_every_child(run_up, t
     with client(banner, banner.operator_key) as op:
         assert op.get(f"/api/v1/nodes/{fp}/models").json()["data"] == []  # the refused load did nothing
 
+    # The banner's inference endpoint answers with either key once the demo model is loaded there.
+    endpoint = re.search(r"inference\s+(http://\S+)/v1", up.output())
+    assert endpoint, up.output()
+    with client(banner, banner.operator_key) as op:
+        assert op.post("/api/v1/nodes/" + fp + "/models/load", json={"modelId": "demo-tiny"}).status_code == 200
+    body = {"model": "demo-tiny", "prompt": "Hi", "max_tokens": 3}
+    with httpx.Client(base_url=endpoint[1], headers={"Authorization": f"Bearer {banner.read_key}"}) as node:
+        answer = node.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] <= 3
+    with client(banner, banner.operator_key) as op:
+        assert op.post("/api/v1/nodes/" + fp + "/models/unload", json={"modelId": "demo-tiny"}).status_code == 200
+
     # Running `up` twice on one port: the second fails at once, touching nothing; the first is unharmed.
     second = run_up("--port", str(port), cwd="second")
     try:
