@@ -124,7 +124,7 @@ class ModelRecord:
             measured_bytes=self.measured_bytes,
             in_flight=self.in_flight,
             queued=self.queued,
-            tokens_generated=self.tokens_generated,
+            tokens_generated=self.tokens_generated + sum(lease.tokens for lease in self.leases),
             last_used=datetime.fromtimestamp(self.last_used, UTC) if self.last_used else None,
             keep_alive=self.keep_alive,
             unload_reason=self.unload_reason,
@@ -675,11 +675,17 @@ class ModelManager:
             record = self._records.get(model_id)
             return record.info() if record else None
 
-    def check_health(self) -> None:
+    def check_health(self, *, fresh_within: float = 0.0) -> None:
         """Ask the backend about every idle loaded model, under its lease (never beside a generation); `healthy`
-        reflects the last answer. A busy model is skipped: its generations say whether it answers."""
+        reflects the last answer. A busy model is skipped, and so is one that generated within `fresh_within`
+        seconds: its generations say whether it answers."""
+        now = self._clock()
         with self._lock:
-            ids = [r.model_id for r in self._records.values() if r.state is ModelState.LOADED]
+            ids = [
+                r.model_id
+                for r in self._records.values()
+                if r.state is ModelState.LOADED and not (r.healthy and now - r.last_used < fresh_within)
+            ]
         for model_id in ids:
             lease = self.try_acquire(model_id)
             if lease is None:

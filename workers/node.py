@@ -137,7 +137,7 @@ class NodeRuntime:
                 log.warning("heartbeat failed: %s; retrying", type(exc).__name__)
             self.service.manager.reap_idle()
             if time.monotonic() >= next_health:
-                self.service.manager.check_health()
+                self.service.manager.check_health(fresh_within=self.settings.health_interval)
                 next_health = time.monotonic() + self.settings.health_interval
 
 

@@ -48,6 +48,7 @@ def test_one_generation_at_a_time_then_the_queue_then_busy(loader: GatedLoader) 
     info = manager.get("m")
     assert info is not None and info.in_flight == 1 and info.queued == 1
     first.tokens = 5
+    assert manager.get("m").tokens_generated == 5  # type: ignore[union-attr]  # counted while it runs
     first.release()
     t.join(5)
     second = box["value"]
@@ -172,3 +173,17 @@ def test_health_checks_never_run_beside_a_generation(loader: GatedLoader) -> Non
         assert checks == [] and manager.get("m").healthy  # type: ignore[union-attr]
     manager.check_health()
     assert len(checks) == 1 and not manager.get("m").healthy  # type: ignore[union-attr]
+
+
+def test_a_recent_generation_stands_for_a_health_check(loader: GatedLoader) -> None:
+    clock = Clock()
+    manager = loaded(ModelManager(loader, clock=clock), "m")
+    checks: list[object] = []
+    loader.check = lambda model: checks.append(model) or True  # type: ignore[method-assign]
+    with manager.acquire("m") as lease:
+        lease.tokens = 1
+    manager.check_health(fresh_within=10)
+    assert checks == []
+    clock.now += 11
+    manager.check_health(fresh_within=10)
+    assert len(checks) == 1

@@ -1,0 +1,78 @@
+"""The OpenAI wire schemas: what requests are accepted, refused, and how answers and errors look."""
+
+import pytest
+from pydantic import ValidationError
+
+from broker.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Usage,
+    error_body,
+    sse_data,
+)
+
+
+def test_a_minimal_request_and_the_options_clients_send_anyway() -> None:
+    request = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "p", "user": "u", "n": 1, "presence_penalty": 0, "some_future_option": True}
+    )
+    assert request.unsupported() is None and request.stop_sequences == () and not request.include_usage
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"n": 2}, "n=2"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"logprobs": 3}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"prompt": ["a", "b"]}, "2 prompts"),
+    ],
+)
+def test_what_no_backend_does_is_refused_by_name(extra: dict[str, object], words: str) -> None:
+    request = CompletionRequest.model_validate({"model": "m", "prompt": "p"} | extra)
+    problem = request.unsupported()
+    assert problem is not None and words in problem
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": 2.5},
+        {"top_p": 0},
+        {"max_tokens": 0},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"stop": ""},
+        {"model": ""},
+    ],
+)
+def test_out_of_range_values_fail_validation(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": "p"} | bad)
+
+
+def test_chat_takes_text_parts_and_the_smaller_token_limit() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "max_tokens": 50,
+            "max_completion_tokens": 20,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert request.messages[0].text == "ab" and request.token_limit == 20 and request.include_usage
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": []})
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}
+        )
+
+
+def test_errors_and_events_have_openais_shape() -> None:
+    body = error_body(429, "model_busy", "busy").model_dump()
+    assert body == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "model_busy"}}
+    assert Usage.of(5, 10).total_tokens == 15
+    assert sse_data(Usage.of(1, 2)) == b'data: {"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}\n\n'
