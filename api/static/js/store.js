@@ -280,6 +280,10 @@ function connect() {
   source = new EventSource(`/api/v1/events${query}`);
   source.addEventListener("open", () => {
     retryDelay = 1000;
+    if (state.connection === "reconnecting") {
+      const from = state.lastEventId ? ` after event ${state.lastEventId}` : "";
+      record({ at: new Date().toISOString(), type: "reconnected", text: `Stream resumed${from}` });
+    }
     state.connection = "live";
     changed();
   });

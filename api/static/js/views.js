@@ -65,8 +65,9 @@ export function appView(actions) {
   const s = store.state;
   const nodes = Object.values(s.nodes);
   const online = nodes.filter((n) => n.online).length;
+  const modal = Boolean(ui.loadFor || ui.confirmUnloadAll);
   return html`
-    <header class="topbar">
+    <header class="topbar" ?inert=${modal}>
       <div class="brand"><span class="logo" aria-hidden="true"></span>modelfleet</div>
       <nav class="tabs" aria-label="Views">
         ${["fleet", "pool", "playground"].map(
@@ -95,7 +96,7 @@ export function appView(actions) {
     ${s.session.canOperate
       ? nothing
       : html`<div class="banner" id="read-only-reason" role="note" data-testid="read-only">${READ_ONLY}</div>`}
-    <div class="layout">
+    <div class="layout" ?inert=${modal}>
       <main class="content">
         ${ui.tab === "fleet" ? fleetView(actions, nodes) : nothing}
         ${ui.tab === "pool" ? poolView(actions) : nothing}
