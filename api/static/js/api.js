@@ -41,8 +41,11 @@ async function send(method, path, body, signal) {
 
 async function failure(res) {
   const data = await res.json().catch(() => null);
-  const message = data?.error ?? data?.detail ?? `The API answered ${res.status} ${res.statusText}.`;
-  return new ApiError(res.status, data?.code ?? "http_error", message, data?.details ?? {});
+  // Two shapes: ours ({error: "...", code}) and OpenAI's on the inference routes ({error: {message, code}}).
+  const openai = typeof data?.error === "object" && data.error !== null ? data.error : null;
+  const message = openai?.message ?? data?.error ?? `The API answered ${res.status} ${res.statusText}.`;
+  const code = openai?.code ?? openai?.type ?? data?.code ?? "http_error";
+  return new ApiError(res.status, code, message, data?.details ?? {});
 }
 
 export async function request(method, path, body) {

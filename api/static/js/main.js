@@ -93,6 +93,7 @@ const actions = {
     p.maxTokens = Number(form.get("maxTokens")) || 64;
     if (!p.model) return;
     p.output = "";
+    p.sent = { mode: p.mode, prompt: p.prompt }; // a completion continues the prompt: show it before the answer
     p.error = null;
     p.stats = null;
     p.running = true;

@@ -348,7 +348,9 @@ function playgroundView(actions) {
       </div>
     </form>
     ${p.error ? html`<div class="notice error" role="alert">${p.error}</div>` : nothing}
-    <output class="pg-output" data-testid="pg-output" aria-live="polite">${p.output}</output>
+    <output class="pg-output" data-testid="pg-output" aria-live="polite">${p.sent && p.sent.mode === "completion"
+      ? html`<span class="pg-sent">${p.sent.prompt}</span>`
+      : nothing}${p.output}</output>
     ${p.stats ? html`<p class="muted" data-testid="pg-stats">${p.stats}</p>` : nothing}
   </section>`;
 }
