@@ -263,6 +263,7 @@ def run_up(args: argparse.Namespace) -> int:
             lines = [
                 "",
                 f"modelfleet is up: API http://{args.host}:{args.port}  (docs at /docs)",
+                f"  dashboard   http://{args.host}:{args.port}/  (sign in with a key below)",
                 f"  local node  {fp}  serving {models_dir.resolve()}",
                 f"  inference   {_endpoint(url, fp)}/v1  (the node's OpenAI endpoint; either key)",
             ]
