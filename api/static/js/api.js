@@ -11,6 +11,12 @@ export class ApiError extends Error {
 }
 
 let csrf = { header: "X-CSRF-Token", token: null };
+let onSignedOut = () => {};
+
+// Called when an answer says the session has ended (signed out elsewhere, idle too long, key removed).
+export function whenSignedOut(callback) {
+  onSignedOut = callback;
+}
 
 export function useCsrf(header, token) {
   csrf = { header, token };
@@ -50,6 +56,7 @@ async function failure(res) {
 
 export async function request(method, path, body) {
   const res = await send(method, path, body);
+  if (res.status === 401 && csrf.token && !path.startsWith("/api/v1/session")) onSignedOut();
   if (!res.ok) throw await failure(res);
   return res.status === 204 ? null : res.json();
 }

@@ -3,7 +3,7 @@
 // and, on every `distributed-pool-changed` event, a refresh of the affected node's list and of the pool. It never
 // polls: the one EventSource on /api/v1/events is what tells it something changed. Views only render `state`.
 
-import { ApiError, get, nodePath, post, request, useCsrf } from "./api.js";
+import { ApiError, get, nodePath, post, request, useCsrf, whenSignedOut } from "./api.js";
 
 const LOG_LIMIT = 200;
 const RECONNECT_MAX_MS = 10_000;
@@ -73,19 +73,25 @@ export async function signOut() {
   try {
     await request("DELETE", "/api/v1/session");
   } finally {
-    useCsrf("X-CSRF-Token", null);
-    Object.assign(state, initial(), { phase: "signed-out" });
-    changed();
+    signedOut();
   }
 }
 
 function adopt(session) {
   useCsrf(session.csrfHeader, session.csrfToken);
-  state.session = session;
-  state.phase = "ready";
+  Object.assign(state, initial(), { session, phase: "ready" });
   changed();
   connect();
 }
+
+function signedOut() {
+  disconnect();
+  useCsrf("X-CSRF-Token", null);
+  Object.assign(state, initial(), { phase: "signed-out" });
+  changed();
+}
+
+whenSignedOut(signedOut);
 
 async function sessionEnded() {
   try {
@@ -306,9 +312,7 @@ async function onError() {
   if (!source || source.readyState !== EventSource.CLOSED) return;
   const failed = source;
   if (await sessionEnded()) {
-    disconnect();
-    Object.assign(state, initial(), { phase: "signed-out" });
-    changed();
+    signedOut();
     return;
   }
   if (source !== failed) return;

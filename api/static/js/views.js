@@ -219,6 +219,9 @@ function loadDialog(actions, fp) {
   const loaded = new Set(store.useRemoteModels(fp).filter((m) => m.state !== "failed").map((m) => m.id));
   const free = memory?.freeBytes ?? null;
   const reason = blocked(fp);
+  // Preselect the first file that is not loaded and fits; the operator picks another with the arrow keys.
+  const suggested =
+    files?.find((f) => !loaded.has(f.id) && (free === null || f.estimateBytes <= free)) ?? files?.[0];
   return html`<div class="backdrop" @click=${(e) => e.target === e.currentTarget && actions.closeDialogs()}>
     <form class="dialog card" role="dialog" aria-modal="true" aria-labelledby="load-title" data-testid="load-dialog"
       @submit=${(e) => actions.submitLoad(e, fp)} @keydown=${(e) => e.key === "Escape" && actions.closeDialogs()}>
@@ -234,7 +237,7 @@ function loadDialog(actions, fp) {
                 const fits = free === null || f.estimateBytes <= free;
                 const isLoaded = loaded.has(f.id);
                 return html`<label class="file ${fits ? "" : "nofit"}">
-                  <input type="radio" name="modelId" value=${f.id} ?checked=${i === 0} ?required=${i === 0} />
+                  <input type="radio" name="modelId" value=${f.id} ?checked=${f === suggested} ?required=${i === 0} />
                   <span class="file-id">${f.id}</span>
                   <span class="muted">${bytes(f.sizeBytes)} file · needs ~${bytes(f.estimateBytes)}</span>
                   <span class="fit ${isLoaded ? "loaded" : fits ? "yes" : "no"}">${isLoaded ? "loaded" : fits ? "fits now" : `needs ${bytes(f.estimateBytes - free)} more`}</span>
