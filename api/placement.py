@@ -3,8 +3,9 @@
 The rules, for a model that is not pinned to a node by the caller:
 1. Loaded (or loading) somewhere: that node. It answers "already loaded" (or joins the load, or reloads in
    place with `force_reload`), so the pool never holds a second copy it did not ask for.
-2. Otherwise, among the nodes that have the file: those where its estimate fits the free budget, most free
-   first; then, with `evict`, those where it fits once unpinned models are evicted, most room first.
+2. Otherwise, among the nodes that have the file and a backend that runs it (all that have it if none does):
+   those where its estimate fits the free budget, most free first; then, with `evict`, those where it fits
+   once unpinned models are evicted, most room first.
 3. Nowhere: InsufficientMemory naming the best candidate (the most room) and the bytes it lacks.
 
 The node re-checks admission under its own lock, so a stale catalog can only make a load fail, never
@@ -63,6 +64,8 @@ def plan_load(model_id: str, views: list[NodeView], *, evict: bool) -> list[Cand
             f"No online node has a model file for {model_id} ({model_id}.gguf in its models directory).",
             model=model_id,
         )
+    # Nodes with a backend for the file first; if none has one, a load still goes out and fails with the reason.
+    having = [(v, f) for v, f in having if f.backend is not None] or having
     fits = [(v, f) for v, f in having if _need(f) <= v.room(evict=False)]
     fits.sort(key=lambda vf: -vf[0].room(evict=False))
     if evict:

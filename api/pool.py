@@ -110,6 +110,7 @@ class Pool:
         model = body.model_name
         fields = {"model_id": model, "force_reload": body.force_reload, "evict": body.evict, "pin": body.pin}
         fields["keep_alive"] = body.keep_alive
+        fields["backend"] = body.backend
         if body.node is not None:
             node = await self._directory.get(body.node)
             try:
@@ -278,6 +279,7 @@ def model_entries(views: list[NodeView]) -> list[dict[str, Any]]:
                 "size_bytes": max(sizes),
                 "estimate_bytes": max((f.estimate_bytes for _, f in files if f.estimate_bytes), default=None),
                 "problem": next((f.problem for _, f in files if f.problem), None),
+                "backends": sorted({f.backend for _, f in files if f.backend is not None}),
             }
         )
     return entries

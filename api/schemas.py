@@ -4,7 +4,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.schemas import ModelId
+from broker.schemas import BackendName, ModelId
 
 
 class NodeLoadRequest(BaseModel):
@@ -18,6 +18,8 @@ class NodeLoadRequest(BaseModel):
     gpuLayers: int | None = Field(default=None, ge=-1, le=10_000)
     keepAlive: float | None = Field(default=None, ge=0, le=365 * 86400)
     """Seconds the model may stay unused before it unloads itself (0: never; absent: the node's default)."""
+    backend: BackendName | None = None
+    """"ctransformers" or "llama-cpp"; default: the node's choice (per file from its header with `auto`)."""
 
 
 class NodeUnloadRequest(BaseModel):
@@ -39,6 +41,8 @@ class PoolLoadRequest(BaseModel):
     pin: bool = False
     keep_alive: float | None = Field(default=None, ge=0, le=365 * 86400)
     """Seconds the model may stay unused before it unloads itself (0: never; absent: the node's default)."""
+    backend: BackendName | None = None
+    """Load with this backend; default: each node's choice."""
 
 
 class PoolUnloadRequest(BaseModel):

@@ -21,6 +21,7 @@
     │   ├── PathOutsideModelsDir
     │   ├── InvalidModelFile
     │   ├── ModelLoadFailed
+    │   │   └── BackendUnavailable
     │   ├── InsufficientMemory
     │   ├── JobExpired
     │   ├── ModelBusy             the model's queue of generations is full; retry after `retry_after` s
@@ -169,6 +170,12 @@ class ModelLoadFailed(NodeError):
     """The backend failed to load a valid-looking model."""
 
     code = "model_load_failed"
+
+
+class BackendUnavailable(ModelLoadFailed):
+    """No backend this node runs can run the file (or the one asked for is not installed or cannot)."""
+
+    code = "backend_unavailable"
 
 
 class InsufficientMemory(NodeError):

@@ -74,6 +74,8 @@ def _as_value_error(value: str) -> str:
 
 
 ModelId = Annotated[str, AfterValidator(_as_value_error)]
+BackendName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+"""A backend's name ("ctransformers", "llama-cpp"); which ones exist is the node's business, not the contract's."""
 
 
 class ModelState(StrEnum):
@@ -128,6 +130,8 @@ class LoadJob(Job):
     """Never evict this model (it can still be unloaded explicitly)."""
     keep_alive: float | None = Field(default=None, ge=0, le=365 * 86400)
     """Seconds the model may stay unused before it unloads itself; 0 never. None: the node's default."""
+    backend: BackendName | None = None
+    """Load with this backend; None: the node's choice (its `--backend`, or per file with `auto`)."""
 
 
 class UnloadJob(Job):
@@ -177,6 +181,8 @@ class ModelInfo(Schema):
     """Seconds unused after which it unloads itself; None: never."""
     unload_reason: UnloadReason | None = None
     """Why it is unloading or was unloaded."""
+    backend: str | None = None
+    """The backend that runs (or is loading) the model; None if no backend could take it."""
 
 
 class LoadResult(Schema):
@@ -220,10 +226,13 @@ class ModelFile(Schema):
     path: str
     size_bytes: int
     estimate_bytes: int | None
-    """Memory a load with the default context takes (weights plus KV cache), from the GGUF header; None when
-    the header cannot be read."""
+    """Memory a load with the default context takes (weights plus KV cache, for the backend that would load it),
+    from the GGUF header; None when no load of it can happen (see `problem`)."""
     problem: str | None = None
-    """Why this file cannot be loaded (not a GGUF, truncated, ...): a load of it fails with this reason."""
+    """Why this file cannot be loaded (not a GGUF, truncated, no backend here runs it): a load of it fails with
+    this reason."""
+    backend: str | None = None
+    """The backend a load would use; None when none can (`problem` says why)."""
 
 
 class MemoryInfo(Schema):

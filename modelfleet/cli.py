@@ -80,6 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     names: tuple[str, ...] = ("name", "models_dir", "state_dir", "concurrency", "threads", "memory_budget")
     names += ("redis_url", "lib", "serve_port", "serve_host", "advertise_url", "max_queue", "keep_alive", "preload")
+    names += ("backend",)
     fields = _given(args, *names)
     if args.no_serve:
         fields["serve_port"] = None
@@ -140,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lib",
         choices=["auto", "cuda", "avx2", "avx", "basic"],
         help="ctransformers build (default auto: CUDA when a GPU and its runtime are present, else the best CPU one)",
+    )
+    worker.add_argument(
+        "--backend",
+        help="auto (default: per model from its GGUF header), ctransformers or llama-cpp (MODELFLEET_BACKEND)",
     )
     worker.add_argument("--redis-url")
     worker.add_argument("--serve-port", type=int, help="port of the inference endpoint (default 8081; 0: a free one)")

@@ -29,10 +29,12 @@ from ctransformers import LLM, Config
 from ctransformers.lib import find_library
 
 from broker.errors import InvalidModelFile, ModelNotLoaded
-from workers.gguf_header import read_header, read_token_texts
+from workers.backend_rules import ctransformers_problem
+from workers.gguf_header import read_token_texts
+from workers.gguf_info import GGUFInfo, kv_cache_bytes, read_gguf_info
 from workers.inference.backend import SamplingParams
 
-GGUF_MAGIC = b"GGUF"
+NAME = "ctransformers"
 CTRANSFORMERS_DEFAULT_CONTEXT = 512
 """The context length ctransformers uses when none is given. It ignores `<arch>.context_length` in the header."""
 KV_CACHE_BYTES_PER_VALUE = 2
@@ -109,82 +111,12 @@ def resolve_lib(requested: str = "auto") -> str:
     return requested
 
 
-@dataclass(frozen=True)
-class GGUFInfo:
-    """What a GGUF header says about the model. A number is None if the header does not have it."""
-
-    architecture: str
-    context_length: int | None
-    block_count: int | None
-    embedding_length: int | None
-    head_count: int | None
-    head_count_kv: int | None
-    file_size: int
-    chat_template: str | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    tokens_at: tuple[int, int] | None = None
-
-
-def read_gguf_info(path: Path) -> GGUFInfo:
-    """Read the header of the GGUF file at `path`, once per version of the file.
-
-    A load needs it twice (memory estimate, then model type) and the catalog reads every file, so results are
-    cached by path, size and mtime. `read_header` skips the vocabulary, so a miss costs milliseconds.
-    """
-    stat = Path(path).stat()
-    return _read_gguf_info(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_gguf_info(path_text: str, size: int, mtime_ns: int) -> GGUFInfo:
-    """Read the header of the GGUF file at `path`.
-
-    Raises `InvalidModelFile` if the file is not GGUF, if its header cannot be parsed, or if its tensors do not
-    fit in the file. OSError (a missing or unreadable file) is not caught.
-    """
-    path = Path(path_text)
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise InvalidModelFile(f"{path.name} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        facts = read_header(path)
-        if not facts.architecture:
-            raise ValueError("general.architecture is missing")
-    except ValueError as exc:
-        raise InvalidModelFile(
-            f"{path.name} is damaged: its GGUF header cannot be read ({type(exc).__name__}: {exc}). "
-            "Download or convert the model again."
-        ) from exc
-    return GGUFInfo(
-        architecture=facts.architecture,
-        context_length=facts.context_length,
-        block_count=facts.block_count,
-        embedding_length=facts.embedding_length,
-        head_count=facts.head_count,
-        head_count_kv=facts.head_count_kv,
-        file_size=path.stat().st_size,
-        chat_template=facts.chat_template,
-        bos_token_id=facts.bos_token_id,
-        eos_token_id=facts.eos_token_id,
-        tokens_at=facts.tokens_at,
-    )
-
-
 def estimate_kv_cache_bytes(info: GGUFInfo, context_length: int) -> int:
-    """Bytes of the K and V caches llama.cpp allocates for `context_length` tokens (F16, see above).
+    """Bytes of the K and V caches ctransformers' llama.cpp allocates for `context_length` tokens (F16).
 
     Raises `InvalidModelFile` if the header lacks the layer count, embedding length or head count.
     """
-    if info.block_count is None or info.embedding_length is None or info.head_count is None:
-        raise InvalidModelFile(
-            f"the {info.architecture} header lacks block_count, embedding_length or head_count, "
-            "so the memory its cache needs is unknown"
-        )
-    head_count_kv = info.head_count_kv if info.head_count_kv is not None else info.head_count
-    n_embd_kv = info.embedding_length * head_count_kv // info.head_count
-    return 2 * info.block_count * context_length * n_embd_kv * KV_CACHE_BYTES_PER_VALUE
+    return kv_cache_bytes(info, context_length, bytes_per_value=KV_CACHE_BYTES_PER_VALUE)
 
 
 def estimate_memory_bytes(path: Path, context_length: int | None) -> int:
@@ -193,7 +125,11 @@ def estimate_memory_bytes(path: Path, context_length: int | None) -> int:
     `context_length=None` means the ctransformers default (512), not the context length in the header.
     llama.cpp's compute buffers are not counted. They grow with the context length too.
     """
-    info = read_gguf_info(path)
+    return estimate_bytes(read_gguf_info(path), context_length)
+
+
+def estimate_bytes(info: GGUFInfo, context_length: int | None) -> int:
+    """`estimate_memory_bytes` from a header already read."""
     return info.file_size + estimate_kv_cache_bytes(info, context_length or CTRANSFORMERS_DEFAULT_CONTEXT)
 
 
@@ -270,9 +206,13 @@ class LoadedModel:
             llm._context.clear()  # what was evaluated is unknown: the next prompt is evaluated from scratch
             raise
 
+    backend: str = NAME
+
 
 class CTransformersLoader:
-    """Load GGUF models with ctransformers, with the number of threads and the library fixed per process."""
+    """The ctransformers backend (`workers.backends.Backend`): threads and library fixed per process."""
+
+    name = NAME
 
     def __init__(self, *, threads: int, lib: str | None = None) -> None:
         if threads < 1:
@@ -280,6 +220,12 @@ class CTransformersLoader:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.threads = threads
         self.lib = lib if lib is not None else choose_lib()
+
+    def problem(self, info: GGUFInfo) -> str | None:
+        return ctransformers_problem(info)
+
+    def estimate_bytes(self, info: GGUFInfo, context_length: int | None) -> int:
+        return estimate_bytes(info, context_length)
 
     def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> LoadedModel:
         """Load the model at `path`.

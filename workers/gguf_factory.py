@@ -1,7 +1,13 @@
-"""Small llama GGUF files with random weights that ctransformers 0.2.27 loads and runs.
+"""Small GGUF files with random weights, in the shapes the backends load and run.
 
 Tests and benchmarks use them to get real model files of a chosen shape and size without downloading anything.
 The weights are random, so the text they generate is noise.
+
+- `write_tiny_llama`: a llama with a SentencePiece vocabulary, which ctransformers 0.2.27 and llama.cpp load.
+- `write_tiny_qwen2`: a `qwen2` (attention biases, byte-level BPE with the "qwen2" pre-tokenizer, a ChatML
+  template), which only the llama.cpp backend loads.
+- `write_tiny_llama3`: a llama with a Llama-3-style vocabulary (byte-level BPE, "llama-bpe" pre-tokenizer,
+  `<|begin_of_text|>`, `<|eot_id|>`, Llama 3's chat template), which only the llama.cpp backend loads.
 
 ctransformers 0.2.27 tokenizes a prompt into a buffer of `len(prompt) + 1` ints, and llama.cpp writes past the
 end of that buffer when the prompt needs more tokens. The heap is then corrupted and the process segfaults later,
@@ -14,6 +20,7 @@ an ASCII prompt never needs more than `len(prompt) + 1` tokens.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -103,13 +110,6 @@ def _write(
     description: str,
     endless: bool,
 ) -> None:
-    rng = np.random.default_rng(seed)
-
-    def weights(*shape: int) -> np.ndarray:
-        w = rng.standard_normal(shape, dtype=np.float32)
-        w *= 0.02
-        return w
-
     tokens = [*_SPECIAL, *_BYTES, *_PIECES]
     tokens += [f"\u2581tok{i}" for i in range(n_vocab - len(tokens))]
     n_fixed = len(_SPECIAL) + len(_BYTES)
@@ -118,16 +118,6 @@ def _write(
     scores = [0.0] * n_fixed + [-float(i) for i in range(n_vocab - n_fixed)]
 
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(f"tiny-llama-e{n_embd}-l{n_layer}-ff{n_ff}")
-    writer.add_description(description)
-    writer.add_context_length(context_length)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_dimension_count(n_embd // n_head)
-    writer.add_layer_norm_rms_eps(1e-5)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -135,29 +125,8 @@ def _write(
     writer.add_unk_token_id(UNK_ID)
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)
-
-    n_embd_kv = n_embd * n_head_kv // n_head
-    ones = np.ones(n_embd, dtype=np.float32)
-    writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
-    writer.add_tensor("output_norm.weight", ones)
-    output = weights(n_vocab, n_embd)
-    if endless:
-        output[EOS_ID] = 0.0
-    writer.add_tensor("output.weight", output)
-    for i in range(n_layer):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        writer.add_tensor(f"blk.{i}.attn_q.weight", weights(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weights(n_embd_kv, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weights(n_embd_kv, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", weights(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weights(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(n_embd, n_ff))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(n_ff, n_embd))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    shape = _Shape(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, context_length)
+    _add_decoder(writer, "llama", shape, seed=seed, description=description, silenced=EOS_ID if endless else None)
 
 
 def write_not_gguf(path: Path) -> Path:
@@ -213,4 +182,194 @@ def write_with_chat_template(source: Path, path: Path, template: str) -> Path:
     writer = gguf.GGUFWriter(path, arch=str(arch.contents()), endianess=reader.endianess)
     new = {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(gguf.GGUFValueType.STRING, template)}
     copy_with_new_metadata(reader, writer, new, [])
+    return Path(path)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character that stands for it in byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_BYTE_CHARS = _bytes_to_unicode()
+_BPE_WORDS = ["the", "and", "Once", "upon", "time", "there", "was", "little", "Hello", "world"]
+
+
+def _bpe_vocab(specials: list[str], n_vocab: int) -> tuple[list[str], list[gguf.TokenType], list[str]]:
+    """A byte-level BPE vocabulary: the 256 byte characters, merges that build a few common words (with and
+    without a leading space, "Ġ"), fillers up to `n_vocab - len(specials)`, then the special tokens."""
+    tokens = [_BYTE_CHARS[b] for b in range(256)]
+    merges: list[str] = []
+    known = set(tokens)
+    for word in _BPE_WORDS:
+        for text in (word, "\u0120" + word):
+            piece = text[0]
+            for ch in text[1:]:
+                merges.append(f"{piece} {ch}")
+                piece += ch
+                if piece not in known:
+                    known.add(piece)
+                    tokens.append(piece)
+    n_plain = n_vocab - len(specials)
+    if n_plain < len(tokens):
+        raise ValueError(f"n_vocab must be at least {len(tokens) + len(specials)}, got {n_vocab}")
+    tokens += [f"<|filler_{i}|>" for i in range(n_plain - len(tokens))]
+    types = [gguf.TokenType.NORMAL] * n_plain + [gguf.TokenType.CONTROL] * len(specials)
+    return tokens + specials, types, merges
+
+
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+    "\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def write_tiny_qwen2(
+    path: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, seed: int = 0
+) -> Path:
+    """Write a `qwen2` model with random F32 weights and a byte-level BPE vocabulary to `path`; return `path`.
+
+    Special tokens: `<|endoftext|>` (EOS and padding), `<|im_start|>`, `<|im_end|>`, as in Qwen 2.5.
+    """
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens, types, merges = _bpe_vocab(specials, 512)
+    eos = tokens.index("<|im_end|>")
+    writer = gguf.GGUFWriter(Path(path), "qwen2")
+    _add_bpe_tokenizer(writer, tokens, types, merges, pre="qwen2", bos=tokens.index("<|endoftext|>"), eos=eos)
+    writer.add_bool("tokenizer.ggml.add_bos_token", False)
+    writer.add_chat_template(QWEN2_CHAT_TEMPLATE)
+    _add_decoder(
+        writer, "qwen2", _Shape(len(tokens), n_embd, n_layer, n_head, n_head_kv, 2 * n_embd), seed=seed, biases=True
+    )
+    return Path(path)
+
+
+def write_tiny_llama3(
+    path: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, seed: int = 0
+) -> Path:
+    """Write a llama with Llama 3's kind of vocabulary (byte-level BPE, "llama-bpe") and random F32 weights to
+    `path`; return `path`. BOS `<|begin_of_text|>`, EOS `<|eot_id|>`, plus `<|end_of_text|>` and the headers."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tokens, types, merges = _bpe_vocab(specials, 512)
+    writer = gguf.GGUFWriter(Path(path), "llama")
+    bos, eos = tokens.index("<|begin_of_text|>"), tokens.index("<|eot_id|>")
+    _add_bpe_tokenizer(writer, tokens, types, merges, pre="llama-bpe", bos=bos, eos=eos)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_chat_template(LLAMA3_CHAT_TEMPLATE)
+    writer.add_rope_freq_base(500000.0)
+    _add_decoder(writer, "llama", _Shape(len(tokens), n_embd, n_layer, n_head, n_head_kv, 2 * n_embd), seed=seed)
+    return Path(path)
+
+
+def _add_bpe_tokenizer(
+    writer: gguf.GGUFWriter,
+    tokens: list[str],
+    types: list[gguf.TokenType],
+    merges: list[str],
+    *,
+    pre: str,
+    bos: int,
+    eos: int,
+) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    context_length: int = 128
+
+
+def _add_decoder(
+    writer: gguf.GGUFWriter,
+    arch: str,
+    shape: _Shape,
+    *,
+    seed: int,
+    description: str = "modelfleet test model: random weights, not a trained model",
+    biases: bool = False,
+    silenced: int | None = None,
+) -> None:
+    """The hyperparameters and random weights of a llama-like decoder (qwen2 adds Q, K and V biases); writes
+    and closes the file. `silenced`: a token whose output row is zero, so greedy decoding never picks it."""
+    rng = np.random.default_rng(seed)
+
+    def weights(*dims: int) -> np.ndarray:
+        w = rng.standard_normal(dims, dtype=np.float32)
+        w *= 0.02
+        return w
+
+    n_embd, n_ff = shape.n_embd, shape.n_ff
+    n_embd_kv = n_embd * shape.n_head_kv // shape.n_head
+    writer.add_name(f"tiny-{arch}-e{n_embd}-l{shape.n_layer}-ff{n_ff}")
+    writer.add_description(description)
+    writer.add_context_length(shape.context_length)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_rope_dimension_count(n_embd // shape.n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    ones = np.ones(n_embd, dtype=np.float32)
+    writer.add_tensor("token_embd.weight", weights(shape.n_vocab, n_embd))
+    writer.add_tensor("output_norm.weight", ones)
+    output = weights(shape.n_vocab, n_embd)
+    if silenced is not None:
+        output[silenced] = 0.0
+    writer.add_tensor("output.weight", output)
+    for i in range(shape.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weights(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weights(n_embd_kv, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weights(n_embd_kv, n_embd))
+        if biases:
+            writer.add_tensor(f"blk.{i}.attn_q.bias", weights(n_embd))
+            writer.add_tensor(f"blk.{i}.attn_k.bias", weights(n_embd_kv))
+            writer.add_tensor(f"blk.{i}.attn_v.bias", weights(n_embd_kv))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weights(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weights(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(n_embd, n_ff))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(n_ff, n_embd))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_unknown_architecture(path: Path, architecture: str = "nosucharch") -> Path:
+    """Write a well-formed GGUF file of an architecture no backend knows; return `path`."""
+    writer = gguf.GGUFWriter(Path(path), architecture)
+    writer.add_block_count(1)
+    writer.add_context_length(128)
+    writer.add_embedding_length(4)
+    writer.add_head_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return Path(path)

@@ -74,6 +74,8 @@ _INTEGERS = frozenset(
 _QUANT_SIZES = {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}
 _MIN_KV_BYTES = 8 + 4 + 1  # an empty key, the value type, a one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # an empty name, n_dims = 0, the ggml type, the offset
+_KEPT_STRINGS = frozenset({b"general.architecture", b"tokenizer.ggml.model", b"tokenizer.ggml.pre"})
+"""The string values `read_header` keeps; every other string is skipped unread."""
 _COUNT_KEYS = (
     "context_length",
     "block_count",
@@ -104,6 +106,12 @@ class HeaderFacts:
     eos_token_id: int | None = None
     tokens_at: tuple[int, int] | None = None
     """(file offset of the first string, count) of `tokenizer.ggml.tokens`, for `read_token_texts`."""
+    tensor_types: frozenset[int] = frozenset()
+    """The ggml types of the tensors (`GGMLQuantizationType` values): which backend can compute with them."""
+    tokenizer_model: str | None = None
+    """`tokenizer.ggml.model`: "llama" (SentencePiece), "gpt2" (byte-level BPE), ..."""
+    tokenizer_pre: str | None = None
+    """`tokenizer.ggml.pre`: the BPE pre-tokenizer ("llama-bpe" for Llama 3, "qwen2", ...), if the file names one."""
 
 
 def read_header(path: Path) -> HeaderFacts:
@@ -251,11 +259,12 @@ def _parse(s: _Stream) -> HeaderFacts:
                 "it is truncated or damaged"
             )
 
-    architecture = None
-    if b"general.architecture" in types:
-        if types[b"general.architecture"] != _STRING:
-            raise ValueError(f"general.architecture is a {_type_name(types[b'general.architecture'])}, not a string")
-        architecture = str(values[b"general.architecture"])
+    strings: dict[bytes, str | None] = dict.fromkeys(_KEPT_STRINGS)
+    for key in _KEPT_STRINGS & types.keys():
+        if types[key] != _STRING:
+            raise ValueError(f"{_show(key)} is a {_type_name(types[key])}, not a string")
+        strings[key] = str(values[key])
+    architecture = strings[b"general.architecture"]
     counts: dict[str, int | None] = dict.fromkeys(_COUNT_KEYS)
     if architecture is not None:
         for count_key in _COUNT_KEYS:
@@ -280,6 +289,9 @@ def _parse(s: _Stream) -> HeaderFacts:
         bos_token_id=_int_or_none(types, values, b"tokenizer.ggml.bos_token_id"),
         eos_token_id=_int_or_none(types, values, b"tokenizer.ggml.eos_token_id"),
         tokens_at=_tokens_at(values.get(b"tokenizer.ggml.tokens")),
+        tensor_types=frozenset(ggml_type for _, _, ggml_type, _ in tensors),
+        tokenizer_model=strings[b"tokenizer.ggml.model"],
+        tokenizer_pre=strings[b"tokenizer.ggml.pre"],
     )
 
 
@@ -299,18 +311,18 @@ def _tokens_at(value: object) -> tuple[int, int] | None:
 
 
 def _read_value(s: _Stream, key: bytes, vtype: int) -> object:
-    """Read a scalar value, `general.architecture` or `tokenizer.chat_template`; skip any other string or array
-    and return None, except the vocabulary, whose (offset, count) is returned."""
+    """Read a scalar value or a string of `_KEPT_STRINGS` or `tokenizer.chat_template`; skip any other string
+    or array and return None, except the vocabulary, whose (offset, count) is returned."""
     scalar = _SCALARS.get(vtype)
     if scalar is not None:
         return scalar.unpack(s.read(scalar.size, f"the value of {_show(key)}"))[0]
     if vtype == _STRING:
-        if key == b"general.architecture":
-            raw = s.string("general.architecture")
+        if key in _KEPT_STRINGS:
+            raw = s.string(_show(key))
             try:
                 return raw.decode()
             except UnicodeDecodeError as exc:
-                raise ValueError(f"general.architecture is not UTF-8: {raw[:40]!r}") from exc
+                raise ValueError(f"{key.decode()} is not UTF-8: {raw[:40]!r}") from exc
         if key == b"tokenizer.chat_template":
             return s.string("tokenizer.chat_template").decode(errors="replace")
         s.skip(s.string_length(f"the value of {_show(key)}"), f"the value of {_show(key)}")

@@ -55,6 +55,9 @@ DEFAULT_MAX_QUEUE = 8
 
 class Loaded(Protocol):
     @property
+    def backend(self) -> str: ...
+
+    @property
     def size_bytes(self) -> int: ...
 
     @property
@@ -65,9 +68,11 @@ class Loaded(Protocol):
 
 
 class Loader(Protocol):
-    """What the manager needs from a backend; `workers.backend.CTransformersLoader` is the real one."""
+    """What the manager needs from the backends; `workers.backends.Backends` is the real one."""
 
-    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> Loaded: ...
+    def load(
+        self, path: Path, *, context_length: int | None, gpu_layers: int | None, backend: str | None
+    ) -> Loaded: ...
 
     # The manager hands back exactly what `load` returned; `Any` lets each backend name its own type.
     def unload(self, model: Any) -> None: ...
@@ -100,6 +105,7 @@ class ModelRecord:
     tokens_generated: int = 0
     generation_seconds: float = 0.0
     """A moving average of how long one generation holds the model: the `retry_after` of a full queue."""
+    backend: str | None = None
     handle: Loaded | None = field(default=None, repr=False)
     pending: "Future[Any] | None" = field(default=None, repr=False)
     leases: "set[Lease]" = field(default_factory=set, repr=False)
@@ -128,6 +134,7 @@ class ModelRecord:
             last_used=datetime.fromtimestamp(self.last_used, UTC) if self.last_used else None,
             keep_alive=self.keep_alive,
             unload_reason=self.unload_reason,
+            backend=self.backend,
         )
 
 
@@ -232,8 +239,11 @@ class ModelManager:
         pin: bool = False,
         keep_alive: float | None = None,
         deadline: float | None = None,
+        backend: str | None = None,
     ) -> LoadOutcome:
         """Load `model_id` from `path`, or join its load, or answer that it is loaded (see the module rules).
+
+        `backend` is passed to the loader as is: which backend runs the model is the loader's business.
 
         Raises InsufficientMemory (nothing evicted, nothing unloaded) if `estimate_bytes` does not fit.
         `keep_alive` (seconds, 0: never; None: the node's default) applies to a loaded model too. `deadline`
@@ -258,6 +268,7 @@ class ModelManager:
                         size_bytes=estimate_bytes,
                         reserved_bytes=estimate_bytes,
                         pinned=pin or (old is not None and old.pinned),
+                        backend=backend,
                         pending=future,
                         endpoint=self.endpoint,
                         keep_alive=ttl if keep_alive is not None or old is None else old.keep_alive,
@@ -415,7 +426,9 @@ class ModelManager:
             ticket, alone_at_start = self._loads_begun, self._loads_running == 1
         before = self._probe() if self._probe else 0
         try:
-            handle = self._loader.load(record.path, context_length=record.context_length, gpu_layers=record.gpu_layers)
+            handle = self._loader.load(
+                record.path, context_length=record.context_length, gpu_layers=record.gpu_layers, backend=record.backend
+            )
             grew = (self._probe() - before) if self._probe else None
             healthy = self._loader.check(handle)
         except BaseException as exc:
@@ -447,6 +460,7 @@ class ModelManager:
             record.context_length = handle.context_length
             record.gpu_layers = handle.gpu_layers if handle.gpu_layers is not None else record.gpu_layers
             record.size_bytes = handle.size_bytes
+            record.backend = handle.backend
             record.reserved_bytes = max(handle.size_bytes, record.reserved_bytes, record.measured_bytes or 0)
             record.loaded_at = datetime.fromtimestamp(now, UTC)
             record.last_used = now

@@ -142,8 +142,8 @@ class NodeRuntime:
 
 
 def build_runtime(settings: WorkerSettings) -> NodeRuntime:
-    """Wire a node from its settings: the real ctransformers backend and a sync Redis client."""
-    from workers.backend import CTransformersLoader, estimate_memory_bytes, resolve_lib
+    """Wire a node from its settings: its backends (`--backend`) and a sync Redis client."""
+    from workers.backends import build_backends
     from workers.inference.server import NodeServer, bind, create_node_app
 
     models_dir = settings.models_dir.resolve()
@@ -152,7 +152,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     fp = fingerprint(load_or_create_node_key(settings.resolved_state_dir))
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
     budget = int(settings.memory_budget) if settings.memory_budget is not None else default_memory_budget()
-    lib = resolve_lib(settings.lib)
+    backends = build_backends(settings)
     process = psutil.Process()
     node_tokens = [settings.node_token] if settings.node_token else []
     keyring = KeyRing(settings.operator_keys, [*settings.api_keys, *node_tokens])
@@ -180,7 +180,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     )
     events = NodeEvents(EventBus(client, history=settings.events_history), info)
     manager = ModelManager(
-        CTransformersLoader(threads=settings.threads, lib=lib),
+        backends,
         memory_budget=budget,
         memory_probe=(lambda: int(process.memory_info().rss)) if settings.measure_loads else None,
         on_change=events.model_changed,
@@ -189,8 +189,8 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         endpoint=endpoint,
     )
     events.with_models = manager.with_models
-    log.info("node %s: memory budget %d bytes, ctransformers build %s", settings.name, budget, lib)
-    service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, estimate=estimate_memory_bytes)
+    log.info("node %s: memory budget %d bytes, backends %s", settings.name, budget, backends.describe())
+    service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, plan=backends.plan)
     registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)
     server = NodeServer(create_node_app(manager, keyring), sock) if sock is not None else None
     return NodeRuntime(settings, service, registrar, client, events, server)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from broker.errors import InvalidModelFile
+from broker.errors import BackendUnavailable, InvalidModelFile
 from broker.schemas import (
     LoadJob,
     LoadResult,
@@ -17,7 +17,7 @@ from broker.schemas import (
     UnloadJob,
     UnloadResult,
 )
-from workers.catalog import Estimator, FileCatalog
+from workers.catalog import FileCatalog, Planner
 from workers.manager import LoadOutcome, ModelManager
 from workers.paths import resolve_model_path
 
@@ -25,12 +25,13 @@ from workers.paths import resolve_model_path
 class NodeService:
     """The operations one node offers; each returns the schema the API passes on."""
 
-    def __init__(self, *, fingerprint: str, models_dir: Path, manager: ModelManager, estimate: Estimator) -> None:
+    def __init__(self, *, fingerprint: str, models_dir: Path, manager: ModelManager, plan: Planner) -> None:
+        """`plan` picks the backend for a file and estimates its load (`workers.backends.Backends.plan`)."""
         self.fingerprint = fingerprint
         self.models_dir = models_dir
         self.manager = manager
-        self._estimate = estimate
-        self._files = FileCatalog(models_dir, estimate)
+        self._plan = plan
+        self._files = FileCatalog(models_dir, plan)
 
     def load(self, job: LoadJob) -> LoadResult:
         if not job.force_reload:
@@ -40,23 +41,28 @@ class NodeService:
             if loaded is not None:
                 return self._load_result(job, loaded)
         path = resolve_model_path(self.models_dir, job.model_id, job.model_path)
-        # Estimated before the manager's lock (headers are cached by mtime); it decides there whether to use it.
+        # Planned before the manager's lock (headers are cached by mtime); it decides there whether to use it.
+        # A file that cannot be loaded (unreadable, or no backend here runs it) is refused with the reason and
+        # listed `failed`, like a load that failed.
         try:
-            estimate = self._estimate(path, job.context_length)
-        except InvalidModelFile as exc:
-            self.manager.fail(job.model_id, path, exc)  # listed `failed`, with this reason, like a failed load
+            plan = self._plan(path, job.context_length, job.backend)
+            if plan.backend is None or plan.estimate_bytes is None:
+                raise BackendUnavailable(plan.problem or f"No backend on this node can load {path.name}.")
+        except (InvalidModelFile, BackendUnavailable) as exc:
+            self.manager.fail(job.model_id, path, exc)
             raise
         outcome = self.manager.load(
             job.model_id,
             path,
             context_length=job.context_length,
             gpu_layers=job.gpu_layers,
-            estimate_bytes=estimate,
+            estimate_bytes=plan.estimate_bytes,
             force_reload=job.force_reload,
             evict=job.evict,
             pin=job.pin,
             keep_alive=job.keep_alive,
             deadline=job.deadline,
+            backend=plan.backend,
         )
         return self._load_result(job, outcome)
 

@@ -41,6 +41,9 @@ class WorkerSettings(BrokerSettings):
     # ctransformers build: "auto" uses CUDA when a GPU is visible and its runtime is installed, else the best
     # CPU build. `gpuLayers` offloads layers only with the CUDA build.
     lib: Literal["auto", "cuda", "avx2", "avx", "basic"] = "auto"
+    # Which backend runs the models: "auto" picks one per file from its GGUF header (ctransformers for what it
+    # supports, llama.cpp for the rest when installed); a backend's name runs every model with it.
+    backend: str = "auto"
     # Correct each reservation upwards with how much a load measurably grew the process (off: estimates only,
     # which makes the budget's arithmetic exact and repeatable).
     measure_loads: bool = True
@@ -79,6 +82,15 @@ class WorkerSettings(BrokerSettings):
             return self.advertise_url
         host = "127.0.0.1" if self.serve_host in ("0.0.0.0", "::", "") else self.serve_host  # noqa: S104
         return f"http://{host}:{port}"
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        from workers.backends import AUTO, BACKEND_NAMES
+
+        if value not in (AUTO, *BACKEND_NAMES):
+            raise ValueError(f"choose one of {', '.join((AUTO, *BACKEND_NAMES))}")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -47,6 +47,7 @@ async def load_model(
         "context_length": body.contextLength,
         "gpu_layers": body.gpuLayers,
         "keep_alive": body.keepAlive,
+        "backend": body.backend,
     }
     return await jobs.run(node, keys.TASK_LOAD, fields, settings.load_timeout)
 

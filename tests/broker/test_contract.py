@@ -42,6 +42,7 @@ def test_wire_models_are_frozen_strict_and_camel_case() -> None:
         "evict": False,
         "pin": False,
         "keepAlive": None,
+        "backend": None,
     }
     assert LoadJob.model_validate(job.wire()) == job
     with pytest.raises(ValidationError):

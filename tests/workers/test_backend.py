@@ -75,6 +75,8 @@ def test_header_of_a_generated_llama(tiny: Path) -> None:
         bos_token_id=1,
         eos_token_id=2,
         tokens_at=info.tokens_at,
+        tensor_types=frozenset({0}),  # F32
+        tokenizer_model="llama",
     )
     assert read_token_texts(tiny, info.tokens_at, [2, 1, 10_000]) == {1: "<s>", 2: "</s>"}
     reader = gguf.GGUFReader(tiny)

@@ -3,18 +3,21 @@
 import os
 from pathlib import Path
 
-from workers.backend import estimate_memory_bytes
-from workers.catalog import FileCatalog
-from workers.gguf_factory import write_not_gguf, write_tiny_llama, write_truncated_gguf
+from workers.backend import CTransformersLoader, estimate_memory_bytes
+from workers.backends import Backends
+from workers.catalog import FileCatalog, FilePlan
+from workers.gguf_factory import write_not_gguf, write_tiny_llama, write_tiny_qwen2, write_truncated_gguf
+
+PLAN = Backends([CTransformersLoader(threads=1)], missing={"llama-cpp": "pip install 'modelfleet[llama-cpp]'"}).plan
 
 
-class CountingEstimator:
+class CountingPlanner:
     def __init__(self) -> None:
         self.calls: list[Path] = []
 
-    def __call__(self, path: Path, context_length: int | None) -> int:
+    def __call__(self, path: Path, context_length: int | None, backend: str | None = None) -> FilePlan:
         self.calls.append(path)
-        return estimate_memory_bytes(path, context_length)
+        return PLAN(path, context_length, backend)
 
 
 def test_ids_are_relative_posix_paths_with_real_estimates(tmp_path: Path) -> None:
@@ -23,7 +26,7 @@ def test_ids_are_relative_posix_paths_with_real_estimates(tmp_path: Path) -> Non
     write_tiny_llama(root / "top.gguf")
     write_tiny_llama(root / "org" / "deep" / "nested.gguf", pad_to_bytes=300_000)
     (root / "notes.txt").write_text("not a model")
-    files = FileCatalog(root, estimate_memory_bytes).files()
+    files = FileCatalog(root, PLAN).files()
     assert sorted(f.id for f in files) == ["org/deep/nested", "top"]
     nested = next(f for f in files if f.id == "org/deep/nested")
     assert nested.path == str((root / "org" / "deep" / "nested.gguf").resolve())
@@ -43,7 +46,7 @@ def test_lists_unreadable_files_with_their_problem_and_leaves_out_escapes_and_ba
     write_not_gguf(root / "text.gguf")
     write_truncated_gguf(root / "cut.gguf")
     write_tiny_llama(root / "a..b.gguf")  # no load could name it: ".." is refused in a model id
-    files = {f.id: f for f in FileCatalog(root, estimate_memory_bytes).files()}
+    files = {f.id: f for f in FileCatalog(root, PLAN).files()}
     assert sorted(files) == ["alias", "cut", "good", "text"]
     assert files["good"].problem is None and files["good"].estimate_bytes
     for broken in ("cut", "text"):  # there, so listed; not loadable, so no estimate and the reason why
@@ -56,7 +59,7 @@ def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
     root.mkdir()
     write_tiny_llama(root / "a.gguf")
     write_not_gguf(root / "bad.gguf")
-    estimator = CountingEstimator()
+    estimator = CountingPlanner()
     catalog = FileCatalog(root, estimator)
     catalog.files()
     catalog.files()
@@ -67,3 +70,15 @@ def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
     (root / "a.gguf").unlink()
     (root / "bad.gguf").unlink()
     assert catalog.files() == []
+
+
+def test_each_file_names_the_backend_that_would_take_it(tmp_path: Path) -> None:
+    """A file only a missing backend can run is listed, without a backend and with what is missing."""
+    write_tiny_llama(tmp_path / "old.gguf")
+    write_tiny_qwen2(tmp_path / "new.gguf")
+    files = {f.id: f for f in FileCatalog(tmp_path, PLAN).files()}
+    assert files["old"].backend == "ctransformers" and files["old"].problem is None
+    assert files["new"].backend is None and files["new"].estimate_bytes is None
+    assert files["new"].problem == (
+        "Cannot load new.gguf: architecture qwen2 needs the llama-cpp backend: pip install 'modelfleet[llama-cpp]'."
+    )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from workers.backend import InvalidModelFile, read_gguf_info
-from workers.gguf_factory import write_tiny_llama
+from workers.gguf_factory import write_tiny_llama, write_tiny_llama3, write_tiny_qwen2
 from workers.gguf_header import HeaderFacts, read_header
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K.gguf"
@@ -41,6 +41,9 @@ def facts_from_gguf_reader(path: Path) -> HeaderFacts:
         bos_token_id=value("tokenizer.ggml.bos_token_id"),
         eos_token_id=value("tokenizer.ggml.eos_token_id"),
         tokens_at=tokens_at(reader),
+        tensor_types=frozenset(int(t.tensor_type) for t in reader.tensors),
+        tokenizer_model=value("tokenizer.ggml.model"),
+        tokenizer_pre=value("tokenizer.ggml.pre"),
     )
 
 
@@ -104,6 +107,14 @@ def test_agrees_with_gguf_reader_on_generated_llamas(tmp_path: Path, shape: dict
     assert facts.architecture == "llama"
     assert facts.block_count == shape.get("n_layer", 2)
     assert facts.head_count_kv == shape.get("n_head_kv", 4)
+
+
+@pytest.mark.parametrize("write", [write_tiny_qwen2, write_tiny_llama3], ids=["qwen2", "llama3"])
+def test_agrees_with_gguf_reader_on_bpe_vocabularies(tmp_path: Path, write: Any) -> None:
+    path = write(tmp_path / "m.gguf")
+    facts = read_header(path)
+    assert facts == facts_from_gguf_reader(path)
+    assert facts.tokenizer_model == "gpt2" and facts.tokenizer_pre in {"qwen2", "llama-bpe"}
 
 
 def test_agrees_with_gguf_reader_on_a_32k_vocabulary(vocab32k: Path) -> None:

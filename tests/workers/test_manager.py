@@ -11,6 +11,7 @@ import pytest
 from broker.errors import InsufficientMemory, ModelLoadFailed, ModelNotLoaded
 from broker.schemas import ModelInfo, ModelState
 from tests.conftest import wait_for
+from workers.catalog import FilePlan
 from workers.manager import ModelManager
 
 
@@ -19,6 +20,7 @@ class FakeModel:
     size_bytes: int
     context_length: int | None
     gpu_layers: int | None
+    backend: str = "fake"
 
 
 class GatedLoader:
@@ -32,7 +34,9 @@ class GatedLoader:
         self.unloads = 0
         self.fail_with: Exception | None = None
 
-    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> FakeModel:
+    def load(
+        self, path: Path, *, context_length: int | None, gpu_layers: int | None, backend: str | None = None
+    ) -> FakeModel:
         self.loads += 1
         self.started.set()
         assert self.gate.wait(10)
@@ -45,6 +49,10 @@ class GatedLoader:
 
     def check(self, model: FakeModel) -> bool:
         return True
+
+
+def fake_plan(path: Path, context_length: int | None, backend: str | None = None) -> FilePlan:
+    return FilePlan("fake", 0)
 
 
 def in_thread(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -396,7 +404,10 @@ def test_a_load_joined_through_the_service_holds_no_thread(tmp_path: Path) -> No
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     loader = GatedLoader()
     service = NodeService(
-        fingerprint="f" * 32, models_dir=tmp_path, manager=ModelManager(loader), estimate=lambda path, ctx: 0
+        fingerprint="f" * 32,
+        models_dir=tmp_path,
+        manager=ModelManager(loader),
+        plan=fake_plan,
     )
     job = LoadJob(deadline=1e12, model_id="m")
     assert service.join_load(job) is None  # nothing in flight: run the load itself
@@ -469,7 +480,10 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     loader = GatedLoader()
     service = NodeService(
-        fingerprint="f" * 32, models_dir=tmp_path, manager=ModelManager(loader), estimate=lambda path, ctx: 0
+        fingerprint="f" * 32,
+        models_dir=tmp_path,
+        manager=ModelManager(loader),
+        plan=fake_plan,
     )
     redis = fakeredis.FakeRedis()
     runtime = SimpleNamespace(
@@ -514,7 +528,9 @@ class GrowingLoader(GatedLoader):
         super().__init__(size=100)
         self.probe, self.grows = probe, grows
 
-    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> FakeModel:
+    def load(
+        self, path: Path, *, context_length: int | None, gpu_layers: int | None, backend: str | None = None
+    ) -> FakeModel:
         model = super().load(path, context_length=context_length, gpu_layers=gpu_layers)
         self.probe.value += self.grows
         return model

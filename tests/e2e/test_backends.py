@@ -1,0 +1,166 @@
+"""Backends on a real node: each file goes to the backend that can run it, chosen from its GGUF header, and the
+operations that work on ctransformers work the same on llama.cpp. Files made on the fly in architectures the
+old ctransformers cannot load (qwen2, a Llama-3-style BPE vocabulary), plus the real stories260K."""
+
+import importlib.util
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import OPERATOR_KEY, STORIES, Api, Fleet, Worker
+from workers.gguf_factory import write_tiny_llama, write_tiny_llama3, write_tiny_qwen2, write_unknown_architecture
+
+pytestmark = pytest.mark.timeout(180)
+
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(
+    not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed: pip install 'modelfleet[llama-cpp]'"
+)
+
+
+@pytest.fixture(scope="module")
+def backend_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("backend-models")
+    write_tiny_llama(root / "old-llama.gguf")
+    write_tiny_qwen2(root / "qwen2-tiny.gguf")
+    write_tiny_llama3(root / "llama3-tiny.gguf")
+    write_unknown_architecture(root / "alien.gguf")
+    if STORIES.exists():
+        shutil.copy(STORIES, root / "stories260K.gguf")
+    return root
+
+
+@pytest.fixture(scope="module")
+def auto_node(module_fleet: Fleet, backend_models: Path) -> Worker:
+    return module_fleet.worker("auto-node", backend_models)
+
+
+@pytest.fixture(scope="module")
+def fixed_node(module_fleet: Fleet, backend_models: Path) -> Worker:
+    return module_fleet.worker("ct-node", backend_models, "--backend", "ctransformers")
+
+
+@pytest.fixture(scope="module")
+def api(module_fleet: Fleet, auto_node: Worker, fixed_node: Worker) -> Api:
+    return module_fleet.api()
+
+
+@pytest.fixture
+def op(api: Api, auto_node: Worker, fixed_node: Worker) -> Iterator[httpx.Client]:
+    with api.client(OPERATOR_KEY) as client:
+        yield client
+        for node in (auto_node, fixed_node):
+            client.post(f"/api/v1/nodes/{node.fingerprint}/models/unload-all")
+
+
+def load(op: httpx.Client, node: Worker, model: str, **fields: Any) -> httpx.Response:
+    return op.post(f"/api/v1/nodes/{node.fingerprint}/models/load", json={"modelId": model, **fields})
+
+
+def listed(op: httpx.Client, node: Worker) -> dict[str, dict[str, Any]]:
+    response = op.get(f"/api/v1/nodes/{node.fingerprint}/models")
+    assert response.status_code == 200, response.text
+    return {m["id"]: m for m in response.json()["data"]}
+
+
+def test_a_file_no_backend_can_run_ends_failed_with_the_reason(op: httpx.Client, auto_node: Worker) -> None:
+    response = load(op, auto_node, "alien")
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "backend_unavailable"
+    assert "no backend can run it" in body["error"] and "architecture nosucharch" in body["error"]
+    model = listed(op, auto_node)["alien"]
+    assert model["state"] == "failed" and model["error"] == body["error"] and model["backend"] is None
+
+
+def test_a_node_without_llama_cpp_names_what_is_missing(op: httpx.Client, fixed_node: Worker) -> None:
+    response = load(op, fixed_node, "qwen2-tiny")
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == (
+        "Cannot load qwen2-tiny.gguf: architecture qwen2 needs the llama-cpp backend, "
+        "but this node runs only --backend ctransformers."
+    )
+    assert listed(op, fixed_node)["qwen2-tiny"]["state"] == "failed"
+    assert load(op, fixed_node, "old-llama").status_code == 200
+    assert listed(op, fixed_node)["old-llama"]["backend"] == "ctransformers"
+
+
+def test_an_unknown_backend_is_bad_input_and_changes_nothing(op: httpx.Client, auto_node: Worker) -> None:
+    response = load(op, auto_node, "old-llama", backend="vllm")
+    assert response.status_code == 422 and response.json()["code"] == "invalid_request", response.text
+    assert "old-llama" not in listed(op, auto_node)
+    assert load(op, auto_node, "old-llama", backend="Not A Name").status_code == 422
+
+
+def test_the_catalog_shows_the_backend_each_file_would_use(op: httpx.Client, auto_node: Worker) -> None:
+    response = op.get("/v1/models")
+    assert response.status_code == 200, response.text
+    entries = {m["id"]: m for m in response.json()["data"]}
+    assert entries["old-llama"]["backends"] == ["ctransformers"]
+    assert entries["alien"]["backends"] == []
+    assert entries["qwen2-tiny"]["backends"] == (["llama-cpp"] if HAVE_LLAMA_CPP else [])
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model", ["qwen2-tiny", "llama3-tiny"])
+def test_auto_loads_todays_architectures_with_llama_cpp(op: httpx.Client, auto_node: Worker, model: str) -> None:
+    response = load(op, auto_node, model, contextLength=256, gpuLayers=-1)
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "loaded"
+    info = listed(op, auto_node)[model]
+    assert info["backend"] == "llama-cpp" and info["healthy"] is True
+    assert info["contextLength"] == 256 and info["gpuLayers"] == 3  # two blocks and the output layer
+
+
+def pool_load(op: httpx.Client, node: Worker, model: str, **fields: Any) -> httpx.Response:
+    return op.post("/v1/models/load", json={"model_name": model, "node": node.fingerprint, **fields})
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("backend", ["ctransformers", "llama-cpp"])
+def test_every_operation_works_on_both_backends(op: httpx.Client, auto_node: Worker, backend: str) -> None:
+    if not STORIES.exists():
+        pytest.skip(f"the real model is not at {STORIES}")
+    first = pool_load(op, auto_node, "stories260K", backend=backend)
+    assert first.status_code == 200, first.text
+    assert listed(op, auto_node)["stories260K"]["backend"] == backend
+    assert listed(op, auto_node)["stories260K"]["contextLength"] == 512  # the same default on both
+    again = pool_load(op, auto_node, "stories260K", backend=backend, force_reload=True)
+    assert again.status_code == 200 and again.json()["already_loaded"] is False, again.text
+    pinned = pool_load(op, auto_node, "stories260K", pin=True)
+    assert pinned.status_code == 200 and pinned.json()["already_loaded"] is True, pinned.text
+    assert listed(op, auto_node)["stories260K"]["pinned"] is True
+    assert listed(op, auto_node)["stories260K"]["backend"] == backend
+    unloaded = op.post(f"/api/v1/nodes/{auto_node.fingerprint}/models/unload", json={"modelId": "stories260K"})
+    assert unloaded.status_code == 200, unloaded.text
+    assert "stories260K" not in listed(op, auto_node)
+
+
+@needs_llama_cpp
+def test_admission_and_eviction_cross_backends(module_fleet: Fleet, backend_models: Path, op: httpx.Client) -> None:
+    from workers.backends import build_backends
+    from workers.settings import WorkerSettings
+
+    plan = build_backends(WorkerSettings(models_dir=backend_models, threads=1)).plan
+    qwen2, old, llama3 = (plan(backend_models / f"{m}.gguf", None) for m in ("qwen2-tiny", "old-llama", "llama3-tiny"))
+    assert (qwen2.backend, old.backend, llama3.backend) == ("llama-cpp", "ctransformers", "llama-cpp")
+    budget = qwen2.estimate_bytes + old.estimate_bytes + llama3.estimate_bytes - 1  # two fit, three do not
+    node = module_fleet.worker(
+        "evict-node", backend_models, "--memory-budget", str(budget), MODELFLEET_MEASURE_LOADS="false"
+    )
+    try:
+        assert pool_load(op, node, "qwen2-tiny").status_code == 200
+        assert pool_load(op, node, "old-llama").status_code == 200
+        full = pool_load(op, node, "llama3-tiny")
+        assert full.status_code == 409 and full.json()["details"]["needed_bytes"] == llama3.estimate_bytes, full.text
+        evicting = pool_load(op, node, "llama3-tiny", evict=True)
+        assert evicting.status_code == 200, evicting.text
+        assert evicting.json()["evicted"] == ["qwen2-tiny"]
+        models = listed(op, node)
+        assert models["llama3-tiny"]["backend"] == "llama-cpp" and models["old-llama"]["backend"] == "ctransformers"
+    finally:
+        node.stop()
