@@ -221,7 +221,7 @@ function loadDialog(actions, fp) {
   const reason = blocked(fp);
   // Preselect the first file that is not loaded and fits; the operator picks another with the arrow keys.
   const suggested =
-    files?.find((f) => !loaded.has(f.id) && (free === null || f.estimateBytes <= free)) ?? files?.[0];
+    files?.find((f) => !f.problem && !loaded.has(f.id) && (free === null || f.estimateBytes <= free)) ?? files?.[0];
   return html`<div class="backdrop" @click=${(e) => e.target === e.currentTarget && actions.closeDialogs()}>
     <form class="dialog card" role="dialog" aria-modal="true" aria-labelledby="load-title" data-testid="load-dialog"
       @submit=${(e) => actions.submitLoad(e, fp)} @keydown=${(e) => e.key === "Escape" && actions.closeDialogs()}>
@@ -234,13 +234,20 @@ function loadDialog(actions, fp) {
           : html`<fieldset class="files">
               <legend>Model file</legend>
               ${files.map((f, i) => {
-                const fits = free === null || f.estimateBytes <= free;
+                const fits = f.estimateBytes !== null && (free === null || f.estimateBytes <= free);
                 const isLoaded = loaded.has(f.id);
+                const tag = f.problem
+                  ? html`<span class="fit no" title=${f.problem}>cannot load</span>`
+                  : isLoaded
+                    ? html`<span class="fit loaded">loaded</span>`
+                    : fits
+                      ? html`<span class="fit yes">fits now</span>`
+                      : html`<span class="fit no">needs ${bytes(f.estimateBytes - free)} more</span>`;
                 return html`<label class="file ${fits ? "" : "nofit"}">
                   <input type="radio" name="modelId" value=${f.id} ?checked=${f === suggested} ?required=${i === 0} />
                   <span class="file-id">${f.id}</span>
-                  <span class="muted">${bytes(f.sizeBytes)} file · needs ~${bytes(f.estimateBytes)}</span>
-                  <span class="fit ${isLoaded ? "loaded" : fits ? "yes" : "no"}">${isLoaded ? "loaded" : fits ? "fits now" : `needs ${bytes(f.estimateBytes - free)} more`}</span>
+                  <span class="muted">${f.problem ?? html`${bytes(f.sizeBytes)} file · needs ~${bytes(f.estimateBytes)}`}</span>
+                  ${tag}
                 </label>`;
               })}
             </fieldset>`}
