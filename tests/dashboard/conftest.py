@@ -3,6 +3,7 @@ Redis and two real worker processes: `node-a` with the real stories260K model an
 `node-b` with generated tiny llamas."""
 
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+NODE_TOKEN = "ntk-SECRET-dashboard-" + secrets.token_hex(8)
+"""The head's bearer to the nodes' inference endpoints: a cookie-signed-in page has no key for the head to pass on."""
 UNLOAD_TIMEOUT = 3
 """Seconds the test API waits for an unload: a frozen node's unload fails after it."""
 # Where the README's screenshot is written when MODELFLEET_UPDATE_SCREENSHOTS=1.
@@ -46,7 +49,9 @@ class Dash:
         self.fleet.procs.remove(self.api)
 
     def start_api(self) -> Api:
-        self.api = self.fleet.api(port=self.port, MODELFLEET_UNLOAD_TIMEOUT=str(UNLOAD_TIMEOUT))
+        self.api = self.fleet.api(
+            port=self.port, MODELFLEET_UNLOAD_TIMEOUT=str(UNLOAD_TIMEOUT), MODELFLEET_NODE_TOKEN=NODE_TOKEN
+        )
         return self.api
 
 
@@ -73,14 +78,20 @@ def dash(module_fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Dash:
     b_dir = tmp_path_factory.mktemp("models-b")
     write_tiny_llama(b_dir / "tiny-a.gguf", seed=1)
     write_tiny_llama(b_dir / "tiny-b.gguf", seed=2)
-    a = module_fleet.worker("node-a", a_dir, "--memory-budget", "2GiB", wait=False)
+    a = module_fleet.worker("node-a", a_dir, "--memory-budget", "2GiB", wait=False, MODELFLEET_NODE_TOKEN=NODE_TOKEN)
     # node-b may be frozen (SIGSTOP) for a few seconds and stay online: its unload then times out at the API.
     b = module_fleet.worker(
-        "node-b", b_dir, "--memory-budget", "1GiB", wait=False, MODELFLEET_HEARTBEAT_TTL=str(FREEZE_TTL)
+        "node-b",
+        b_dir,
+        "--memory-budget",
+        "1GiB",
+        wait=False,
+        MODELFLEET_HEARTBEAT_TTL=str(FREEZE_TTL),
+        MODELFLEET_NODE_TOKEN=NODE_TOKEN,
     )
     module_fleet.wait_online(a)
     module_fleet.wait_online(b)
-    api = module_fleet.api(MODELFLEET_UNLOAD_TIMEOUT=str(UNLOAD_TIMEOUT))
+    api = module_fleet.api(MODELFLEET_UNLOAD_TIMEOUT=str(UNLOAD_TIMEOUT), MODELFLEET_NODE_TOKEN=NODE_TOKEN)
     return Dash(module_fleet, api, a, b, int(api.url.rsplit(":", 1)[1]))
 
 

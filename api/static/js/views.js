@@ -376,8 +376,7 @@ function logView() {
         (e) => html`<li class="event ${e.type}" data-type=${e.type} data-id=${e.id ?? ""}>
           <time datetime=${e.at}>${clock(e.at)}</time>
           <span class="etype">${e.type}</span>
-          ${e.name ? html`<span class="enode">${e.name}</span>` : nothing}
-          <span class="etext">${e.text}</span>
+          <span class="edetail">${e.name ? html`<span class="enode">${e.name}</span> · ` : nothing}<span class="etext">${e.text}</span></span>
         </li>`,
       )}
     </ol>
