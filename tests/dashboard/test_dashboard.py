@@ -12,7 +12,7 @@ import httpx
 from playwright.sync_api import Page, Route, expect
 
 from tests.conftest import ALL_SECRETS, OPERATOR_KEY, READ_KEY, park, thaw, wait_for
-from tests.dashboard.conftest import UNLOAD_TIMEOUT, Dash, model_row, node_card, shoot, sign_in
+from tests.dashboard.conftest import NODE_TOKEN, UNLOAD_TIMEOUT, Dash, model_row, node_card, shoot, sign_in
 
 
 def seen(page: Page) -> list[str]:
@@ -256,7 +256,7 @@ def test_no_key_reaches_the_page_its_storage_a_url_or_the_log(dash: Dash, new_pa
 
     redis = dash.fleet.redis.client()
     stored = json.dumps([[k.decode(), str(redis.dump(k))] for k in redis.scan_iter()])
-    for secret in (*ALL_SECRETS, cookie["value"]):
+    for secret in (*ALL_SECRETS, NODE_TOKEN, cookie["value"]):
         assert secret not in exposed
         assert not any(secret in url for url in urls)
         assert secret not in dash.api.log()
