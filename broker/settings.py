@@ -1,16 +1,26 @@
 """Settings shared by every process kind. Read when a process starts (never at import) and passed down."""
 
+from pathlib import Path
 from typing import Annotated
 
 from kombu.utils.url import maybe_sanitize_url
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+STATE_DIR = Path(".modelfleet")
+"""`modelfleet up`'s state directory, relative to where a process runs (modelfleet/state.py maps it)."""
+STATE_FILE = STATE_DIR / "keys"
+"""What `up` writes for the commands run beside it: read as a dotenv file, below the environment."""
+
 
 class BrokerSettings(BaseSettings):
-    """How to reach Redis, and the timing of the liveness protocol."""
+    """How to reach Redis, and the timing of the liveness protocol.
 
-    model_config = SettingsConfigDict(env_prefix="MODELFLEET_", extra="ignore")
+    Read from `MODELFLEET_*` variables, then from `./.modelfleet/keys` if `modelfleet up` wrote one there: a
+    worker, an API or Flower started in that directory joins that fleet without flags.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_", extra="ignore", env_file=STATE_FILE)
 
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     heartbeat_interval: float = Field(default=2.0, gt=0)

@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -110,60 +111,85 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+REDIS_HELP = "the Redis URL (default: $MODELFLEET_REDIS_URL, else .modelfleet/keys here, else redis://127.0.0.1:6379/0)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run Redis (embedded unless --redis-url), the API and one local worker")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--redis-url", help="use this Redis instead of an embedded one")
-    up.add_argument("--models-dir", default="models")
-    up.add_argument("--memory-budget", help="the local node's memory budget, e.g. 8GiB")
-    up.add_argument("--serve-port", type=int, default=0, help="the local node's inference port (default: a free one)")
+    up.add_argument("--host", default="127.0.0.1", help="the API's address (default: %(default)s)")
+    up.add_argument("--port", type=int, default=8000, help="the API's port (default: %(default)s)")
+    up.add_argument(
+        "--redis-url",
+        help="use this Redis instead of an embedded one (default: embedded, with the URL kept in .modelfleet/keys)",
+    )
+    up.add_argument("--models-dir", default="models", help="the local node's models (default: ./%(default)s)")
+    up.add_argument("--memory-budget", help="the local node's memory budget, e.g. 8GiB (default: 75%% of RAM)")
+    up.add_argument(
+        "--serve-port", type=int, default=0, help="the local node's inference port (default: 0, a free one)"
+    )
     up.set_defaults(func=cmd_up)
 
     api = sub.add_parser("api", help="run the REST head")
-    api.add_argument("--host")
-    api.add_argument("--port", type=int)
-    api.add_argument("--redis-url")
-    api.add_argument("--graceful-timeout", type=float, default=5.0, help="seconds open streams get on shutdown")
+    api.add_argument("--host", help="address to listen on (default: $MODELFLEET_HOST, else 127.0.0.1)")
+    api.add_argument("--port", type=int, help="port to listen on (default: $MODELFLEET_PORT, else 8000)")
+    api.add_argument("--redis-url", help=REDIS_HELP)
+    api.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=5.0,
+        help="seconds open requests get on shutdown (default: %(default)s)",
+    )
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run one node: a Celery worker consuming only its own queue")
-    worker.add_argument("--name", help="the node's name; %%h is replaced by the hostname, e.g. gpu-%%h")
-    worker.add_argument("--models-dir")
-    worker.add_argument("--state-dir", help="where the node key lives (default ./.modelfleet/nodes/NAME)")
-    worker.add_argument("--concurrency", type=int)
-    worker.add_argument("--threads", type=int, help="CPU threads per model (never -1)")
-    worker.add_argument("--memory-budget", help="e.g. 8GiB")
+    worker.add_argument("--name", help="the node's name; %%h is replaced by the hostname, e.g. gpu-%%h (default: node)")
+    worker.add_argument("--models-dir", help="where its .gguf files are (default: ./models)")
+    worker.add_argument("--state-dir", help="where the node key lives (default: ./.modelfleet/nodes/NAME)")
+    worker.add_argument("--concurrency", type=int, help="jobs it runs at once (default: 16)")
+    worker.add_argument("--threads", type=int, help="CPU threads per model, never -1 (default: min(4, CPUs))")
+    worker.add_argument("--memory-budget", help="bytes its models may take, e.g. 8GiB (default: 75%% of RAM)")
     worker.add_argument(
         "--lib",
         choices=["auto", "cuda", "avx2", "avx", "basic"],
-        help="ctransformers build (default auto: CUDA when a GPU and its runtime are present, else the best CPU one)",
+        help="ctransformers build (default: auto, CUDA when a GPU and its runtime are present, else the best CPU one)",
     )
     worker.add_argument(
         "--backend",
         help="auto (default: per model from its GGUF header), ctransformers or llama-cpp (MODELFLEET_BACKEND)",
     )
-    worker.add_argument("--redis-url")
-    worker.add_argument("--serve-port", type=int, help="port of the inference endpoint (default 8081; 0: a free one)")
-    worker.add_argument("--serve-host", help="address it listens on (default 127.0.0.1; 0.0.0.0 for other hosts)")
-    worker.add_argument("--advertise-url", help="its base URL for the head and clients, e.g. http://%%h:8081")
-    worker.add_argument("--no-serve", action="store_true", help="serve no inference endpoint")
-    worker.add_argument("--max-queue", type=int, help="generations that may wait per model (default 8)")
-    worker.add_argument("--keep-alive", type=float, help="seconds unused before a model unloads itself (default never)")
-    worker.add_argument("--preload", help="model ids to load at start, comma-separated")
+    worker.add_argument("--redis-url", help=REDIS_HELP)
+    worker.add_argument("--serve-port", type=int, help="port of the inference endpoint (default: 8081; 0: a free one)")
+    worker.add_argument("--serve-host", help="address it listens on (default: 127.0.0.1; 0.0.0.0 for other hosts)")
+    worker.add_argument(
+        "--advertise-url", help="its base URL for the head and clients, e.g. http://%%h:8081 (default: from the port)"
+    )
+    worker.add_argument("--no-serve", action="store_true", help="serve no inference endpoint (default: serve one)")
+    worker.add_argument("--max-queue", type=int, help="generations that may wait per model (default: 8)")
+    worker.add_argument(
+        "--keep-alive", type=float, help="seconds unused before a model unloads itself (default: never)"
+    )
+    worker.add_argument("--preload", help="model ids to load at start, comma-separated (default: none)")
     worker.set_defaults(func=cmd_worker)
 
     flower = sub.add_parser("flower", help="run the Flower dashboard: basic auth (MODELFLEET_FLOWER_AUTH), read-only")
-    flower.add_argument("--port", type=int, help="default 5555 (MODELFLEET_FLOWER_PORT)")
-    flower.add_argument("--address", help="default 127.0.0.1 (MODELFLEET_FLOWER_ADDRESS)")
-    flower.add_argument("--redis-url")
+    flower.add_argument("--port", type=int, help="port to listen on (default: $MODELFLEET_FLOWER_PORT, else 5555)")
+    flower.add_argument("--address", help="address to listen on (default: $MODELFLEET_FLOWER_ADDRESS, else 127.0.0.1)")
+    flower.add_argument("--redis-url", help=REDIS_HELP)
     flower.set_defaults(func=cmd_flower)
 
     add_commands(sub)  # nodes, ps, load, unload, events: the operator commands, over the API
     return parser
+
+
+def _version() -> str:
+    try:
+        return version("modelfleet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

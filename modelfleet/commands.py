@@ -1,4 +1,4 @@
-"""The operator commands, on top of `modelfleet.client`: `nodes`, `ps`, `load`, `unload`, `events`.
+"""The operator commands, on top of `modelfleet.client`: `nodes`, `ps`, `models`, `load`, `unload`, `events`.
 
 They talk to a running API: `--url` / `--key`, else MODELFLEET_URL / MODELFLEET_KEY. Tables and results go
 to stdout; errors, with the API's message and code, and notes (an offline node) go to stderr. Exit status:
@@ -7,6 +7,7 @@ to stdout; errors, with the API's message and code, and notes (an offline node) 
 
 import argparse
 import itertools
+import os
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from modelfleet.client import (
     pick_node,
 )
 from modelfleet.sse import StreamEvent
+from modelfleet.state import STATE_FILE, read_state
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -190,7 +192,8 @@ def cmd_ps(args: argparse.Namespace, client: Client) -> int:
     if rows:
         table(["NODE", "MODEL", "STATE", "SIZE", "CONTEXT", "LOADED FOR"], rows, sys.stdout)
     elif nodes:
-        print(f"No models on {', '.join(node_label(n, everyone) for n in nodes)}.", file=sys.stdout)
+        where = ", ".join(node_label(n, everyone) for n in nodes)
+        print(f"No models loaded on {where}; `modelfleet models` lists what can be loaded.", file=sys.stdout)
     else:
         print("No node is online.", file=sys.stdout)
     for note in notes:
@@ -198,7 +201,40 @@ def cmd_ps(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace, client: Client) -> int:
+    """What each online node (or NODE) can load: its model files, with their size, estimate and state there."""
+    everyone = client.nodes()
+    wanted = {client.resolve_node(args.node).fingerprint} if args.node else {n.fingerprint for n in everyone}
+    labels = {n.fingerprint: node_label(n, everyone) for n in everyone}
+    files, status = client.pool_models(), client.pool_status()
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for model in sorted(files.data, key=lambda m: m.id):
+        for fp in sorted(set(model.nodes) & wanted, key=lambda f: labels.get(f, f)):
+            states = {m.id: m for m in (status.nodes[fp].models or [])} if fp in status.nodes else {}
+            held = states.get(model.id)
+            state = held.state.value if held is not None else "unloaded"
+            estimate = human_bytes(model.estimate_bytes) if model.problem is None else "unloadable"
+            rows.append([labels.get(fp, fp[:12]), model.id, human_bytes(model.size_bytes), estimate, state])
+            if model.problem:
+                notes.append(f"{labels.get(fp, fp[:12])}: {model.id} cannot be loaded: {model.problem}")
+    notes += [f"{labels.get(f.node, f.node[:12])}: {f.error} ({f.code})" for f in files.errors if f.node in wanted]
+    if rows:
+        table(["NODE", "MODEL", "SIZE", "ESTIMATE", "STATE"], rows, sys.stdout)
+    else:
+        print("No online node has a .gguf model file in its models directory.", file=sys.stdout)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def model_id(text: str) -> str:
+    """A model as a person names it: its id, or its file name (`demo-tiny.gguf`)."""
+    return text.removesuffix(".gguf")
+
+
 def cmd_load(args: argparse.Namespace, client: Client) -> int:
+    args.model = model_id(args.model)
     node = client.resolve_node(args.node)
     label = node_label(node)
     with spinner(f"Loading {args.model} on {label}", sys.stderr):
@@ -215,6 +251,7 @@ def cmd_load(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_unload(args: argparse.Namespace, client: Client) -> int:
+    args.model = model_id(args.model) if args.model else args.model
     node = client.resolve_node(args.node)
     label = node_label(node)
     if not args.all:
@@ -289,16 +326,31 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
 Command = Callable[[argparse.Namespace, Client], int]
 
 
+def _setting(flag: str | None, name: str, state: dict[str, str]) -> tuple[str | None, str]:
+    """A connection setting and where it came from: the flag, the environment, then `up`'s keys file here."""
+    if flag:
+        return flag, "--" + name.removeprefix("MODELFLEET_").lower()
+    if os.environ.get(name):
+        return os.environ[name], name
+    if state.get(name):
+        return state[name], f"{name} in {STATE_FILE}"
+    return None, name
+
+
 def _run(command: Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        state = read_state(STATE_FILE)
+        url, _ = _setting(args.url, "MODELFLEET_URL", state)
+        key, key_from = _setting(args.key, "MODELFLEET_KEY", state)
         try:
-            with Client(args.url, args.key) as client:
+            with Client(url, key) as client:
                 return command(args, client)
         except ModelfleetClientError as exc:
             status = f", HTTP {exc.status}" if isinstance(exc, ModelfleetAPIError) else ""
             print(f"modelfleet: {exc.message} ({exc.code}{status})", file=sys.stderr)
-            if isinstance(exc, ModelfleetAPIError) and exc.status == 401 and not args.key:
-                print("modelfleet: pass --key or set MODELFLEET_KEY", file=sys.stderr)
+            if isinstance(exc, ModelfleetAPIError) and exc.status == 401:
+                hint = f"the key from {key_from} was refused" if key else "pass --key or set MODELFLEET_KEY"
+                print(f"modelfleet: {hint}", file=sys.stderr)
             return exit_status(exc)
         except KeyboardInterrupt:
             print("modelfleet: interrupted; a job already sent still runs on its node", file=sys.stderr)
@@ -308,10 +360,16 @@ def _run(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add `nodes`, `ps`, `load`, `unload` and `events` to the `modelfleet` command's subparsers."""
+    """Add `nodes`, `ps`, `models`, `load`, `unload` and `events` to the `modelfleet` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="the API's URL (default $MODELFLEET_URL, else http://127.0.0.1:8000)")
-    common.add_argument("--key", help="an API key (default $MODELFLEET_KEY; prefer the variable: flags show in ps)")
+    common.add_argument(
+        "--url",
+        help="the API's URL (default: $MODELFLEET_URL, else .modelfleet/keys here, else http://127.0.0.1:8000)",
+    )
+    common.add_argument(
+        "--key",
+        help="an API key (default: $MODELFLEET_KEY, else .modelfleet/keys here; prefer these: flags show in ps)",
+    )
 
     nodes = sub.add_parser("nodes", parents=[common], help="list every registered node")
     nodes.set_defaults(func=_run(cmd_nodes))
@@ -320,17 +378,27 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     ps.add_argument("node", nargs="?", metavar="NODE", help="a fingerprint, a unique prefix of one, or a name")
     ps.set_defaults(func=_run(cmd_ps))
 
+    models = sub.add_parser(
+        "models", parents=[common], help="list what every online node (or NODE) can load: size, estimate, state"
+    )
+    models.add_argument("node", nargs="?", metavar="NODE", help="a fingerprint, a unique prefix of one, or a name")
+    models.set_defaults(func=_run(cmd_models))
+
+    node_help = "a fingerprint, a unique prefix of one, or a name"
+    model_help = "the model's id (its path in the models dir without .gguf) or its file name, e.g. demo-tiny.gguf"
     load = sub.add_parser("load", parents=[common], help="load MODEL on NODE and wait until it is loaded")
-    load.add_argument("node", metavar="NODE")
-    load.add_argument("model", metavar="MODEL", help="the model's id: its path in the models dir, without .gguf")
-    load.add_argument("--ctx", type=int, metavar="N", help="context length")
-    load.add_argument("--gpu-layers", type=int, metavar="N", help="layers to offload to the GPU (-1: all)")
+    load.add_argument("node", metavar="NODE", help=node_help)
+    load.add_argument("model", metavar="MODEL", help=model_help)
+    load.add_argument("--ctx", type=int, metavar="N", help="context length (default: the model's own)")
+    load.add_argument(
+        "--gpu-layers", type=int, metavar="N", help="layers to offload to the GPU, -1: all (default: none)"
+    )
     load.set_defaults(func=_run(cmd_load))
 
     unload = sub.add_parser("unload", parents=[common], help="unload MODEL (or --all) from NODE")
-    unload.add_argument("node", metavar="NODE")
-    unload.add_argument("model", nargs="?", metavar="MODEL")
-    unload.add_argument("--all", action="store_true", help="unload every model on the node")
+    unload.add_argument("node", metavar="NODE", help=node_help)
+    unload.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    unload.add_argument("--all", action="store_true", help="unload every model on the node (default: off)")
     run_unload = _run(cmd_unload)
 
     def checked_unload(args: argparse.Namespace) -> int:
@@ -341,6 +409,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     unload.set_defaults(func=checked_unload)
 
     events = sub.add_parser("events", parents=[common], help="follow the pool's changes live, one line per event")
-    events.add_argument("--node", metavar="NODE", help="only this node's events (a fingerprint, prefix or name)")
-    events.add_argument("--since", metavar="ID", help="replay the events after this event id first")
+    events.add_argument(
+        "--node", metavar="NODE", help="only this node's events, by fingerprint, prefix or name (default: all)"
+    )
+    events.add_argument(
+        "--since", metavar="ID", help="replay the events after this event id first (default: from now on)"
+    )
     events.set_defaults(func=_run(cmd_events))

@@ -2,12 +2,18 @@
 
 Each child runs in its own session so a terminal's Ctrl-C reaches only this supervisor, which then stops them
 in order: API and worker first (the worker still needs Redis to mark its node offline), Redis last.
+
+Its keys, Redis URL (password included), node token and Flower login live in `./.modelfleet/keys` (0600, see
+modelfleet/state.py) and are reused by the next `up` there, so an exported key keeps working across restarts
+and `modelfleet worker`, `modelfleet flower` and the CLI run in that directory join this fleet. One `up` per
+state directory: a second one refuses to start and names the first's pid.
 """
 
 import argparse
 import ctypes
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -16,17 +22,20 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
+from urllib.parse import urlsplit
 
 import redis
 
 from broker import keys
 from broker.registry import parse_node
+from modelfleet.state import STATE_DIR, STATE_FILE, UpLock, read_state, write_state
 
-STATE_DIR = Path(".modelfleet")
 STOP_TIMEOUT = 15.0
+FLOWER_USER = "ops"
 
 
 def _free_port() -> int:
@@ -125,16 +134,22 @@ class Supervisor:
                     proc.wait()
 
 
-def _start_redis(sup: Supervisor, env: dict[str, str], stopping: threading.Event) -> str:
-    port = _free_port()
-    password = secrets.token_urlsafe(24)
+def _start_redis(sup: Supervisor, env: dict[str, str], stopping: threading.Event, reuse: str | None) -> str:
+    """Start the embedded Redis, with the password and port of `reuse` (its URL from the last run) if given and
+    that port is free; returns its URL."""
+    previous = urlsplit(reuse) if reuse else None
+    password = previous.password if previous and previous.password else secrets.token_urlsafe(24)
+    port = previous.port if previous and previous.port and not _port_taken("127.0.0.1", previous.port) else None
+    port = port or _free_port()
     data_dir = STATE_DIR / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     # The password goes in a 0600 config file, never on a command line that `ps` shows.
     fd, conf = tempfile.mkstemp(prefix="redis-", suffix=".conf", dir=data_dir)
     with os.fdopen(fd, "w") as fh:
         fh.write(
-            f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\nrequirepass {password}\n'
+            # Append-only in the state directory: the next `up` here finds the fleet's registry and event history,
+            # so nodes started beside it (`modelfleet worker`) stay registered across its restart.
+            f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly yes\nappendfsync everysec\nrequirepass {password}\n'
             f"dir {data_dir.resolve()}\nloglevel warning\n"
         )
     try:
@@ -151,17 +166,13 @@ def _start_redis(sup: Supervisor, env: dict[str, str], stopping: threading.Event
                     raise RuntimeError("the embedded redis-server did not start; see its log above") from None
                 time.sleep(0.05)
     finally:
-        os.unlink(conf)  # read by redis-server at start; the password must not stay on disk
+        os.unlink(conf)  # read by redis-server at start; only the 0600 keys file keeps the password
 
 
-def _write_keys(operator: str, read_only: str) -> Path:
-    STATE_DIR.mkdir(exist_ok=True)
-    path = STATE_DIR / "keys"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"MODELFLEET_OPERATOR_KEYS={operator}\nMODELFLEET_API_KEYS={read_only}\n")
-    os.chmod(path, 0o600)
-    return path
+def _own(env: dict[str, str], state: dict[str, str], name: str) -> str | None:
+    """`name` from the environment unless it is only there because a shell sourced our own keys file."""
+    value = env.get(name)
+    return value if value and value != state.get(name) else None
 
 
 def _ensure_demo_model(models_dir: Path) -> Path | None:
@@ -211,8 +222,18 @@ def _wait_ready(
 def run_up(args: argparse.Namespace) -> int:
     from workers.identity import fingerprint, load_or_create_node_key
 
+    lock = UpLock(STATE_DIR)
+    # Before the port check: a second `up` in this directory is told about the first, whatever its port.
+    holder = lock.holder()
+    if holder is not None:
+        print(_already_running(holder), file=sys.stderr)
+        return 2
     if _port_taken(args.host, args.port):
         print(f"modelfleet up: {args.host}:{args.port} is already in use; pick another with --port", file=sys.stderr)
+        return 2
+    holder = lock.acquire()
+    if holder is not None:
+        print(_already_running(holder), file=sys.stderr)
         return 2
     sup = Supervisor()
     stopping = threading.Event()
@@ -223,17 +244,36 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     env = dict(os.environ)
+    state = read_state(STATE_FILE)
     try:
-        url = args.redis_url or env.get("MODELFLEET_REDIS_URL") or _start_redis(sup, env, stopping)
+        given_url = args.redis_url or _own(env, state, "MODELFLEET_REDIS_URL")
+        embedded = state.get("MODELFLEET_UP_REDIS") == "embedded"
+        url = given_url or _start_redis(sup, env, stopping, state.get("MODELFLEET_REDIS_URL") if embedded else None)
         env["MODELFLEET_REDIS_URL"] = url
-        generated = not env.get("MODELFLEET_OPERATOR_KEYS")
+        api_url = f"http://{_local(args.host)}:{args.port}"
+        saved: dict[str, str] = {"MODELFLEET_URL": api_url}
+        # Keys from the environment stay there; else the last run's, else new ones.
+        generated = _own(env, state, "MODELFLEET_OPERATOR_KEYS") is None
         if generated:
-            env["MODELFLEET_OPERATOR_KEYS"] = "mf_op_" + secrets.token_urlsafe(32)
-            env["MODELFLEET_API_KEYS"] = "mf_ro_" + secrets.token_urlsafe(32)
-            keys_file = _write_keys(env["MODELFLEET_OPERATOR_KEYS"], env["MODELFLEET_API_KEYS"])
-        # The head's credential at the node's inference endpoint: only these two processes need it, so it is
-        # made afresh each run, kept in their environment, and never shown or written down.
-        env.setdefault("MODELFLEET_NODE_TOKEN", "mf_node_" + secrets.token_urlsafe(32))
+            env["MODELFLEET_OPERATOR_KEYS"] = state.get("MODELFLEET_OPERATOR_KEYS") or "mf_op_" + _token()
+            env["MODELFLEET_API_KEYS"] = state.get("MODELFLEET_API_KEYS") or "mf_ro_" + _token()
+            saved |= {
+                "MODELFLEET_KEY": env["MODELFLEET_OPERATOR_KEYS"],
+                "MODELFLEET_OPERATOR_KEYS": env["MODELFLEET_OPERATOR_KEYS"],
+                "MODELFLEET_API_KEYS": env["MODELFLEET_API_KEYS"],
+            }
+        # The head's credential at the nodes' inference endpoints: a node started here later needs it too.
+        env["MODELFLEET_NODE_TOKEN"] = (
+            _own(env, state, "MODELFLEET_NODE_TOKEN") or state.get("MODELFLEET_NODE_TOKEN") or "mf_node_" + _token()
+        )
+        flower_auth = state.get("MODELFLEET_FLOWER_AUTH") or f"{FLOWER_USER}:{_token(16)}"
+        saved |= {
+            "MODELFLEET_REDIS_URL": url,
+            "MODELFLEET_UP_REDIS": "external" if given_url else "embedded",
+            "MODELFLEET_NODE_TOKEN": env["MODELFLEET_NODE_TOKEN"],
+            "MODELFLEET_FLOWER_AUTH": flower_auth,
+        }
+        keys_file = write_state(saved, STATE_FILE).resolve()
         models_dir = Path(args.models_dir)
         demo = _ensure_demo_model(models_dir)
         state_dir = STATE_DIR / "nodes" / "local"
@@ -260,30 +300,8 @@ def run_up(args: argparse.Namespace) -> int:
         )
         _wait_ready(url, (fp, worker_proc.pid), args.port, args.host, sup, stopping)
         if not sup.exited() and not stopping.is_set():
-            lines = [
-                "",
-                f"modelfleet is up: API http://{args.host}:{args.port}  (docs at /docs)",
-                f"  dashboard   http://{args.host}:{args.port}/  (sign in with a key below)",
-                f"  local node  {fp}  serving {models_dir.resolve()}",
-                f"  inference   {_endpoint(url, fp)}/v1  (the node's OpenAI endpoint; either key)",
-            ]
-            if demo is not None:
-                lines.append(f"  demo model  {demo.name}: random weights, made so there is something to load")
-            if generated:
-                lines += [
-                    f"  operator key  {env['MODELFLEET_OPERATOR_KEYS']}",
-                    f"  read-only key {env['MODELFLEET_API_KEYS']}",
-                    f"  (both also in {keys_file}, mode 0600)",
-                ]
-            else:
-                lines.append("  keys          from MODELFLEET_OPERATOR_KEYS / MODELFLEET_API_KEYS (not shown)")
-            lines += [
-                f"  then        export MODELFLEET_URL=http://{args.host}:{args.port} MODELFLEET_KEY=<either key>",
-                "              modelfleet ps; modelfleet events   # the models; the pool's changes, live",
-                "  Ctrl-C stops everything.",
-                "",
-            ]
-            sup.say("\n".join(lines))
+            banner = Banner(api_url, fp, models_dir.resolve(), _endpoint(url, fp), keys_file, flower_auth)
+            sup.say(banner.text(demo, env if generated else None))
         while not stopping.wait(0.2):
             dead = sup.exited()
             if dead:
@@ -296,3 +314,67 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         sup.say("    up | stopping")
         sup.stop_all()
+        lock.release()
+
+
+def _token(nbytes: int = 32) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+
+
+def _already_running(pid: int) -> str:
+    where = STATE_DIR.resolve()
+    return (
+        f"modelfleet up: another `modelfleet up` (pid {pid}) is running on {where}; it serves this directory's "
+        f"fleet. Stop it first (Ctrl-C in its terminal, or kill {pid}), or run this one in another directory."
+    )
+
+
+@dataclass(frozen=True)
+class Banner:
+    """What `up` prints once everything answers: where things are, and the exact commands to go on with."""
+
+    api_url: str
+    fingerprint: str
+    models_dir: Path
+    inference: str
+    keys_file: Path
+    flower_auth: str
+
+    def text(self, demo: Path | None, keys_shown: dict[str, str] | None) -> str:
+        source = f". {shlex.quote(str(self.keys_file))}"
+        lines = [
+            "",
+            f"modelfleet is up: API {self.api_url}  (docs at /docs)",
+            f"  local node  {self.fingerprint}  serving {self.models_dir}",
+            f"  dashboard   {self.api_url}/  (sign in with a key below)",
+            f"  inference   {self.inference}/v1  (the node's OpenAI endpoint; either key)",
+        ]
+        if demo is not None:
+            lines.append(f"  demo model  {demo.name}: random weights, made so there is something to load")
+        if keys_shown is not None:
+            lines += [
+                f"  operator key  {keys_shown['MODELFLEET_OPERATOR_KEYS']}",
+                f"  read-only key {keys_shown['MODELFLEET_API_KEYS']}",
+                f"  (both kept in {self.keys_file}, mode 0600, and reused by the next `up` here)",
+            ]
+        else:
+            lines.append("  keys          from MODELFLEET_OPERATOR_KEYS / MODELFLEET_API_KEYS (not shown)")
+        model = demo.stem if demo is not None else "MODEL"
+        models = shlex.quote(str(self.models_dir))
+        lines += [
+            "  next, in this directory (or anywhere after the first line):",
+            f"    {source}",
+            "    modelfleet models",
+            f"    modelfleet load local {model}",
+            "    modelfleet ps",
+            "    modelfleet events",
+            f"    modelfleet flower    # http://127.0.0.1:5555, login {self.flower_auth}",
+            f"    modelfleet worker --name second --models-dir {models} --serve-port 0    # one more node",
+            "  Ctrl-C stops everything.",
+            "",
+        ]
+        return "\n".join(lines)

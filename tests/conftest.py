@@ -129,6 +129,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=default_signals,  # even when pytest runs with SIGINT ignored (nohup, a background job)
+            cwd=self.log_path.parent,  # never beside a `.modelfleet/keys` that `up` left where pytest runs
         )
         return self
 

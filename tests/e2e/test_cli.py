@@ -106,7 +106,7 @@ def test_load_ps_unload(api: Api, node: Worker, ghost: NodeInfo, clean: None) ->
     assert ps.code == 0, ps.err
     [row] = rows(ps.out)
     assert row[:3] == ["cli-node", "tiny-a", "loaded"] and row[3].endswith("KiB") and row[4] == "256"
-    assert re.fullmatch(r"\d+\.\ds", row[5])
+    assert re.fullmatch(r"\d+\.\ds|\d+s|\d+m\d\ds", row[5])  # a loaded model's age, however slow the machine
     assert f"ghost ({ghost.fingerprint}) is offline" in ps.err
 
     assert cli(api, "load", node.fingerprint[:7], "tiny-b").code == 0  # a fingerprint prefix names the node
@@ -118,7 +118,9 @@ def test_load_ps_unload(api: Api, node: Worker, ghost: NodeInfo, clean: None) ->
     everything = cli(api, "unload", node.fingerprint, "--all")
     assert everything.code == 0 and everything.out == "Unloaded 1 model(s) from cli-node: tiny-b.\n"
     empty = cli(api, "ps", "cli-node")
-    assert empty.code == 0 and empty.out == "No models on cli-node.\n"
+    assert (
+        empty.code == 0 and empty.out == "No models loaded on cli-node; `modelfleet models` lists what can be loaded.\n"
+    )
 
 
 def test_errors_print_the_api_message_and_exit_non_zero(api: Api, node: Worker, ghost: NodeInfo) -> None:
@@ -144,6 +146,30 @@ def test_errors_print_the_api_message_and_exit_non_zero(api: Api, node: Worker, 
     assert cli(api, "unload", "cli-node").code == EXIT_USAGE
     assert cli(api, "nodes", "--url", "localhost:8000").code == EXIT_USAGE
     assert cli(api, "load", "cli-node", "../escape").code == EXIT_USAGE
+
+
+def test_models_lists_what_each_node_can_load_and_load_takes_a_file_name(api: Api, node: Worker, clean: None) -> None:
+    before = cli(api, "models")
+    assert before.code == 0, before.err
+    listed = {row[1]: row for row in rows(before.out) if row[0] == "cli-node"}
+    assert {"tiny-a", "tiny-b", "org/nested", "broken"} <= set(listed) and "escape" not in listed
+    assert (
+        listed["tiny-b"][2].endswith("KiB")
+        and listed["tiny-b"][3].endswith("KiB")
+        and listed["tiny-b"][4] == "unloaded"
+    )
+    assert listed["broken"][3:] == ["unloadable", "unloaded"] and "cli-node: broken cannot be loaded:" in before.err
+
+    loaded = cli(api, "load", "cli-node", "tiny-b.gguf")  # the file's name, as `ls models` shows it
+    assert loaded.code == 0 and loaded.out.startswith("Loaded tiny-b on cli-node"), loaded.err
+    after = {row[1]: row for row in rows(cli(api, "models", "cli-node").out)}
+    assert after["tiny-b"][4] == "loaded" and after["tiny-a"][4] == "unloaded"
+    assert cli(api, "unload", "cli-node", "tiny-b.gguf").code == 0
+
+
+def test_version(api: Api) -> None:
+    shown = cli(api, "--version")
+    assert shown.code == 0 and re.fullmatch(r"modelfleet \d+\.\d+\.\d+\S*\n", shown.out), shown
 
 
 def test_spinner_on_a_terminal(api: Api, node: Worker, clean: None) -> None:

@@ -8,6 +8,7 @@ did not know, and masking it would instead confirm a guessed secret. Every other
 
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -139,7 +140,8 @@ def test_up_never_shows_environment_keys_or_its_redis_password(tmp_path: Path) -
         banner = up.wait_banner()
         assert banner.operator_key is None and banner.read_key is None
         assert "from MODELFLEET_OPERATOR_KEYS / MODELFLEET_API_KEYS (not shown)" in up.output()
-        assert not (tmp_path / "run" / ".modelfleet" / "keys").exists()  # keys from the environment stay there
+        saved = (tmp_path / "run" / ".modelfleet" / "keys").read_text()
+        assert op_key not in saved and ro_key not in saved  # keys from the environment stay there
         # The embedded Redis's password exists only in the children's environment; read it to grep for it too.
         [api_child] = [p for p in up.children() if " api " in " ".join(p.cmdline()) + " "]
         redis_password = httpx.URL(api_child.environ()["MODELFLEET_REDIS_URL"]).password
@@ -165,8 +167,10 @@ def test_up_never_shows_environment_keys_or_its_redis_password(tmp_path: Path) -
         assert "requirepass" not in line, line
         assert not UNMASKED_URL.search(line), line
     assert MASKED_URL in output
-    # Nor on disk: the 0600 config that carried `requirepass` is gone once Redis answers.
-    for path in (tmp_path / "run" / ".modelfleet").rglob("*"):
-        if path.is_file():
-            assert redis_password.encode() not in path.read_bytes(), path
+    # On disk, only in the keys file (0600, in a 0700 directory) that lets a restart and the commands run there
+    # join this fleet; the 0600 config that carried `requirepass` is gone once Redis answers.
+    state = tmp_path / "run" / ".modelfleet"
+    holders = [p for p in state.rglob("*") if p.is_file() and redis_password.encode() in p.read_bytes()]
+    assert holders == [state / "keys"]
+    assert stat.S_IMODE((state / "keys").stat().st_mode) == 0o600 and stat.S_IMODE(state.stat().st_mode) == 0o700
     assert '"GET /api/v1/nodes/*** HTTP/1.1" 404' in output  # the password in a path was logged, masked

@@ -19,10 +19,12 @@ import gguf
 import httpx
 import psutil
 import pytest
+import redis
+from dotenv import dotenv_values
 
 from broker import keys
 from modelfleet.up import default_signals
-from tests.conftest import REDIS_PASSWORD, RedisServer, free_port, modelfleet_command, wait_for
+from tests.conftest import REDIS_PASSWORD, Proc, RedisServer, free_port, modelfleet_command, wait_for
 from workers.gguf_factory import write_tiny_llama
 
 BANNER_END = "Ctrl-C stops everything."
@@ -206,10 +208,9 @@ def test_up_serves_the_readme_walkthrough_and_ctrl_c_stops_every_child(run_up, t
     assert banner.operator_key and banner.read_key and banner.operator_key != banner.read_key
     keys_file = run / ".modelfleet" / "keys"
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
-    assert keys_file.read_text().splitlines() == [
-        f"MODELFLEET_OPERATOR_KEYS={banner.operator_key}",
-        f"MODELFLEET_API_KEYS={banner.read_key}",
-    ]
+    saved = dotenv_values(keys_file)
+    assert saved["MODELFLEET_OPERATOR_KEYS"] == saved["MODELFLEET_KEY"] == banner.operator_key
+    assert saved["MODELFLEET_API_KEYS"] == banner.read_key and saved["MODELFLEET_URL"] == banner.url
     demo = run / "models" / "demo-tiny.gguf"
     assert demo.is_file()
     description = gguf_description(demo)
@@ -308,3 +309,120 @@ def test_children_stop_when_up_itself_is_killed(run_up, tmp_path: Path) -> None:
         return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in children)
 
     wait_for(gone, 20, "up's children to stop after up was SIGKILLed")
+
+
+# The state directory: the keys and Redis URL `up` keeps, one `up` per directory, and the commands its banner
+# offers, run as a newcomer would copy them (in that directory, or anywhere after sourcing the keys).
+
+
+def clean_env() -> dict[str, str]:
+    """A newcomer's shell: no MODELFLEET_* variable set."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")} | {"PYTHONUNBUFFERED": "1"}
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """One line of the banner, in bash, as pasted into a terminal."""
+    return subprocess.run(
+        ["bash", "-c", command],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=default_signals,
+    )
+
+
+def next_commands(output: str) -> list[str]:
+    block = output.split("next, in this directory (or anywhere after the first line):\n", 1)[1]
+    block = block.split("Ctrl-C stops everything.", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(240)
+def test_up_keeps_its_fleet_in_the_state_directory_and_commands_there_join_it(run_up, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    up: Up = run_up("--port", str(free_port()))
+    banner = up.wait_banner()
+    keys_file = run / ".modelfleet" / "keys"
+    saved = dotenv_values(keys_file)
+    assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
+    assert saved["MODELFLEET_URL"] == banner.url and saved["MODELFLEET_KEY"] == banner.operator_key
+    assert redis.Redis.from_url(saved["MODELFLEET_REDIS_URL"]).ping()  # the password is there, and right
+
+    # The banner's commands, exactly: from another directory after its first line (`. keys`), and in `run`.
+    commands = next_commands(up.output())
+    assert commands[0] == f". {keys_file}" and "modelfleet load local demo-tiny" in commands
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for command in ("modelfleet load local demo-tiny", "modelfleet ps"):
+        done = shell(f"{commands[0]} && {command}", elsewhere)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+    assert re.search(r"^local\s+demo-tiny\s+loaded\s", done.stdout, re.MULTILINE), done.stdout
+    unsourced = shell("modelfleet unload local demo-tiny", run)  # in the directory, no sourcing needed
+    assert unsourced.returncode == 0 and "Unloaded demo-tiny from local." in unsourced.stdout, unsourced.stderr
+
+    # A second `up` on the same directory names the first and changes nothing.
+    second = Up(run, ["--port", str(free_port())]).start()
+    assert second.wait(60) == 2
+    assert f"another `modelfleet up` (pid {up.pid}) is running on {run / '.modelfleet'}" in second.output()
+    assert dotenv_values(keys_file) == saved
+
+    # `modelfleet worker` and `modelfleet flower`, run there as the banner says, join this fleet.
+    [worker_line] = [c for c in commands if c.startswith("modelfleet worker")]
+    [flower_line] = [c for c in commands if c.startswith("modelfleet flower")]
+    flower_port = free_port()
+    # Proc runs each in its log's directory: here, `run`, where `up` was started.
+    worker = Proc("second", [*modelfleet_command(), *worker_line.split()[1:]], clean_env(), run / "second-worker.log")
+    flower = Proc(
+        "flower",
+        [*modelfleet_command(), *flower_line.split()[1:], "--port", str(flower_port)],
+        clean_env(),
+        run / "flower.log",
+    )
+    for proc in (worker, flower):
+        proc.start()
+        assert proc.popen is not None
+    try:
+        with httpx.Client(base_url=banner.url, headers={"Authorization": f"Bearer {banner.operator_key}"}) as op:
+
+            def second_online() -> bool:
+                assert worker.alive(), worker.log()[-2000:]
+                return any(n["name"] == "second" and n["online"] for n in op.get("/api/v1/nodes").json()["data"])
+
+            wait_for(second_online, 60, "the second worker to join")
+            user, password = saved["MODELFLEET_FLOWER_AUTH"].split(":", 1)
+
+            def flower_sees_both() -> bool:
+                assert flower.alive(), flower.log()[-2000:]
+                url = f"http://127.0.0.1:{flower_port}/api/workers"
+                try:
+                    alive = httpx.get(url, params={"status": "true"}, auth=(user, password)).json()
+                except (httpx.HTTPError, ValueError):
+                    return False
+                return sum(bool(up) for host, up in alive.items() if host.startswith(("local.", "second."))) == 2
+
+            wait_for(flower_sees_both, 90, "Flower to list both nodes")
+        stop_with_ctrl_c(up)
+
+        # The next `up` reuses the keys and the Redis URL: the exported key works, the second node stays.
+        again = Up(run, ["--port", str(free_port())]).start()
+        try:
+            rerun = again.wait_banner()
+            assert (rerun.operator_key, rerun.read_key) == (banner.operator_key, banner.read_key)
+            after = dotenv_values(keys_file)
+            assert after["MODELFLEET_REDIS_URL"] == saved["MODELFLEET_REDIS_URL"]
+            headers = {"Authorization": f"Bearer {saved['MODELFLEET_KEY']}"}
+
+            def both_online() -> bool:
+                nodes = httpx.get(f"{rerun.url}/api/v1/nodes", headers=headers).json()["data"]
+                return sorted(n["name"] for n in nodes if n["online"]) == ["local", "second"]
+
+            wait_for(both_online, 60, "both nodes online on the restarted fleet")
+            stop_with_ctrl_c(again)
+        finally:
+            again.cleanup()
+    finally:
+        worker.stop()
+        flower.stop()
