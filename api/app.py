@@ -15,7 +15,7 @@ from api.metrics import Metrics
 from api.pool import Pool
 from api.proxy import NodeProxy, node_auth, node_http_client
 from api.replies import ReplyWaiter
-from api.routes import dashboard, events, health, metrics, models, nodes, session
+from api.routes import dashboard, events, health, inference, metrics, models, nodes, session
 from api.routing import Router
 from api.schemas import PoolLoadRequest
 from api.sessions import SessionStore
@@ -97,6 +97,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(nodes.router)
     app.include_router(models.router)
     app.include_router(events.router)
+    app.include_router(inference.router)
     app.include_router(session.router)
     dashboard.install(app)
     return app

@@ -1,19 +1,25 @@
 """One table from error class to HTTP status, and the handlers that give every failure one JSON shape:
 
 {"success": false, "error": "<a sentence a person can act on>", "code": "<stable code>", "details": {...}}
+
+except on the OpenAI-compatible inference routes (`OPENAI_PATHS`), where the same failures take OpenAI's
+shape, `{"error": {"message", "type", "param", "code"}}` (`broker.openai.ErrorBody`), which openai-python reads.
 """
 
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import AuthenticationError, RedisError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import errors as e
+from broker.openai import error_body as openai_error
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +52,37 @@ def status_of(error: e.ModelfleetError) -> int:
     return 500
 
 
+OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"success": False, "error": message, "code": code, "details": details or {}}
+
+
+def _answer(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """The error in the shape the route's clients read."""
+    if request.url.path in OPENAI_PATHS:
+        body = openai_error(status, code, message, param).model_dump(mode="json")
+    else:
+        body = error_body(code, message, details)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _modelfleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.ModelfleetError)
     status = status_of(exc)
+    if status == 422 and request.url.path in OPENAI_PATHS:
+        status = 400  # OpenAI's (and the nodes') status for parameters it will not run
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status, headers=headers)
+    return _answer(request, status, exc.code, exc.message, exc.details, headers)
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -67,13 +95,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = [{"field": _describe(err).split(":")[0], "message": _describe(err)} for err in exc.errors()]
     message = "; ".join(p["message"] for p in problems[:5]) or "Invalid request."
+    if request.url.path in OPENAI_PATHS:  # as the nodes answer it: 422, OpenAI's shape, the first field named
+        return _answer(request, 422, "invalid_request", message, param=problems[0]["field"] if problems else None)
     return JSONResponse(error_body("invalid_request", message, {"errors": problems}), status_code=422)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+    return _answer(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
@@ -82,18 +112,16 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
         message = "Redis refused the API's credentials; the operator must fix MODELFLEET_REDIS_URL."
     else:
         message = "Redis, which carries every job, cannot be reached; try again shortly."
-    body = error_body("broker_unavailable", message)
-    return JSONResponse(body, status_code=503)
+    return _answer(request, 503, "broker_unavailable", message)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     ref = uuid.uuid4().hex[:12]
     log.exception("unexpected error %s serving %s %s", ref, request.method, request.url.path)
-    body = error_body("internal_error", f"Internal error (reference {ref}); the server log has the details.")
-    return JSONResponse(body, status_code=500)
+    return _answer(request, 500, "internal_error", f"Internal error (reference {ref}); the server log has the details.")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: Starlette) -> None:
     app.add_exception_handler(e.ModelfleetError, _modelfleet_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

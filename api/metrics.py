@@ -237,15 +237,17 @@ class InferenceMetrics:
     def refused(self, outcome: str) -> None:
         self.requests.labels(NO_MODEL, outcome).inc()
 
-    def tally(self, model: str, started: float, *, stream: bool) -> "Tally":
-        return Tally(self, model, started, stream)
+    def tally(self, model: str, started: float, *, stream: bool, chat: bool) -> "Tally":
+        return Tally(self, model, started, stream, chat)
 
 
 class Tally:
     """One answer's figures as it passes through: when its first token left, and how many tokens it had."""
 
-    def __init__(self, metrics: InferenceMetrics, model: str, started: float, stream: bool) -> None:
+    def __init__(self, metrics: InferenceMetrics, model: str, started: float, stream: bool, chat: bool) -> None:
         self._metrics = metrics
+        # Events that carry no token: the closing one with the finish reason, and a chat stream's role first.
+        self._overhead = 2 if chat else 1
         self._model = model
         self._started = started
         self._stream = stream
@@ -268,8 +270,8 @@ class Tally:
         found = _USAGE.findall(self._tail)
         if found:
             return int(found[-1])
-        # No usage asked for: one event per token, plus the closing one with the finish reason.
-        return max(self._events - 1, 0) if self._stream else 0
+        # No usage asked for: one event per token, plus those that carry none.
+        return max(self._events - self._overhead, 0) if self._stream else 0
 
     def done(self, outcome: str) -> None:
         self._metrics.requests.labels(self._model, outcome).inc()

@@ -39,8 +39,8 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
 SSE = "text/event-stream"
 
-NodeHeaders = Callable[[Replica], dict[str, str]]
-"""The headers that authenticate the head to a replica's node."""
+NodeHeaders = Callable[[Replica, str | None], dict[str, str]]
+"""The headers that authenticate the head to a replica's node, given the caller's Authorization header."""
 
 
 @dataclass
@@ -67,8 +67,17 @@ def node_http_client(settings: ApiSettings) -> httpx.AsyncClient:
 
 
 def node_auth(settings: ApiSettings) -> NodeHeaders:
-    """How the head authenticates to nodes."""
-    return lambda replica: {}
+    """How the head authenticates to nodes: with the fleet's node token (`MODELFLEET_NODE_TOKEN`) when it has
+    one, else with the caller's own bearer key, which the head has checked and the nodes accept too (they hold
+    the fleet's keys). A caller signed in with a session cookie has no bearer: the node token is then needed."""
+    token = settings.node_token.get_secret_value() if settings.node_token is not None else None
+
+    def headers(replica: Replica, authorization: str | None) -> dict[str, str]:
+        if token:
+            return {"authorization": f"Bearer {token}"}
+        return {"authorization": authorization} if authorization else {}
+
+    return headers
 
 
 class NodeProxy:
@@ -83,7 +92,7 @@ class NodeProxy:
         self.metrics = metrics
         self._auth = auth
 
-    async def open(self, model_id: str, path: str, body: bytes) -> Opened:
+    async def open(self, model_id: str, path: str, body: bytes, authorization: str | None = None) -> Opened:
         """The first replica's answer that is worth passing on, or raise NodeUnavailable if none gave one."""
         replicas = await self.router.route(model_id)
         remaining = {r.node.fingerprint: r for r in replicas}
@@ -95,7 +104,7 @@ class NodeProxy:
             replica = remaining.pop(lease.node)
             last = attempt == 1 or not remaining
             try:
-                opened = await self._try(replica, lease, path, body, last=last)
+                opened = await self._try(replica, lease, path, body, authorization, last=last)
             except BaseException:
                 await _shielded(self.inflight.release(lease))
                 raise
@@ -111,9 +120,11 @@ class NodeProxy:
             f"No replica of model {model_id} could answer: {'; '.join(failures)}.", model=model_id, attempts=failures
         )
 
-    async def _try(self, replica: Replica, lease: Lease, path: str, body: bytes, *, last: bool) -> Opened | str:
+    async def _try(
+        self, replica: Replica, lease: Lease, path: str, body: bytes, authorization: str | None, *, last: bool
+    ) -> Opened | str:
         """An Opened, or why this replica failed before its first byte."""
-        headers = {"content-type": "application/json", **self._auth(replica)}
+        headers = {"content-type": "application/json", **self._auth(replica, authorization)}
         request = self.http.build_request("POST", replica.endpoint + path, content=body, headers=headers)
         where = f"node {replica.node.name} ({replica.node.fingerprint})"
         response: httpx.Response | None = None
@@ -160,8 +171,11 @@ class ProxyResponse(Response):
     """The ASGI response of one proxied inference request (see the module docstring). A Response subclass only
     so that FastAPI passes it through; status and headers are the node's, decided once its first chunk is in."""
 
-    def __init__(self, proxy: NodeProxy, model_id: str, path: str, body: bytes, *, stream: bool) -> None:
+    def __init__(
+        self, proxy: NodeProxy, model_id: str, path: str, body: bytes, *, stream: bool, authorization: str | None
+    ) -> None:
         super().__init__()
+        self._authorization = authorization
         self._proxy = proxy
         self._model = model_id
         self._path = path
@@ -198,7 +212,7 @@ class ProxyResponse(Response):
         metrics = self._proxy.metrics
         outcome = "cancelled"
         try:
-            opened = await self._proxy.open(self._model, self._path, self._body)
+            opened = await self._proxy.open(self._model, self._path, self._body, self._authorization)
         except ModelfleetError as exc:
             metrics.refused(exc.code)
             raise
@@ -207,7 +221,9 @@ class ProxyResponse(Response):
             raise
         metrics.in_flight.labels(self._model).inc()
         response = opened.response
-        tally = metrics.tally(self._model, self.started, stream=self._stream)
+        tally = metrics.tally(
+            self._model, self.started, stream=self._stream, chat=self._path.endswith("chat/completions")
+        )
         try:
             tally.first(opened.first)
             headers = [(k.encode(), v.encode()) for k in PASSED_HEADERS if (v := response.headers.get(k)) is not None]

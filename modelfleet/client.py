@@ -7,6 +7,13 @@
         fleet.load(node.fingerprint, "llama-3-8b", context_length=4096)
         print(fleet.node_models(node.fingerprint))
 
+Prompts run through the head on whichever node has the model (`complete`, `chat`, and `stream` for the text as
+it is generated):
+
+        print(fleet.complete("stories260K", "Once upon a time", max_tokens=20, temperature=0).choices[0].text)
+        for text in fleet.stream("stories260K", "Once upon a time"):
+            print(text, end="", flush=True)
+
 `AsyncClient` has the same methods, awaited. Every endpoint is written once, in `Endpoints`, as a method that
 builds a `Call`: the HTTP request and how to read its answer. The two clients differ only in `_execute`, which
 sends a call with httpx.Client or httpx.AsyncClient; the `endpoint` descriptor gives each client its methods
@@ -41,6 +48,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from broker.errors import ERRORS_BY_CODE, ModelfleetError
+from broker.openai import ChatCompletionResponse, CompletionResponse
 from broker.schemas import LoadResult, ModelInfo, NodeInfo, UnloadAllResult, UnloadResult
 from modelfleet.results import (
     Health,
@@ -298,6 +306,67 @@ class Endpoints:
     def pool_unload_all(self) -> Call[PoolUnloadAllResult]:
         return Call("POST", "/v1/models/unload-all", _one(PoolUnloadAllResult), {}, self.job_timeout)
 
+    @endpoint
+    def complete(self, model: str, prompt: str, **options: Any) -> Call[CompletionResponse]:
+        """Continue `prompt` (`POST /v1/completions`); `options` are OpenAI's: max_tokens, temperature, top_p,
+        seed, stop. Waits for the whole answer (and for a load on demand)."""
+        body = prompt_body(model, prompt, None, options, stream=False)
+        return Call("POST", "/v1/completions", _one(CompletionResponse), body, self.job_timeout)
+
+    @endpoint
+    def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> Call[ChatCompletionResponse]:
+        """Answer a conversation (`POST /v1/chat/completions`): `messages` as OpenAI's, `{"role", "content"}`."""
+        body = prompt_body(model, None, messages, options, stream=False)
+        return Call("POST", "/v1/chat/completions", _one(ChatCompletionResponse), body, self.job_timeout)
+
+
+def prompt_body(
+    model: str, prompt: str | None, messages: list[dict[str, Any]] | None, options: dict[str, Any], *, stream: bool
+) -> dict[str, Any]:
+    """An inference request's body: a prompt (completions) or messages (chat), and OpenAI's options."""
+    body: dict[str, Any] = {"model": model, "stream": stream, **_drop_none(options)}
+    if messages is not None:
+        body["messages"] = messages
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def _inference_path(messages: list[dict[str, Any]] | None) -> str:
+    return "/v1/chat/completions" if messages is not None else "/v1/completions"
+
+
+def _stream_request(
+    model: str, prompt: str | None, messages: list[dict[str, Any]] | None, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The arguments of a streamed inference request: path, body, and a read timeout that a load can take."""
+    return {
+        "method": "POST",
+        "url": _inference_path(messages),
+        "json": prompt_body(model, prompt, messages, options, stream=True),
+        "timeout": httpx.Timeout(JOB_TIMEOUT, connect=CONNECT_TIMEOUT),
+    }
+
+
+def stream_text(event: StreamEvent) -> str | None:
+    """The text a streamed chunk adds (a completion's `text` or a chat `delta.content`); None at `[DONE]`.
+    An error event (a node failed mid-answer) is raised as ModelfleetAPIError."""
+    raw = event.raw
+    if raw == "[DONE]":
+        return None
+    if not isinstance(raw, dict):
+        raise UnexpectedResponse(f"The answer stream held something this client cannot read: {str(raw)[:100]!r}.")
+    if isinstance(raw.get("error"), dict):
+        error = raw["error"]
+        raise ModelfleetAPIError(str(error.get("message")), code=str(error.get("code") or "error"), status=200)
+    pieces = []
+    for choice in raw.get("choices") or ():
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(text, str):
+            pieces.append(text)
+    return "".join(pieces)
+
 
 def _http_options(url: str | None, key: str | None, timeout: float, transport: object) -> tuple[str, dict[str, Any]]:
     """The API's URL and the httpx client options both clients share (base URL, key, timeouts, transport)."""
@@ -344,6 +413,13 @@ def _read(call: Call[T], response: httpx.Response) -> T:
     except ValueError:
         body = None
     if response.status_code not in call.ok:
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):  # OpenAI's shape (inference routes)
+            error = body["error"]
+            raise ModelfleetAPIError(
+                str(error.get("message") or response.reason_phrase),
+                code=str(error.get("code") or error.get("type") or "http_error"),
+                status=response.status_code,
+            )
         if isinstance(body, dict) and isinstance(body.get("code"), str) and isinstance(body.get("error"), str):
             details = body.get("details")
             raise ModelfleetAPIError(
@@ -488,6 +564,26 @@ class Client(Endpoints):
                 return
             time.sleep(delay)
 
+    def stream(
+        self, model: str, prompt: str | None = None, *, messages: list[dict[str, Any]] | None = None, **options: Any
+    ) -> Iterator[str]:
+        """The answer's text as it is generated: to `prompt` (completions) or to `messages` (chat)."""
+        decoder = SseDecoder()
+        try:
+            with self._http.stream(**_stream_request(model, prompt, messages, options)) as response:
+                if response.status_code != 200:
+                    response.read()
+                    _read(Call("POST", response.request.url.path, lambda body: None), response)
+                for chunk in response.iter_text():
+                    for event in decoder.feed_text(chunk):
+                        text = stream_text(event)
+                        if text is None:
+                            return
+                        if text:
+                            yield text
+        except httpx.TransportError as exc:
+            raise _transport_error(self.url, exc) from exc
+
     def close(self) -> None:
         self._http.close()
 
@@ -547,6 +643,26 @@ class AsyncClient(Endpoints):
             if delay is None:
                 return
             await asyncio.sleep(delay)
+
+    async def stream(
+        self, model: str, prompt: str | None = None, *, messages: list[dict[str, Any]] | None = None, **options: Any
+    ) -> AsyncIterator[str]:
+        """As `Client.stream`, for `async for`."""
+        decoder = SseDecoder()
+        try:
+            async with self._http.stream(**_stream_request(model, prompt, messages, options)) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    _read(Call("POST", response.request.url.path, lambda body: None), response)
+                async for chunk in response.aiter_text():
+                    for event in decoder.feed_text(chunk):
+                        text = stream_text(event)
+                        if text is None:
+                            return
+                        if text:
+                            yield text
+        except httpx.TransportError as exc:
+            raise _transport_error(self.url, exc) from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()

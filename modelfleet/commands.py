@@ -1,4 +1,5 @@
-"""The operator commands, on top of `modelfleet.client`: `nodes`, `ps`, `models`, `load`, `unload`, `events`.
+"""The operator commands, on top of `modelfleet.client`: `nodes`, `ps`, `models`, `load`, `unload`, `events`,
+`run`.
 
 They talk to a running API: `--url` / `--key`, else MODELFLEET_URL / MODELFLEET_KEY. Tables and results go
 to stdout; errors, with the API's message and code, and notes (an offline node) go to stderr. Exit status:
@@ -321,6 +322,27 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace, client: Client) -> int:
+    """Stream the model's answer to the terminal as it is generated, through the head."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    if args.chat:
+        pieces = client.stream(args.model, messages=[{"role": "user", "content": prompt}], **options)
+    else:
+        pieces = client.stream(args.model, prompt, **options)
+    wrote = ""
+    try:
+        for text in pieces:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            wrote = text
+    finally:
+        if wrote and not wrote.endswith("\n"):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return 0
+
+
 # Wiring into `modelfleet`'s parser.
 
 Command = Callable[[argparse.Namespace, Client], int]
@@ -360,7 +382,7 @@ def _run(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add `nodes`, `ps`, `models`, `load`, `unload` and `events` to the `modelfleet` command's subparsers."""
+    """Add `nodes`, `ps`, `models`, `load`, `unload`, `events` and `run` to the `modelfleet` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
@@ -416,3 +438,14 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         "--since", metavar="ID", help="replay the events after this event id first (default: from now on)"
     )
     events.set_defaults(func=_run(cmd_events))
+
+    run = sub.add_parser(
+        "run", parents=[common], help="run PROMPT on MODEL through the fleet and stream the answer as it is generated"
+    )
+    run.add_argument("model", metavar="MODEL", help="loaded on demand if no node has it loaded (when the API allows)")
+    run.add_argument("prompt", metavar="PROMPT", help="text to continue (with --chat, to answer); - reads stdin")
+    run.add_argument("--chat", action="store_true", help="send PROMPT as a user message, through the chat template")
+    run.add_argument("--max-tokens", type=int, metavar="N")
+    run.add_argument("--temperature", type=float, metavar="T", help="0 always picks the most likely token")
+    run.add_argument("--seed", type=int, metavar="N")
+    run.set_defaults(func=_run(cmd_run))

@@ -1,0 +1,76 @@
+"""The fleet's OpenAI-compatible inference routes: `POST /v1/completions` and `POST /v1/chat/completions`.
+
+Read-scope keys run inference (model-loading.txt: standard keys run inference, operator keys manage). The head
+validates the body with the same schemas the nodes answer with (`broker.openai`), refuses what no node can do,
+and proxies the request as it came to a replica of the model (`api.proxy`, `api.routing`). Answers are the
+node's own: JSON, or with `stream: true` Server-Sent Events ending in `data: [DONE]`. Errors, the head's and the
+node's, have OpenAI's shape.
+"""
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from api.deps import Proxy, Reader
+from api.proxy import NodeProxy, ProxyResponse
+from broker.errors import InvalidRequest
+from broker.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+)
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+
+def _answers(answer: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI description of an inference route's answers: JSON, an event stream of chunks, OpenAI errors."""
+    stream = {"schema": {"type": "string", "description": f"`data: <{chunk.__name__}>` events, then `data: [DONE]`."}}
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": description}
+        for status, description in {
+            400: "Invalid parameters, or options no node supports (OpenAI's shape).",
+            401: "Missing or invalid key.",
+            404: "The model is on no online node (or not loaded, with load on demand off).",
+            409: "The model fits on no node.",
+            429: "Every replica's queue is full; retry after `Retry-After`.",
+            502: "A node answered something unusable.",
+            503: "No replica could answer (each failed before its first byte), or Redis is unreachable.",
+            504: "The load on demand did not finish within the load timeout.",
+        }.items()
+    }
+    return {200: {"model": answer, "content": {"text/event-stream": stream}}, **errors}
+
+
+async def _proxied(
+    proxy: NodeProxy, body: CompletionRequest | ChatCompletionRequest, request: Request, path: str
+) -> ProxyResponse:
+    why = body.unsupported()
+    if why is not None:  # refused here, before a load on demand or a node's queue is spent on it
+        raise InvalidRequest(why)
+    raw = await request.body()  # passed on as it came: fields this head does not know still reach the node
+    authorization = request.headers.get("authorization")
+    return ProxyResponse(proxy, body.model, path, raw, stream=bool(body.stream), authorization=authorization)
+
+
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses=_answers(CompletionResponse, CompletionResponse),
+    summary="Continue a prompt on a node that has the model",
+)
+async def completions(body: CompletionRequest, request: Request, _: Reader, proxy: Proxy) -> ProxyResponse:
+    return await _proxied(proxy, body, request, "/v1/completions")
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=_answers(ChatCompletionResponse, ChatCompletionChunk),
+    summary="Answer a conversation on a node that has the model",
+)
+async def chat_completions(body: ChatCompletionRequest, request: Request, _: Reader, proxy: Proxy) -> ProxyResponse:
+    return await _proxied(proxy, body, request, "/v1/chat/completions")

@@ -1,0 +1,259 @@
+"""Prompts through the head against ctransformers called in-process: `python bench/bench_inference.py`.
+
+Starts its own redis-server, two workers serving stories260K on their inference endpoints and one API process,
+the way an operator starts them (`modelfleet worker --serve-port 0`, `modelfleet api`), then:
+
+  single stream   a client process alternates pairs: the same greedy continuation of the same prompt generated
+                  in-process (`workers.backend.CTransformersLoader`, the very backend the nodes run, same
+                  threads), then through the head (`POST /v1/completions`, `stream: true`, httpx), or the other
+                  way round; per request the time to the first token and the tokens per second
+  32 streams      32 concurrent streamed requests through the head, spread over the 2 nodes, from 4 client
+                  processes of 8 streams each: the fleet's aggregate tokens per second against one in-process
+                  generation's, measured in the same run
+
+Every process it starts is stopped on exit.
+"""
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
+
+from workers.identity import fingerprint, load_or_create_node_key
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"
+MODEL = "stories260K"
+PROMPT = "Once upon a time"
+KEY = "bench-op-" + secrets.token_hex(16)
+THREADS = 1
+
+
+# The client side, run in processes of their own (`--client ...`).
+
+
+def in_process(model: object, tokens: int) -> tuple[float, float, int]:
+    """One greedy generation in this process, detokenized token by token as a node does: (ttft, tok/s, n)."""
+    from workers.inference.backend import SamplingParams
+
+    started = time.perf_counter()
+    ids = model.tokenize(PROMPT, add_bos=True)  # type: ignore[attr-defined]
+    first, n = 0.0, 0
+    for token in model.generate(ids, SamplingParams(temperature=0), lambda: False):  # type: ignore[attr-defined]
+        model.detokenize([token])  # type: ignore[attr-defined]
+        n += 1
+        if n == 1:
+            first = time.perf_counter() - started
+        if n >= tokens:
+            break
+    return first, n / (time.perf_counter() - started), n
+
+
+def through_head(client: httpx.Client, tokens: int) -> tuple[float, float, int]:
+    """The same generation through the head, streamed: (ttft, tok/s, n)."""
+    body = {"model": MODEL, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
+    started = time.perf_counter()
+    first, n = 0.0, 0
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"text":""' not in line:
+                n += 1
+                if n == 1:
+                    first = time.perf_counter() - started
+    return first, n / (time.perf_counter() - started), n
+
+
+def client_single(url: str, pairs: int, tokens: int, out: Path) -> None:
+    from workers.backend import CTransformersLoader
+
+    model = CTransformersLoader(threads=THREADS).load(STORIES, context_length=None, gpu_layers=None)
+    results: dict[str, list[tuple[float, float, int]]] = {"in-process": [], "head": []}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+        for _ in range(3):  # warm both paths (connections, caches)
+            in_process(model, tokens)
+            through_head(client, tokens)
+        for i in range(pairs):
+            order = ("in-process", "head") if i % 2 == 0 else ("head", "in-process")
+            for kind in order:
+                results[kind].append(
+                    in_process(model, tokens) if kind == "in-process" else through_head(client, tokens)
+                )
+    out.write_text(json.dumps(results))
+
+
+def client_concurrent(url: str, streams: int, tokens: int, start_at: float, out: Path) -> None:
+    async def run() -> list[tuple[float, float, int, str]]:
+        limits = httpx.Limits(max_connections=streams)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+
+            async def one() -> tuple[float, float, int, str]:
+                body = {"model": MODEL, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
+                started = time.perf_counter()
+                n, first = 0, 0.0
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {") and '"text":""' not in line:
+                            n += 1
+                            if n == 1:
+                                first = time.perf_counter() - started
+                    return time.time(), first, n, response.headers["x-modelfleet-node"]
+
+            await asyncio.sleep(max(0.0, start_at - time.time()))  # every process starts at once
+            return await asyncio.gather(*(one() for _ in range(streams)))
+
+    out.write_text(json.dumps(asyncio.run(run())))
+
+
+# The orchestrator.
+
+
+def start_fleet(procs: Processes) -> str:
+    redis_url = start_redis(procs)
+    env = fleet_env(redis_url, MODELFLEET_OPERATOR_KEYS=KEY)
+    models = procs.root / "models"
+    models.mkdir()
+    shutil.copy(STORIES, models / STORIES.name)
+    fingerprints = []
+    for name in ("bench-a", "bench-b"):
+        state = procs.root / "state" / name
+        fingerprints.append(fingerprint(load_or_create_node_key(state)))
+        argv = [*modelfleet_command(), "worker", "--name", name, "--models-dir", str(models), "--state-dir", str(state)]
+        argv += ["--serve-port", "0", "--threads", str(THREADS), "--max-queue", "64", "--concurrency", "4"]
+        procs.start(name, argv, env)
+    base, _ = start_api(procs, env)
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+    def online() -> bool:
+        nodes = client.get("/api/v1/nodes").json()["data"]
+        return sum(n["online"] and n["consuming"] for n in nodes) == 2
+
+    wait_until(online, procs, "both workers")
+    for fp in fingerprints:
+        client.post("/v1/models/load", json={"model_name": MODEL, "node": fp}).raise_for_status()
+
+    def served() -> bool:
+        entries = client.get("/v1/models").json()["data"]
+        return any(e["id"] == MODEL and len(e["loaded_on"]) == 2 for e in entries)
+
+    wait_until(served, procs, "both replicas")
+    return base
+
+
+def run_client(args: list[str]) -> None:
+    subprocess.run([sys.executable, __file__, "--client", *args], check=True)
+
+
+def table(rows: list[list[str]]) -> None:
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--client", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        kind, *rest = args.client
+        if kind == "single":
+            client_single(rest[0], int(rest[1]), int(rest[2]), Path(rest[3]))
+        else:
+            client_concurrent(rest[0], int(rest[1]), int(rest[2]), float(rest[3]), Path(rest[4]))
+        return 0
+    if not STORIES.exists():
+        print(f"stories260K is not at {STORIES}", file=sys.stderr)
+        return 2
+
+    root = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    procs = Processes(root)
+    try:
+        base = start_fleet(procs)
+        print(f"# {platform.python_version()}, {os.cpu_count()} CPUs, {THREADS} thread per model, {args.tokens} tokens")
+
+        out = root / "single.json"
+        run_client(["single", base, str(args.pairs), str(args.tokens), str(out)])
+        single = json.loads(out.read_text())
+        inproc, head = single["in-process"], single["head"]
+        assert {r[2] for r in inproc} == {r[2] for r in head}, "both paths must generate the same tokens"
+        print(f"\n## one stream, {args.pairs} alternated pairs\n")
+        print("| path | TTFT p50 ms | TTFT p99 ms | tok/s p50 | tok/s p99 (slowest) |")
+        print("|---|---|---|---|---|")
+        rows = []
+        for name, samples in (("in-process", inproc), ("head", head)):
+            ttft = [s[0] for s in samples]
+            rate = [s[1] for s in samples]
+            rows.append(
+                [
+                    name,
+                    ms(statistics.median(ttft)),
+                    ms(quantile(ttft, 99)),
+                    f"{statistics.median(rate):.0f}",
+                    f"{quantile(rate, 1):.0f}",
+                ]
+            )
+        table(rows)
+        overhead = [h[0] - i[0] for h, i in zip(head, inproc, strict=True)]
+        ratios = [h[1] / i[1] for h, i in zip(head, inproc, strict=True)]
+        print(
+            f"\nTTFT overhead (head - in-process, per pair): p50 {ms(statistics.median(overhead)).strip()} ms, "
+            f"p99 {ms(quantile(overhead, 99)).strip()} ms"
+        )
+        print(
+            f"tokens/s ratio (head / in-process, per pair): p50 {statistics.median(ratios):.3f}, "
+            f"p1 {quantile(ratios, 1):.3f}"
+        )
+
+        per_process = max(1, args.streams // 4)
+        start_at = time.time() + 2.0
+        outs = [root / f"concurrent-{i}.json" for i in range(4)]
+        clients = [
+            multiprocessing.Process(
+                target=run_client,
+                args=(["concurrent", base, str(per_process), str(args.tokens), str(start_at), str(o)],),
+            )
+            for o in outs
+        ]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        done = [tuple(r) for o in outs for r in json.loads(o.read_text())]
+        tokens = sum(r[2] for r in done)
+        elapsed = max(r[0] for r in done) - start_at
+        by_node: dict[str, int] = {}
+        for r in done:
+            by_node[r[3]] = by_node.get(r[3], 0) + 1
+        one = statistics.median(s[1] for s in inproc)
+        ttft = [r[1] for r in done]
+        print(f"\n## {len(done)} concurrent streams over 2 nodes\n")
+        print(
+            f"streams per node: {sorted(by_node.values())}; {tokens} tokens in {elapsed:.2f} s = "
+            f"{tokens / elapsed:.0f} tok/s aggregate = {tokens / elapsed / one:.2f}x one in-process stream "
+            f"({one:.0f} tok/s); TTFT p50 {ms(statistics.median(ttft)).strip()} ms, "
+            f"p99 {ms(quantile(ttft, 99)).strip()} ms"
+        )
+    finally:
+        procs.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

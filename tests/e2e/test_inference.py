@@ -1,0 +1,237 @@
+"""Prompts through the head, end to end: real Redis, real worker processes serving the real stories260K model on
+their inference endpoints, real API processes, real HTTP, and openai-python used exactly as its users do."""
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from broker import keys
+from tests.conftest import READ_KEY, Api, Fleet, Worker, modelfleet_command, require_stories, wait_for
+
+pytestmark = pytest.mark.slow
+
+STORY = "Once upon a time"
+LILY = ", there was a little girl named Lily"
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def stories_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stories")
+    shutil.copy(require_stories(), root / "stories260K.gguf")
+    (root / "lazy").mkdir()
+    shutil.copy(require_stories(), root / "lazy" / "stories.gguf")  # loaded by nobody until a prompt asks for it
+    return root
+
+
+@pytest.fixture(scope="module")
+def two(module_fleet: Fleet, stories_dir: Path) -> tuple[Api, Worker, Worker]:
+    """One API and two nodes with stories260K loaded on both."""
+    queue = ("--max-queue", "64", "--threads", "1")  # one thread: no spinning ggml barrier on shared cores
+    a = module_fleet.worker("inf-a", stories_dir, *queue)
+    b = module_fleet.worker("inf-b", stories_dir, *queue)
+    api = module_fleet.api()
+    with api.client() as client:
+        for worker in (a, b):
+            response = client.post("/v1/models/load", json={"model_name": "stories260K", "node": worker.fingerprint})
+            assert response.status_code == 200, response.text
+    with api.client(READ_KEY) as client:
+        wait_for(lambda: len(_replicas(client, "stories260K")) == 2, 20, "both replicas to be served")
+    return api, a, b
+
+
+def _replicas(client: httpx.Client, model: str) -> list[str]:
+    entries = client.get("/v1/models").json()["data"]
+    return next((e["loaded_on"] for e in entries if e["id"] == model), [])
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+def test_stories_continue_through_the_head_streamed_and_not(two: tuple[Api, Worker, Worker]) -> None:
+    api, _, _ = two
+    with api.client(READ_KEY) as client:
+        plain = client.post("/v1/completions", json={"model": "stories260K", "prompt": STORY, **GREEDY})
+        assert plain.status_code == 200, plain.text
+        answer = plain.json()
+        assert answer["choices"][0]["text"].startswith(LILY)
+        assert answer["usage"]["completion_tokens"] == 12
+        assert answer["choices"][0]["finish_reason"] == "length"
+
+        body = {"model": "stories260K", "prompt": STORY, "stream": True, **GREEDY}
+        with client.stream("POST", "/v1/completions", json=body) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            text = streamed.read().decode()
+        assert text.rstrip().endswith("data: [DONE]")
+        assert "".join(e["choices"][0]["text"] for e in _events(text)) == answer["choices"][0]["text"]
+
+
+def test_openai_python_works_unchanged_against_the_head(two: tuple[Api, Worker, Worker]) -> None:
+    api, _, _ = two
+    client = openai.OpenAI(base_url=api.url + "/v1", api_key=READ_KEY, max_retries=0)
+    completion = client.completions.create(model="stories260K", prompt=STORY, **GREEDY)
+    assert completion.choices[0].text.startswith(LILY)
+    assert completion.usage is not None and completion.usage.completion_tokens == 12
+
+    pieces = [
+        c.choices[0].text for c in client.completions.create(model="stories260K", prompt=STORY, stream=True, **GREEDY)
+    ]
+    assert "".join(pieces) == completion.choices[0].text
+
+    chat = client.chat.completions.create(
+        model="stories260K", messages=[{"role": "user", "content": "Tell me a story."}], **GREEDY
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    chat_stream = client.chat.completions.create(
+        model="stories260K",
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    chunks = list(chat_stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+    listed = {m.id: m for m in client.models.list()}
+    assert listed["stories260K"].object == "model" and listed["stories260K"].owned_by == "modelfleet"
+    assert listed["stories260K"].created > 0 and listed["lazy/stories"].created == 0
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="no-such-model", prompt=STORY)
+    assert missing.value.code == "model_file_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="stories260K", prompt=STORY, n=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=api.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_two_nodes_share_twenty_concurrent_streams(two: tuple[Api, Worker, Worker]) -> None:
+    api, a, b = two
+
+    async def run() -> list[tuple[str, str]]:
+        headers = {"Authorization": f"Bearer {READ_KEY}"}
+        async with httpx.AsyncClient(base_url=api.url, headers=headers, timeout=180) as client:
+
+            async def one() -> tuple[str, str]:
+                body = {"model": "stories260K", "prompt": STORY, "stream": True, "temperature": 0, "max_tokens": 40}
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    assert response.status_code == 200, await response.aread()
+                    text = (await response.aread()).decode()
+                    return response.headers["x-modelfleet-node"], text
+
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    served = asyncio.run(run())
+    assert all(text.rstrip().endswith("data: [DONE]") for _, text in served)
+    by_node = [sum(node == w.fingerprint for node, _ in served) for w in (a, b)]
+    assert sum(by_node) == 20 and min(by_node) >= 5, by_node
+    redis = a.redis.client()  # type: ignore[union-attr]
+    assert redis.zcard(keys.inflight(a.fingerprint)) == redis.zcard(keys.inflight(b.fingerprint)) == 0
+
+
+def test_a_client_that_disconnects_frees_the_slot_at_once(two: tuple[Api, Worker, Worker]) -> None:
+    api, a, _ = two
+    redis = a.redis.client()  # type: ignore[union-attr]
+
+    def generated(client: httpx.Client, node: str) -> tuple[int, int]:
+        """The node's tokens generated so far, and its generations running or queued."""
+        [model] = [m for m in client.get(f"/api/v1/nodes/{node}/models").json()["data"] if m["id"] == "stories260K"]
+        return model["tokensGenerated"], model["inFlight"] + model["queued"]
+
+    # As long an answer as the context holds: about 0.7 s of generation on this machine.
+    body = {"model": "stories260K", "prompt": STORY, "stream": True, "max_tokens": 500, "temperature": 1}
+    with api.client(READ_KEY) as client:
+        before = {fp: generated(client, fp)[0] for fp in (a.fingerprint, two[2].fingerprint)}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            node = response.headers["x-modelfleet-node"]
+            next(response.iter_lines())
+            assert redis.zcard(keys.inflight(node)) == 1
+        # The client went away: the head releases the lease and closes the node's stream, which stops generating.
+        wait_for(lambda: redis.zcard(keys.inflight(node)) == 0, 5, "the head to release the request's lease")
+        wait_for(lambda: generated(client, node)[1] == 0, 5, "the node's generation to stop")
+        tokens = generated(client, node)[0] - before[node]
+    assert 0 < tokens < 400, tokens
+
+
+def test_a_node_failing_before_the_first_byte_is_retried_on_the_other(
+    module_fleet: Fleet, stories_dir: Path, two: tuple[Api, Worker, Worker]
+) -> None:
+    api, _, _ = two
+    doomed = module_fleet.worker("inf-doomed", stories_dir, "--max-queue", "64", "--threads", "1")
+    with api.client() as client:
+        assert (
+            client.post("/v1/models/load", json={"model_name": "stories260K", "node": doomed.fingerprint}).status_code
+            == 200
+        )
+    with api.client(READ_KEY) as client:
+        wait_for(lambda: doomed.fingerprint in _replicas(client, "stories260K"), 20, "the third replica")
+        doomed.signal(signal.SIGKILL)  # crashed: still listed online with the model until its heartbeat lapses
+        doomed.wait(10)
+        served = []
+        for _ in range(30):
+            response = client.post("/v1/completions", json={"model": "stories260K", "prompt": STORY, **GREEDY})
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"].startswith(LILY)
+            served.append(response.headers["x-modelfleet-node"])
+            if "retrying stories260K on another replica" in api.log():
+                break
+        assert "retrying stories260K on another replica" in api.log()
+        assert doomed.fingerprint not in served
+
+
+def test_fifty_first_requests_over_two_apis_load_once(module_fleet: Fleet, two: tuple[Api, Worker, Worker]) -> None:
+    first, _, _ = two
+    second = module_fleet.api()
+    redis = module_fleet.redis.client()
+    before = redis.xrevrange(keys.events_stream(), count=1)
+    after = before[0][0].decode() if before else "0-0"
+
+    async def run() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {READ_KEY}"}
+        async with (
+            httpx.AsyncClient(base_url=first.url, headers=headers, timeout=120) as one,
+            httpx.AsyncClient(base_url=second.url, headers=headers, timeout=120) as other,
+        ):
+            body = {"model": "lazy/stories", "prompt": STORY, **GREEDY}
+            return await asyncio.gather(*((one, other)[i % 2].post("/v1/completions", json=body) for i in range(50)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 50, [r.text for r in responses if r.status_code != 200][:3]
+    assert all(r.json()["choices"][0]["text"].startswith(LILY) for r in responses)
+    loads = [
+        event
+        for _, fields in redis.xrange(keys.events_stream(), min=f"({after}")
+        if (event := json.loads(fields[b"event"]))["type"] == "model-loading" and event["modelId"] == "lazy/stories"
+    ]
+    assert len(loads) == 1
+
+
+def test_without_load_on_demand_a_model_loaded_nowhere_is_404(module_fleet: Fleet) -> None:
+    api = module_fleet.api(MODELFLEET_LOAD_ON_DEMAND="false")
+    with api.client(READ_KEY) as client:
+        response = client.post("/v1/completions", json={"model": "tiny-never-loaded", "prompt": STORY})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_loaded"
+
+
+def test_modelfleet_run_streams_the_answer(two: tuple[Api, Worker, Worker], module_fleet: Fleet) -> None:
+    api, _, _ = two
+    env = module_fleet.env(MODELFLEET_URL=api.url, MODELFLEET_KEY=READ_KEY)
+    argv = [*modelfleet_command(), "run", "stories260K", STORY, "--temperature", "0", "--max-tokens", "12"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(LILY)
+    argv = [*modelfleet_command(), "run", "no-such-model", STORY]
+    missing = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 4 and "model_file_not_found" in missing.stderr
