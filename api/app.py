@@ -4,7 +4,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
@@ -38,12 +37,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Blocking pool: a burst of requests queues for a connection; redis-py's default asyncio pool raises
         # MaxConnectionsError (answered as 503) as soon as 100 connections are in use.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url.get_secret_value(), max_connections=100, timeout=20, health_check_interval=10
-        )
-        client = aioredis.Redis.from_pool(pool)
+        client = settings.redis_target.async_client(max_connections=100, timeout=20, health_check_interval=10)
         directory = NodeDirectory(client)
-        waiter = ReplyWaiter(client, directory, tick=settings.liveness_interval)
+        waiter = ReplyWaiter(
+            client,
+            tick=settings.liveness_interval,
+            registry_grace=max(settings.heartbeat_ttl, 2 * settings.heartbeat_interval),
+        )
         celery = make_celery(settings)
         app.state.redis = client
         app.state.sessions = SessionStore(client, keyring, ttl=settings.session_ttl)
@@ -53,7 +53,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             celery, client, waiter, send_threads=settings.send_threads, metrics=app.state.metrics
         )
         relay = EventRelay(
-            client, directory, queue_size=settings.sse_queue_size, ping_interval=settings.sse_ping_interval
+            client,
+            directory,
+            queue_size=settings.sse_queue_size,
+            ping_interval=settings.sse_ping_interval,
+            write_timeout=settings.sse_write_timeout,
         )
         watcher = OfflineWatcher(
             client, directory, AsyncEventBus(client, history=settings.events_history), tick=settings.liveness_interval

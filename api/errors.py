@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import AuthenticationError, RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import errors as e
 from broker.openai import error_body as openai_error
@@ -121,9 +122,41 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _answer(request, 500, "internal_error", f"Internal error (reference {ref}); the server log has the details.")
 
 
+class AnswerUnexpected:
+    """Answers an unexpected exception with the `internal_error` body itself.
+
+    Starlette sends a handler's answer for `Exception` from its outermost ServerErrorMiddleware and then raises
+    the exception again, for the server to log; uvicorn then closes the connection, so a keep-alive client's
+    next request on it fails with ECONNRESET. Caught here, inside that middleware, the 500 is an answer like
+    any other and the connection stays usable. (After a response has started nothing can be answered: that
+    exception goes on to the server.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _unexpected(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: Starlette) -> None:
     app.add_exception_handler(e.ModelfleetError, _modelfleet_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisError, _redis_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(AnswerUnexpected)

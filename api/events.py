@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from api.subscription import follow
 from broker import keys
+from broker.backoff import Backoff
 from broker.errors import ShuttingDown
 from broker.events import (
     SNAPSHOT_EVENT,
@@ -130,11 +131,14 @@ class EventRelay:
         *,
         queue_size: int = 512,
         ping_interval: float = 15.0,
+        write_timeout: float = 10.0,
     ) -> None:
         self._redis = client
         self._directory = directory
         self._queue_size = queue_size
         self.ping_interval = ping_interval
+        self.write_timeout = write_timeout
+        """Seconds one write to a client may take: a client that stops reading is dropped after it."""
         self._subscribers: set[Subscriber] = set()
         self._cursor: StreamId | None = None
         self._page_size = max(1, min(HISTORY_PAGE, queue_size // 2))
@@ -144,6 +148,7 @@ class EventRelay:
         self.closing = False
         """Set once the process is stopping: streams are ended, and new ones refused."""
         self.dropped_total = 0
+        self.stalled_total = 0
         self.relayed_total = 0
 
     @property
@@ -209,17 +214,17 @@ class EventRelay:
 
     async def _read(self) -> None:
         """Relay what the stream holds after the cursor, each time something wakes the relay."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 2.0)
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._relay_new()
-                backoff = 0.1
+                backoff.reset()
             except Exception as exc:  # Redis errors mostly; whatever it is, the relay must outlive it
-                log.warning("reading the event stream failed (%s); retrying in %.1fs", type(exc).__name__, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                delay = backoff.next_delay() or 0.0
+                log.warning("reading the event stream failed (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
                 self._wake.set()
 
     async def ensure_cursor(self) -> None:
@@ -292,6 +297,17 @@ class EventRelay:
         sub.dropped.set()
         self.dropped_total += 1
         log.warning("an SSE client fell %d events behind and was disconnected", self._queue_size)
+
+    def stalled(self, sub: Subscriber) -> None:
+        """A write to this client did not complete within `write_timeout`: it stopped reading. Drop it now,
+        rather than hold its frames (and the kernel its buffers) until TCP gives up on it."""
+        if sub.dropped.is_set():
+            return
+        self._subscribers.discard(sub)
+        sub.dropped.set()
+        self.dropped_total += 1
+        self.stalled_total += 1
+        log.warning("an SSE client stopped reading (a write waited %gs) and was disconnected", self.write_timeout)
 
     # What a client starts from.
 

@@ -1,7 +1,6 @@
 """Sending a job to a node's queue and awaiting its reply under the operation's deadline."""
 
 import asyncio
-import contextlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -17,8 +16,16 @@ from redis.exceptions import RedisError
 from api.metrics import Metrics
 from api.replies import ReplyWaiter
 from broker import keys
-from broker.errors import BrokerUnavailable, JobTimeout, NodeOffline, NodeWentOffline, from_code
-from broker.schemas import CatalogJob, Job, ListJob, LoadJob, NodeInfo, Operation, UnloadAllJob, UnloadJob
+from broker.errors import (
+    BrokerUnavailable,
+    JobTimeout,
+    NodeOffline,
+    NodeRestarted,
+    NodeUnavailable,
+    from_code,
+)
+from broker.replies import abandon_job
+from broker.schemas import CatalogJob, Job, ListJob, LoadJob, NodeInfo, Operation, Reply, UnloadAllJob, UnloadJob
 
 OPERATION_NAMES = {
     keys.TASK_LOAD: "load",
@@ -51,7 +58,8 @@ class JobClient:
         self._limiter = anyio.CapacityLimiter(send_threads)
 
     async def run(self, node: NodeInfo, task: str, job_fields: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """The node's result, or raise the node's error (or NodeOffline / NodeWentOffline / JobTimeout)."""
+        """The node's result, or raise the node's error (or NodeOffline / NodeWentOffline / NodeRestarted /
+        JobTimeout)."""
         with self._metrics.job(OPERATIONS[task]):
             return await self._run(node, task, job_fields, timeout)
 
@@ -67,24 +75,37 @@ class JobClient:
         deadline = time.time() + timeout
         job: Job = _JOB_TYPES[task](deadline=deadline, **job_fields)
         job_id = uuid.uuid4().hex
-        future = self._waiter.expect(job_id, node.fingerprint, node.name)
+        future = self._waiter.expect(job_id, node.fingerprint, node.name, node.boot_id)
         try:
             await self._send(task, job, job_id, node.fingerprint, deadline)
-            reply = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            await self._abandon(job_id, deadline)
-            raise JobTimeout(
-                f"Node {node.name} did not finish the {OPERATION_NAMES[task]} within {timeout:g} seconds.",
-                timeout_seconds=timeout,
-            ) from None
-        except NodeWentOffline:
-            await self._abandon(job_id, deadline)
-            raise
+            reply = await self._await(future, node, task, job_id, deadline, timeout)
         finally:
             self._waiter.forget(job_id)
         if reply.error is not None:
             raise from_code(reply.error.code, reply.error.error, reply.error.details)
         return reply.result or {}
+
+    async def _await(
+        self, future: "asyncio.Future[Reply]", node: NodeInfo, task: str, job_id: str, deadline: float, timeout: float
+    ) -> Reply:
+        """The reply; or, once the node is gone or replaced, an error saying what became of the job."""
+        while True:
+            try:
+                return await asyncio.wait_for(future, max(0.0, deadline - time.time()))
+            except TimeoutError:
+                await self._abandon(job_id, deadline)
+                raise JobTimeout(
+                    f"Node {node.name} did not finish the {OPERATION_NAMES[task]} within {timeout:g} seconds.",
+                    timeout_seconds=timeout,
+                ) from None
+            except NodeUnavailable as lost:
+                successor = lost.details.get("boot_id") if isinstance(lost, NodeRestarted) else None
+                started = await self._abandon(job_id, deadline, unless_started_by=successor)
+                if successor is not None and started == successor:
+                    # The new process took the job from the node's queue itself: its reply will come.
+                    future = self._waiter.expect(job_id, node.fingerprint, node.name, successor)
+                    continue
+                raise _outcome(lost, OPERATION_NAMES[task], started) from None
 
     async def _send(self, task: str, job: Job, job_id: str, fingerprint: str, deadline: float) -> None:
         send = partial(
@@ -103,10 +124,41 @@ class JobClient:
         except OperationalError as exc:
             raise BrokerUnavailable("The job could not be queued: Redis is unreachable.") from exc
 
-    async def _abandon(self, job_id: str, deadline: float) -> None:
-        """Mark the job cancelled so a node that gets it late skips it (on top of its `expires`)."""
-        with contextlib.suppress(RedisError):  # if Redis is down, expiry still stops it at the deadline
-            await self._redis.set(keys.cancel(job_id), b"1", ex=max(1, int(deadline - time.time()) + 60))
+    async def _abandon(self, job_id: str, deadline: float, *, unless_started_by: str | None = None) -> str | None:
+        """Cancel the job so a node that gets it late skips it (on top of its `expires`); returns the boot id that
+        had started it, if any (and then leaves a job `unless_started_by` that boot running)."""
+        ttl = max(1, int(deadline - time.time()) + 60)
+        try:
+            return await abandon_job(self._redis, job_id, ttl=ttl, keep_for=unless_started_by)
+        except RedisError:  # if Redis is down, expiry still stops it at the deadline
+            return _UNKNOWN
+
+
+_UNKNOWN = "?"
+"""`_abandon`'s answer when Redis could not say whether the job had started."""
+
+
+def _outcome(lost: NodeUnavailable, operation: str, started: str | None) -> NodeUnavailable:
+    """`lost` again, its message and details completed with what is known about the job."""
+    previous = lost.details.get("previous_boot_id")
+    if started is None:
+        known, state = f"The {operation} never started, and it has been cancelled: it will not run.", "not_started"
+    elif started == _UNKNOWN:
+        known, state = f"Whether the {operation} started is unknown (Redis did not answer).", "unknown"
+    elif isinstance(lost, NodeRestarted) and started == previous:
+        known = (
+            f"The {operation} was running in the process that was replaced; the new process starts with no models, "
+            "so nothing it did survives. Retry it."
+        )
+        state = "interrupted"
+    else:
+        known = (
+            f"The {operation} had started on the node; if the node comes back it may still finish. "
+            "List the node's models to see."
+        )
+        state = "started"
+    details = {**lost.details, "job_state": state}
+    return type(lost)(f"{lost.message} {known}", **details)
 
 
 _JOB_TYPES: dict[str, type[Job]] = {

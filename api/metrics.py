@@ -113,8 +113,13 @@ class RelayCollector(Collector):
         yield _gauge("sse_clients", "Clients connected to this API's event stream.", self.relay.clients)
         yield CounterMetricFamily(
             "modelfleet_sse_clients_dropped",
-            "SSE clients this API disconnected for falling too far behind.",
+            "SSE clients this API disconnected for falling too far behind or for no longer reading.",
             value=self.relay.dropped_total,
+        )
+        yield CounterMetricFamily(
+            "modelfleet_sse_clients_stalled",
+            "SSE clients this API disconnected because a write to them waited past MODELFLEET_SSE_WRITE_TIMEOUT.",
+            value=self.relay.stalled_total,
         )
         yield CounterMetricFamily(
             "modelfleet_sse_events_relayed",

@@ -1,15 +1,27 @@
 """Awaiting node replies on the event loop: one subscription per API process, no thread per waiting request.
 
-Each waiting request registers a future under its job id. One task listens on `keys.replies_channel()` and
-resolves futures as replies arrive. Pub/sub is at-most-once, so a second task ticks every
-`liveness_interval` seconds: it reads the stored replies of all pending jobs (catching anything published
-while the subscription was down) and checks the alive keys of their nodes, failing the jobs of a node whose
-heartbeat lapsed with NodeWentOffline. Hundreds of concurrent waits cost one connection and one MGET a tick.
+Each waiting request registers a future under its job id, with the boot id of the node process it was sent to.
+One task listens on `keys.replies_channel()` and resolves futures as replies arrive. Pub/sub is at-most-once,
+so a second task ticks every `liveness_interval` seconds: it reads the stored replies of all pending jobs
+(catching anything published while the subscription was down) and reads the alive keys of their nodes, whose
+value is the boot id of the process holding the node:
+
+- the same boot: the job is in good hands, keep waiting;
+- another boot: the node was restarted under the job; fail it with NodeRestarted at once (the caller's
+  `JobClient` then finds out whether the job had started, and keeps waiting if the new process took it);
+- no key, the node's registration still there: its heartbeat lapsed; fail it with NodeWentOffline;
+- no key and no registration: Redis lost the registry (flushed, restarted without persistence, failed over),
+  not the node. Nodes re-register at their next heartbeat, so wait `registry_grace` seconds before calling it
+  offline. The same grace follows any Redis error this waiter saw: a key may have lapsed during the outage
+  though its node was beating all along.
+
+Hundreds of concurrent waits cost one connection and one MGET and pipeline a tick.
 """
 
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -18,8 +30,7 @@ from redis.exceptions import RedisError
 
 from api.subscription import follow
 from broker import keys
-from broker.errors import NodeWentOffline
-from broker.registry import NodeDirectory
+from broker.errors import NodeRestarted, NodeWentOffline
 from broker.schemas import Reply, read_lenient
 
 log = logging.getLogger(__name__)
@@ -29,23 +40,28 @@ log = logging.getLogger(__name__)
 class _Pending:
     fingerprint: str
     name: str
+    boot: str
     future: "asyncio.Future[Reply]"
+    missing_since: float | None = None
+    """When the node's alive key and registration were first seen gone together (Redis lost the registry)."""
 
 
 class ReplyWaiter:
     """Resolves the futures of pending jobs from the reply channel, stored replies and node liveness."""
 
-    def __init__(self, client: aioredis.Redis, directory: NodeDirectory, *, tick: float = 1.0) -> None:
+    def __init__(self, client: aioredis.Redis, *, tick: float = 1.0, registry_grace: float = 6.0) -> None:
         self._redis = client
-        self._directory = directory
         self._tick = tick
+        self._grace = registry_grace
+        self._trouble_at = -float("inf")
         self._pending: dict[str, _Pending] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
 
-    def expect(self, job_id: str, fingerprint: str, name: str) -> "asyncio.Future[Reply]":
+    def expect(self, job_id: str, fingerprint: str, name: str, boot: str) -> "asyncio.Future[Reply]":
+        """A future for the job's reply, sent to the node process `boot` (its boot id)."""
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[job_id] = _Pending(fingerprint, name, future)
+        self._pending[job_id] = _Pending(fingerprint, name, boot, future)
         return future
 
     def forget(self, job_id: str) -> None:
@@ -98,8 +114,9 @@ class ReplyWaiter:
                 continue
             try:
                 await self._collect_stored()
-                await self._fail_offline()
+                await self._check_nodes()
             except (RedisError, OSError) as exc:
+                self._trouble_at = time.monotonic()
                 log.warning("liveness check failed: %s", type(exc).__name__)
 
     async def _collect_stored(self) -> None:
@@ -110,17 +127,47 @@ class ReplyWaiter:
             if raw is not None:
                 self._deliver(raw)
 
-    async def _fail_offline(self) -> None:
-        waiting = {item.fingerprint for item in self._pending.values() if not item.future.done()}
+    async def _check_nodes(self) -> None:
+        waiting = sorted({item.fingerprint for item in self._pending.values() if not item.future.done()})
         if not waiting:
             return
-        alive = await self._directory.alive(sorted(waiting))
+        pipe = self._redis.pipeline(transaction=False)
+        for fp in waiting:
+            pipe.get(keys.node_alive(fp))
+            pipe.hexists(keys.node_info(fp), "registration")
+        raw = await pipe.execute()
+        holders = {fp: _text(raw[2 * i]) for i, fp in enumerate(waiting)}
+        registered = {fp: bool(raw[2 * i + 1]) for i, fp in enumerate(waiting)}
+        now = time.monotonic()
         for item in list(self._pending.values()):
-            if not alive.get(item.fingerprint, True) and not item.future.done():
+            if item.future.done():
+                continue
+            holder = holders.get(item.fingerprint)
+            if holder == item.boot:
+                item.missing_since = None
+            elif holder is not None:
                 item.future.set_exception(
-                    NodeWentOffline(
-                        f"Node {item.name} ({item.fingerprint}) stopped sending heartbeats while the job was "
-                        "queued or running; the outcome is unknown. Check the node and list its models.",
+                    NodeRestarted(
+                        f"Node {item.name} ({item.fingerprint}) was restarted while the job was queued or running.",
                         node=item.fingerprint,
+                        boot_id=holder,
+                        previous_boot_id=item.boot,
                     )
                 )
+            elif registered.get(item.fingerprint) and now - self._trouble_at > self._grace:
+                item.future.set_exception(_went_offline(item))
+            else:  # the registry is gone (or Redis just came back): the node re-registers within a heartbeat
+                item.missing_since = item.missing_since or now
+                if now - item.missing_since > self._grace:
+                    item.future.set_exception(_went_offline(item))
+
+
+def _went_offline(item: _Pending) -> NodeWentOffline:
+    return NodeWentOffline(
+        f"Node {item.name} ({item.fingerprint}) stopped sending heartbeats while the job was queued or running.",
+        node=item.fingerprint,
+    )
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

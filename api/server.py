@@ -36,6 +36,11 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+SEND_BUFFER = 256 * 1024
+"""Kernel send buffer of each connection (the kernel doubles it). Autotuning lets it grow to 4 MiB: what a client
+that stopped reading its event stream would hold until the write deadline drops it. Plenty for any answer."""
+
+
 def listening_socket(config: uvicorn.Config, *, dead_peer_after: float) -> socket.socket:
     """uvicorn's bound socket for `config`, with TCP_USER_TIMEOUT and keep-alive set so that every accepted
     connection inherits them: a peer that vanished without closing (a laptop lid shut, a cable pulled) leaves
@@ -43,6 +48,7 @@ def listening_socket(config: uvicorn.Config, *, dead_peer_after: float) -> socke
     later instead of retransmitting for a quarter of an hour."""
     sock = config.bind_socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_peer_after * 1000))
     return sock

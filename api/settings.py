@@ -19,6 +19,8 @@ class ApiSettings(BrokerSettings):
     send_threads: int = Field(default=16, ge=1, le=256)
     sse_ping_interval: float = Field(default=15.0, gt=0)
     """Seconds between the comment pings that keep an idle event stream open through proxies."""
+    sse_write_timeout: float = Field(default=10.0, gt=0)
+    """Seconds one write to an SSE client may wait: a client that stopped reading is dropped after it."""
     sse_queue_size: int = Field(default=512, ge=1)
     """Events an SSE client may fall behind before it is disconnected (to reconnect with its last id)."""
 

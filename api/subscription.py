@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
+from broker.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 QUIET = 5.0
@@ -31,13 +33,13 @@ async def follow(
     quiet: float = QUIET,
 ) -> None:
     """Deliver every message published on `channel` until cancelled; `subscribed` is set while subscribed."""
-    backoff = 0.1
+    backoff = Backoff(0.1, 2.0)
     while True:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
             subscribed.set()
-            backoff = 0.1
+            backoff.reset()
             await catch_up()
             while True:
                 message = await pubsub.get_message(timeout=quiet)
@@ -50,9 +52,9 @@ async def follow(
                         log.exception("a message on the %s channel could not be handled; dropped", what)
         except Exception as exc:  # Redis and socket errors, or anything else: resubscribe, never give up
             subscribed.clear()
-            log.warning("%s subscription lost (%s); resubscribing in %.1fs", what, type(exc).__name__, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            delay = backoff.next_delay() or 0.0
+            log.warning("%s subscription lost (%s); resubscribing in %.1fs", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

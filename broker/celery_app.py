@@ -16,7 +16,7 @@ from broker.settings import BrokerSettings
 
 def make_celery(settings: BrokerSettings, *, main: str = "modelfleet") -> Celery:
     """Build the shared app. Both the API (to send) and workers (to consume) call this at start-up."""
-    url = settings.redis_url.get_secret_value()
+    url, transport_options = settings.redis_target.celery_broker()
     app = Celery(main, broker=url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -32,7 +32,7 @@ def make_celery(settings: BrokerSettings, *, main: str = "modelfleet") -> Celery
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options={"visibility_timeout": 3600, **transport_options},
         task_create_missing_queues=True,
         enable_utc=True,
     )

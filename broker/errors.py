@@ -11,7 +11,8 @@
     ├── NodeNotFound              fingerprint never registered
     ├── NodeUnavailable
     │   ├── NodeOffline           heartbeat lapsed before the request
-    │   └── NodeWentOffline       heartbeat lapsed while the job ran
+    │   ├── NodeWentOffline       heartbeat lapsed while the job waited or ran
+    │   └── NodeRestarted         a new process (boot id) took the node over while the job waited or ran
     ├── BrokerUnavailable         Redis cannot be reached
     ├── ShuttingDown              this API process is stopping; another (or its restart) will answer
     ├── JobTimeout                no reply within the operation's timeout
@@ -116,6 +117,12 @@ class NodeWentOffline(NodeUnavailable):
     """The node's heartbeat lapsed while the job was queued or running."""
 
     code = "node_went_offline"
+
+
+class NodeRestarted(NodeUnavailable):
+    """The node's worker process was replaced (a new boot id) while the job was queued or running."""
+
+    code = "node_restarted"
 
 
 class BrokerUnavailable(ModelfleetError):

@@ -11,7 +11,10 @@ The same call also keeps two fields of the node's hash (`keys.node_info`) in ste
   stream's last id is exactly the state that the events up to that id describe;
 - `announced`: `online:<boot id>` or `offline:<boot id>`, the last node event published. Node events are
   published only when they change it, which is what makes `node-offline` exactly-once when several API
-  processes notice the same lapsed heartbeat, and `node-online` once per boot.
+  processes notice the same lapsed heartbeat, and `node-online` once per boot;
+- `orphans`: the models a node held when it was announced offline (its `models` are then emptied). The node's
+  next process announces each of them `model-unloaded` (reason `node-restarted`) and clears the field: a
+  watcher's view is right without a refresh, whether the old process stopped, crashed or was replaced.
 
 Who publishes: a worker its model events, its own `node-online` (at start and when it re-takes a lapsed
 heartbeat) and its `node-offline` on a clean stop; any API process the `node-offline` of a node whose
@@ -39,6 +42,9 @@ SNAPSHOT_EVENT = "snapshot"
 ModelEventType = Literal["model-loading", "model-loaded", "model-load-failed", "model-unloading", "model-unloaded"]
 NodeEventType = Literal["node-online", "node-offline"]
 OfflineReason = Literal["heartbeat-lapsed", "stopped", "restarted"]
+OnlineReason = Literal["re-registered"]
+"""A node-online's reason: absent for a new boot or a stalled one back; `re-registered` when Redis had lost the
+registry (flushed, restarted without persistence, failed over) and the node wrote it again: the pool was rebuilt."""
 
 STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 
@@ -59,7 +65,8 @@ class ModelEvent(Schema):
     error: str | None = None
     """Why the load failed (`model-load-failed` only)."""
     reason: UnloadReason | None = None
-    """Why it unloads (`model-unloading` and `model-unloaded` only)."""
+    """Why it unloads (`model-unloading` and `model-unloaded` only): `node-restarted` on those a new process of
+    the node announces for the models its previous process held, which died with it."""
 
 
 class NodeEvent(Schema):
@@ -70,8 +77,9 @@ class NodeEvent(Schema):
     name: str
     state: Literal["online", "offline"]
     at: datetime
-    reason: OfflineReason | None = None
-    """Why it went offline: its heartbeat lapsed, it stopped cleanly, or a new boot replaced it unnoticed."""
+    reason: OfflineReason | OnlineReason | None = None
+    """Why it went offline: its heartbeat lapsed, it stopped cleanly, or a new boot replaced it unnoticed; or why
+    it is online again without a new boot: its registration was re-written after Redis lost it."""
 
 
 PoolEvent = Annotated[ModelEvent | NodeEvent, Field(discriminator="type")]
@@ -146,7 +154,13 @@ elseif mode == 'replaced' then
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[3])
 if mark then redis.call('HSET', KEYS[2], 'announced', mark) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'models', ARGV[4]) end
+if ARGV[4] ~= '' then
+  if mark and string.sub(mark, 1, 8) == 'offline:' then
+    local held = redis.call('HGET', KEYS[2], 'models')
+    if held and held ~= '[]' then redis.call('HSET', KEYS[2], 'orphans', held) end
+  end
+  redis.call('HSET', KEYS[2], 'models', ARGV[4])
+end
 redis.call('PUBLISH', ARGV[2], id .. '\\n' .. ARGV[3])
 return id
 """
@@ -180,6 +194,10 @@ class _Publisher:
 class EventBus(_Publisher):
     """Publishes pool events from a synchronous process (a worker)."""
 
+    def __init__(self, client: redis.Redis, *, history: int = DEFAULT_HISTORY) -> None:
+        super().__init__(client, history=history)
+        self._client = client
+
     def publish(
         self,
         event: ModelEvent | NodeEvent,
@@ -192,6 +210,30 @@ class EventBus(_Publisher):
 
         `models`, when given, becomes the node's `models` field in the same step."""
         return _decoded(self._run(event, models, mode, boot))
+
+    def announce_orphans(self, node: str, boot: str) -> list[str]:
+        """Announce `model-unloaded` (reason `node-restarted`) for each model a previous process of `node` held;
+        returns their ids. Called by a new process before its `node-online`, from its one publishing thread."""
+        fields = self._client.hmget(keys.node_info(node), ["models", "orphans"])
+        held: list[ModelInfo] = []
+        for raw in fields:
+            if raw:
+                try:
+                    held = [ModelInfo.model_validate(m, extra="ignore") for m in json.loads(raw)]
+                except ValueError:
+                    held = []
+                if held:
+                    break
+        gone = []
+        for model in held:
+            if model.state == ModelState.UNLOADED:
+                continue
+            gone_info = {"state": ModelState.UNLOADED, "healthy": False, "unload_reason": UnloadReason.NODE_RESTARTED}
+            info = model.model_copy(update=gone_info | {"endpoint": None})
+            self.publish(model_event("model-unloaded", node, info), models=[], boot=boot)
+            gone.append(model.id)
+        self._client.hdel(keys.node_info(node), "orphans")
+        return gone
 
 
 class AsyncEventBus(_Publisher):

@@ -3,7 +3,7 @@
 | name                                  | Redis type | written by | lifetime                                   |
 |---------------------------------------|------------|------------|--------------------------------------------|
 | `modelfleet:nodes`                    | set        | worker     | permanent: every fingerprint ever seen     |
-| `modelfleet:node:<fp>`                | hash       | worker     | permanent: last registration + heartbeat   |
+| `modelfleet:node:<fp>`                | hash       | worker     | permanent: registration, boot, heartbeat   |
 | `modelfleet:alive:<fp>`               | string     | worker     | TTL `heartbeat_ttl`; absent = node offline |
 | `modelfleet:reply:<job-id>`           | string     | worker     | TTL `reply_ttl`: the job's JSON reply      |
 | `modelfleet:cancel:<job-id>`          | string     | API        | TTL = the job's remaining lifetime         |
@@ -14,6 +14,7 @@
 |                                       |            |            | the model on demand                        |
 | `modelfleet:ondemand-failed:<model>`  | string     | API        | short TTL: why that load failed (JSON)     |
 | `modelfleet:session:<digest>`         | string     | API        | TTL `session_ttl`, renewed on use          |
+| `modelfleet:started:<job-id>`         | string     | worker     | TTL `reply_ttl`: boot id that started it   |
 | `modelfleet:replies`                  | channel    | worker     | pub/sub: fast path for replies             |
 | `modelfleet:events`                   | stream     | any        | capped history of pool events              |
 | `distributed-pool-changed`            | channel    | any        | pub/sub: live pool events                  |
@@ -79,6 +80,10 @@ def cancel(job_id: str) -> str:
 def session(digest: str) -> str:
     """A dashboard session, keyed by a digest of its id (the id itself, a credential, is never stored)."""
     return f"{PREFIX}:session:{digest}"
+
+
+def started(job_id: str) -> str:
+    return f"{PREFIX}:started:{job_id}"
 
 
 def replies_channel() -> str:

@@ -1,9 +1,15 @@
 """The node registry and liveness protocol.
 
-A node registers once when it starts (`keys.node_info` hash, field `registration`) and then refreshes a
-heartbeat every `heartbeat_interval` seconds: the `heartbeat` field of the same hash, and the TTL of
-`keys.node_alive`, whose value is the node's boot id. The alive key is the single truth for "online": once
-its TTL lapses the node is offline, whoever looks.
+A node registers when it starts (`keys.node_info` hash, fields `registration` and `boot`, and its fingerprint
+in `keys.nodes_set`) and then refreshes a heartbeat every `heartbeat_interval` seconds: the `heartbeat` field of
+the same hash, and the TTL of `keys.node_alive`, whose value is the node's boot id. The alive key is the single
+truth for "online": once its TTL lapses the node is offline, whoever looks; a different value means the node
+was restarted (a new process, a new boot id).
+
+The registry heals itself: every heartbeat checks, in the same script that refreshes the alive key, that this
+boot's registration is still there, and writes it again if it is not (Redis flushed, restarted without
+persistence, or failed over to a replica that never saw it). The beat reports that it healed, and the worker
+re-announces the node and its models, so the fleet is whole again within one heartbeat of Redis answering.
 
 Only one process may serve a fingerprint: a starting node takes the alive key with SET NX. If another boot id
 holds it, the starter watches the key's TTL for a little longer than one heartbeat interval: a TTL that goes
@@ -14,6 +20,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,18 +39,39 @@ FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _STATES = {s.value for s in ModelState}  # a newer node's unknown states are skipped, not fatal
 _MODEL_LIST: TypeAdapter[list[ModelInfo]] = TypeAdapter(list[ModelInfo])
 
-# Refresh the alive key only while it is still ours; re-take it if it lapsed (a long GC pause, say).
+# Refresh the alive key only while it is still ours; re-take it if it lapsed (a long GC pause, say, or Redis
+# lost it). Then re-register if this boot's registration is missing. KEYS: alive, node hash, nodes set.
+# ARGV: boot id, TTL ms, fingerprint, registration JSON, consuming ('1' once the consumer takes jobs).
+# Returns 0 (another boot holds the key), else 1 (refreshed) or 2 (re-taken), plus 2 if it re-registered.
 _REFRESH = """
 local current = redis.call('GET', KEYS[1])
+local outcome
 if current == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 2
-end
-if current == ARGV[1] then
+  outcome = 2
+elseif current == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  outcome = 1
+else
+  return 0
 end
-return 0
+if redis.call('HGET', KEYS[2], 'boot') ~= ARGV[1] or redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 0 then
+  redis.call('SADD', KEYS[3], ARGV[3])
+  redis.call('HSET', KEYS[2], 'registration', ARGV[4], 'boot', ARGV[1])
+  outcome = outcome + 2
+end
+if ARGV[5] == '1' and redis.call('HGET', KEYS[2], 'consuming') ~= ARGV[1] then
+  redis.call('HSET', KEYS[2], 'consuming', ARGV[1])
+end
+return outcome
+"""
+
+
+# Take the alive key from a holder known to be dead, only if it still holds it. KEYS: alive. ARGV: old, new, ms.
+_TAKE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
 """
 
 
@@ -54,6 +83,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat found: whether it had to re-take the alive key, and whether it re-registered."""
+
+    retaken: bool
+    reregistered: bool
+
+
 class NodeRegistrar:
     """The worker's side: claim the fingerprint, register, beat, and release on a clean stop."""
 
@@ -63,18 +100,23 @@ class NodeRegistrar:
         self._interval = interval
         self._ttl_ms = int(ttl * 1000)
         self._refresh = client.register_script(_REFRESH)
+        self._take = client.register_script(_TAKE)
+        self._consuming = False
 
     @property
     def fingerprint(self) -> str:
         return self.info.fingerprint
 
-    def claim(self, *, wait: float | None = None) -> None:
-        """Take the alive key, or raise DuplicateNode if a live process holds it."""
+    def claim(self, *, wait: float | None = None, holder_gone: Callable[[NodeInfo], bool] | None = None) -> None:
+        """Take the alive key, or raise DuplicateNode if a live process holds it. `holder_gone` tells whether
+        the registered holder is certainly dead (a crashed process on this machine): then take over at once."""
         alive = keys.node_alive(self.fingerprint)
         deadline = time.monotonic() + (wait if wait is not None else self._ttl_ms / 1000 + self._interval)
         seen: tuple[int, float] | None = None  # (TTL in ms, when it was read)
         while True:
             if self._redis.set(alive, self.info.boot_id, nx=True, px=self._ttl_ms):
+                break
+            if holder_gone is not None and self._take_from_dead(holder_gone):
                 break
             ttl, now = int(self._redis.pttl(alive)), time.monotonic()
             # A TTL above what the last reading decays to means the owner refreshed it: it is alive.
@@ -89,22 +131,55 @@ class NodeRegistrar:
             if now > deadline:
                 raise DuplicateNode(f"Node {self.fingerprint} is still held by another worker; try again later.")
             time.sleep(0.1)
+        self._register()
+
+    def _take_from_dead(self, holder_gone: Callable[[NodeInfo], bool]) -> bool:
+        alive = keys.node_alive(self.fingerprint)
+        holder, raw = self._redis.get(alive), self._redis.hget(keys.node_info(self.fingerprint), "registration")
+        if holder is None or raw is None:
+            return False
+        try:
+            registered = read_lenient(NodeInfo, raw)
+        except ValueError:
+            return False
+        if registered.boot_id.encode() != holder or not holder_gone(registered):
+            return False
+        taken = bool(self._take(keys=[alive], args=[holder, self.info.boot_id, self._ttl_ms]))
+        if taken:
+            log.warning(
+                "node %s: its previous process (pid %d) is gone; taking over at once", self.fingerprint, registered.pid
+            )
+        return taken
+
+    def _register(self) -> None:
         pipe = self._redis.pipeline()
         pipe.sadd(keys.nodes_set(), self.fingerprint)
-        pipe.hset(keys.node_info(self.fingerprint), "registration", self.info.model_dump_json(by_alias=True))
+        pipe.hset(
+            keys.node_info(self.fingerprint),
+            mapping={"registration": self.info.model_dump_json(by_alias=True), "boot": self.info.boot_id},
+        )
         pipe.execute()
 
-    def beat(self, stats: dict[str, Any]) -> bool:
-        """Refresh liveness and publish stats. Returns True if the alive key had lapsed and was re-taken."""
+    def beat(self, stats: dict[str, Any]) -> Beat:
+        """Refresh liveness (re-registering if the records are gone) and publish stats."""
         beat = {"at": _now().isoformat(), **stats}
-        outcome = int(self._refresh(keys=[keys.node_alive(self.fingerprint)], args=[self.info.boot_id, self._ttl_ms]))
+        args: list[str | int] = [
+            self.info.boot_id,
+            self._ttl_ms,
+            self.fingerprint,
+            self.info.model_dump_json(by_alias=True),
+            "1" if self._consuming else "0",
+        ]
+        node_keys = [keys.node_alive(self.fingerprint), keys.node_info(self.fingerprint), keys.nodes_set()]
+        outcome = int(self._refresh(keys=node_keys, args=args))
         if outcome == 0:
             raise LostNodeOwnership(f"Another worker took over node {self.fingerprint}; this one must stop.")
         self._redis.hset(keys.node_info(self.fingerprint), "heartbeat", json.dumps(beat))
-        return outcome == 2
+        return Beat(retaken=outcome in (2, 4), reregistered=outcome >= 3)
 
     def mark_consuming(self) -> None:
         """Say that this boot's Celery consumer is taking jobs (online alone means registered and beating)."""
+        self._consuming = True
         self._redis.hset(keys.node_info(self.fingerprint), "consuming", self.info.boot_id)
 
     def release(self) -> None:
@@ -134,7 +209,7 @@ def parse_node(fingerprint: str, fields: dict[bytes, bytes], alive: bool, now: d
     consuming = fields.get(b"consuming")
     update: dict[str, Any] = {"online": alive, "consuming": alive and consuming == info.boot_id.encode()}
     try:
-        update |= _heartbeat(fields.get(b"heartbeat"), now)
+        update |= _heartbeat(fields.get(b"heartbeat"), now, live=alive)
     except Exception as exc:  # another process's bytes: whatever is wrong with them, the node is still listed
         log.warning("node %s has a heartbeat this API cannot read (%s); shown without it", fingerprint, exc)
     return info.model_copy(update=update)
@@ -151,14 +226,17 @@ def parse_models(fingerprint: str, raw: bytes | None) -> list[ModelInfo]:
         return []
 
 
-def _heartbeat(beat_raw: bytes | None, now: datetime) -> dict[str, Any]:
+def _heartbeat(beat_raw: bytes | None, now: datetime, *, live: bool) -> dict[str, Any]:
+    """When the node last beat; and, only while it is online, the figures that beat carried (an offline node's
+    last `loading: 1` describes a process that may be gone: showing it would be a stale live figure)."""
     update: dict[str, Any] = {}
     if beat_raw:
         beat = json.loads(beat_raw)
         at = datetime.fromisoformat(beat["at"])
+        update |= {"last_heartbeat": at, "seconds_since_heartbeat": round((now - at).total_seconds(), 3)}
+        if not live:
+            return update
         update |= {
-            "last_heartbeat": at,
-            "seconds_since_heartbeat": round((now - at).total_seconds(), 3),
             "models_loaded": int(beat.get("modelsLoaded", 0)),
             "memory_used_bytes": int(beat.get("memoryUsedBytes", 0)),
             "memory_budget_bytes": int(beat.get("memoryBudgetBytes") or 0) or None,

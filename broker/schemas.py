@@ -39,8 +39,15 @@ def read_lenient(cls: type[M], raw: bytes | str) -> M:
     return cls.model_validate_json(raw, extra="ignore")
 
 
+MODEL_ID_PUNCTUATION = " ._-/+:@=,()[]~"
+"""The only characters besides letters, digits and combining marks a model id may hold: each is safe in a URL
+path segment (percent-encoded where needed), a Redis key, a log line and a terminal. Refused, among others: line
+and paragraph separators (U+2028, U+2029, U+0085), every control and format character (bidi overrides,
+zero-width), other spaces (U+00A0), quotes, `%`, `?`, `#`, `&`, `;`, `*`, `<>|`, `$` and backquotes."""
+
+
 def check_model_id(value: str) -> str:
-    """Refuse ids that are empty, too long, absolute, hold `..` or control characters.
+    """Refuse ids that are empty, too long, absolute, hold `..` or any character outside the safe set.
 
     Raises InvalidModelId, a ValueError-compatible error for Pydantic, with the reason.
     """
@@ -61,8 +68,15 @@ def _model_id_problem(value: str) -> str | None:
         return "it must not contain '..'"
     if "\\" in value:
         return "it must not contain a backslash"
-    if any(unicodedata.category(ch).startswith("C") for ch in value):
-        return "it must not contain control characters"
+    if value != value.strip(" "):
+        return "it must not start or end with a space"
+    for ch in value:
+        if not (unicodedata.category(ch)[0] in "LNM" or ch in MODEL_ID_PUNCTUATION):
+            name = unicodedata.name(ch, "a control character")
+            return (
+                f"it contains U+{ord(ch):04X} ({name}), which is not allowed; a model id holds letters, digits "
+                f"and {MODEL_ID_PUNCTUATION.strip()} and spaces"
+            )
     return None
 
 
@@ -99,6 +113,8 @@ class UnloadReason(StrEnum):
     """Unused for longer than its keep-alive."""
     RELOADED = "reloaded"
     """Replaced by a fresh copy (`force_reload`)."""
+    NODE_RESTARTED = "node-restarted"
+    """Held by a node process that is gone: announced by the node's next process, which starts with none."""
 
 
 class Operation(StrEnum):

@@ -4,8 +4,10 @@ from pathlib import Path
 from typing import Annotated
 
 from kombu.utils.url import maybe_sanitize_url
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from broker.connection import DEFAULT_MASTER, RedisTarget, parse_redis_url
 
 STATE_DIR = Path(".modelfleet")
 """`modelfleet up`'s state directory, relative to where a process runs (modelfleet/state.py maps it)."""
@@ -20,9 +22,16 @@ class BrokerSettings(BaseSettings):
     worker, an API or Flower started in that directory joins that fleet without flags.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MODELFLEET_", extra="ignore", env_file=STATE_FILE)
+    # hide_input_in_errors: a refused Redis URL (or key) must not appear in the error that refuses it.
+    model_config = SettingsConfigDict(
+        env_prefix="MODELFLEET_", extra="ignore", env_file=STATE_FILE, hide_input_in_errors=True
+    )
 
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """One Redis (`redis://`, `rediss://`, `unix://`) or Redis Sentinel (`redis+sentinel://`, Celery's
+    `sentinel://`): see `broker.connection`."""
+    sentinel_master: str = Field(default=DEFAULT_MASTER, min_length=1, max_length=200)
+    """The master's name in Sentinel, when the URL does not give it."""
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=6.0, gt=0)
     reply_ttl: int = Field(default=900, gt=0)
@@ -32,10 +41,21 @@ class BrokerSettings(BaseSettings):
     """The bearer the head sends to the nodes' inference endpoints (they accept it beside the fleet's API keys);
     set the same value on the head and every node. Never stored in Redis."""
 
+    @field_validator("redis_url")
+    @classmethod
+    def _parseable(cls, value: SecretStr) -> SecretStr:
+        parse_redis_url(value.get_secret_value())  # a ValueError names the part that is wrong, not the URL
+        return value
+
+    @property
+    def redis_target(self) -> RedisTarget:
+        return parse_redis_url(self.redis_url.get_secret_value(), master=self.sentinel_master)
+
     @property
     def safe_redis_url(self) -> str:
         """The Redis URL with its password masked: the only form that may be logged or shown."""
-        return str(maybe_sanitize_url(self.redis_url.get_secret_value()))
+        target = self.redis_target
+        return target.safe() if target.is_sentinel else str(maybe_sanitize_url(target.url))
 
 
 SecretList = Annotated[list[SecretStr], NoDecode]

@@ -33,10 +33,11 @@ def _secrets_of(settings: BrokerSettings) -> list[str]:
     """Every secret a process holds: the Redis URL and its password, and any API keys."""
     url = settings.redis_url.get_secret_value()
     found: list[str] = []
-    password = urlsplit(url).password
+    password = urlsplit(url.split(";")[0]).password
     if password:
         # Masked as written in the URL, decoded (what Redis receives) and re-encoded.
         found += [url, password, unquote(password), quote(unquote(password), safe="")]
+    found += settings.redis_target.secrets()  # a Sentinel URL's other passwords too
     for name in ("operator_keys", "api_keys"):
         found += [k.get_secret_value() for k in getattr(settings, name, [])]
     if settings.node_token is not None:

@@ -20,12 +20,13 @@ from typing import Literal
 
 import redis
 
-from broker.events import EventBus, ModelEvent, NodeEvent, OfflineReason, model_event, now
+from broker.backoff import Backoff
+from broker.events import EventBus, ModelEvent, NodeEvent, OfflineReason, OnlineReason, model_event, now
 from broker.schemas import ModelInfo, NodeInfo
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["always", "online", "stopped", "replaced"]
+Mode = Literal["always", "online", "stopped", "replaced", "orphans"]
 WithModels = Callable[[Callable[[list[ModelInfo]], None]], None]
 
 
@@ -55,15 +56,22 @@ class NodeEvents:
         """The manager's change hook (called under its lock): queue, never block."""
         self._queue.put(_Item(model_event(kind, self._info.fingerprint, model), models, "always"))
 
-    def online(self) -> None:
+    def started(self) -> None:
+        """A new process of this node starts clean, and says so: the offline of a previous boot that nobody
+        announced, then `model-unloaded` (reason `node-restarted`) for every model that boot held."""
+        self._queue.put(_Item(self._node_event("offline", "restarted"), [], "replaced"))
+        self._queue.put(_Item(self._node_event("offline", "restarted"), None, "orphans"))
+
+    def online(self, reason: OnlineReason | None = None) -> None:
         """Announce this boot online unless it already is (cheap to call on every heartbeat: it re-announces a
-        node that some API process declared offline while it stalled); first the offline of a previous boot that
-        nobody announced. At most one such check waits in the queue."""
-        if self._online_queued.is_set():
+        node that some API process declared offline while it stalled, or whose records Redis lost); first the
+        offline of a previous boot that nobody announced. At most one such check waits in the queue, unless this
+        one has a reason to give."""
+        if self._online_queued.is_set() and reason is None:
             return
         self._online_queued.set()
         self._queue.put(_Item(self._node_event("offline", "restarted"), [], "replaced"))
-        self.with_models(lambda models: self._queue.put(_Item(self._node_event("online"), models, "online")))
+        self.with_models(lambda models: self._queue.put(_Item(self._node_event("online", reason), models, "online")))
 
     def stopped(self) -> None:
         self._queue.put(_Item(self._node_event("offline", "stopped"), [], "stopped"))
@@ -88,22 +96,27 @@ class NodeEvents:
     def _publish(self, item: _Item) -> None:
         """Publish `item`, retrying what passes (Redis unreachable, loading, read-only during a failover) with a
         capped backoff; raise what will not (a refused script, a wrong key type) so it is dropped."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 2.0)
         while True:
             try:
-                self._bus.publish(item.event, models=item.models, mode=item.mode, boot=self._info.boot_id)
+                if item.mode == "orphans":
+                    gone = self._bus.announce_orphans(self._info.fingerprint, self._info.boot_id)
+                    if gone:
+                        log.info("announced %d models of the previous process unloaded (node-restarted)", len(gone))
+                else:
+                    self._bus.publish(item.event, models=item.models, mode=item.mode, boot=self._info.boot_id)
                 return
             except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
                 if self._closing.is_set():
                     log.warning("gave up publishing %s on stop: %s", item.event.type, type(exc).__name__)
                     return
-                log.warning(
-                    "publishing %s failed (%s); retrying in %.1fs", item.event.type, type(exc).__name__, backoff
-                )
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                delay = backoff.next_delay() or 0.0
+                log.warning("publishing %s failed (%s); retrying in %.1fs", item.event.type, type(exc).__name__, delay)
+                time.sleep(delay)
 
-    def _node_event(self, state: Literal["online", "offline"], reason: OfflineReason | None = None) -> NodeEvent:
+    def _node_event(
+        self, state: Literal["online", "offline"], reason: OfflineReason | OnlineReason | None = None
+    ) -> NodeEvent:
         return NodeEvent(
             type="node-online" if state == "online" else "node-offline",
             node=self._info.fingerprint,

@@ -11,6 +11,7 @@ import time
 import redis
 from celery.signals import worker_ready
 
+from broker.backoff import Backoff
 from broker.celery_app import make_celery
 from broker.errors import ModelfleetError, RedisRefused
 from workers.node import NodeRuntime, build_runtime
@@ -22,7 +23,7 @@ log = logging.getLogger("modelfleet.worker")
 
 def _start_when_redis_answers(runtime: NodeRuntime, settings: WorkerSettings) -> None:
     """Nodes may start before Redis (a reboot, compose): wait for it, as Celery itself would, and say so."""
-    delay = 0.5
+    backoff = Backoff(0.5, 5.0)
     while True:
         try:
             runtime.start()
@@ -30,6 +31,7 @@ def _start_when_redis_answers(runtime: NodeRuntime, settings: WorkerSettings) ->
         except redis.AuthenticationError as exc:
             raise RedisRefused(f"Redis at {settings.safe_redis_url} refused this worker's credentials.") from exc
         except redis.RedisError as exc:
+            delay = backoff.next_delay() or 0.0
             log.warning(
                 "Redis at %s is not answering (%s); retrying in %.1fs",
                 settings.safe_redis_url,
@@ -37,7 +39,6 @@ def _start_when_redis_answers(runtime: NodeRuntime, settings: WorkerSettings) ->
                 delay,
             )
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -48,6 +49,7 @@ def run_worker(settings: WorkerSettings) -> int:
         log.error("cannot start node %s: %s", settings.name, exc)
         return 2
     app = make_celery(settings)
+    app.conf.worker_consumer = "workers.consumer:QuietConsumer"  # rejected messages logged by size and hash
     register_tasks(app)
     install(runtime)
     try:

@@ -24,6 +24,7 @@ from workers.identity import fingerprint, load_or_create_node_key
 if TYPE_CHECKING:
     from workers.inference.server import NodeServer
 from workers.manager import ModelManager
+from workers.outbox import ReplyOutbox
 from workers.service import NodeService
 from workers.settings import WorkerSettings, default_memory_budget
 
@@ -40,6 +41,7 @@ class NodeRuntime:
         registrar: NodeRegistrar,
         client: redis.Redis,
         events: NodeEvents,
+        outbox: ReplyOutbox,
         server: "NodeServer | None" = None,
     ) -> None:
         self.settings = settings
@@ -47,7 +49,9 @@ class NodeRuntime:
         self.service = service
         self.registrar = registrar
         self.events = events
+        self.outbox = outbox
         self.redis = client
+        self._beat_failed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process = psutil.Process()
@@ -55,6 +59,10 @@ class NodeRuntime:
     @property
     def fingerprint(self) -> str:
         return self.service.fingerprint
+
+    @property
+    def boot_id(self) -> str:
+        return self.registrar.info.boot_id
 
     @property
     def queue(self) -> str:
@@ -68,7 +76,8 @@ class NodeRuntime:
 
     def start(self) -> None:
         """Claim the fingerprint (raises DuplicateNode), register, start beating, then preload models."""
-        self.registrar.claim()
+        self.registrar.claim(holder_gone=_holder_gone)
+        self.events.started()  # a new process holds no models: those of the previous one are announced gone
         self._beat()  # and announces this boot online
         self._thread = threading.Thread(target=self._heartbeat_loop, name="modelfleet-heartbeat", daemon=True)
         self._thread.start()
@@ -109,6 +118,7 @@ class NodeRuntime:
         # announce the stop as a lapsed heartbeat.
         self.events.stopped()
         self.events.close()
+        self.outbox.close()
         try:
             self.registrar.release()
         except redis.RedisError as exc:
@@ -117,11 +127,21 @@ class NodeRuntime:
 
     def _beat(self) -> None:
         stats = {**self.service.manager.stats(), "rssBytes": self._process.memory_info().rss}
-        if self.registrar.beat(stats):
+        beat = self.registrar.beat(stats)
+        if beat.reregistered:
+            log.warning(
+                "node %s's records were missing from Redis (flushed, restarted or failed over); registered again",
+                self.fingerprint,
+            )
+        elif beat.retaken:
             log.warning("heartbeat had lapsed (stalled process?); node %s is online again", self.fingerprint)
+        if beat.reregistered or self._beat_failed:
+            # Redis may have lost replies it had taken: write back those whose callers may still wait.
+            self.outbox.restore()
+        self._beat_failed = False
         # Every beat, not only on a re-take: a re-announcement lost to a Redis error is made at the next one.
         if not self._stop.is_set():
-            self.events.online()
+            self.events.online("re-registered" if beat.reregistered else None)
 
     def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval
@@ -134,6 +154,7 @@ class NodeRuntime:
                 os.kill(os.getpid(), 15)
                 return
             except redis.RedisError as exc:
+                self._beat_failed = True
                 log.warning("heartbeat failed: %s; retrying", type(exc).__name__)
             self.service.manager.reap_idle()
             if time.monotonic() >= next_health:
@@ -150,7 +171,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     if not models_dir.is_dir():
         raise FileNotFoundError(f"models directory {settings.models_dir} does not exist")
     fp = fingerprint(load_or_create_node_key(settings.resolved_state_dir))
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=10)
+    client = settings.redis_target.client(health_check_interval=10)
     budget = int(settings.memory_budget) if settings.memory_budget is not None else default_memory_budget()
     backends = build_backends(settings)
     process = psutil.Process()
@@ -179,6 +200,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         endpoint=endpoint,
     )
     events = NodeEvents(EventBus(client, history=settings.events_history), info)
+    outbox = ReplyOutbox(client, ttl=settings.reply_ttl)
     manager = ModelManager(
         backends,
         memory_budget=budget,
@@ -193,4 +215,21 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, plan=backends.plan)
     registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)
     server = NodeServer(create_node_app(manager, keyring), sock) if sock is not None else None
-    return NodeRuntime(settings, service, registrar, client, events, server)
+    return NodeRuntime(settings, service, registrar, client, events, outbox, server)
+
+
+def _holder_gone(holder: NodeInfo) -> bool:
+    """Whether the process registered as `holder` is certainly dead: it ran on this machine and its pid is gone,
+    or now belongs to a process younger than it (this one, say: a container restarted keeps its pid 1). Then a
+    restart takes the node over at once instead of waiting for the dead process's heartbeat to lapse."""
+    if holder.hostname != socket.gethostname():
+        return False
+    if holder.pid == os.getpid():
+        return True
+    try:
+        created = psutil.Process(holder.pid).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+    return created > holder.started_at.timestamp() + 1

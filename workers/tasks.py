@@ -1,7 +1,9 @@
 """The node's Celery tasks. Each is thin: check the deadline, validate the job, call the service, reply.
 
-Every task answers through `broker.replies.publish_reply`, never through a result backend; whatever happens,
-exactly one reply is written, so the API never waits for a job that has already ended.
+Every task answers through the node's `ReplyOutbox` (`broker.replies` underneath), never through a result
+backend; whatever happens, exactly one reply is written, so the API never waits for a job that has already
+ended, and a reply that Redis cannot take yet is retried until the job's deadline. A job starts only through
+`broker.replies.start_job`, which records the boot that ran it (or refuses a job its caller cancelled).
 """
 
 import logging
@@ -15,9 +17,10 @@ from pydantic import BaseModel, ValidationError
 
 from broker import keys
 from broker.errors import InternalError, InvalidRequest, JobExpired, ModelfleetError
-from broker.replies import publish_reply
+from broker.replies import start_job
 from broker.schemas import CatalogJob, ErrorInfo, Job, ListJob, LoadJob, Reply, UnloadAllJob, UnloadJob
 from workers.node import NodeRuntime
+from workers.outbox import TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,13 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, jo
         job = job_type.model_validate(payload)
         if time.time() > job.deadline:
             raise JobExpired(f"The job reached the node {time.time() - job.deadline:.1f}s after its deadline.")
-        if runtime.redis.exists(keys.cancel(job_id)):
-            raise JobExpired("The caller gave up on this job before it started.")
+        try:
+            if not start_job(runtime.redis, job_id, runtime.boot_id, ttl=runtime.settings.reply_ttl):
+                raise JobExpired("The caller gave up on this job before it started.")
+        except TRANSIENT as exc:
+            # Redis went away after handing the job over: run it anyway (its deadline still holds); the outbox
+            # keeps the reply until Redis is back. Only the record of which boot started it is missing.
+            log.warning("job %s starts unrecorded: Redis did not answer (%s)", job_id, type(exc).__name__)
         return job
 
     joined: Future[BaseModel] | None = None
@@ -58,18 +66,27 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, jo
         joined = join(job) if join is not None else None
         return None if joined is not None else operation(job)
 
+    deadline = _deadline(payload)
     reply = _reply(task, job_id, runtime, attempt)
     if reply is None:
         assert joined is not None
-        joined.add_done_callback(lambda fut: _finish_quietly(task, job_id, runtime, fut))
+        joined.add_done_callback(lambda fut: _finish_quietly(task, job_id, runtime, fut, deadline))
         return {"jobId": job_id, "node": runtime.fingerprint, "joined": True}
-    return _finish(task, job_id, runtime, reply)
+    return _finish(task, job_id, runtime, reply, deadline)
 
 
-def _finish_quietly(task: Task, job_id: str, runtime: NodeRuntime, joined: "Future[BaseModel]") -> None:
+def _deadline(payload: Any) -> float:
+    """The job's deadline as sent (until when its reply is worth retrying); a minute if it is unreadable."""
+    value = payload.get("deadline") if isinstance(payload, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else time.time() + 60
+
+
+def _finish_quietly(
+    task: Task, job_id: str, runtime: NodeRuntime, joined: "Future[BaseModel]", deadline: float
+) -> None:
     """Publish a joined job's reply from the loading thread; a failure here must be logged, not lost."""
     try:
-        _finish(task, job_id, runtime, _reply(task, job_id, runtime, joined.result))
+        _finish(task, job_id, runtime, _reply(task, job_id, runtime, joined.result), deadline)
     except Exception:
         log.exception("the reply to joined job %s could not be published; its caller will time out", job_id)
 
@@ -92,9 +109,9 @@ def _reply(task: Task, job_id: str, runtime: NodeRuntime, compute: Callable[[], 
     return Reply(job_id=job_id, node=runtime.fingerprint, error=info)
 
 
-def _finish(task: Task, job_id: str, runtime: NodeRuntime, reply: Reply | None) -> dict[str, Any]:
+def _finish(task: Task, job_id: str, runtime: NodeRuntime, reply: Reply | None, deadline: float) -> dict[str, Any]:
     assert reply is not None, "only a joined job has no reply yet"
-    publish_reply(runtime.redis, reply, ttl=runtime.settings.reply_ttl)
+    runtime.outbox.send(reply, deadline)
     if reply.error is not None:
         log.info("job %s (%s): %s", job_id, task.name, reply.error.code)
     # Celery logs and Flower shows a task's return value: only the outcome, never the reply's text, which can

@@ -11,7 +11,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Header, Query
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import Directory, Reader, Relay
 from broker.events import stream_id
@@ -53,15 +53,36 @@ class EventStreamResponse(StreamingResponse):
     """A `text/event-stream` that ends when its body ends, the client goes, or the relay drops the client.
 
     A client too slow to read blocks our writes (flow control), so the relay's drop cannot wait for the next
-    write: it cancels the stream from the side, and the connection is closed under it.
+    write: it cancels the stream from the side, and the connection is closed under it. A client that stops
+    reading altogether is found by the write deadline: a write that has not completed after `write_timeout`
+    seconds (its kernel buffers and ours are full) drops it (`on_stall`).
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], dropped: asyncio.Event) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        dropped: asyncio.Event,
+        *,
+        write_timeout: float | None = None,
+        on_stall: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(content, headers=HEADERS)
         self._dropped = dropped
         self._frames = content
+        self._write_timeout = write_timeout
+        self._on_stall = on_stall
+
+    async def _send_by_deadline(self, send: Send, message: Message) -> None:
+        if self._write_timeout is None:
+            await send(message)
+            return
+        with anyio.move_on_after(self._write_timeout) as scope:
+            await send(message)
+        if scope.cancelled_caught:
+            self._on_stall()  # sets `dropped`, which ends the stream below
+            await anyio.sleep_forever()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -71,7 +92,7 @@ class EventStreamResponse(StreamingResponse):
                     await func()
                     group.cancel_scope.cancel()
 
-                group.start_soon(until, partial(self.stream_response, send))
+                group.start_soon(until, partial(self.stream_response, partial(self._send_by_deadline, send)))
                 group.start_soon(until, partial(self.listen_for_disconnect, receive))
                 group.start_soon(until, self._dropped.wait)
         finally:
@@ -114,4 +135,9 @@ async def events(
         relay.close(sub)
         raise
     assert replay_after is None or stream_id(replay_after) is not None
-    return EventStreamResponse(relay.frames(sub, first, replay_after), sub.dropped)
+    return EventStreamResponse(
+        relay.frames(sub, first, replay_after),
+        sub.dropped,
+        write_timeout=relay.write_timeout,
+        on_stall=partial(relay.stalled, sub),
+    )

@@ -22,10 +22,32 @@ def test_good_model_ids(good: str) -> None:
     assert check_model_id(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", " ", "..", "a/../b", "/abs", "\\win", "a\x00b", "a\x7fb", "x" * 129])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        *["", " ", "..", "a/../b", "/abs", "\\win", "a\x00b", "a\x7fb", "x" * 129, "a\u2028b", "a\u2029b", "a\x85b"],
+        *[
+            "a\u202eb",
+            "a\u200bb",
+            "a\xa0b",
+            "a%2fb",
+            "a?b",
+            "a#b",
+            "a'b",
+            'a"b',
+            "a;b",
+            "a*b",
+            "a$b",
+            "a`b",
+            " a",
+            "a ",
+        ],
+    ],
+)
 def test_bad_model_ids(bad: str) -> None:
-    with pytest.raises(errors.InvalidModelId):
+    with pytest.raises(errors.InvalidModelId) as caught:
         check_model_id(bad)
+    assert caught.value.message.isprintable(), caught.value.message  # safe to log and to show in a terminal
     with pytest.raises(ValidationError):
         LoadJob(deadline=1.0, model_id=bad)
 
