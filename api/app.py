@@ -72,7 +72,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         router = Router(client, directory, load, on_demand=settings.load_on_demand, load_timeout=settings.load_timeout)
         inflight = InFlight(client, lease=settings.inflight_lease)
         http = node_http_client(settings)
-        app.state.proxy = NodeProxy(http, inflight, router, app.state.metrics.inference, node_auth(settings))
+        app.state.proxy = NodeProxy(
+            http, inflight, router, app.state.metrics.inference, node_auth(settings), liveness=waiter
+        )
         app.state.metrics.watch_inference(router)
         await waiter.start()
         await relay.start()

@@ -11,6 +11,11 @@ breaks before its first byte, is left and the request is sent once more to anoth
 client get the status line and headers: the node's own, with its first chunk right behind, then every chunk as
 it arrives (`aiter_raw`: nothing re-encoded, nothing buffered). A node that fails after the first byte cannot
 be retried (the client has part of an answer): an event stream gets an OpenAI error event in place of the rest.
+
+A node process that dies or is replaced does not always break the connection at once (a frozen machine, a
+network partition: no FIN, no RST). With `liveness` (the API's `ReplyWaiter`), each exchange also watches the
+node's boot id: a replica whose process is gone before the first byte counts as failed (the request goes to
+another replica); one gone mid-stream ends the stream with an OpenAI error event within a liveness tick.
 """
 
 import asyncio
@@ -21,6 +26,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from starlette.responses import Response
@@ -28,6 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.inflight import InFlight, Lease
 from api.metrics import InferenceMetrics
+from api.replies import ReplyWaiter
 from api.routing import Replica, Router
 from api.settings import ApiSettings
 from broker.errors import ModelfleetError, NodeUnavailable
@@ -84,13 +91,32 @@ class NodeProxy:
     """Sends inference requests to replicas: picks, retries before the first byte, and releases leases."""
 
     def __init__(
-        self, http: httpx.AsyncClient, inflight: InFlight, router: Router, metrics: InferenceMetrics, auth: NodeHeaders
+        self,
+        http: httpx.AsyncClient,
+        inflight: InFlight,
+        router: Router,
+        metrics: InferenceMetrics,
+        auth: NodeHeaders,
+        *,
+        liveness: ReplyWaiter | None = None,
     ) -> None:
         self.http = http
         self.inflight = inflight
         self.router = router
         self.metrics = metrics
         self._auth = auth
+        self.liveness = liveness
+
+    def watch(self, replica: Replica) -> "asyncio.Future[Any] | None":
+        """A future that fails once the replica's node process is gone (None without `liveness`)."""
+        if self.liveness is None:
+            return None
+        node = replica.node
+        return self.liveness.watch(node.fingerprint, node.name, node.boot_id)
+
+    def unwatch(self, watch: "asyncio.Future[Any] | None") -> None:
+        if watch is not None and self.liveness is not None:
+            self.liveness.unwatch(watch)
 
     async def open(self, model_id: str, path: str, body: bytes, authorization: str | None = None) -> Opened:
         """The first replica's answer that is worth passing on, or raise NodeUnavailable if none gave one."""
@@ -123,7 +149,31 @@ class NodeProxy:
     async def _try(
         self, replica: Replica, lease: Lease, path: str, body: bytes, authorization: str | None, *, last: bool
     ) -> Opened | str:
-        """An Opened, or why this replica failed before its first byte."""
+        """An Opened, or why this replica failed before its first byte (its process gone included)."""
+        watch = self.watch(replica)
+        if watch is None:
+            return await self._first(replica, lease, path, body, authorization, last=last)
+        attempt = asyncio.ensure_future(self._first(replica, lease, path, body, authorization, last=last))
+        try:
+            await asyncio.wait({attempt, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            attempt.cancel()
+            await _shielded(attempt)
+            raise
+        finally:
+            self.unwatch(watch)
+        if attempt.done():
+            return attempt.result()
+        attempt.cancel()
+        await _shielded(attempt)
+        if attempt.done() and not attempt.cancelled() and isinstance(opened := attempt.result(), Opened):
+            await _shielded(opened.response.aclose())
+        lost = watch.exception() if not watch.cancelled() else None
+        return f"node {replica.node.name} ({replica.node.fingerprint}) went away before answering: {lost}"
+
+    async def _first(
+        self, replica: Replica, lease: Lease, path: str, body: bytes, authorization: str | None, *, last: bool
+    ) -> Opened | str:
         headers = {"content-type": "application/json", **self._auth(replica, authorization)}
         request = self.http.build_request("POST", replica.endpoint + path, content=body, headers=headers)
         where = f"node {replica.node.name} ({replica.node.fingerprint})"
@@ -233,10 +283,33 @@ class ProxyResponse(Response):
             if opened.first:
                 await send({"type": "http.response.body", "body": opened.first, "more_body": True})
             outcome = "ok" if response.status_code < 400 else f"http_{response.status_code}"
+            task = asyncio.current_task()
+            assert task is not None
+            lost: list[BaseException] = []
+
+            def on_lost(watch: "asyncio.Future[Any]") -> None:
+                if not watch.cancelled() and (exc := watch.exception()) is not None:
+                    lost.append(exc)
+                    task.cancel()  # the read may never end by itself: no FIN comes from a frozen machine
+
+            watch = self._proxy.watch(opened.replica)
+            if watch is not None:
+                watch.add_done_callback(on_lost)
             try:
                 async for chunk in opened.chunks:
                     tally.chunk(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except asyncio.CancelledError:
+                if not lost:
+                    raise
+                task.uncancel()
+                outcome = "node_lost_mid_stream"
+                node = opened.replica.node
+                log.warning("node %s went away mid-stream for %s: %s", node.name, self._model, lost[0])
+                if response.headers.get("content-type", "").startswith(SSE):
+                    message = f"{lost[0]} The answer is cut short."
+                    event = error_event(message, getattr(lost[0], "code", "node_error"))
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
             except httpx.TransportError as exc:
                 outcome = "node_failed_mid_stream"
                 node = opened.replica.node
@@ -245,6 +318,10 @@ class ProxyResponse(Response):
                     message = f"Node {node.name} ({node.fingerprint}) failed while answering; the answer is cut short."
                     event = error_event(message, "node_error")
                     await send({"type": "http.response.body", "body": event, "more_body": True})
+            finally:
+                if watch is not None:
+                    watch.remove_done_callback(on_lost)
+                    self._proxy.unwatch(watch)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await _shielded(response.aclose())

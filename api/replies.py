@@ -15,6 +15,9 @@ value is the boot id of the process holding the node:
   offline. The same grace follows any Redis error this waiter saw: a key may have lapsed during the outage
   though its node was beating all along.
 
+The same checks guard anything else that depends on one node process: `watch` gives a future that fails with
+NodeRestarted or NodeWentOffline when that process is gone (the head's inference proxy ends a stream with it).
+
 Hundreds of concurrent waits cost one connection and one MGET and pipeline a tick.
 """
 
@@ -44,6 +47,8 @@ class _Pending:
     future: "asyncio.Future[Reply]"
     missing_since: float | None = None
     """When the node's alive key and registration were first seen gone together (Redis lost the registry)."""
+    job: bool = True
+    """A job awaiting its reply; else a `watch` of the node process alone."""
 
 
 class ReplyWaiter:
@@ -66,6 +71,20 @@ class ReplyWaiter:
 
     def forget(self, job_id: str) -> None:
         self._pending.pop(job_id, None)
+
+    def watch(self, fingerprint: str, name: str, boot: str) -> "asyncio.Future[Reply]":
+        """A future that fails (NodeRestarted, NodeWentOffline) once node process `boot` is gone; it never
+        succeeds. Pass it to `unwatch` when done."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[f"watch:{id(future)}"] = _Pending(fingerprint, name, boot, future, job=False)
+        return future
+
+    def unwatch(self, future: "asyncio.Future[Reply]") -> None:
+        self._pending.pop(f"watch:{id(future)}", None)
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # retrieved: asyncio must not log it as forgotten
 
     @property
     def pending(self) -> int:
@@ -120,7 +139,7 @@ class ReplyWaiter:
                 log.warning("liveness check failed: %s", type(exc).__name__)
 
     async def _collect_stored(self) -> None:
-        job_ids = [j for j, item in self._pending.items() if not item.future.done()]
+        job_ids = [j for j, item in self._pending.items() if item.job and not item.future.done()]
         if not job_ids:
             return
         for raw in await self._redis.mget([keys.reply(j) for j in job_ids]):
@@ -148,7 +167,8 @@ class ReplyWaiter:
             elif holder is not None:
                 item.future.set_exception(
                     NodeRestarted(
-                        f"Node {item.name} ({item.fingerprint}) was restarted while the job was queued or running.",
+                        f"Node {item.name} ({item.fingerprint}) was restarted while the "
+                        f"{'job was queued or running' if item.job else 'request was running'}.",
                         node=item.fingerprint,
                         boot_id=holder,
                         previous_boot_id=item.boot,
@@ -163,9 +183,9 @@ class ReplyWaiter:
 
 
 def _went_offline(item: _Pending) -> NodeWentOffline:
+    what = "the job was queued or running" if item.job else "the request was running"
     return NodeWentOffline(
-        f"Node {item.name} ({item.fingerprint}) stopped sending heartbeats while the job was queued or running.",
-        node=item.fingerprint,
+        f"Node {item.name} ({item.fingerprint}) stopped sending heartbeats while {what}.", node=item.fingerprint
     )
 
 

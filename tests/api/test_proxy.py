@@ -23,6 +23,7 @@ from api.errors import install_error_handlers
 from api.inflight import InFlight
 from api.metrics import Metrics
 from api.proxy import NodeProxy, ProxyResponse
+from api.replies import ReplyWaiter
 from api.routing import Router
 from broker import keys
 from broker.registry import NodeDirectory
@@ -84,8 +85,15 @@ def serve(app: object) -> Iterator[str]:
         thread.join(10)
 
 
-def head(redis: fakeredis.FakeServer, upstreams: dict[str, str]) -> tuple[Starlette, dict[str, object]]:
-    """The head's proxy route, its nodes registered in fakeredis with `upstreams` as their endpoints."""
+def head(
+    redis: fakeredis.FakeServer,
+    upstreams: dict[str, str],
+    *,
+    liveness_tick: float | None = None,
+    busy: tuple[str, ...] = (),
+) -> tuple[Starlette, dict[str, object]]:
+    """The head's proxy route, its nodes registered in fakeredis with `upstreams` as their endpoints; with
+    `liveness_tick`, watching node processes as the API does; `busy` nodes hold a lease already (picked last)."""
     state: dict[str, object] = {}
 
     @contextlib.asynccontextmanager
@@ -99,11 +107,19 @@ def head(redis: fakeredis.FakeServer, upstreams: dict[str, str]) -> tuple[Starle
 
         router = Router(client, NodeDirectory(client), no_load, on_demand=False, load_timeout=5)
         inflight = InFlight(client)
+        for fp in busy:
+            await inflight.acquire([fp])
         metrics = Metrics()
-        async with httpx.AsyncClient(timeout=10) as http:
-            state["proxy"] = NodeProxy(http, inflight, router, metrics.inference, lambda replica, authorization: {})
+        waiter = ReplyWaiter(client, tick=liveness_tick, registry_grace=1.0) if liveness_tick else None
+        if waiter is not None:
+            await waiter.start()
+        async with httpx.AsyncClient(timeout=30) as http:
+            auth = lambda replica, authorization: {}  # noqa: E731
+            state["proxy"] = NodeProxy(http, inflight, router, metrics.inference, auth, liveness=waiter)
             state["metrics"] = metrics
             yield
+        if waiter is not None:
+            await waiter.stop()
 
     async def complete(request: Request) -> Response:
         body = await request.body()
