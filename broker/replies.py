@@ -18,8 +18,10 @@ from typing import Any, Protocol
 from broker import keys
 from broker.schemas import Reply
 
-# KEYS: cancel, started. ARGV: boot id, TTL s. 1 if this boot may start the job (and it is recorded), else 0.
+# KEYS: cancel, started. ARGV: boot id, TTL s. 1 if this boot may start the job (and it is recorded); 0 if its
+# caller cancelled it; 2 if it started before (the broker delivered it again, as kombu may after a failover).
 _START = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return 1
@@ -55,10 +57,15 @@ def store_reply(redis: _SyncRedis, job_id: str, body: str, *, ttl: int, announce
     pipe.execute()
 
 
-def start_job(redis: _SyncRedis, job_id: str, boot_id: str, *, ttl: int) -> bool:
-    """Record that `boot_id` starts the job, unless its caller cancelled it; False if it must not run."""
+START, CANCELLED, AGAIN = 1, 0, 2
+"""`start_job`'s answers: run it; its caller gave up on it; it started before (a second delivery: skip it)."""
+
+
+def start_job(redis: _SyncRedis, job_id: str, boot_id: str, *, ttl: int) -> int:
+    """Record that `boot_id` starts the job unless its caller cancelled it or it started before: START,
+    CANCELLED or AGAIN."""
     script = redis.register_script(_START)
-    return bool(script(keys=[keys.cancel(job_id), keys.started(job_id)], args=[boot_id, ttl]))
+    return int(script(keys=[keys.cancel(job_id), keys.started(job_id)], args=[boot_id, ttl]))
 
 
 async def abandon_job(redis: Any, job_id: str, *, ttl: int, keep_for: str | None = None) -> str | None:

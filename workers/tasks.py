@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from broker import keys
 from broker.errors import InternalError, InvalidRequest, JobExpired, ModelfleetError
-from broker.replies import start_job
+from broker.replies import AGAIN, CANCELLED, start_job
 from broker.schemas import CatalogJob, ErrorInfo, Job, ListJob, LoadJob, Reply, UnloadAllJob, UnloadJob
 from workers.node import NodeRuntime
 from workers.outbox import TRANSIENT
@@ -50,12 +50,16 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, jo
         if time.time() > job.deadline:
             raise JobExpired(f"The job reached the node {time.time() - job.deadline:.1f}s after its deadline.")
         try:
-            if not start_job(runtime.redis, job_id, runtime.boot_id, ttl=runtime.settings.reply_ttl):
-                raise JobExpired("The caller gave up on this job before it started.")
+            outcome = start_job(runtime.redis, job_id, runtime.boot_id, ttl=runtime.settings.reply_ttl)
         except TRANSIENT as exc:
             # Redis went away after handing the job over: run it anyway (its deadline still holds); the outbox
             # keeps the reply until Redis is back. Only the record of which boot started it is missing.
             log.warning("job %s starts unrecorded: Redis did not answer (%s)", job_id, type(exc).__name__)
+            return job
+        if outcome == AGAIN:
+            raise _Redelivered(job_id)
+        if outcome == CANCELLED:
+            raise JobExpired("The caller gave up on this job before it started.")
         return job
 
     joined: Future[BaseModel] | None = None
@@ -67,12 +71,21 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, jo
         return None if joined is not None else operation(job)
 
     deadline = _deadline(payload)
-    reply = _reply(task, job_id, runtime, attempt)
+    try:
+        reply = _reply(task, job_id, runtime, attempt)
+    except _Redelivered:
+        # Its first run replied already: a second run would do the work twice and overwrite that reply.
+        log.warning("job %s was delivered again (broker redelivery after a failover?); it ran before: skipped", job_id)
+        return {"jobId": job_id, "node": runtime.fingerprint, "skipped": "redelivered"}
     if reply is None:
         assert joined is not None
         joined.add_done_callback(lambda fut: _finish_quietly(task, job_id, runtime, fut, deadline))
         return {"jobId": job_id, "node": runtime.fingerprint, "joined": True}
     return _finish(task, job_id, runtime, reply, deadline)
+
+
+class _Redelivered(Exception):
+    """The broker delivered a job that already started on this node (`broker.replies.start_job`)."""
 
 
 def _deadline(payload: Any) -> float:
@@ -98,6 +111,8 @@ def _reply(task: Task, job_id: str, runtime: NodeRuntime, compute: Callable[[], 
         if result is None:
             return None
         return Reply(job_id=job_id, node=runtime.fingerprint, result=result.model_dump(mode="json", by_alias=True))
+    except _Redelivered:
+        raise
     except ValidationError as exc:
         error: ModelfleetError = InvalidRequest(f"Malformed job: {exc.error_count()} invalid field(s).")
     except ModelfleetError as exc:

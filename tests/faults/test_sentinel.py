@@ -145,9 +145,14 @@ def test_a_fleet_on_sentinel_survives_a_failover_during_a_stream_of_loads(
         assert promoted == sentinels.ports["replica"], "the sentinel did not promote the replica"
         assert [a[2] for a in answered] == [200] * len(answered), answered
 
-        # No job ran twice: each job id was received by the worker once.
-        received = Counter(re.findall(r"Task modelfleet\.\w+\[([0-9a-f]+)\] received", worker.log()))
-        assert received and max(received.values()) == 1, [j for j, n in received.items() if n > 1]
+        # No job ran twice: a job the broker delivered again after the failover (kombu can restore a message whose
+        # ack the old master had not passed on) was recognised and skipped.
+        log = worker.log()
+        received = Counter(re.findall(r"Task modelfleet\.\w+\[([0-9a-f]+)\] received", log))
+        skipped = Counter(re.findall(r"job ([0-9a-f]+) was delivered again", log))
+        ran = received - skipped
+        print(f"  {sum(skipped.values())} redelivered job(s) skipped")
+        assert received and set(ran.values()) == {1}, [j for j, n in ran.items() if n != 1]
         # And the fleet is whole on the new master.
         wait_for(lambda: node_ok(client, worker), 15, "the node to be listed on the new master")
         assert client.load(worker.fingerprint, "tiny-a").model_id == "tiny-a"
