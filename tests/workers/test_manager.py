@@ -475,6 +475,7 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
     from broker import keys
     from broker.schemas import Reply
     from workers import tasks
+    from workers.outbox import ReplyOutbox
     from workers.service import NodeService
 
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
@@ -487,7 +488,12 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
     )
     redis = fakeredis.FakeRedis()
     runtime = SimpleNamespace(
-        redis=redis, fingerprint="f" * 32, service=service, settings=SimpleNamespace(reply_ttl=60)
+        redis=redis,
+        fingerprint="f" * 32,
+        boot_id="b" * 32,
+        service=service,
+        settings=SimpleNamespace(reply_ttl=60),
+        outbox=ReplyOutbox(redis, ttl=60),
     )
     tasks.install(runtime)  # type: ignore[arg-type]
 
