@@ -3,6 +3,7 @@ operations that work on ctransformers work the same on llama.cpp. Files made on 
 old ctransformers cannot load (qwen2, a Llama-3-style BPE vocabulary), plus the real stories260K."""
 
 import importlib.util
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.conftest import OPERATOR_KEY, STORIES, Api, Fleet, Worker
 from workers.gguf_factory import write_tiny_llama, write_tiny_llama3, write_tiny_qwen2, write_unknown_architecture
 
 pytestmark = pytest.mark.timeout(180)
+LILY = ", there was a little girl named Lily"
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(
@@ -31,6 +33,7 @@ def backend_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_unknown_architecture(root / "alien.gguf")
     if STORIES.exists():
         shutil.copy(STORIES, root / "stories260K.gguf")
+        shutil.copy(STORIES, root / "stories-llama.gguf")  # the same file, loaded with llama.cpp beside it
     return root
 
 
@@ -164,3 +167,60 @@ def test_admission_and_eviction_cross_backends(module_fleet: Fleet, backend_mode
         assert models["llama3-tiny"]["backend"] == "llama-cpp" and models["old-llama"]["backend"] == "ctransformers"
     finally:
         node.stop()
+
+
+def complete(node: Worker, model: str, **fields: Any) -> dict[str, Any]:
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0} | fields
+    with node.inference() as client:
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def shape(value: Any) -> Any:
+    """The keys of an answer, at every depth, with the values' types: what must not depend on the backend."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value]
+    return type(value).__name__
+
+
+@needs_llama_cpp
+def test_stories260k_continues_the_same_on_both_backends(op: httpx.Client, auto_node: Worker) -> None:
+    if not STORIES.exists():
+        pytest.skip(f"the real model is not at {STORIES}")
+    assert load(op, auto_node, "stories260K").status_code == 200
+    assert load(op, auto_node, "stories-llama", backend="llama-cpp").status_code == 200
+    models = listed(op, auto_node)
+    assert (models["stories260K"]["backend"], models["stories-llama"]["backend"]) == ("ctransformers", "llama-cpp")
+    old, new = complete(auto_node, "stories260K"), complete(auto_node, "stories-llama")
+    assert old["choices"][0]["text"].startswith(LILY) and new["choices"][0]["text"] == old["choices"][0]["text"]
+    assert new["usage"] == old["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    assert shape(new) == shape(old)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model", ["qwen2-tiny", "llama3-tiny"])
+def test_todays_architectures_answer_through_the_node_endpoint(op: httpx.Client, auto_node: Worker, model: str) -> None:
+    assert load(op, auto_node, model).status_code == 200
+    assert load(op, auto_node, "old-llama").status_code == 200
+    answer = complete(auto_node, model, max_tokens=5)
+    assert answer["object"] == "text_completion" and answer["model"] == model
+    assert answer["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert 0 < answer["usage"]["completion_tokens"] <= 5 and answer["usage"]["prompt_tokens"] > 0
+    assert shape(answer) == shape(complete(auto_node, "old-llama", max_tokens=5))
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 4}
+    with auto_node.inference() as client:
+        whole = client.post("/v1/chat/completions", json=chat | {"temperature": 0})
+        with client.stream("POST", "/v1/chat/completions", json=chat | {"stream": True, "temperature": 0}) as r:
+            assert r.status_code == 200
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert whole.status_code == 200, whole.text
+    # The model's own template (ChatML or Llama 3's) with its special tokens, each one token: a few dozen at most.
+    assert 8 < whole.json()["usage"]["prompt_tokens"] < 40
+    assert events[-1] == "[DONE]"
+    streamed = "".join(
+        (json.loads(e)["choices"] or [{"delta": {}}])[0]["delta"].get("content") or "" for e in events[:-1]
+    )
+    assert streamed == whole.json()["choices"][0]["message"]["content"]
