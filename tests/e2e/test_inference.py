@@ -148,20 +148,19 @@ def test_a_client_that_disconnects_frees_the_slot_at_once(two: tuple[Api, Worker
         [model] = [m for m in client.get(f"/api/v1/nodes/{node}/models").json()["data"] if m["id"] == "stories260K"]
         return model["tokensGenerated"], model["inFlight"] + model["queued"]
 
-    # As long an answer as the context holds: about 0.7 s of generation on this machine.
-    body = {"model": "stories260K", "prompt": STORY, "stream": True, "max_tokens": 500, "temperature": 1}
+    # As long an answer as the context holds (greedy, this story never ends before it): 500 tokens, about 0.7 s.
+    body = {"model": "stories260K", "prompt": STORY, "stream": True, "max_tokens": 500, "temperature": 0}
     with api.client(READ_KEY) as client:
         before = {fp: generated(client, fp)[0] for fp in (a.fingerprint, two[2].fingerprint)}
         with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
             node = response.headers["x-modelfleet-node"]
             next(response.iter_lines())
-            assert redis.zcard(keys.inflight(node)) == 1
         # The client went away: the head releases the lease and closes the node's stream, which stops generating.
         wait_for(lambda: redis.zcard(keys.inflight(node)) == 0, 5, "the head to release the request's lease")
         wait_for(lambda: generated(client, node)[1] == 0, 5, "the node's generation to stop")
         tokens = generated(client, node)[0] - before[node]
-    assert 0 < tokens < 400, tokens
+    assert 0 < tokens < 500, tokens  # stopped before the end of the answer
 
 
 def test_a_node_failing_before_the_first_byte_is_retried_on_the_other(
