@@ -7,9 +7,10 @@ import pytest
 from gguf.constants import GGMLQuantizationType as Q
 
 from broker.errors import BackendUnavailable, InvalidRequest
+from workers import backends
 from workers.backend import CTransformersLoader
 from workers.backend_rules import ctransformers_problem, llama_cpp_problem
-from workers.backends import Backends, build_backends
+from workers.backends import Backend, Backends, build_backends
 from workers.gguf_factory import write_tiny_llama, write_tiny_llama3, write_tiny_qwen2, write_unknown_architecture
 from workers.gguf_info import read_gguf_info
 from workers.settings import WorkerSettings
@@ -87,6 +88,28 @@ def test_tensor_types_ctransformers_predates_go_elsewhere(files: dict[str, Path]
     newer = replace(info, tensor_types=frozenset({int(Q.F32), int(Q.IQ2_XS), int(Q.BF16)}))
     assert ctransformers_problem(newer) == "tensor types BF16, IQ2_XS"
     assert llama_cpp_problem(newer) is None
+
+
+def test_a_missing_library_is_named_at_start_or_left_to_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without llama-cpp-python: `--backend llama-cpp` refuses to start, saying how to install it; `auto` runs
+    ctransformers alone and names the missing backend in each refusal."""
+
+    def not_installed(settings: WorkerSettings) -> Backend:
+        raise ImportError("No module named 'llama_cpp'")
+
+    registry = tuple(replace(s, create=not_installed) if s.name == "llama-cpp" else s for s in backends.REGISTRY)
+    monkeypatch.setattr(backends, "REGISTRY", registry)
+    with pytest.raises(
+        RuntimeError, match=r"--backend llama-cpp is not installed .*: pip install 'modelfleet\[llama-cpp\]'"
+    ):
+        build_backends(WorkerSettings(models_dir=tmp_path, threads=1, backend="llama-cpp"))
+    auto = build_backends(WorkerSettings(models_dir=tmp_path, threads=1))
+    assert auto.names == ["ctransformers"] and "not installed: llama-cpp" in auto.describe()
+    qwen2 = write_tiny_qwen2(tmp_path / "q.gguf")
+    assert (
+        auto.plan(qwen2, None).problem
+        == f"Cannot load q.gguf: architecture qwen2 needs the llama-cpp backend: {INSTALL}."
+    )
 
 
 def test_build_backends_follows_the_setting(tmp_path: Path) -> None:
