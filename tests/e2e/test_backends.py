@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import OPERATOR_KEY, STORIES, Api, Fleet, Worker
+from tests.conftest import OPERATOR_KEY, READ_KEY, STORIES, Api, Fleet, Worker
 from workers.gguf_factory import write_tiny_llama, write_tiny_llama3, write_tiny_qwen2, write_unknown_architecture
 
 pytestmark = pytest.mark.timeout(180)
@@ -224,3 +224,26 @@ def test_todays_architectures_answer_through_the_node_endpoint(op: httpx.Client,
         (json.loads(e)["choices"] or [{"delta": {}}])[0]["delta"].get("content") or "" for e in events[:-1]
     )
     assert streamed == whole.json()["choices"][0]["message"]["content"]
+
+
+@needs_llama_cpp
+def test_the_head_serves_both_backends_with_the_same_shapes(op: httpx.Client, api: Api, auto_node: Worker) -> None:
+    """Through the head's OpenAI routes: a llama.cpp model and a ctransformers one, streamed and not."""
+    for model in ("qwen2-tiny", "old-llama"):
+        assert load(op, auto_node, model).status_code == 200
+    answers: dict[str, Any] = {}
+    with api.client(READ_KEY) as reader:
+        for model in ("qwen2-tiny", "old-llama"):
+            body = {"model": model, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
+            response = reader.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            answers[model] = response.json()
+            with reader.stream("POST", "/v1/completions", json=body | {"stream": True}) as streamed:
+                assert streamed.status_code == 200
+                events = [line.removeprefix("data: ") for line in streamed.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            text = "".join(c["choices"][0]["text"] for e in events[:-1] if (c := json.loads(e))["choices"])
+            assert text == answers[model]["choices"][0]["text"]
+    assert shape(answers["qwen2-tiny"]) == shape(answers["old-llama"])
+    direct = complete(auto_node, "qwen2-tiny", max_tokens=5)
+    assert answers["qwen2-tiny"]["choices"][0]["text"] == direct["choices"][0]["text"]
