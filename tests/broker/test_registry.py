@@ -7,7 +7,7 @@ import fakeredis
 import pytest
 
 from broker import keys
-from broker.registry import DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
+from broker.registry import Beat, DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
 from broker.schemas import ModelState, NodeInfo
 from tests.conftest import node_info
 
@@ -134,3 +134,36 @@ def test_consuming_belongs_to_the_boot_that_said_it(server: fakeredis.FakeServer
     successor = registrar(server, ttl=0.3)  # the same node restarted: a new boot, not consuming yet
     successor.claim(wait=2.0)
     assert read().online and not read().consuming
+
+
+def test_a_beat_re_registers_a_node_whose_records_redis_lost(server: fakeredis.FakeServer) -> None:
+    node = registrar(server)
+    node.claim()
+    node.mark_consuming()
+    assert node.beat({}) == Beat(retaken=False, reregistered=False)
+    client = fakeredis.FakeRedis(server=server)
+    client.flushall()  # as a Redis restart without persistence, or a failover to an empty replica, would
+    assert node.beat({}) == Beat(retaken=True, reregistered=True)
+    assert client.sismember(keys.nodes_set(), FP)
+    assert client.hget(keys.node_info(FP), "boot") == node.info.boot_id.encode()
+    assert client.hget(keys.node_info(FP), "consuming") == node.info.boot_id.encode()
+    assert node.beat({}) == Beat(retaken=False, reregistered=False)
+
+
+def test_a_restart_takes_over_at_once_from_a_holder_known_dead(server: fakeredis.FakeServer) -> None:
+    dead = registrar(server, ttl=30)
+    dead.claim()
+    successor = registrar(server, ttl=30)
+    # Waiting out a 30 s TTL within 2 s is impossible: the claim succeeds only by taking over at once.
+    successor.claim(wait=2, holder_gone=lambda holder: holder.boot_id == dead.info.boot_id)
+    assert fakeredis.FakeRedis(server=server).get(keys.node_alive(FP)) == successor.info.boot_id.encode()
+
+
+def test_an_offline_node_shows_when_it_last_beat_but_no_live_figures(server: fakeredis.FakeServer) -> None:
+    node = registrar(server)
+    node.claim()
+    node.beat({"modelsLoaded": 1, "modelStates": {"loading": 1}, "memoryUsedBytes": 5, "rssBytes": 7})
+    node.release()
+    offline = asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get(FP))
+    assert not offline.online and offline.last_heartbeat is not None
+    assert (offline.models_loaded, offline.model_states, offline.memory_used_bytes, offline.rss_bytes) == (0, {}, 0, 0)
