@@ -262,3 +262,31 @@ def test_no_key_reaches_the_page_its_storage_a_url_or_the_log(dash: Dash, new_pa
         assert secret not in dash.api.log()
         assert secret not in stored
     assert OPERATOR_KEY not in page.content()
+
+
+def test_the_playground_streams_an_answer(dash: Dash, new_page, tmp_path: Path) -> None:
+    api_load(dash, dash.a.fingerprint, "stories260K")
+    page = new_page()
+    sign_in(page, dash.api)
+    page.get_by_test_id("tab-playground").click()
+    expect(page.get_by_test_id("pg-model")).to_have_value("stories260K")
+    page.get_by_test_id("pg-prompt").fill("Once upon a time")
+    page.get_by_label("Max tokens").fill("16")
+    page.evaluate(
+        """() => {
+            window.__lengths = [];
+            const out = document.querySelector('[data-testid="pg-output"]');
+            new MutationObserver(() => window.__lengths.push(out.textContent.length))
+                .observe(out, { subtree: true, childList: true, characterData: true });
+        }"""
+    )
+    page.get_by_test_id("pg-send").click()
+    expect(page.get_by_test_id("pg-stop")).to_be_visible()
+    expect(page.get_by_test_id("pg-stats")).to_contain_text("finish: length", timeout=90_000)
+    text = page.get_by_test_id("pg-output").text_content() or ""
+    assert len(text.split()) >= 3, text
+    lengths = page.evaluate("window.__lengths")
+    assert len(set(lengths)) >= 3, lengths  # it grew piece by piece, as the tokens came
+    expect(page.get_by_test_id("pg-send")).to_be_enabled()
+    shoot(page, tmp_path / "playground.png", "dashboard-playground.png")
+    unload_everything(dash)
