@@ -37,7 +37,9 @@ from workers.identity import fingerprint, load_or_create_node_key
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"
 MODEL = "stories260K"
 PROMPT = "Once upon a time"
-KEY = "bench-op-" + secrets.token_hex(16)
+# The client processes inherit the key and the node token from the orchestrator's environment.
+KEY = os.environ.setdefault("BENCH_INFERENCE_KEY", "bench-op-" + secrets.token_hex(16))
+NODE_TOKEN = os.environ.setdefault("BENCH_INFERENCE_NODE_TOKEN", "bench-node-" + secrets.token_hex(16))
 THREADS = 1
 
 
@@ -61,8 +63,8 @@ def in_process(model: object, tokens: int) -> tuple[float, float, int]:
     return first, n / (time.perf_counter() - started), n
 
 
-def through_head(client: httpx.Client, tokens: int) -> tuple[float, float, int]:
-    """The same generation through the head, streamed: (ttft, tok/s, n)."""
+def over_http(client: httpx.Client, tokens: int) -> tuple[float, float, int]:
+    """The same generation over HTTP (through the head, or straight to a node), streamed: (ttft, tok/s, n)."""
     body = {"model": MODEL, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
     started = time.perf_counter()
     first, n = 0.0, 0
@@ -76,45 +78,53 @@ def through_head(client: httpx.Client, tokens: int) -> tuple[float, float, int]:
     return first, n / (time.perf_counter() - started), n
 
 
-def client_single(url: str, pairs: int, tokens: int, out: Path) -> None:
+def client_single(url: str, node_url: str, pairs: int, tokens: int, out: Path) -> None:
     from workers.backend import CTransformersLoader
 
     model = CTransformersLoader(threads=THREADS).load(STORIES, context_length=None, gpu_layers=None)
-    results: dict[str, list[tuple[float, float, int]]] = {"in-process": [], "head": []}
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
-        for _ in range(3):  # warm both paths (connections, caches)
-            in_process(model, tokens)
-            through_head(client, tokens)
+    kinds = ("in-process", "head", "node")
+    results: dict[str, list[tuple[float, float, int]]] = {kind: [] for kind in kinds}
+    with (
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as head,
+        httpx.Client(base_url=node_url, headers={"Authorization": f"Bearer {NODE_TOKEN}"}, timeout=60) as node,
+    ):
+        run = {"in-process": lambda: in_process(model, tokens), "head": lambda: over_http(head, tokens)}
+        run["node"] = lambda: over_http(node, tokens)
+        for _ in range(3):  # warm every path (connections, caches)
+            for kind in kinds:
+                run[kind]()
         for i in range(pairs):
-            order = ("in-process", "head") if i % 2 == 0 else ("head", "in-process")
-            for kind in order:
-                results[kind].append(
-                    in_process(model, tokens) if kind == "in-process" else through_head(client, tokens)
-                )
+            for kind in kinds[i % 3 :] + kinds[: i % 3]:  # each path goes first, second and third in turn
+                results[kind].append(run[kind]())
     out.write_text(json.dumps(results))
 
 
-def client_concurrent(url: str, streams: int, tokens: int, start_at: float, out: Path) -> None:
+def client_concurrent(urls: str, streams: int, tokens: int, start_at: float, out: Path) -> None:
+    """`streams` concurrent streams to the head, or (several comma-separated URLs) spread over the nodes."""
+    targets = urls.split(",")
+    key = KEY if len(targets) == 1 else NODE_TOKEN
+
     async def run() -> list[tuple[float, float, int, str]]:
         limits = httpx.Limits(max_connections=streams)
-        headers = {"Authorization": f"Bearer {KEY}"}
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
 
-            async def one() -> tuple[float, float, int, str]:
+            async def one(i: int) -> tuple[float, float, int, str]:
                 body = {"model": MODEL, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
                 started = time.perf_counter()
                 n, first = 0, 0.0
-                async with client.stream("POST", "/v1/completions", json=body) as response:
+                url = targets[i % len(targets)] + "/v1/completions"
+                async with client.stream("POST", url, json=body) as response:
                     response.raise_for_status()
                     async for line in response.aiter_lines():
                         if line.startswith("data: {") and '"text":""' not in line:
                             n += 1
                             if n == 1:
                                 first = time.perf_counter() - started
-                    return time.time(), first, n, response.headers["x-modelfleet-node"]
+                    return time.time(), first, n, response.headers.get("x-modelfleet-node", targets[i % len(targets)])
 
             await asyncio.sleep(max(0.0, start_at - time.time()))  # every process starts at once
-            return await asyncio.gather(*(one() for _ in range(streams)))
+            return await asyncio.gather(*(one(i) for i in range(streams)))
 
     out.write_text(json.dumps(asyncio.run(run())))
 
@@ -122,9 +132,9 @@ def client_concurrent(url: str, streams: int, tokens: int, start_at: float, out:
 # The orchestrator.
 
 
-def start_fleet(procs: Processes) -> str:
+def start_fleet(procs: Processes) -> tuple[str, list[str]]:
     redis_url = start_redis(procs)
-    env = fleet_env(redis_url, MODELFLEET_OPERATOR_KEYS=KEY)
+    env = fleet_env(redis_url, MODELFLEET_OPERATOR_KEYS=KEY, MODELFLEET_NODE_TOKEN=NODE_TOKEN)
     models = procs.root / "models"
     models.mkdir()
     shutil.copy(STORIES, models / STORIES.name)
@@ -151,11 +161,27 @@ def start_fleet(procs: Processes) -> str:
         return any(e["id"] == MODEL and len(e["loaded_on"]) == 2 for e in entries)
 
     wait_until(served, procs, "both replicas")
-    return base
+    endpoints = [n["endpoint"] for n in client.get("/api/v1/nodes").json()["data"]]
+    return base, endpoints
 
 
 def run_client(args: list[str]) -> None:
     subprocess.run([sys.executable, __file__, "--client", *args], check=True)
+
+
+def concurrent(root: Path, urls: str, streams: int, tokens: int) -> tuple[list[tuple], float]:
+    """`streams` streams from 4 client processes, started together: their results and the wall time."""
+    per_process = max(1, streams // 4)
+    start_at = time.time() + 2.0
+    outs = [root / f"concurrent-{i}.json" for i in range(4)]
+    argv = ["concurrent", urls, str(per_process), str(tokens), str(start_at)]
+    clients = [multiprocessing.Process(target=run_client, args=([*argv, str(o)],)) for o in outs]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    done = [tuple(r) for o in outs for r in json.loads(o.read_text())]
+    return done, max(r[0] for r in done) - start_at
 
 
 def table(rows: list[list[str]]) -> None:
@@ -168,12 +194,13 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--client", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         kind, *rest = args.client
         if kind == "single":
-            client_single(rest[0], int(rest[1]), int(rest[2]), Path(rest[3]))
+            client_single(rest[0], rest[1], int(rest[2]), int(rest[3]), Path(rest[4]))
         else:
             client_concurrent(rest[0], int(rest[1]), int(rest[2]), float(rest[3]), Path(rest[4]))
         return 0
@@ -184,21 +211,22 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     procs = Processes(root)
     try:
-        base = start_fleet(procs)
+        base, endpoints = start_fleet(procs)
         print(f"# {platform.python_version()}, {os.cpu_count()} CPUs, {THREADS} thread per model, {args.tokens} tokens")
 
         out = root / "single.json"
-        run_client(["single", base, str(args.pairs), str(args.tokens), str(out)])
+        run_client(["single", base, endpoints[0], str(args.pairs), str(args.tokens), str(out)])
         single = json.loads(out.read_text())
-        inproc, head = single["in-process"], single["head"]
-        assert {r[2] for r in inproc} == {r[2] for r in head}, "both paths must generate the same tokens"
-        print(f"\n## one stream, {args.pairs} alternated pairs\n")
-        print("| path | TTFT p50 ms | TTFT p99 ms | tok/s p50 | tok/s p99 (slowest) |")
-        print("|---|---|---|---|---|")
+        inproc = single["in-process"]
+        assert len({r[2] for kind in single.values() for r in kind}) == 1, "every path must generate the same tokens"
+        print(f"\n## one stream, {args.pairs} alternated triples\n")
+        print("| path | TTFT p50 ms | TTFT p99 ms | tok/s p50 | tok/s p1 (slowest) | tok/s / in-process p50 |")
+        print("|---|---|---|---|---|---|")
         rows = []
-        for name, samples in (("in-process", inproc), ("head", head)):
+        for name, samples in single.items():
             ttft = [s[0] for s in samples]
             rate = [s[1] for s in samples]
+            ratio = statistics.median(s[1] / i[1] for s, i in zip(samples, inproc, strict=True))
             rows.append(
                 [
                     name,
@@ -206,49 +234,53 @@ def main() -> int:
                     ms(quantile(ttft, 99)),
                     f"{statistics.median(rate):.0f}",
                     f"{quantile(rate, 1):.0f}",
+                    f"{ratio:.3f}",
                 ]
             )
         table(rows)
-        overhead = [h[0] - i[0] for h, i in zip(head, inproc, strict=True)]
-        ratios = [h[1] / i[1] for h, i in zip(head, inproc, strict=True)]
+        for name in ("head", "node"):
+            extra = [h[0] - i[0] for h, i in zip(single[name], inproc, strict=True)]
+            print(
+                f"\nTTFT over in-process, {name}: p50 {ms(statistics.median(extra)).strip()} ms, "
+                f"p99 {ms(quantile(extra, 99)).strip()} ms"
+            )
+        extra = [h[0] - n[0] for h, n in zip(single["head"], single["node"], strict=True)]
         print(
-            f"\nTTFT overhead (head - in-process, per pair): p50 {ms(statistics.median(overhead)).strip()} ms, "
-            f"p99 {ms(quantile(overhead, 99)).strip()} ms"
-        )
-        print(
-            f"tokens/s ratio (head / in-process, per pair): p50 {statistics.median(ratios):.3f}, "
-            f"p1 {quantile(ratios, 1):.3f}"
+            f"TTFT of the head over the node direct: p50 {ms(statistics.median(extra)).strip()} ms, "
+            f"p99 {ms(quantile(extra, 99)).strip()} ms"
         )
 
-        per_process = max(1, args.streams // 4)
-        start_at = time.time() + 2.0
-        outs = [root / f"concurrent-{i}.json" for i in range(4)]
-        clients = [
-            multiprocessing.Process(
-                target=run_client,
-                args=(["concurrent", base, str(per_process), str(args.tokens), str(start_at), str(o)],),
-            )
-            for o in outs
-        ]
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join()
-        done = [tuple(r) for o in outs for r in json.loads(o.read_text())]
-        tokens = sum(r[2] for r in done)
-        elapsed = max(r[0] for r in done) - start_at
-        by_node: dict[str, int] = {}
-        for r in done:
-            by_node[r[3]] = by_node.get(r[3], 0) + 1
         one = statistics.median(s[1] for s in inproc)
-        ttft = [r[1] for r in done]
-        print(f"\n## {len(done)} concurrent streams over 2 nodes\n")
+        print(f"\n## {args.streams} concurrent streams over 2 nodes, from 4 client processes, alternated rounds\n")
         print(
-            f"streams per node: {sorted(by_node.values())}; {tokens} tokens in {elapsed:.2f} s = "
-            f"{tokens / elapsed:.0f} tok/s aggregate = {tokens / elapsed / one:.2f}x one in-process stream "
-            f"({one:.0f} tok/s); TTFT p50 {ms(statistics.median(ttft)).strip()} ms, "
-            f"p99 {ms(quantile(ttft, 99)).strip()} ms"
+            "| target | round | streams per node | tok/s aggregate | x one in-process stream | TTFT p50 ms | "
+            "TTFT p99 ms | API CPU s |"
         )
+        print("|---|---|---|---|---|---|---|---|")
+        for round_ in range(args.rounds):
+            for target, urls in (("head", base), ("nodes direct", ",".join(endpoints))):
+                api_cpu = procs.cpu_seconds()["api"]
+                done, elapsed = concurrent(root, urls, args.streams, args.tokens)
+                api_cpu = procs.cpu_seconds()["api"] - api_cpu
+                tokens = sum(r[2] for r in done)
+                by_node: dict[str, int] = {}
+                for r in done:
+                    by_node[r[3]] = by_node.get(r[3], 0) + 1
+                ttft = [r[1] for r in done]
+                table(
+                    [
+                        [
+                            target,
+                            str(round_ + 1),
+                            str(sorted(by_node.values())),
+                            f"{tokens / elapsed:.0f}",
+                            f"{tokens / elapsed / one:.2f}",
+                            ms(statistics.median(ttft)),
+                            ms(quantile(ttft, 99)),
+                            f"{api_cpu:.2f}",
+                        ]
+                    ]
+                )
     finally:
         procs.stop_all()
         shutil.rmtree(root, ignore_errors=True)
