@@ -85,7 +85,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     names += ("backend",)
     fields = _given(args, *names)
     if args.no_serve:
-        fields["serve_port"] = None
+        fields["serve"] = False
     try:
         settings = WorkerSettings(**fields)
     except ValidationError as exc:
@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default: per model from its GGUF header), ctransformers or llama-cpp (MODELFLEET_BACKEND)",
     )
     worker.add_argument("--redis-url", help=REDIS_HELP)
-    worker.add_argument("--serve-port", type=int, help="port of the inference endpoint (default: 8081; 0: a free one)")
+    worker.add_argument(
+        "--serve-port", type=int, help="inference endpoint port (default: 8081, or a free one if taken; 0: a free one)"
+    )
     worker.add_argument("--serve-host", help="address it listens on (default: 127.0.0.1; 0.0.0.0 for other hosts)")
     worker.add_argument(
         "--advertise-url", help="its base URL for the head and clients, e.g. http://%%h:8081 (default: from the port)"

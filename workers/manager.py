@@ -68,7 +68,12 @@ class Loaded(Protocol):
 
 
 class Loader(Protocol):
-    """What the manager needs from the backends; `workers.backends.Backends` is the real one."""
+    """What the manager needs from the backends; `workers.backends.Backends` is the real one.
+
+    What `load` returns is what a generation's lease hands out (`Lease.model`): to be served, it also implements
+    `workers.inference.backend.InferenceModel`. `check` is called right after `load` and then only under the
+    model's lease, never beside a generation; it should make the model answer (generate a token), cheaply.
+    """
 
     def load(
         self, path: Path, *, context_length: int | None, gpu_layers: int | None, backend: str | None

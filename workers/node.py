@@ -178,7 +178,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     node_tokens = [settings.node_token] if settings.node_token else []
     keyring = KeyRing(settings.operator_keys, [*settings.api_keys, *node_tokens])
     sock = None
-    if settings.serve_port is not None:
+    if settings.serve:
         if len(keyring):
             sock = bind(settings.serve_host, settings.serve_port)
         else:

@@ -49,8 +49,11 @@ class WorkerSettings(BrokerSettings):
     measure_loads: bool = True
     """None: `default_memory_budget()`, applied when the node is built."""
     health_interval: float = Field(default=10.0, gt=0)
-    # The inference endpoint (OpenAI wire format) this process serves. None: none; 0: any free port.
-    serve_port: int | None = Field(default=8081, ge=0, le=65535)
+    # The inference endpoint (OpenAI wire format) this process serves, unless `serve` is off. Port None: 8081, or
+    # any free port when 8081 is taken (several nodes on one machine need no flags); a given port is used or the
+    # node refuses to start; 0: any free port.
+    serve: bool = True
+    serve_port: int | None = Field(default=None, ge=0, le=65535)
     serve_host: str = "127.0.0.1"
     advertise_url: str | None = None
     """The base URL the head and clients use (default http://SERVE_HOST:PORT); `%h` is the hostname."""

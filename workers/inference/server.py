@@ -278,15 +278,34 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket now, so that the port (0: any free one) is known before the node registers."""
+DEFAULT_PORT = 8081
+
+
+def bind(host: str, port: int | None) -> socket.socket:
+    """Bind the listening socket now, so that the port is known before the node registers.
+
+    `port` None: `DEFAULT_PORT`, or any free port if that one is taken; 0: any free port. Raises OSError naming
+    the address when a given port cannot be had.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    for candidate in [DEFAULT_PORT, 0] if port is None else [port]:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError as exc:
+            sock.close()
+            if port is None and candidate == DEFAULT_PORT:
+                log.info("port %d is taken; the inference endpoint takes a free one", DEFAULT_PORT)
+                continue
+            raise OSError(
+                f"the inference endpoint cannot listen on {host}:{candidate} ({exc.strerror}); "
+                "pick another --serve-port (0: any free one) or --serve-host"
+            ) from exc
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+    raise AssertionError("unreachable: port 0 always binds")
 
 
 class NodeServer:
@@ -294,7 +313,15 @@ class NodeServer:
 
     def __init__(self, app: FastAPI, sock: socket.socket) -> None:
         self._sock = sock
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+        # At shutdown, open streams get a few seconds, not forever: the models go away with the process anyway.
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=3,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="modelfleet-inference", daemon=True)
 
