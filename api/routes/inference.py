@@ -36,6 +36,7 @@ def _answers(answer: type, chunk: type) -> dict[int | str, dict[str, Any]]:
             401: "Missing or invalid key.",
             404: "The model is on no online node (or not loaded, with load on demand off).",
             409: "The model fits on no node.",
+            422: "The body does not match the schema (OpenAI's shape, `param` names the first field).",
             429: "Every replica's queue is full; retry after `Retry-After`.",
             502: "A node answered something unusable.",
             503: "No replica could answer (each failed before its first byte), or Redis is unreachable.",
