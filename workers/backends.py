@@ -48,8 +48,9 @@ class Backend(Protocol):
         """The memory a load with `context_length` (None: this backend's default) takes."""
         ...
 
-    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> Any:
-        """Load the model; raises `InvalidModelFile` or `ModelLoadFailed` with the reason."""
+    def load(self, path: Path, *, context_length: int | None, gpu_layers: int | None) -> Loaded:
+        """Load the model; raises `InvalidModelFile` or `ModelLoadFailed` with the reason. What it returns also
+        implements `workers.inference.backend.InferenceModel`, which is how the model is served."""
         ...
 
     def unload(self, model: Any) -> None: ...
@@ -187,8 +188,7 @@ class Backends:
         self, path: Path, *, context_length: int | None, gpu_layers: int | None, backend: str | None = None
     ) -> Loaded:
         chosen = self.choose(path, read_gguf_info(path), backend)
-        model: Loaded = chosen.load(path, context_length=context_length, gpu_layers=gpu_layers)
-        return model
+        return chosen.load(path, context_length=context_length, gpu_layers=gpu_layers)
 
     def unload(self, model: Loaded) -> None:
         self._backends[model.backend].unload(model)
