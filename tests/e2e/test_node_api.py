@@ -46,7 +46,7 @@ def test_load_list_unload_bodies(op: httpx.Client, node: Worker, models_dir: Pat
 
     [model] = op.get(models_url(node)).json()["data"]
     assert model["id"] == "tiny-a" and model["state"] == "loaded" and model["healthy"] is True
-    assert model["endpoint"] is None and model["contextLength"] == 256
+    assert model["endpoint"] == node.endpoint and model["contextLength"] == 256  # the node serves it
     assert Path(model["path"]) == (models_dir / "tiny-a.gguf").resolve()
     assert model["sizeBytes"] == (models_dir / "tiny-a.gguf").stat().st_size and model["loadedAt"]
 
