@@ -444,8 +444,17 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
     run.add_argument("model", metavar="MODEL", help="loaded on demand if no node has it loaded (when the API allows)")
     run.add_argument("prompt", metavar="PROMPT", help="text to continue (with --chat, to answer); - reads stdin")
-    run.add_argument("--chat", action="store_true", help="send PROMPT as a user message, through the chat template")
-    run.add_argument("--max-tokens", type=int, metavar="N")
-    run.add_argument("--temperature", type=float, metavar="T", help="0 always picks the most likely token")
-    run.add_argument("--seed", type=int, metavar="N")
+    run.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message, through the chat template (default: continue it)",
+    )
+    run.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="at most N tokens (default 16 for a prompt, OpenAI's; with --chat, the rest of the context)",
+    )
+    run.add_argument("--temperature", type=float, metavar="T", help="0 always picks the most likely token (default 1)")
+    run.add_argument("--seed", type=int, metavar="N", help="makes sampling repeatable (default: a new draw each run)")
     run.set_defaults(func=_run(cmd_run))
