@@ -5,12 +5,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.errors import install_error_handlers
 from api.events import EventRelay, OfflineWatcher
 from api.inflight import InFlight
 from api.jobs import JobClient
 from api.metrics import Metrics
+from api.openapi import DESCRIPTION, TAGS
 from api.pool import Pool
 from api.proxy import NodeProxy, node_auth, node_http_client
 from api.replies import ReplyWaiter
@@ -49,9 +51,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.sessions = SessionStore(client, keyring, ttl=settings.session_ttl)
         app.state.directory = directory
         app.state.waiter = waiter
-        app.state.jobs = JobClient(
-            celery, client, waiter, send_threads=settings.send_threads, metrics=app.state.metrics
-        )
+        app.state.jobs = JobClient(celery, client, waiter, settings=settings, metrics=app.state.metrics)
         relay = EventRelay(
             client,
             directory,
@@ -64,7 +64,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         app.state.relay = relay
         app.state.metrics.watch_relay(relay)
-        fleet = Pool(directory, app.state.jobs, settings)
+        fleet = Pool(directory, app.state.jobs)
 
         async def load(model_id: str) -> object:
             return await fleet.load(PoolLoadRequest(model_name=model_id, evict=settings.on_demand_evict))
@@ -92,7 +92,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
             celery.close()
             await client.aclose()
 
-    app = FastAPI(title="modelfleet", version=__version__, lifespan=lifespan)
+    # Swagger UI and ReDoc from assets served by this process, never a CDN (see api.openapi).
+    app = FastAPIOffline(
+        title="modelfleet",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        static_url="/docs/assets",
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
     app.state.settings = settings
     app.state.keyring = keyring
     app.state.metrics = Metrics()

@@ -5,6 +5,8 @@ dashboard's session cookie (`api.sessions`). The header wins when both are sent.
 that changes something must also carry the session's CSRF token.
 """
 
+from collections.abc import Awaitable, Callable
+from functools import cache
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -62,7 +64,7 @@ def get_proxy(request: Request) -> NodeProxy:
 
 def get_pool(request: Request) -> Pool:
     state = _state(request)
-    return Pool(state.directory, state.jobs, state.settings)
+    return Pool(state.directory, state.jobs)
 
 
 def get_sessions(request: Request) -> SessionStore:
@@ -92,20 +94,19 @@ async def _authorize(request: Request, needed: Scope) -> Scope:
     return session.scope
 
 
-async def require_read(
-    request: Request,
-    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
-    _session: Annotated[str | None, Security(session_scheme)],
-) -> Scope:
-    return await _authorize(request, Scope.READ)
+@cache
+def authorized(scope: Scope) -> Callable[..., Awaitable[Scope]]:
+    """The dependency that admits a key (or session) of at least `scope` (an operation's `Op.scope`)."""
 
+    async def check(
+        request: Request,
+        _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+        _session: Annotated[str | None, Security(session_scheme)],
+    ) -> Scope:
+        return await _authorize(request, scope)
 
-async def require_operator(
-    request: Request,
-    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
-    _session: Annotated[str | None, Security(session_scheme)],
-) -> Scope:
-    return await _authorize(request, Scope.OPERATOR)
+    check.__name__ = f"require_{scope.name.lower()}"
+    return check
 
 
 Settings = Annotated[ApiSettings, Depends(get_settings)]
@@ -117,5 +118,5 @@ Fleet = Annotated[Pool, Depends(get_pool)]
 Proxy = Annotated[NodeProxy, Depends(get_proxy)]
 Sessions = Annotated[SessionStore, Depends(get_sessions)]
 CurrentSession = Annotated[Session | None, Depends(current_session)]
-Reader = Annotated[Scope, Depends(require_read)]
-Operator = Annotated[Scope, Depends(require_operator)]
+Reader = Annotated[Scope, Depends(authorized(Scope.READ))]
+Operator = Annotated[Scope, Depends(authorized(Scope.OPERATOR))]

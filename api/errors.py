@@ -2,8 +2,12 @@
 
 {"success": false, "error": "<a sentence a person can act on>", "code": "<stable code>", "details": {...}}
 
-except on the OpenAI-compatible inference routes (`OPENAI_PATHS`), where the same failures take OpenAI's
-shape, `{"error": {"message", "type", "param", "code"}}` (`broker.openai.ErrorBody`), which openai-python reads.
+(`broker.answers.ErrorBody`), except on the OpenAI-compatible inference routes (`OPENAI_PATHS`), where the same
+failures take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`broker.openai.ErrorBody`),
+which openai-python reads.
+
+The same table documents the routes: `documented(...)` turns the errors a route can answer into its OpenAPI
+`responses`, so the schema cannot drift from the handler.
 """
 
 import logging
@@ -20,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import errors as e
+from broker.answers import ErrorBody
+from broker.openai import ErrorBody as OpenAIErrorBody
 from broker.openai import error_body as openai_error
 
 log = logging.getLogger(__name__)
@@ -41,15 +47,18 @@ STATUS: dict[type[e.ModelfleetError], int] = {
     e.ModelLoadFailed: 422,
     e.InsufficientMemory: 409,
     e.JobExpired: 504,
+    e.ModelBusy: 429,
+    e.GenerationFailed: 502,
     e.InternalError: 500,
     e.ModelfleetError: 500,
 }
 
 
-def status_of(error: e.ModelfleetError) -> int:
-    for cls in type(error).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
+def status_of(error: e.ModelfleetError | type[e.ModelfleetError]) -> int:
+    cls = error if isinstance(error, type) else type(error)
+    for parent in cls.__mro__:
+        if parent in STATUS:
+            return STATUS[parent]
     return 500
 
 
@@ -57,7 +66,53 @@ OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"success": False, "error": message, "code": code, "details": details or {}}
+    return ErrorBody(error=message, code=code, details=details or {}).model_dump(mode="json")
+
+
+def _answered_as(cls: type[e.ModelfleetError]) -> list[type[e.ModelfleetError]]:
+    """`cls` and the subclasses answered under its status (a subclass with a status of its own is not)."""
+    found = [cls]
+    for sub in cls.__subclasses__():
+        if sub not in STATUS:
+            found += _answered_as(sub)
+    return found
+
+
+def documented(
+    *errors: type[e.ModelfleetError], streaming: bool = False, openai: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can answer `errors` (and any bug, as `internal_error`).
+
+    `streaming`: the route's own media type is not JSON, and FastAPI would file the error bodies under it; they
+    are JSON all the same (the `ErrorBody` schema is registered by the other routes). `openai`: the route answers
+    errors in OpenAI's shape, with 400 where the others answer 422 (see `_modelfleet_error`).
+    """
+    by_status: dict[int, list[type[e.ModelfleetError]]] = {}
+    for error in (*errors, e.InternalError):
+        for cls in _answered_as(error):
+            status = status_of(cls)
+            if openai and status == 422:  # as `_modelfleet_error` answers it there
+                status = 400
+            classes = by_status.setdefault(status, [])
+            if cls not in classes:
+                classes.append(cls)
+    if openai and e.InvalidRequest in errors:
+        by_status[422] = [e.InvalidRequest]  # a body that fails validation (`_validation_error`)
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, classes in sorted(by_status.items()):
+        lines = "\n".join(f"- `{cls.code}`: {(cls.__doc__ or '').strip()}" for cls in classes)
+        described: dict[str, Any] = {"description": f"The error's `code` is one of:\n\n{lines}"}
+        if streaming:
+            described["content"] = {"application/json": {"schema": ERROR_REF}}
+        else:
+            described["model"] = OpenAIErrorBody if openai else ErrorBody
+        if status == 401:
+            described["headers"] = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
+        responses[status] = described
+    return responses
+
+
+ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 
 
 def _answer(
@@ -92,8 +147,46 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {message}" if where else message
 
 
+JSON_BODY = "the body must be JSON with Content-Type: application/json"
+_JSON_TYPES = {list: "an array", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _body_problem(err: dict[str, Any], body: Any) -> str | None:
+    """A sentence for a body that is not a JSON object at all (pydantic's words speak of its own types)."""
+    loc = tuple(err.get("loc", ()))
+    if loc[:1] != ("body",):
+        return None
+    if err.get("type") == "json_invalid":
+        reason = str(err.get("ctx", {}).get("error", "")).rstrip(".")
+        where = _line_column(body, loc[1]) if len(loc) > 1 and isinstance(loc[1], int) else ""
+        return f"the body is not valid JSON{where}" + (f" ({reason})" if reason else "")
+    if len(loc) != 1:
+        return None
+    if err.get("type") == "missing":
+        return "the body is missing: it must be JSON with Content-Type: application/json"
+    if isinstance(err.get("input"), bytes | bytearray | str):  # FastAPI did not parse it: not declared as JSON
+        return JSON_BODY
+    if err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return f"the body must be a JSON object, not {_JSON_TYPES.get(type(err.get('input')), 'that')}"
+    return None
+
+
+def _line_column(body: Any, position: int) -> str:
+    """Where in `body` a JSON parser stopped, as line and column (as `json.JSONDecodeError` counts them)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes | bytearray) else body
+    if not isinstance(text, str) or not 0 <= position <= len(text):
+        return ""
+    line = text.count("\n", 0, position) + 1
+    return f" at line {line} column {position - text.rfind(chr(10), 0, position)}"
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    for err in exc.errors():
+        sentence = _body_problem(err, exc.body)
+        if sentence is not None:
+            details = {"errors": [{"field": "body", "message": sentence}]}
+            return _answer(request, 422, "invalid_request", f"Invalid request: {sentence}.", details, param="body")
     problems = [{"field": _describe(err).split(":")[0], "message": _describe(err)} for err in exc.errors()]
     message = "; ".join(p["message"] for p in problems[:5]) or "Invalid request."
     if request.url.path in OPENAI_PATHS:  # as the nodes answer it: 422, OpenAI's shape, the first field named

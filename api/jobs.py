@@ -15,55 +15,44 @@ from redis.exceptions import RedisError
 
 from api.metrics import Metrics
 from api.replies import ReplyWaiter
+from api.settings import ApiSettings
 from broker import keys
 from broker.errors import (
     BrokerUnavailable,
     JobTimeout,
+    NodeError,
     NodeOffline,
     NodeRestarted,
     NodeUnavailable,
     from_code,
 )
+from broker.operations import J, Op, R
 from broker.replies import abandon_job
-from broker.schemas import CatalogJob, Job, ListJob, LoadJob, NodeInfo, Operation, Reply, UnloadAllJob, UnloadJob
-
-OPERATION_NAMES = {
-    keys.TASK_LOAD: "load",
-    keys.TASK_UNLOAD: "unload",
-    keys.TASK_UNLOAD_ALL: "unload-all",
-    keys.TASK_LIST: "model list",
-    keys.TASK_CATALOG: "catalog",
-}
-
-OPERATIONS = {
-    keys.TASK_LOAD: Operation.LOAD,
-    keys.TASK_UNLOAD: Operation.UNLOAD,
-    keys.TASK_UNLOAD_ALL: Operation.UNLOAD_ALL,
-    keys.TASK_LIST: Operation.LIST,
-    keys.TASK_CATALOG: Operation.CATALOG,
-}
+from broker.schemas import Job, NodeInfo, Reply
 
 
 class JobClient:
     """Runs one job on one node: liveness check, send, await reply or deadline, cancel on give-up."""
 
     def __init__(
-        self, celery: Celery, client: aioredis.Redis, waiter: ReplyWaiter, *, send_threads: int, metrics: Metrics
+        self, celery: Celery, client: aioredis.Redis, waiter: ReplyWaiter, *, settings: ApiSettings, metrics: Metrics
     ) -> None:
         self._celery = celery
         self._redis = client
         self._waiter = waiter
+        self._settings = settings
         self._metrics = metrics
         # Publishing is a short blocking call; a small dedicated limiter keeps it off Starlette's shared pool.
-        self._limiter = anyio.CapacityLimiter(send_threads)
+        self._limiter = anyio.CapacityLimiter(settings.send_threads)
 
-    async def run(self, node: NodeInfo, task: str, job_fields: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """The node's result, or raise the node's error (or NodeOffline / NodeWentOffline / NodeRestarted /
+    async def run(self, node: NodeInfo, op: Op[J, R], **job_fields: Any) -> R:
+        """Run `op` on `node` with the job made of `job_fields` (its deadline added here), within the operation's
+        timeout: the node's result, or raise the node's error (or NodeOffline / NodeWentOffline / NodeRestarted /
         JobTimeout)."""
-        with self._metrics.job(OPERATIONS[task]):
-            return await self._run(node, task, job_fields, timeout)
+        with self._metrics.job(op.name):
+            return await self._run(node, op, job_fields, self._settings.timeout(op))
 
-    async def _run(self, node: NodeInfo, task: str, job_fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _run(self, node: NodeInfo, op: Op[J, R], job_fields: dict[str, Any], timeout: float) -> R:
         if not node.online:
             since = node.seconds_since_heartbeat
             when = f"{since:.0f} seconds ago" if since is not None else "never"
@@ -73,21 +62,29 @@ class JobClient:
                 seconds_since_heartbeat=since,
             )
         deadline = time.time() + timeout
-        job: Job = _JOB_TYPES[task](deadline=deadline, **job_fields)
+        job = op.job(deadline=deadline, **job_fields)
         job_id = uuid.uuid4().hex
-        future = self._waiter.expect(job_id, node.fingerprint, node.name, node.boot_id)
+        future = self._waiter.expect(job_id, node.fingerprint, node.name, node.boot_id, op.result)
         try:
-            await self._send(task, job, job_id, node.fingerprint, deadline)
-            reply = await self._await(future, node, task, job_id, deadline, timeout)
+            await self._send(op.task, job, job_id, node.fingerprint, deadline)
+            reply = await self._await(future, node, op, job_id, deadline, timeout)
         finally:
             self._waiter.forget(job_id)
         if reply.error is not None:
             raise from_code(reply.error.code, reply.error.error, reply.error.details)
-        return reply.result or {}
+        if reply.result is None:
+            raise NodeError(f"Node {node.name} answered the {op.title} with neither a result nor an error.")
+        return reply.result
 
     async def _await(
-        self, future: "asyncio.Future[Reply]", node: NodeInfo, task: str, job_id: str, deadline: float, timeout: float
-    ) -> Reply:
+        self,
+        future: "asyncio.Future[Reply[Any]]",
+        node: NodeInfo,
+        op: Op[Any, Any],
+        job_id: str,
+        deadline: float,
+        timeout: float,
+    ) -> "Reply[Any]":
         """The reply; or, once the node is gone or replaced, an error saying what became of the job."""
         while True:
             try:
@@ -95,7 +92,7 @@ class JobClient:
             except TimeoutError:
                 await self._abandon(job_id, deadline)
                 raise JobTimeout(
-                    f"Node {node.name} did not finish the {OPERATION_NAMES[task]} within {timeout:g} seconds.",
+                    f"Node {node.name} did not finish the {op.title} within {timeout:g} seconds.",
                     timeout_seconds=timeout,
                 ) from None
             except NodeUnavailable as lost:
@@ -103,9 +100,9 @@ class JobClient:
                 started = await self._abandon(job_id, deadline, unless_started_by=successor)
                 if successor is not None and started == successor:
                     # The new process took the job from the node's queue itself: its reply will come.
-                    future = self._waiter.expect(job_id, node.fingerprint, node.name, successor)
+                    future = self._waiter.expect(job_id, node.fingerprint, node.name, successor, op.result)
                     continue
-                raise _outcome(lost, OPERATION_NAMES[task], started) from None
+                raise _outcome(lost, op.title, started) from None
 
     async def _send(self, task: str, job: Job, job_id: str, fingerprint: str, deadline: float) -> None:
         send = partial(
@@ -159,12 +156,3 @@ def _outcome(lost: NodeUnavailable, operation: str, started: str | None) -> Node
         state = "started"
     details = {**lost.details, "job_state": state}
     return type(lost)(f"{lost.message} {known}", **details)
-
-
-_JOB_TYPES: dict[str, type[Job]] = {
-    keys.TASK_LOAD: LoadJob,
-    keys.TASK_UNLOAD: UnloadJob,
-    keys.TASK_UNLOAD_ALL: UnloadAllJob,
-    keys.TASK_LIST: ListJob,
-    keys.TASK_CATALOG: CatalogJob,
-}

@@ -9,26 +9,34 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from api.jobs import JobClient
 from api.placement import NodeView, plan_load, pool_state, refused
 from api.schemas import PoolLoadRequest
-from api.settings import ApiSettings
-from broker import keys
+from broker.answers import (
+    NodeFailure,
+    PoolLoadResult,
+    PoolModel,
+    PoolModelList,
+    PoolNodeStatus,
+    PoolStatus,
+    PoolUnloadAllResult,
+    PoolUnloadResult,
+    SnakeMemoryInfo,
+    SnakeModelInfo,
+    StatusError,
+)
 from broker.errors import (
     InsufficientMemory,
     ModelFileNotFound,
     ModelfleetError,
     ModelNotLoaded,
-    NodeError,
     NodeOffline,
     NodeUnavailable,
 )
+from broker.operations import CATALOG, LIST, LOAD, UNLOAD, UNLOAD_ALL, J, Op, R
 from broker.registry import NodeDirectory
-from broker.schemas import LoadResult, ModelList, ModelState, NodeCatalog, NodeInfo, UnloadAllResult
+from broker.schemas import LoadResult, ModelList, ModelState, NodeCatalog, NodeInfo
 
-Outcome = dict[str, Any] | ModelfleetError
 OWNER = "modelfleet"
 """OpenAI's `owned_by` of every model the pool lists."""
 
@@ -48,7 +56,7 @@ class Survey:
             if n.online and n.fingerprint in self.catalogs
         ]
 
-    def unreachable(self) -> list[dict[str, Any]]:
+    def unreachable(self) -> list[NodeFailure]:
         """Online nodes that did not answer (offline ones are expected not to)."""
         return [
             failure(node, error.code, error.message)
@@ -57,30 +65,22 @@ class Survey:
         ]
 
 
-def failure(node: NodeInfo, code: str, message: str, model: str | None = None) -> dict[str, Any]:
+def failure(node: NodeInfo, code: str, message: str, model: str | None = None) -> NodeFailure:
     """One entry of an `errors` list: which node (and model) failed, and how."""
-    entry: dict[str, Any] = {"node": node.fingerprint, "node_name": node.name}
-    if model is not None:
-        entry["model"] = model
-    return entry | {"code": code, "error": message}
+    return NodeFailure(node=node.fingerprint, node_name=node.name, model=model, code=code, error=message)
 
 
 class Pool:
     """The `/v1/models` operations over the node directory and the job client."""
 
-    def __init__(self, directory: NodeDirectory, jobs: JobClient, settings: ApiSettings) -> None:
+    def __init__(self, directory: NodeDirectory, jobs: JobClient) -> None:
         self._directory = directory
         self._jobs = jobs
-        self._settings = settings
 
-    async def fan_out(
-        self, nodes: list[NodeInfo], task: str, fields: dict[str, Any], timeout: float
-    ) -> dict[str, Outcome]:
+    async def fan_out(self, nodes: list[NodeInfo], op: Op[J, R], **fields: Any) -> "dict[str, R | ModelfleetError]":
         """Run one job on each node in parallel; each node's result or its ModelfleetError."""
-        outcomes = await asyncio.gather(
-            *(self._jobs.run(node, task, fields, timeout) for node in nodes), return_exceptions=True
-        )
-        found: dict[str, Outcome] = {}
+        outcomes = await asyncio.gather(*(self._jobs.run(node, op, **fields) for node in nodes), return_exceptions=True)
+        found: dict[str, R | ModelfleetError] = {}
         for node, outcome in zip(nodes, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, ModelfleetError):
                 raise outcome  # a bug, not a node's answer: let the API's handler log it
@@ -89,35 +89,37 @@ class Pool:
 
     async def survey(self) -> Survey:
         nodes = await self._directory.all()
-        outcomes = await self.fan_out(nodes, keys.TASK_CATALOG, {}, self._settings.list_timeout)
+        outcomes = await self.fan_out(nodes, CATALOG)
         catalogs: dict[str, NodeCatalog] = {}
         failures: dict[str, ModelfleetError] = {}
         for fp, outcome in outcomes.items():
             if isinstance(outcome, ModelfleetError):
                 failures[fp] = outcome
-                continue
-            try:
-                catalogs[fp] = NodeCatalog.model_validate(outcome)
-            except ValidationError:
-                failures[fp] = NodeError(f"Node {fp} sent a catalog this API cannot read (another version?).")
+            else:
+                catalogs[fp] = outcome
         return Survey(nodes, catalogs, failures)
 
-    async def models(self) -> dict[str, Any]:
+    async def models(self) -> PoolModelList:
         survey = await self.survey()
-        return {"object": "list", "data": model_entries(survey.views()), "errors": survey.unreachable()}
+        return PoolModelList(data=model_entries(survey.views()), errors=survey.unreachable())
 
-    async def load(self, body: PoolLoadRequest) -> dict[str, Any]:
+    async def load(self, body: PoolLoadRequest) -> PoolLoadResult:
         model = body.model_name
-        fields = {"model_id": model, "force_reload": body.force_reload, "evict": body.evict, "pin": body.pin}
-        fields["keep_alive"] = body.keep_alive
-        fields["backend"] = body.backend
+        fields: dict[str, Any] = {
+            "model_id": model,
+            "force_reload": body.force_reload,
+            "evict": body.evict,
+            "pin": body.pin,
+            "keep_alive": body.keep_alive,
+            "backend": body.backend,
+        }
         if body.node is not None:
             node = await self._directory.get(body.node)
             try:
-                result = await self._jobs.run(node, keys.TASK_LOAD, fields, self._settings.load_timeout)
+                result = await self._jobs.run(node, LOAD, **fields)
             except InsufficientMemory as exc:
                 raise refused(model, node.fingerprint, node.name, exc) from None
-            return load_reply(body, node.name, LoadResult.model_validate(result))
+            return load_reply(body, node.name, result)
         survey = await self.survey()
         views = survey.views()
         if not views:
@@ -132,25 +134,24 @@ class Pool:
         last: InsufficientMemory | None = None
         for candidate in candidates:
             node = by_fp[candidate.node.fingerprint]
-            job = fields | {"model_path": candidate.model_path}
             try:
-                result = await self._jobs.run(node, keys.TASK_LOAD, job, self._settings.load_timeout)
+                result = await self._jobs.run(node, LOAD, **fields, model_path=candidate.model_path)
             except InsufficientMemory as exc:  # the node filled up since its catalog: try the next one
                 last = refused(model, node.fingerprint, node.name, exc)
                 continue
-            return load_reply(body, node.name, LoadResult.model_validate(result))
+            return load_reply(body, node.name, result)
         assert last is not None
         raise last
 
-    async def unload(self, model: str) -> dict[str, Any]:
+    async def unload(self, model: str) -> PoolUnloadResult:
         nodes = [n for n in await self._directory.all() if n.online]
-        lists = await self.fan_out(nodes, keys.TASK_LIST, {}, self._settings.list_timeout)
+        lists = await self.fan_out(nodes, LIST)
         holders = [n for n in nodes if _holds(lists[n.fingerprint], model)]
-        outcomes = await self.fan_out(holders, keys.TASK_UNLOAD, {"model_id": model}, self._settings.unload_timeout)
+        outcomes = await self.fan_out(holders, UNLOAD, model_id=model)
         done = [n for n in holders if not isinstance(outcomes[n.fingerprint], ModelfleetError)]
         # A node whose list failed may hold the model too: report it rather than leave it out silently.
         unlisted = [(n, e) for n in nodes if isinstance(e := lists[n.fingerprint], ModelfleetError)]
-        errors = unlisted + [
+        errors: list[tuple[NodeInfo, ModelfleetError]] = unlisted + [
             (n, error)
             for n in holders
             if isinstance(error := outcomes[n.fingerprint], ModelfleetError) and not isinstance(error, ModelNotLoaded)
@@ -160,73 +161,72 @@ class Pool:
                 raise errors[0][1]
             raise ModelNotLoaded(f"Model {model} is not loaded on any online node.", model=model)
         names = ", ".join(n.name for n in done)
-        return {
-            "status": "partial" if errors else "success",
-            "model": model,
-            "message": f"Model {model} unloaded successfully (node{'s' if len(done) > 1 else ''} {names})",
-            "nodes": [n.fingerprint for n in done],
-            "errors": [failure(n, e.code, e.message, model) for n, e in errors],
-        }
+        return PoolUnloadResult(
+            status="partial" if errors else "success",
+            model=model,
+            message=f"Model {model} unloaded successfully (node{'s' if len(done) > 1 else ''} {names})",
+            nodes=[n.fingerprint for n in done],
+            errors=[failure(n, e.code, e.message, model) for n, e in errors],
+        )
 
-    async def unload_all(self) -> dict[str, Any]:
+    async def unload_all(self) -> PoolUnloadAllResult:
         nodes = await self._directory.all()
-        outcomes = await self.fan_out(nodes, keys.TASK_UNLOAD_ALL, {}, self._settings.unload_timeout)
+        outcomes = await self.fan_out(nodes, UNLOAD_ALL)
         per_node: dict[str, list[str]] = {}
-        errors: list[dict[str, Any]] = []
+        errors: list[NodeFailure] = []
         for node in nodes:
             outcome = outcomes[node.fingerprint]
             if isinstance(outcome, ModelfleetError):
                 errors.append(failure(node, outcome.code, outcome.message))
                 continue
-            result = UnloadAllResult.model_validate(outcome)
-            per_node[node.fingerprint] = result.unloaded
-            errors += [failure(node, e.code, e.error, e.model_id) for e in result.errors]
+            per_node[node.fingerprint] = outcome.unloaded
+            errors += [failure(node, e.code, e.error, e.model_id) for e in outcome.errors]
         unloaded = sorted({model for models in per_node.values() for model in models})
         # Offline nodes hold nothing in memory; only a live node's failure leaves models loaded.
-        clean = all(e["code"] == NodeOffline.code for e in errors)
-        return {
-            "status": "success" if clean else "partial",
-            "unloaded_models": unloaded,
-            "errors": errors,
-            "total_unloaded": len(unloaded),
-            "nodes": per_node,
-        }
+        clean = all(e.code == NodeOffline.code for e in errors)
+        return PoolUnloadAllResult(
+            status="success" if clean else "partial",
+            unloaded_models=unloaded,
+            errors=errors,
+            total_unloaded=len(unloaded),
+            nodes=per_node,
+        )
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> PoolStatus:
         survey = await self.survey()
         views = survey.views()
         states = fleet_states(views)
         dirs = sorted({n.models_dir for n in survey.nodes if n.online})
-        nodes: dict[str, Any] = {}
+        nodes: dict[str, PoolNodeStatus] = {}
         for node in survey.nodes:
+            entry = PoolNodeStatus(name=node.name, online=node.online, models_dir=node.models_dir)
             catalog = survey.catalogs.get(node.fingerprint)
-            entry: dict[str, Any] = {"name": node.name, "online": node.online, "models_dir": node.models_dir}
             if catalog is not None:
-                entry["models"] = [m.model_dump(mode="json") for m in catalog.models]
-                entry["memory"] = catalog.memory.model_dump(mode="json")
+                models = [SnakeModelInfo.model_validate(m.model_dump()) for m in catalog.models]
+                memory = SnakeMemoryInfo.model_validate(catalog.memory.model_dump())
+                entry = entry.model_copy(update={"models": models, "memory": memory})
             else:
                 error = survey.failures[node.fingerprint]
-                entry["error"] = {"code": error.code, "error": error.message}
+                entry = entry.model_copy(update={"error": StatusError(code=error.code, error=error.message)})
             nodes[node.fingerprint] = entry
-        return {
-            "loaded": sorted(m for m, s in states.items() if s is ModelState.LOADED),
-            "loading_status": {m: s.value for m, s in sorted(states.items())},
+        return PoolStatus(
+            loaded=sorted(m for m, s in states.items() if s is ModelState.LOADED),
+            loading_status=dict(sorted(states.items())),
             # The document's `repository` is one string: the directory every node shares, else the first of
             # them; `repositories` lists them all.
-            "repository": dirs[0] if dirs else None,
-            "repositories": dirs,
-            "nodes": nodes,
-        }
+            repository=dirs[0] if dirs else None,
+            repositories=dirs,
+            nodes=nodes,
+        )
 
 
-def _holds(outcome: Outcome, model: str) -> bool:
+def _holds(outcome: ModelList | ModelfleetError, model: str) -> bool:
     if isinstance(outcome, ModelfleetError):
         return False
-    listed = ModelList.model_validate(outcome).data
-    return any(m.id == model and m.state is not ModelState.FAILED for m in listed)
+    return any(m.id == model and m.state is not ModelState.FAILED for m in outcome.data)
 
 
-def load_reply(body: PoolLoadRequest, node_name: str, result: LoadResult) -> dict[str, Any]:
+def load_reply(body: PoolLoadRequest, node_name: str, result: LoadResult) -> PoolLoadResult:
     model = body.model_name
     if result.already_loaded:
         message = f"Model {model} was already loaded on node {node_name}"
@@ -234,16 +234,15 @@ def load_reply(body: PoolLoadRequest, node_name: str, result: LoadResult) -> dic
         message = f"Model {model} loaded successfully on node {node_name}"
     if result.evicted:
         message += f" (evicted {', '.join(result.evicted)} to make room)"
-    return {
-        "status": "success",
-        "model": model,
-        "force_reload": body.force_reload,
-        "message": message,
-        "node": result.node,
-        "node_name": node_name,
-        "already_loaded": result.already_loaded,
-        "evicted": result.evicted,
-    }
+    return PoolLoadResult(
+        model=model,
+        force_reload=body.force_reload,
+        message=message,
+        node=result.node,
+        node_name=node_name,
+        already_loaded=result.already_loaded,
+        evicted=result.evicted,
+    )
 
 
 def fleet_states(views: list[NodeView]) -> dict[str, ModelState]:
@@ -257,7 +256,7 @@ def fleet_states(views: list[NodeView]) -> dict[str, ModelState]:
     return {model: pool_state(states) for model, states in seen.items()}
 
 
-def model_entries(views: list[NodeView]) -> list[dict[str, Any]]:
+def model_entries(views: list[NodeView]) -> list[PoolModel]:
     """`GET /v1/models` data: each model with the nodes that have its file and those where it is loaded."""
     states = fleet_states(views)
     entries = []
@@ -267,19 +266,18 @@ def model_entries(views: list[NodeView]) -> list[dict[str, Any]]:
         sizes = [f.size_bytes for _, f in files] or [m.size_bytes for _, m in loaded] or [0]
         since = [m.loaded_at for _, m in loaded if m.loaded_at is not None]
         entries.append(
-            {
-                "id": model,
-                "object": "model",
+            PoolModel(
+                id=model,
                 # OpenAI's fields, for openai-python's models.list(): when it was first loaded (0: not loaded).
-                "created": int(min(since).timestamp()) if since else 0,
-                "owned_by": OWNER,
-                "state": states[model].value,
-                "nodes": [v.fingerprint for v, _ in files],
-                "loaded_on": [v.fingerprint for v, _ in loaded],
-                "size_bytes": max(sizes),
-                "estimate_bytes": max((f.estimate_bytes for _, f in files if f.estimate_bytes), default=None),
-                "problem": next((f.problem for _, f in files if f.problem), None),
-                "backends": sorted({f.backend for _, f in files if f.backend is not None}),
-            }
+                created=int(min(since).timestamp()) if since else 0,
+                owned_by=OWNER,
+                state=states[model],
+                nodes=[v.fingerprint for v, _ in files],
+                loaded_on=[v.fingerprint for v, _ in loaded],
+                size_bytes=max(sizes),
+                estimate_bytes=max((f.estimate_bytes for _, f in files if f.estimate_bytes), default=None),
+                problem=next((f.problem for _, f in files if f.problem), None),
+                backends=sorted({f.backend for _, f in files if f.backend is not None}),
+            )
         )
     return entries

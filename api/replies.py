@@ -26,15 +26,16 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from api.subscription import follow
 from broker import keys
-from broker.errors import NodeRestarted, NodeWentOffline
-from broker.schemas import Reply, read_lenient
+from broker.errors import NodeError, NodeRestarted, NodeWentOffline
+from broker.schemas import Reply, ReplyHeader, read_lenient
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,13 @@ class _Pending:
     fingerprint: str
     name: str
     boot: str
-    future: "asyncio.Future[Reply]"
+    future: "asyncio.Future[Reply[Any]]"
     missing_since: float | None = None
     """When the node's alive key and registration were first seen gone together (Redis lost the registry)."""
     job: bool = True
     """A job awaiting its reply; else a `watch` of the node process alone."""
+    result: type[BaseModel] = BaseModel
+    """The model of the job's result (its operation's `Op.result`)."""
 
 
 class ReplyWaiter:
@@ -63,23 +66,26 @@ class ReplyWaiter:
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
 
-    def expect(self, job_id: str, fingerprint: str, name: str, boot: str) -> "asyncio.Future[Reply]":
-        """A future for the job's reply, sent to the node process `boot` (its boot id)."""
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[job_id] = _Pending(fingerprint, name, boot, future)
+    def expect(
+        self, job_id: str, fingerprint: str, name: str, boot: str, result: type[BaseModel]
+    ) -> "asyncio.Future[Reply[Any]]":
+        """A future for the job's reply, sent to the node process `boot` (its boot id); its result, if it
+        succeeds, is a `result` model."""
+        future: asyncio.Future[Reply[Any]] = asyncio.get_running_loop().create_future()
+        self._pending[job_id] = _Pending(fingerprint, name, boot, future, result=result)
         return future
 
     def forget(self, job_id: str) -> None:
         self._pending.pop(job_id, None)
 
-    def watch(self, fingerprint: str, name: str, boot: str) -> "asyncio.Future[Reply]":
+    def watch(self, fingerprint: str, name: str, boot: str) -> "asyncio.Future[Reply[Any]]":
         """A future that fails (NodeRestarted, NodeWentOffline) once node process `boot` is gone; it never
         succeeds. Pass it to `unwatch` when done."""
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply[Any]] = asyncio.get_running_loop().create_future()
         self._pending[f"watch:{id(future)}"] = _Pending(fingerprint, name, boot, future, job=False)
         return future
 
-    def unwatch(self, future: "asyncio.Future[Reply]") -> None:
+    def unwatch(self, future: "asyncio.Future[Reply[Any]]") -> None:
         self._pending.pop(f"watch:{id(future)}", None)
         if not future.done():
             future.cancel()
@@ -108,13 +114,24 @@ class ReplyWaiter:
 
     def _deliver(self, raw: bytes | str) -> None:
         try:
-            reply = read_lenient(Reply, raw)
+            job_id = read_lenient(ReplyHeader, raw).job_id
         except (ValidationError, ValueError):
             log.warning("dropped a malformed reply from the reply channel")
             return
-        item = self._pending.get(reply.job_id)
-        if item is not None and not item.future.done():
-            item.future.set_result(reply)
+        item = self._pending.get(job_id)
+        if item is None or not item.job or item.future.done():
+            return
+        try:
+            reply = read_lenient(Reply[item.result], raw)  # type: ignore[name-defined]
+        except (ValidationError, ValueError):
+            log.warning("node %s sent a reply this API cannot read", item.fingerprint)
+            item.future.set_exception(
+                NodeError(
+                    f"Node {item.name} ({item.fingerprint}) sent a reply this API cannot read (another version?)."
+                )
+            )
+            return
+        item.future.set_result(reply)
 
     async def _listen(self) -> None:
         await follow(

@@ -1,31 +1,38 @@
-"""Request bodies of the REST API (responses are the node's schemas from `broker.schemas`)."""
+"""Request bodies of the REST API. Answers are `broker` models: a node's records (`broker.schemas`) on the
+node-addressed API, `broker.answers` on the pool API.
 
-from typing import Any
+The node-addressed bodies are camelCase, as remote-model-control.txt defines them, and accept only those names.
+Their limits are the job's own (`broker.schemas` types), so a body the API accepts is a job a node accepts.
+"""
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.schemas import BackendName, ModelId
+from broker.schemas import BackendName, ContextLength, GpuLayers, KeepAlive, ModelId, ModelPath, Schema
 
 
-class NodeLoadRequest(BaseModel):
+class _CamelBody(Schema):
+    model_config = ConfigDict(validate_by_name=False, validate_by_alias=True)
+
+
+class NodeLoadRequest(_CamelBody):
     """`POST /api/v1/nodes/{fingerprint}/models/load`, as remote-model-control.txt defines it."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    modelId: ModelId
-    modelPath: str | None = Field(default=None, min_length=1, max_length=4096)
-    contextLength: int | None = Field(default=None, ge=1, le=1 << 20)
-    gpuLayers: int | None = Field(default=None, ge=-1, le=10_000)
-    keepAlive: float | None = Field(default=None, ge=0, le=365 * 86400)
+    model_id: ModelId
+    model_path: ModelPath | None = None
+    """A path inside the node's models directory; by default the file named after the model id."""
+    context_length: ContextLength | None = None
+    gpu_layers: GpuLayers | None = None
+    """Layers to offload to the GPU (-1: all)."""
+    keep_alive: KeepAlive | None = None
     """Seconds the model may stay unused before it unloads itself (0: never; absent: the node's default)."""
     backend: BackendName | None = None
     """"ctransformers" or "llama-cpp"; default: the node's choice (per file from its header with `auto`)."""
 
 
-class NodeUnloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NodeUnloadRequest(_CamelBody):
+    """`POST /api/v1/nodes/{fingerprint}/models/unload`."""
 
-    modelId: ModelId
+    model_id: ModelId
 
 
 class PoolLoadRequest(BaseModel):
@@ -35,11 +42,14 @@ class PoolLoadRequest(BaseModel):
 
     model_name: ModelId
     force_reload: bool = False
+    """Reload the model afresh even where it is loaded."""
     node: str | None = Field(default=None, min_length=1, max_length=64)
     """A fingerprint: load there instead of where placement would."""
     evict: bool = False
+    """If the model fits nowhere, unload least recently used, unpinned models to make room."""
     pin: bool = False
-    keep_alive: float | None = Field(default=None, ge=0, le=365 * 86400)
+    """Never evict this model (it can still be unloaded explicitly)."""
+    keep_alive: KeepAlive | None = None
     """Seconds the model may stay unused before it unloads itself (0: never; absent: the node's default)."""
     backend: BackendName | None = None
     """Load with this backend; default: each node's choice."""
@@ -51,17 +61,3 @@ class PoolUnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: ModelId
-
-
-class ErrorBody(BaseModel):
-    """Every failure's answer (`api.errors`): a sentence a person can act on and a stable code."""
-
-    success: bool = False
-    error: str
-    code: str
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` of a route that can fail with these statuses, for its OpenAPI schema."""
-    return {status: {"model": ErrorBody} for status in statuses}

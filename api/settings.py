@@ -2,6 +2,7 @@
 
 from pydantic import Field, field_validator
 
+from broker.operations import LIST, LOAD, UNLOAD, Op
 from broker.settings import BrokerSettings, SecretList, split_secrets
 
 
@@ -12,9 +13,10 @@ class ApiSettings(BrokerSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     operator_keys: SecretList = Field(default_factory=list)
     api_keys: SecretList = Field(default_factory=list)
-    load_timeout: float = Field(default=600.0, gt=0)
-    unload_timeout: float = Field(default=60.0, gt=0)
-    list_timeout: float = Field(default=30.0, gt=0)
+    # Each operation names the setting that overrides its timeout (`Op.timeout_setting`).
+    load_timeout: float = Field(default=LOAD.default_timeout, gt=0)
+    unload_timeout: float = Field(default=UNLOAD.default_timeout, gt=0)
+    list_timeout: float = Field(default=LIST.default_timeout, gt=0)
     liveness_interval: float = Field(default=1.0, gt=0)
     send_threads: int = Field(default=16, ge=1, le=256)
     sse_ping_interval: float = Field(default=15.0, gt=0)
@@ -37,3 +39,7 @@ class ApiSettings(BrokerSettings):
     """Seconds a dashboard session may sit idle before it ends (each request renews it)."""
 
     _split = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)
+
+    def timeout(self, op: Op) -> float:
+        """Seconds the API waits for `op`'s reply."""
+        return float(getattr(self, op.timeout_setting))

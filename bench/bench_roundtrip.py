@@ -36,6 +36,7 @@ from harness import Processes, fleet_env, modelfleet_command, ms, quantile, star
 
 from broker import keys
 from broker.celery_app import make_celery
+from broker.operations import LIST
 from broker.schemas import ListJob
 from broker.settings import BrokerSettings
 from workers.gguf_factory import write_tiny_llama
@@ -69,7 +70,7 @@ class CeleryBaseline:
     def _send(self, deadline: float) -> str:
         job_id = uuid.uuid4().hex
         self.app.send_task(
-            keys.TASK_LIST,
+            LIST.task,
             kwargs={"job": ListJob(deadline=deadline).wire()},
             queue=keys.node_queue(self.fp),
             task_id=job_id,

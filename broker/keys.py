@@ -20,6 +20,8 @@
 | `distributed-pool-changed`            | channel    | any        | pub/sub: live pool events                  |
 | `modelfleet.node.<fp>`                | list       | Celery     | the node's job queue (kombu)               |
 
+Task names are `modelfleet.<operation>` (`task_name`), one per operation in `broker.operations`.
+
 Model ids may hold any printable character; wherever one goes into a key or URL it is percent-encoded.
 """
 
@@ -27,18 +29,17 @@ from urllib.parse import quote
 
 PREFIX = "modelfleet"
 
-TASK_LOAD = "modelfleet.load"
-TASK_UNLOAD = "modelfleet.unload"
-TASK_UNLOAD_ALL = "modelfleet.unload_all"
-TASK_LIST = "modelfleet.list"
-TASK_CATALOG = "modelfleet.catalog"
-
 EVENTS_CHANNEL = "distributed-pool-changed"
 
 
 def encode_id(value: str) -> str:
     """Percent-encode a model id (or any user text) so it cannot change a key's or URL's structure."""
     return quote(value, safe="")
+
+
+def task_name(operation: str) -> str:
+    """The Celery task an operation travels under (`broker.operations` declares the operations)."""
+    return f"{PREFIX}.{operation}"
 
 
 def nodes_set() -> str:

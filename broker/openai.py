@@ -245,10 +245,15 @@ class ErrorDetail(_Answer):
     code: str
 
 
-class ErrorBody(_Answer):
-    """OpenAI's error shape; also the `data:` of an error event in a stream that already started."""
+class OpenAIErrorBody(_Answer):
+    """OpenAI's error shape; also the `data:` of an error event in a stream that already started.
+
+    Named apart from modelfleet's own `broker.answers.ErrorBody`: both are components of the head's schema."""
 
     error: ErrorDetail
+
+
+ErrorBody = OpenAIErrorBody
 
 
 def error_type(status: int) -> str:

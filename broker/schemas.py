@@ -7,7 +7,7 @@ Python and camelCase on the wire, because the REST contract speaks camelCase.
 import unicodedata
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -92,6 +92,13 @@ BackendName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 """A backend's name ("ctransformers", "llama-cpp"); which ones exist is the node's business, not the contract's."""
 
 
+# The limits of a load's options, shared by the job and by every request model that carries them.
+ModelPath = Annotated[str, Field(min_length=1, max_length=4096)]
+ContextLength = Annotated[int, Field(ge=1, le=1 << 20)]
+GpuLayers = Annotated[int, Field(ge=-1, le=10_000)]
+KeepAlive = Annotated[float, Field(ge=0, le=365 * 86400)]
+
+
 class ModelState(StrEnum):
     """Where a model is in its life on one node."""
 
@@ -118,6 +125,8 @@ class UnloadReason(StrEnum):
 
 
 class Operation(StrEnum):
+    """The name of an operation (`broker.operations` declares each one)."""
+
     LOAD = "load"
     UNLOAD = "unload"
     UNLOAD_ALL = "unload_all"
@@ -135,16 +144,16 @@ class Job(Schema):
 
 class LoadJob(Job):
     model_id: ModelId
-    model_path: str | None = Field(default=None, max_length=4096)
-    context_length: int | None = Field(default=None, ge=1, le=1 << 20)
-    gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
+    model_path: ModelPath | None = None
+    context_length: ContextLength | None = None
+    gpu_layers: GpuLayers | None = None
     force_reload: bool = False
     """Reload a loaded model afresh (admitted as a new load; the old copy is dropped first)."""
     evict: bool = False
     """If the model does not fit, unload least recently used, unpinned, loaded models until it does."""
     pin: bool = False
     """Never evict this model (it can still be unloaded explicitly)."""
-    keep_alive: float | None = Field(default=None, ge=0, le=365 * 86400)
+    keep_alive: KeepAlive | None = None
     """Seconds the model may stay unused before it unloads itself; 0 never. None: the node's default."""
     backend: BackendName | None = None
     """Load with this backend; None: the node's choice (its `--backend`, or per file with `auto`)."""
@@ -276,13 +285,28 @@ class ErrorInfo(Schema):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class Reply(Schema):
-    """A node's answer to one job: exactly one of `result` and `error` is set."""
+R = TypeVar("R", bound=BaseModel)
+
+
+class Reply(Schema, Generic[R]):
+    """A node's answer to one job: exactly one of `result` (the operation's result model) and `error` is set.
+
+    Parametrized by the result model (`Reply[LoadResult]`); the waiting side reads the job id first
+    (`ReplyHeader`) to know which operation, hence which model, the reply carries.
+    """
 
     job_id: str
     node: str
-    result: dict[str, Any] | None = None
+    result: R | None = None
     error: ErrorInfo | None = None
+
+
+class ReplyHeader(BaseModel):
+    """Just the job id of a reply, read before the rest."""
+
+    model_config = ConfigDict(alias_generator=to_camel, extra="ignore")
+
+    job_id: str
 
 
 class DashboardSession(Schema):

@@ -47,17 +47,19 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from broker.errors import ERRORS_BY_CODE, ModelfleetError
-from broker.openai import ChatCompletionResponse, CompletionResponse
-from broker.schemas import LoadResult, ModelInfo, NodeInfo, UnloadAllResult, UnloadResult
-from modelfleet.results import (
+from broker.answers import (
     Health,
+    NodeList,
     PoolLoadResult,
     PoolModelList,
     PoolStatus,
     PoolUnloadAllResult,
     PoolUnloadResult,
 )
+from broker.errors import ERRORS_BY_CODE, ModelfleetError
+from broker.openai import ChatCompletionResponse, CompletionResponse
+from broker.operations import LIST, LOAD, UNLOAD, UNLOAD_ALL
+from broker.schemas import LoadResult, ModelInfo, NodeInfo, UnloadAllResult, UnloadResult
 from modelfleet.sse import SseDecoder, StreamEvent
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -176,12 +178,12 @@ class endpoint(Generic[P, T]):
 
 
 def _one(schema: type[M]) -> Callable[[Any], M]:
-    return schema.model_validate
+    """Reads an answer into the API's own model, ignoring fields a newer API added."""
+    return lambda body: schema.model_validate(body, extra="ignore")
 
 
-def _data(schema: type[M]) -> Callable[[Any], list[M]]:
-    """Reads `{"data": [...]}` into a list of records."""
-    return lambda body: [schema.model_validate(item) for item in body["data"]]
+def _nodes(body: Any) -> list[NodeInfo]:
+    return _one(NodeList)(body).data
 
 
 def _node_path(fingerprint: str, rest: str = "") -> str:
@@ -233,7 +235,7 @@ class Endpoints:
     @endpoint
     def nodes(self) -> Call[list[NodeInfo]]:
         """Every registered node, online or not."""
-        return Call("GET", "/api/v1/nodes", _data(NodeInfo))
+        return Call("GET", "/api/v1/nodes", _nodes)
 
     @endpoint
     def node(self, fingerprint: str) -> Call[NodeInfo]:
@@ -242,12 +244,12 @@ class Endpoints:
     @endpoint
     def resolve_node(self, ref: str) -> Call[NodeInfo]:
         """The node a fingerprint, a unique fingerprint prefix or a node name refers to (see `pick_node`)."""
-        return Call("GET", "/api/v1/nodes", lambda body: pick_node(_data(NodeInfo)(body), ref))
+        return Call("GET", "/api/v1/nodes", lambda body: pick_node(_nodes(body), ref))
 
     @endpoint
     def node_models(self, fingerprint: str) -> Call[list[ModelInfo]]:
         """The models on one node, in every state."""
-        return Call("GET", _node_path(fingerprint, "/models"), _data(ModelInfo))
+        return Call("GET", _node_path(fingerprint, "/models"), lambda body: _one(LIST.result)(body).data)
 
     @endpoint
     def load(
@@ -262,7 +264,7 @@ class Endpoints:
         """Load a model on one node; returns once it is loaded (or already was)."""
         body = {"modelId": model_id, "modelPath": model_path, "contextLength": context_length, "gpuLayers": gpu_layers}
         return Call(
-            "POST", _node_path(fingerprint, "/models/load"), _one(LoadResult), _drop_none(body), self.job_timeout
+            "POST", _node_path(fingerprint, "/models/load"), _one(LOAD.result), _drop_none(body), self.job_timeout
         )
 
     @endpoint
@@ -270,7 +272,7 @@ class Endpoints:
         return Call(
             "POST",
             _node_path(fingerprint, "/models/unload"),
-            _one(UnloadResult),
+            _one(UNLOAD.result),
             {"modelId": model_id},
             self.job_timeout,
         )
@@ -278,7 +280,9 @@ class Endpoints:
     @endpoint
     def unload_all(self, fingerprint: str) -> Call[UnloadAllResult]:
         """Unload every model on one node; failures per model are in the result's `errors`."""
-        return Call("POST", _node_path(fingerprint, "/models/unload-all"), _one(UnloadAllResult), {}, self.job_timeout)
+        return Call(
+            "POST", _node_path(fingerprint, "/models/unload-all"), _one(UNLOAD_ALL.result), {}, self.job_timeout
+        )
 
     @endpoint
     def pool_models(self) -> Call[PoolModelList]:

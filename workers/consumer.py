@@ -15,11 +15,11 @@ from celery import signals
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 
-from broker import keys
+from broker.operations import OPERATIONS
 
 log = logging.getLogger("modelfleet.worker.consumer")
 
-_OUR_TASKS = {keys.TASK_LOAD, keys.TASK_UNLOAD, keys.TASK_UNLOAD_ALL, keys.TASK_LIST, keys.TASK_CATALOG}
+_OUR_TASKS = {op.task for op in OPERATIONS}
 
 
 def fingerprint(raw: bytes | str | None) -> str:

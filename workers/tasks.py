@@ -4,6 +4,10 @@ Every task answers through the node's `ReplyOutbox` (`broker.replies` underneath
 backend; whatever happens, exactly one reply is written, so the API never waits for a job that has already
 ended, and a reply that Redis cannot take yet is retried until the job's deadline. A job starts only through
 `broker.replies.start_job`, which records the boot that ran it (or refuses a job its caller cancelled).
+
+Celery's own record of the task (what Flower shows) follows the reply: a job that answered an error ends as a
+FAILURE, raising `JobFailed` once its reply is out. A job that joined a load in flight leaves its task without a
+state (Celery's `Ignore`) and announces SUCCESS or FAILURE itself when that load ends.
 """
 
 import logging
@@ -13,14 +17,16 @@ from concurrent.futures import Future
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Ignore
 from pydantic import BaseModel, ValidationError
 
-from broker import keys
 from broker.errors import InternalError, InvalidRequest, JobExpired, ModelfleetError
+from broker.operations import CATALOG, LIST, LOAD, OPERATIONS, UNLOAD, UNLOAD_ALL, Op
 from broker.replies import AGAIN, CANCELLED, start_job
-from broker.schemas import CatalogJob, ErrorInfo, Job, ListJob, LoadJob, Reply, UnloadAllJob, UnloadJob
+from broker.schemas import ErrorInfo, Job, Reply
 from workers.node import NodeRuntime
 from workers.outbox import TRANSIENT
+from workers.service import NodeService
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +39,31 @@ def install(runtime: NodeRuntime) -> None:
     _runtime = runtime
 
 
-Operation = Callable[[Any], BaseModel]
-Joiner = Callable[[Any], "Future[BaseModel] | None"]
+Handler = Callable[[NodeService, Any], BaseModel]
+Joiner = Callable[[NodeService, Any], "Future[BaseModel] | None"]
+
+HANDLERS: dict[Op[Any, Any], tuple[Handler, Joiner | None]] = {
+    LOAD: (NodeService.load, NodeService.join_load),
+    UNLOAD: (NodeService.unload, None),
+    UNLOAD_ALL: (NodeService.unload_all, None),
+    LIST: (lambda service, job: service.list(), None),
+    CATALOG: (lambda service, job: service.catalog(), None),
+}
+"""What the node does for each operation of `broker.operations` (and, for a load, how a job joins one in flight)."""
 
 
-def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, join: Joiner | None = None) -> Any:
+class JobFailed(Exception):
+    """The job answered an error (its reply is already out): Celery records the task as FAILURE.
+
+    Carries only the error's code: the reply's text can echo what a caller sent, and Flower shows this.
+    """
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _run(task: Task, op: Op[Any, Any], payload: Any, handle: Handler, join: Joiner | None = None) -> Any:
     """Run one job and publish its reply. With `join`, a job that can attach to an operation already in
     flight (a load of a model that is loading) is answered when that finishes, without holding a pool thread:
     a burst of retried loads must not starve the node of threads for lists."""
@@ -46,7 +72,7 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, jo
     job_id = str(task.request.id)
 
     def checked() -> Job:
-        job = job_type.model_validate(payload)
+        job = op.job.model_validate(payload)
         if time.time() > job.deadline:
             raise JobExpired(f"The job reached the node {time.time() - job.deadline:.1f}s after its deadline.")
         try:
@@ -67,20 +93,21 @@ def _run(task: Task, job_type: type[Job], payload: Any, operation: Operation, jo
     def attempt() -> BaseModel | None:
         nonlocal joined
         job = checked()
-        joined = join(job) if join is not None else None
-        return None if joined is not None else operation(job)
+        joined = join(runtime.service, job) if join is not None else None
+        return None if joined is not None else handle(runtime.service, job)
 
     deadline = _deadline(payload)
     try:
-        reply = _reply(task, job_id, runtime, attempt)
+        reply = _reply(task, op, job_id, runtime, attempt)
     except _Redelivered:
         # Its first run replied already: a second run would do the work twice and overwrite that reply.
         log.warning("job %s was delivered again (broker redelivery after a failover?); it ran before: skipped", job_id)
         return {"jobId": job_id, "node": runtime.fingerprint, "skipped": "redelivered"}
     if reply is None:
         assert joined is not None
-        joined.add_done_callback(lambda fut: _finish_quietly(task, job_id, runtime, fut, deadline))
-        return {"jobId": job_id, "node": runtime.fingerprint, "joined": True}
+        hostname = str(task.request.hostname)
+        joined.add_done_callback(lambda fut: _finish_quietly(task, op, job_id, hostname, runtime, fut, deadline))
+        raise Ignore()  # no state yet: _finish_quietly announces it when the joined load ends
     return _finish(task, job_id, runtime, reply, deadline)
 
 
@@ -95,22 +122,40 @@ def _deadline(payload: Any) -> float:
 
 
 def _finish_quietly(
-    task: Task, job_id: str, runtime: NodeRuntime, joined: "Future[BaseModel]", deadline: float
+    task: Task,
+    op: Op[Any, Any],
+    job_id: str,
+    hostname: str,
+    runtime: NodeRuntime,
+    joined: "Future[BaseModel]",
+    deadline: float,
 ) -> None:
-    """Publish a joined job's reply from the loading thread; a failure here must be logged, not lost."""
+    """Publish a joined job's reply from the loading thread, and tell Celery's event stream how the job ended
+    (the worker sent nothing for it). A failure here must be logged, not lost."""
     try:
-        _finish(task, job_id, runtime, _reply(task, job_id, runtime, joined.result), deadline)
+        outcome = _finish(task, job_id, runtime, _reply(task, op, job_id, runtime, joined.result), deadline)
+        kind, fields = "task-succeeded", {"result": repr(outcome), "runtime": 0.0}
+    except JobFailed as failed:
+        kind, fields = "task-failed", {"exception": repr(failed), "traceback": None}
     except Exception:
         log.exception("the reply to joined job %s could not be published; its caller will time out", job_id)
+        return
+    try:
+        with task.app.events.default_dispatcher(hostname=hostname) as dispatcher:
+            dispatcher.send(kind, uuid=job_id, **fields)
+    except Exception as exc:  # the reply is out; only the monitoring view misses this job's end
+        log.warning("the end of joined job %s could not be announced to Flower: %s", job_id, type(exc).__name__)
 
 
-def _reply(task: Task, job_id: str, runtime: NodeRuntime, compute: Callable[[], BaseModel | None]) -> Reply | None:
+def _reply(
+    task: Task, op: Op[Any, Any], job_id: str, runtime: NodeRuntime, compute: Callable[[], BaseModel | None]
+) -> "Reply[Any] | None":
     """The reply for what `compute` returns or raises; None when it returned None (the reply comes later)."""
     try:
         result = compute()
         if result is None:
             return None
-        return Reply(job_id=job_id, node=runtime.fingerprint, result=result.model_dump(mode="json", by_alias=True))
+        return Reply[op.result](job_id=job_id, node=runtime.fingerprint, result=result)  # type: ignore[name-defined]
     except _Redelivered:
         raise
     except ValidationError as exc:
@@ -121,47 +166,32 @@ def _reply(task: Task, job_id: str, runtime: NodeRuntime, compute: Callable[[], 
         log.exception("job %s (%s) failed unexpectedly", job_id, task.name)
         error = InternalError(f"The node failed: {type(exc).__name__}.")
     info = ErrorInfo(code=error.code, error=error.message, details=error.details)
-    return Reply(job_id=job_id, node=runtime.fingerprint, error=info)
+    return Reply[op.result](job_id=job_id, node=runtime.fingerprint, error=info)  # type: ignore[name-defined]
 
 
-def _finish(task: Task, job_id: str, runtime: NodeRuntime, reply: Reply | None, deadline: float) -> dict[str, Any]:
+def _finish(
+    task: Task, job_id: str, runtime: NodeRuntime, reply: "Reply[Any] | None", deadline: float
+) -> dict[str, Any]:
     assert reply is not None, "only a joined job has no reply yet"
     runtime.outbox.send(reply, deadline)
     if reply.error is not None:
         log.info("job %s (%s): %s", job_id, task.name, reply.error.code)
+        raise JobFailed(reply.error.code)
     # Celery logs and Flower shows a task's return value: only the outcome, never the reply's text, which can
     # echo what a caller sent (a model id that is really a pasted key, say).
-    return {
-        "jobId": job_id,
-        "node": runtime.fingerprint,
-        "ok": reply.error is None,
-        "code": reply.error.code if reply.error else None,
-    }
+    return {"jobId": job_id, "node": runtime.fingerprint, "ok": True}
 
 
 def register_tasks(app: Celery) -> None:
-    """Register the node tasks on `app` under their public names."""
+    """Register one task per operation of `broker.operations`, under the operation's task name."""
+    missing = [op for op in OPERATIONS if op not in HANDLERS]
+    if missing:
+        raise RuntimeError(f"this worker cannot run the operations {missing}: workers.tasks.HANDLERS lacks them")
+    for op in OPERATIONS:
+        _register(app, op, *HANDLERS[op])
 
-    def service():
-        assert _runtime is not None
-        return _runtime.service
 
-    @app.task(name=keys.TASK_LOAD, bind=True)
-    def load(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        return _run(self, LoadJob, job, lambda j: service().load(j), join=lambda j: service().join_load(j))
-
-    @app.task(name=keys.TASK_UNLOAD, bind=True)
-    def unload(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        return _run(self, UnloadJob, job, lambda j: service().unload(j))
-
-    @app.task(name=keys.TASK_UNLOAD_ALL, bind=True)
-    def unload_all(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        return _run(self, UnloadAllJob, job, lambda j: service().unload_all(j))
-
-    @app.task(name=keys.TASK_LIST, bind=True)
-    def list_models(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        return _run(self, ListJob, job, lambda j: service().list())
-
-    @app.task(name=keys.TASK_CATALOG, bind=True)
-    def catalog(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-        return _run(self, CatalogJob, job, lambda j: service().catalog())
+def _register(app: Celery, op: Op[Any, Any], handle: Handler, join: Joiner | None) -> None:
+    @app.task(name=op.task, bind=True, throws=(JobFailed,))  # expected: logged in one line, no traceback
+    def run(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        return _run(self, op, job, handle, join)

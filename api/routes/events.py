@@ -13,8 +13,11 @@ from fastapi import APIRouter, Header, Query
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from api.deps import Directory, Reader, Relay
+from api.deps import Directory, Relay
+from api.openapi import guarded
+from broker import errors as e
 from broker.events import stream_id
+from broker.operations import Scope as KeyScope
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
 
@@ -101,9 +104,22 @@ class EventStreamResponse(StreamingResponse):
                 CutStreamFilter.cut()
 
 
-@router.get("/events", response_class=EventStreamResponse, status_code=200)
+STREAM = {
+    "description": "`distributed-pool-changed` events, each one `event:`, `id:` and a JSON `data:` line, "
+    "and `:` comment pings while the pool is quiet.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
+@router.get(
+    "/events",
+    response_class=EventStreamResponse,
+    status_code=200,  # FastAPI cannot read it off a response class whose __init__ has no status_code
+    summary="Follow the pool's changes",
+    **guarded(KeyScope.READ, e.InvalidRequest, e.NodeNotFound, e.ShuttingDown, streaming=True),
+    openapi_extra={"responses": {"200": STREAM}},
+)
 async def events(
-    _: Reader,
     relay: Relay,
     directory: Directory,
     node: Annotated[str | None, Query(description="Only this node's events (a fingerprint).")] = None,

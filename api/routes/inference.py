@@ -12,8 +12,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from api.deps import Proxy, Reader
+from api.errors import documented
 from api.proxy import NodeProxy, ProxyResponse
-from broker.errors import InvalidRequest
+from broker.errors import (
+    BrokerUnavailable,
+    GenerationFailed,
+    InsufficientMemory,
+    InvalidRequest,
+    JobTimeout,
+    ModelBusy,
+    ModelFileNotFound,
+    NodeError,
+    NodeUnavailable,
+    Unauthenticated,
+)
 from broker.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -27,23 +39,41 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 
 
 def _answers(answer: type, chunk: type) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI description of an inference route's answers: JSON, an event stream of chunks, OpenAI errors."""
+    """The OpenAPI description of an inference route's answers: JSON, an event stream of chunks, OpenAI errors.
+
+    The head's own failures come from the one error table (`api.errors.documented`, in OpenAI's shape); a node's
+    answers pass through as they came, so its statuses (429 busy) are listed as well.
+    """
     stream = {"schema": {"type": "string", "description": f"`data: <{chunk.__name__}>` events, then `data: [DONE]`."}}
-    errors: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorBody, "description": description}
-        for status, description in {
-            400: "Invalid parameters, or options no node supports (OpenAI's shape).",
-            401: "Missing or invalid key.",
-            404: "The model is on no online node (or not loaded, with load on demand off).",
-            409: "The model fits on no node.",
-            422: "The body does not match the schema (OpenAI's shape, `param` names the first field).",
-            429: "Every replica's queue is full; retry after `Retry-After`.",
-            502: "A node answered something unusable.",
-            503: "No replica could answer (each failed before its first byte), or Redis is unreachable.",
-            504: "The load on demand did not finish within the load timeout.",
-        }.items()
-    }
+    errors = documented(*_ERRORS, openai=True)
+    for status, description in _DESCRIPTIONS.items():
+        errors.setdefault(status, {"model": ErrorBody, "description": ""})
+        errors[status]["description"] = f"{description}\n\n{errors[status]['description']}".strip()
     return {200: {"model": answer, "content": {"text/event-stream": stream}}, **errors}
+
+
+_ERRORS = (  # the head's own, and a node's passed through
+    InvalidRequest,
+    ModelBusy,
+    GenerationFailed,
+    Unauthenticated,
+    NodeUnavailable,
+    BrokerUnavailable,
+    ModelFileNotFound,
+    InsufficientMemory,
+    JobTimeout,
+    NodeError,
+)
+_DESCRIPTIONS = {
+    400: "Invalid parameters, or options no node supports.",
+    404: "The model is on no online node (or not loaded, with load on demand off).",
+    409: "The model fits on no node.",
+    422: "The body does not match the schema (OpenAI's shape, `param` names the first field).",
+    429: "Every replica's queue is full; retry after `Retry-After`.",
+    502: "A node answered something unusable.",
+    503: "No replica could answer (each failed before its first byte), or Redis is unreachable.",
+    504: "The load on demand did not finish within the load timeout.",
+}
 
 
 async def _proxied(
@@ -64,6 +94,8 @@ async def _proxied(
     summary="Continue a prompt on a node that has the model",
 )
 async def completions(body: CompletionRequest, request: Request, _: Reader, proxy: Proxy) -> ProxyResponse:
+    """OpenAI's completions API: the prompt runs on the least busy node where the model is loaded (loaded on
+    demand if it is loaded nowhere), as JSON or, with `stream: true`, as Server-Sent Events."""
     return await _proxied(proxy, body, request, "/v1/completions")
 
 
@@ -74,4 +106,6 @@ async def completions(body: CompletionRequest, request: Request, _: Reader, prox
     summary="Answer a conversation on a node that has the model",
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, _: Reader, proxy: Proxy) -> ProxyResponse:
+    """OpenAI's chat completions API, rendered with the model's chat template: routed, loaded on demand and
+    streamed as `/v1/completions` is."""
     return await _proxied(proxy, body, request, "/v1/chat/completions")

@@ -2,39 +2,67 @@
 
 The whole fleet is one region: loads are placed by `api.placement`, unloads reach every node that holds the
 model. Bodies and answers are snake_case, as in that document (the node-addressed API speaks camelCase).
+Each route's scope is that of the operation it sends to the nodes (`broker.operations`).
 """
-
-from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import Fleet, Operator, Reader
+from api.deps import Fleet
+from api.openapi import JOB_ERRORS, guarded
 from api.schemas import PoolLoadRequest, PoolUnloadRequest
+from broker.answers import PoolLoadResult, PoolModelList, PoolStatus, PoolUnloadAllResult, PoolUnloadResult
+from broker.operations import CATALOG, LIST, LOAD, UNLOAD, UNLOAD_ALL
 
 router = APIRouter(prefix="/v1/models", tags=["pool"])
 
 
-@router.get("")
-async def list_models(_: Reader, pool: Fleet) -> dict[str, Any]:
-    """Every model file in the fleet, with the nodes that have it and the nodes where it is loaded."""
+@router.get("", response_model=PoolModelList, summary="List the fleet's models", **guarded(CATALOG.scope))
+async def list_models(pool: Fleet) -> PoolModelList:
+    """Every model file in the fleet, with the nodes that have it and the nodes where it is loaded.
+
+    Online nodes that did not answer are listed in `errors`; offline nodes are left out.
+    """
     return await pool.models()
 
 
-@router.get("/status")
-async def model_status(_: Reader, pool: Fleet) -> dict[str, Any]:
+@router.get("/status", response_model=PoolStatus, summary="Show each model's state", **guarded(CATALOG.scope))
+async def model_status(pool: Fleet) -> PoolStatus:
+    """Which models are loaded, each model's state across the fleet, and every node's models and memory."""
     return await pool.status()
 
 
-@router.post("/load")
-async def load_model(body: PoolLoadRequest, _: Operator, pool: Fleet) -> dict[str, Any]:
+@router.post(
+    "/load",
+    response_model=PoolLoadResult,
+    summary="Load a model where it fits",
+    **guarded(LOAD.scope, *JOB_ERRORS, *LOAD.errors),
+)
+async def load_model(body: PoolLoadRequest, pool: Fleet) -> PoolLoadResult:
+    """Load a model on the node that has its file and the most free memory (or on `node`).
+
+    A node that has filled up since it was surveyed is skipped for the next candidate. With `evict`, least
+    recently used unpinned models make room; without it, a model that fits nowhere is refused with 409.
+    """
     return await pool.load(body)
 
 
-@router.post("/unload")
-async def unload_model(body: PoolUnloadRequest, _: Operator, pool: Fleet) -> dict[str, Any]:
+@router.post(
+    "/unload",
+    response_model=PoolUnloadResult,
+    summary="Unload a model everywhere",
+    **guarded(UNLOAD.scope, *JOB_ERRORS, *UNLOAD.errors, *LIST.errors),
+)
+async def unload_model(body: PoolUnloadRequest, pool: Fleet) -> PoolUnloadResult:
+    """Unload a model from every online node where it is loaded; `partial` if some of them failed."""
     return await pool.unload(body.model_name)
 
 
-@router.post("/unload-all")
-async def unload_all(_: Operator, pool: Fleet) -> dict[str, Any]:
+@router.post(
+    "/unload-all",
+    response_model=PoolUnloadAllResult,
+    summary="Unload every model everywhere",
+    **guarded(UNLOAD_ALL.scope),
+)
+async def unload_all(pool: Fleet) -> PoolUnloadAllResult:
+    """Unload every model on every node; `partial` if a live node failed (its failures are in `errors`)."""
     return await pool.unload_all()

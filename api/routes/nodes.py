@@ -1,66 +1,84 @@
-"""The node-addressed API: `/api/v1/nodes[/{fingerprint}[/models[/load|/unload|/unload-all]]]`."""
+"""The node-addressed API: `/api/v1/nodes[/{fingerprint}[/models[/load|/unload|/unload-all]]]`.
 
-from typing import Any
+Each job route runs one operation of `broker.operations` on one node (`api.openapi.job_route`): the operation's
+scope guards it, its result model is the answer, its errors and the API's own are the documented failures.
+"""
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from api.deps import Directory, Jobs, Operator, Reader, Settings
+from fastapi import APIRouter, Path
+
+from api.deps import Directory, Jobs
+from api.openapi import guarded, job_route
 from api.schemas import NodeLoadRequest, NodeUnloadRequest
-from broker import keys
-from broker.schemas import NodeCatalog
+from broker import errors as e
+from broker.answers import NodeList
+from broker.operations import CATALOG, LIST, LOAD, UNLOAD, UNLOAD_ALL, Scope
+from broker.schemas import LoadResult, ModelList, NodeCatalog, NodeInfo, UnloadAllResult, UnloadResult
 
 router = APIRouter(prefix="/api/v1/nodes", tags=["nodes"])
 
-
-@router.get("")
-async def list_nodes(_: Reader, directory: Directory) -> dict[str, Any]:
-    """Every registered node, online or not."""
-    return {"data": [node.wire() for node in await directory.all()]}
+Fingerprint = Annotated[str, Path(description="The node's fingerprint, as `GET /api/v1/nodes` lists it.")]
 
 
-@router.get("/{fingerprint}")
-async def get_node(fingerprint: str, _: Reader, directory: Directory) -> dict[str, Any]:
-    return (await directory.get(fingerprint)).wire()
+@router.get("", response_model=NodeList, summary="List the nodes", **guarded(Scope.READ))
+async def list_nodes(directory: Directory) -> NodeList:
+    """Every node that ever registered, online or not, with its last heartbeat's figures."""
+    return NodeList(data=await directory.all())
 
 
-@router.get("/{fingerprint}/models")
-async def list_models(fingerprint: str, _: Reader, directory: Directory, jobs: Jobs, settings: Settings) -> Any:
+@router.get(
+    "/{fingerprint}",
+    response_model=NodeInfo,
+    summary="Show one node",
+    **guarded(Scope.READ, e.InvalidRequest, e.NodeNotFound),
+)
+async def get_node(fingerprint: Fingerprint, directory: Directory) -> NodeInfo:
+    """One node's registration and last heartbeat."""
+    return await directory.get(fingerprint)
+
+
+@router.get("/{fingerprint}/models", summary="List a node's models", **job_route(LIST))
+async def list_models(fingerprint: Fingerprint, directory: Directory, jobs: Jobs) -> ModelList:
+    """The models on one node, in every state (`loading`, `loaded`, `unloading`, `failed`)."""
+    return await jobs.run(await directory.get(fingerprint), LIST)
+
+
+@router.post("/{fingerprint}/models/load", summary="Load a model on a node", **job_route(LOAD))
+async def load_model(fingerprint: Fingerprint, body: NodeLoadRequest, directory: Directory, jobs: Jobs) -> LoadResult:
+    """Load a model file from the node's models directory; answers once it is loaded (or already was).
+
+    Waits up to the load timeout (600 s by default). A load of a model that is loading joins that load.
+    """
     node = await directory.get(fingerprint)
-    return await jobs.run(node, keys.TASK_LIST, {}, settings.list_timeout)
+    return await jobs.run(
+        node,
+        LOAD,
+        model_id=body.model_id,
+        model_path=body.model_path,
+        context_length=body.context_length,
+        gpu_layers=body.gpu_layers,
+        keep_alive=body.keep_alive,
+        backend=body.backend,
+    )
 
 
-@router.get("/{fingerprint}/catalog", response_model=NodeCatalog)
-async def node_catalog(fingerprint: str, _: Reader, directory: Directory, jobs: Jobs, settings: Settings) -> Any:
-    """What the node can load (each file with its memory estimate), what it holds, and its memory budget."""
-    node = await directory.get(fingerprint)
-    return await jobs.run(node, keys.TASK_CATALOG, {}, settings.list_timeout)
+@router.get("/{fingerprint}/catalog", summary="Show what a node can load", **job_route(CATALOG))
+async def node_catalog(fingerprint: Fingerprint, directory: Directory, jobs: Jobs) -> NodeCatalog:
+    """What the node can load (each file with its memory estimate, or why it cannot be loaded), what it holds,
+    and its memory budget."""
+    return await jobs.run(await directory.get(fingerprint), CATALOG)
 
 
-@router.post("/{fingerprint}/models/load")
-async def load_model(
-    fingerprint: str, body: NodeLoadRequest, _: Operator, directory: Directory, jobs: Jobs, settings: Settings
-) -> Any:
-    node = await directory.get(fingerprint)
-    fields = {
-        "model_id": body.modelId,
-        "model_path": body.modelPath,
-        "context_length": body.contextLength,
-        "gpu_layers": body.gpuLayers,
-        "keep_alive": body.keepAlive,
-        "backend": body.backend,
-    }
-    return await jobs.run(node, keys.TASK_LOAD, fields, settings.load_timeout)
-
-
-@router.post("/{fingerprint}/models/unload")
+@router.post("/{fingerprint}/models/unload", summary="Unload a model from a node", **job_route(UNLOAD))
 async def unload_model(
-    fingerprint: str, body: NodeUnloadRequest, _: Operator, directory: Directory, jobs: Jobs, settings: Settings
-) -> Any:
-    node = await directory.get(fingerprint)
-    return await jobs.run(node, keys.TASK_UNLOAD, {"model_id": body.modelId}, settings.unload_timeout)
+    fingerprint: Fingerprint, body: NodeUnloadRequest, directory: Directory, jobs: Jobs
+) -> UnloadResult:
+    """Unload one model and free its memory."""
+    return await jobs.run(await directory.get(fingerprint), UNLOAD, model_id=body.model_id)
 
 
-@router.post("/{fingerprint}/models/unload-all")
-async def unload_all(fingerprint: str, _: Operator, directory: Directory, jobs: Jobs, settings: Settings) -> Any:
-    node = await directory.get(fingerprint)
-    return await jobs.run(node, keys.TASK_UNLOAD_ALL, {}, settings.unload_timeout)
+@router.post("/{fingerprint}/models/unload-all", summary="Unload every model from a node", **job_route(UNLOAD_ALL))
+async def unload_all(fingerprint: Fingerprint, directory: Directory, jobs: Jobs) -> UnloadAllResult:
+    """Unload every model on one node; a model that could not be unloaded is listed in `errors`."""
+    return await jobs.run(await directory.get(fingerprint), UNLOAD_ALL)

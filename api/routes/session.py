@@ -13,15 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.alias_generators import to_camel
 
 from api.deps import CurrentSession, Sessions, Settings
-from api.schemas import error_responses
+from api.errors import documented
 from api.sessions import COOKIE, CSRF_HEADER, Session
 from broker.auth import Scope
-from broker.errors import Forbidden, Unauthenticated
+from broker.errors import BrokerUnavailable, Forbidden, InvalidRequest, Unauthenticated
 
 log = logging.getLogger("modelfleet.api")
 
 router = APIRouter(prefix="/api/v1/session", tags=["session"])
-AUTH_ERRORS = error_responses(401, 403, 422)
+AUTH_ERRORS = documented(Unauthenticated, Forbidden, InvalidRequest, BrokerUnavailable)
 
 
 class SignIn(BaseModel):
@@ -63,7 +63,7 @@ def _same_origin(request: Request) -> bool:
     return origin in (f"http://{host}", f"https://{host}")
 
 
-@router.post("", responses=AUTH_ERRORS)
+@router.post("", responses=AUTH_ERRORS, summary="Sign in to the dashboard")
 async def sign_in(
     body: SignIn, request: Request, response: Response, sessions: Sessions, settings: Settings
 ) -> SessionInfo:
@@ -91,7 +91,7 @@ async def sign_in(
     return _info(session, settings)
 
 
-@router.get("", responses=AUTH_ERRORS)
+@router.get("", responses=AUTH_ERRORS, summary="Show the dashboard session")
 async def get_session(session: CurrentSession, settings: Settings) -> SessionInfo:
     """The session the cookie holds; 401 once it ended (idle too long, signed out, or its key removed)."""
     if session is None:
@@ -99,7 +99,7 @@ async def get_session(session: CurrentSession, settings: Settings) -> SessionInf
     return _info(session, settings)
 
 
-@router.delete("", status_code=204, responses=AUTH_ERRORS)
+@router.delete("", status_code=204, responses=AUTH_ERRORS, summary="Sign out of the dashboard")
 async def sign_out(request: Request, session: CurrentSession, sessions: Sessions) -> Response:
     """Sign out: ends the session and clears the cookie. Needs the CSRF token, like every change."""
     if session is not None:

@@ -141,7 +141,7 @@ def test_model_entries_join_files_and_loaded_models_across_nodes() -> None:
     a = view("a", free=100, files={"m": 200, "n": 300}, models={"m": ModelState.LOADED})
     b = view("b", free=100, files={"m": 200}, models={"custom": ModelState.LOADED, "n": ModelState.FAILED})
     assert fleet_states([a, b]) == {"m": ModelState.LOADED, "n": ModelState.FAILED, "custom": ModelState.LOADED}
-    entries = {e["id"]: e for e in model_entries([a, b])}
+    entries = {e.id: e.model_dump(mode="json") for e in model_entries([a, b])}
     assert entries["m"]["nodes"] == [a.fingerprint, b.fingerprint] and entries["m"]["loaded_on"] == [a.fingerprint]
     assert entries["m"]["size_bytes"] == 190 and entries["m"]["estimate_bytes"] == 200
     assert entries["n"]["loaded_on"] == [] and entries["n"]["state"] == "failed"

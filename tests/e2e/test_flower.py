@@ -118,6 +118,24 @@ def test_flower_sees_every_node_and_a_load_job_and_keeps_secrets(fleet: Fleet, m
         info = fl.get(f"/api/task/info/{task['uuid']}")
         assert info.status_code == 200 and info.json()["state"] == "SUCCESS"
 
+        # A job that answers an error is a FAILURE task, while the API still gets the node's typed error.
+        with api.client(OPERATOR_KEY) as op:
+            missing = op.post(f"/api/v1/nodes/{nodes[0].fingerprint}/models/load", json={"modelId": "no-such"})
+        assert missing.status_code == 404 and missing.json()["code"] == "model_file_not_found", missing.text
+        assert "no-such" in missing.json()["error"]
+
+        def load_failed() -> list[dict[str, Any]]:
+            tasks = fl.get("/api/tasks", params={"taskname": "modelfleet.load", "state": "FAILURE"}).json()
+            return list(tasks.values())
+
+        failed = wait_for(load_failed, 15, "Flower to show the failed load as FAILURE")
+        assert isinstance(failed, list)
+        [failure] = failed
+        assert failure["state"] == "FAILURE" and failure["exception"] == "JobFailed('model_file_not_found')"
+        assert failure["failed"] and "'modelId': 'no-such'" in failure["kwargs"]
+        assert fl.get(f"/api/task/info/{failure['uuid']}").json()["state"] == "FAILURE"
+        assert "Traceback" not in nodes[0].log()  # an expected failure: one line, not a stack
+
         # Basic auth is required: no credentials, a wrong password, or a secret as the password.
         for path in ("/api/workers", "/api/tasks", f"/api/task/info/{task['uuid']}", "/tasks", "/broker"):
             assert anon.get(path).status_code == 401, path

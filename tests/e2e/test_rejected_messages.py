@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from broker import keys
+from broker.operations import LOAD
 from tests.conftest import Fleet, node_json, wait_for
 from workers.consumer import fingerprint
 
@@ -38,8 +39,8 @@ def test_refused_messages_are_logged_by_size_and_hash_only(fleet: Fleet, models_
     not_json = b"{" + MARKER.encode()
     unknown = json.dumps([[MARKER], {}, {}]).encode()
     client = fleet.redis.client()
-    client.lpush(queue, _envelope(queue, pickled, "application/x-python-serialize", keys.TASK_LOAD))
-    client.lpush(queue, _envelope(queue, not_json, "application/json", keys.TASK_LOAD))
+    client.lpush(queue, _envelope(queue, pickled, "application/x-python-serialize", LOAD.task))
+    client.lpush(queue, _envelope(queue, not_json, "application/json", LOAD.task))
     client.lpush(queue, _envelope(queue, unknown, "application/json", "some.other.task"))
 
     wait_for(lambda: worker.log().count("refused ") >= 3, 20, "the worker to refuse all three messages")

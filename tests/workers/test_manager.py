@@ -473,6 +473,7 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
     import fakeredis
 
     from broker import keys
+    from broker.operations import LOAD
     from broker.schemas import Reply
     from workers import tasks
     from workers.outbox import ReplyOutbox
@@ -500,7 +501,8 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
     def run(job_id: str) -> dict[str, object]:
         task = SimpleNamespace(request=SimpleNamespace(id=job_id), name="modelfleet.load")
         job = {"deadline": 1e12, "modelId": "m"}
-        return tasks._run(task, tasks.LoadJob, job, service.load, join=service.join_load)  # type: ignore[arg-type]
+        handle, join = tasks.HANDLERS[LOAD]
+        return tasks._run(task, LOAD, job, handle, join)  # type: ignore[arg-type]
 
     try:
         first, box = in_thread(run, "job-1")
@@ -510,7 +512,7 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
         loader.gate.set()
         first.join(5)
         assert box["value"]["ok"] is True
-        replies = [Reply.model_validate_json(redis.get(keys.reply(j)) or b"") for j in ("job-1", "job-2")]
+        replies = [Reply[LOAD.result].model_validate_json(redis.get(keys.reply(j)) or b"") for j in ("job-1", "job-2")]
         assert [r.error for r in replies] == [None, None]
         assert replies[0].result == replies[1].result and loader.loads == 1
     finally:

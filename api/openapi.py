@@ -1,0 +1,58 @@
+"""How the routes describe themselves in the OpenAPI schema, and the pages that show it (`/docs`, `/redoc`).
+
+A route declares its key scope and the errors it can answer through `guarded` (or `job_route` for a route that
+runs one operation of `broker.operations`): the same declaration installs the auth dependency and documents
+the 401/403 answers, so the schema says exactly what the route does. Error statuses come from the one table in
+`api.errors`.
+
+Swagger UI and ReDoc are served by the API itself from the assets `fastapi-offline` ships (a PyPI package that
+only carries them): GPU clusters are often air-gapped, and a CDN-hosted page would be blank there.
+"""
+
+from typing import Any
+
+from fastapi import Depends
+
+from api.deps import authorized
+from api.errors import documented
+from broker import errors as e
+from broker.operations import Op, Scope
+
+TAGS = [
+    {"name": "nodes", "description": "One node at a time, as remote-model-control.txt defines it (camelCase)."},
+    {"name": "pool", "description": "The fleet as one pool, as model-loading.txt defines it (snake_case)."},
+    {"name": "events", "description": "The pool's changes, live, as Server-Sent Events."},
+    {"name": "operations", "description": "Health and metrics, for the people and machines that run the fleet."},
+    {"name": "inference", "description": "OpenAI's completions and chat completions, run on the fleet."},
+    {"name": "session", "description": "The dashboard's sign-in: a key once, then an HttpOnly session cookie."},
+]
+
+DESCRIPTION = """\
+Control which AI models are loaded on a fleet of GPU nodes.
+
+Every route but `/healthz` and the dashboard's sign-in needs `Authorization: Bearer <key>` (the **Authorize**
+button) or the dashboard's session cookie: a read-only key for everything that changes nothing, an operator key
+for loads and unloads. Every error answers
+`{"success": false, "error": "<what to do>", "code": "<stable code>", "details": {...}}`.
+"""
+
+
+def auth_errors(scope: Scope) -> tuple[type[e.ModelfleetError], ...]:
+    return (e.Unauthenticated,) if scope is Scope.READ else (e.Unauthenticated, e.Forbidden)
+
+
+def guarded(scope: Scope, *errors: type[e.ModelfleetError], streaming: bool = False) -> dict[str, Any]:
+    """Route options for a route that needs a key of `scope`, reads Redis and can answer `errors`."""
+    return {
+        "dependencies": [Depends(authorized(scope))],
+        "responses": documented(*auth_errors(scope), e.BrokerUnavailable, *errors, streaming=streaming),
+    }
+
+
+JOB_ERRORS = (e.InvalidRequest, e.NodeNotFound, e.NodeUnavailable, e.JobTimeout, e.NodeError)
+"""What the API itself answers around a job on a named node (a node's unknown error code passes as NodeError)."""
+
+
+def job_route(op: Op[Any, Any], *errors: type[e.ModelfleetError]) -> dict[str, Any]:
+    """Route options for a route that runs `op` on one node: its scope, its answer, every error it can answer."""
+    return {"response_model": op.result, **guarded(op.scope, *JOB_ERRORS, *op.errors, *errors)}
