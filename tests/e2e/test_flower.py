@@ -60,7 +60,7 @@ def start_flower(fleet: Fleet) -> tuple[Proc, str]:
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, 20, "Flower to answer /healthcheck")
+    wait_for(healthy, 60, "Flower to answer /healthcheck")  # a loaded CI machine starts it slowly
     return proc, url
 
 

@@ -121,7 +121,7 @@ def test_no_secret_in_any_log_or_answer(fleet: Fleet, models_dir: Path) -> None:
     api_log = next(t for n, t in logs.items() if n.startswith("api-"))
     worker_log = next(t for n, t in logs.items() if n.startswith("worker-"))
     assert '"GET /api/v1/nodes/***/models HTTP/1.1" 404' in api_log
-    assert "'ok': False, 'code': 'model_not_loaded'" in worker_log
+    assert "raised expected: JobFailed('model_not_loaded')" in worker_log
 
     assert len(rec.exchanges) == 19
     for exchange in rec.exchanges:
