@@ -468,9 +468,12 @@ def test_a_joiners_pin_is_kept() -> None:
 
 def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -> None:
     """workers.tasks with our own Redis code on fakeredis: the joined job returns at once, its reply follows."""
+    from collections.abc import Iterator
+    from contextlib import contextmanager
     from types import SimpleNamespace
 
     import fakeredis
+    from celery.exceptions import Ignore
 
     from broker import keys
     from broker.operations import LOAD
@@ -498,8 +501,18 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
     )
     tasks.install(runtime)  # type: ignore[arg-type]
 
+    sent: list[tuple[str, dict[str, object]]] = []
+
+    @contextmanager
+    def default_dispatcher(hostname: str) -> Iterator[SimpleNamespace]:
+        assert hostname == "n@h"
+        yield SimpleNamespace(send=lambda kind, **fields: sent.append((kind, fields)))
+
+    celery = SimpleNamespace(events=SimpleNamespace(default_dispatcher=default_dispatcher))
+
     def run(job_id: str) -> dict[str, object]:
-        task = SimpleNamespace(request=SimpleNamespace(id=job_id), name="modelfleet.load")
+        request = SimpleNamespace(id=job_id, hostname="n@h")
+        task = SimpleNamespace(request=request, name="modelfleet.load", app=celery)
         job = {"deadline": 1e12, "modelId": "m"}
         handle, join = tasks.HANDLERS[LOAD]
         return tasks._run(task, LOAD, job, handle, join)  # type: ignore[arg-type]
@@ -507,11 +520,14 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
     try:
         first, box = in_thread(run, "job-1")
         assert loader.started.wait(5)
-        assert run("job-2") == {"jobId": "job-2", "node": "f" * 32, "joined": True}
-        assert redis.get(keys.reply("job-2")) is None  # not answered before the load ends
+        with pytest.raises(Ignore):  # no Celery state until the joined load ends
+            run("job-2")
+        assert redis.get(keys.reply("job-2")) is None and sent == []  # not answered before the load ends
         loader.gate.set()
         first.join(5)
         assert box["value"]["ok"] is True
+        # The joined job's end goes to Celery's event stream (Flower) from the loading thread.
+        assert [(kind, fields["uuid"]) for kind, fields in sent] == [("task-succeeded", "job-2")]
         replies = [Reply[LOAD.result].model_validate_json(redis.get(keys.reply(j)) or b"") for j in ("job-1", "job-2")]
         assert [r.error for r in replies] == [None, None]
         assert replies[0].result == replies[1].result and loader.loads == 1
