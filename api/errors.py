@@ -194,8 +194,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("invalid_request", message, {"errors": problems}), status_code=422)
 
 
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+"""FastAPI's 400 for a body it could not even decode (not UTF-8, say); answered as any other bad body."""
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+        sentence = "the body is not valid JSON (it is not UTF-8 text)"
+        details = {"errors": [{"field": "body", "message": sentence}]}
+        return _answer(request, 422, "invalid_request", f"Invalid request: {sentence}.", details, param="body")
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return _answer(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 

@@ -1,0 +1,105 @@
+"""The live API against its own schema: a real Redis, a real worker, the API as an operator starts it.
+
+Schemathesis (its CLI, as a user would run it) generates requests from /openapi.json for every operation, with
+the operator key and with the read-only key, and fails on any server error, any undocumented status or content
+type, and any answer that breaks its documented schema. The event stream never ends, so it is left out here
+(tests/e2e/test_events.py holds it to its shape).
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import OPERATOR_KEY, READ_KEY, Api, Fleet, Worker
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def node(module_fleet: Fleet, models_dir: Path) -> Worker:
+    return module_fleet.worker("contract-node", models_dir)
+
+
+@pytest.fixture(scope="module")
+def api(module_fleet: Fleet, node: Worker) -> Api:
+    return module_fleet.api(MODELFLEET_LOAD_ON_DEMAND="false")
+
+
+def test_the_live_schema_is_served_and_the_docs_pages_load_offline(api: Api) -> None:
+    schema = httpx.get(api.url + "/openapi.json", timeout=30)
+    assert schema.status_code == 200 and schema.json()["openapi"].startswith("3.")
+    assert schema.json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(api.url + page, timeout=30)
+        assert html.status_code == 200 and "https://" not in html.text
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "sentence"),
+    [
+        (b'{"modelId": "tiny-a"}', {}, "the body must be JSON with Content-Type: application/json"),
+        (b'{"modelId": "tiny-a"}', {"Content-Type": "text/plain"}, "the body must be JSON with Content-Type"),
+        (b'{"modelId": tiny}', {"Content-Type": "application/json"}, "the body is not valid JSON at line 1 column 13"),
+        (b'{\n  "modelId":\n}', {"Content-Type": "application/json"}, "the body is not valid JSON at line 3 column 1"),
+        (b"", {"Content-Type": "application/json"}, "the body is missing: it must be JSON with Content-Type"),
+        (b"[1]", {"Content-Type": "application/json"}, "the body must be a JSON object, not an array"),
+        (b'{"modelId": "\xff"}', {"Content-Type": "application/json"}, "the body is not valid JSON (it is not UTF-8"),
+    ],
+)
+def test_a_malformed_body_gets_a_sentence_a_person_can_act_on(
+    api: Api, node: Worker, content: bytes, headers: dict[str, str], sentence: str
+) -> None:
+    with api.client(OPERATOR_KEY) as op:
+        answer = op.post(f"/api/v1/nodes/{node.fingerprint}/models/load", content=content, headers=headers)
+        assert answer.status_code == 422, answer.text
+        body = answer.json()
+        assert body["code"] == "invalid_request" and sentence in body["error"], body["error"]
+        assert body["success"] is False and body["details"]["errors"][0]["field"] == "body"
+        assert op.get(f"/api/v1/nodes/{node.fingerprint}/models").json()["data"] == []  # nothing changed
+
+
+def _schemathesis(api: Api, key: str, examples: int, tmp: Path) -> int:
+    """Run `st run` against the live API with `key`; fail on any finding. Returns the cases it generated."""
+    st = shutil.which("st") or str(Path(sys.executable).with_name("st"))
+    report = tmp / f"st-{key[:3]}.ndjson"
+    argv = [
+        st,
+        "run",
+        api.url + "/openapi.json",
+        "--header",
+        f"Authorization: Bearer {key}",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+        "response_headers_conformance",
+        "--max-examples",
+        str(examples),
+        "--exclude-path",
+        "/api/v1/events",
+        "--request-timeout",
+        "60",
+        "--seed",
+        "1",
+        "--report",
+        "ndjson",
+        "--report-ndjson-path",
+        str(report),
+        "--no-color",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    cases = sum(1 for line in report.read_text().splitlines() if '"ScenarioFinished"' in line or "Case" in line)
+    found = re.search(r"(\d+) generated", done.stdout)
+    return int(found.group(1)) if found else cases
+
+
+def test_schemathesis_finds_no_server_error_and_no_answer_off_schema(api: Api, node: Worker, tmp_path: Path) -> None:
+    operator = _schemathesis(api, OPERATOR_KEY, 60, tmp_path)
+    reader = _schemathesis(api, READ_KEY, 20, tmp_path)
+    print(json.dumps({"operator_cases": operator, "read_cases": reader}))
+    assert operator + reader >= 1000
