@@ -67,7 +67,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         fleet = Pool(directory, app.state.jobs)
 
         async def load(model_id: str) -> object:
-            return await fleet.load(PoolLoadRequest(model_name=model_id, evict=settings.on_demand_evict))
+            return await fleet.load(PoolLoadRequest(model_name=model_id, evict=settings.on_demand_evict), serving=True)
 
         router = Router(client, directory, load, on_demand=settings.load_on_demand, load_timeout=settings.load_timeout)
         inflight = InFlight(client, lease=settings.inflight_lease)

@@ -103,7 +103,9 @@ class Pool:
         survey = await self.survey()
         return PoolModelList(data=model_entries(survey.views()), errors=survey.unreachable())
 
-    async def load(self, body: PoolLoadRequest) -> PoolLoadResult:
+    async def load(self, body: PoolLoadRequest, *, serving: bool = False) -> PoolLoadResult:
+        """Place and load `body.model_name`. With `serving`, only nodes that serve an inference endpoint are
+        candidates: a model loaded on demand for a prompt is no use on a node nobody can send the prompt to."""
         model = body.model_name
         fields: dict[str, Any] = {
             "model_id": model,
@@ -124,6 +126,15 @@ class Pool:
         views = survey.views()
         if not views:
             raise NodeUnavailable("No node is online to load the model on.", unreachable=survey.unreachable())
+        if serving:
+            endpoints = {n.fingerprint for n in survey.nodes if n.endpoint}
+            views = [view for view in views if view.fingerprint in endpoints]
+            if not views:
+                raise NodeUnavailable(
+                    "No online node serves an inference endpoint (each was started with --no-serve or without "
+                    "MODELFLEET_NODE_TOKEN / API keys), so no prompt could reach a model loaded there.",
+                    model=model,
+                )
         try:
             candidates = plan_load(model, views, evict=body.evict)
         except ModelFileNotFound as exc:

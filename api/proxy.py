@@ -20,7 +20,6 @@ another replica); one gone mid-stream ends the stream with an OpenAI error event
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -38,6 +37,7 @@ from api.replies import ReplyWaiter
 from api.routing import Replica, Router
 from api.settings import ApiSettings
 from broker.errors import ModelfleetError, NodeUnavailable
+from broker.openai import SSE_DONE, error_body, sse_data
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,14 @@ def node_http_client(settings: ApiSettings) -> httpx.AsyncClient:
 
 
 def node_auth(settings: ApiSettings) -> NodeHeaders:
-    """How the head authenticates to nodes: with the fleet's node token (`MODELFLEET_NODE_TOKEN`) when it has
-    one, else with the caller's own bearer key, which the head has checked and the nodes accept too (they hold
-    the fleet's keys). A caller signed in with a session cookie has no bearer: the node token is then needed."""
+    """How the head authenticates to nodes: with the fleet's node token (`MODELFLEET_NODE_TOKEN`), never with the
+    caller's own key. A caller's key could be an operator key, and a node's endpoint is whatever URL the node
+    wrote into Redis: forwarding it would hand keys to anything that can write there. Without a token the head
+    sends no credential, and a node's refusal is reported as the configuration error it is (see `_first`)."""
     token = settings.node_token.get_secret_value() if settings.node_token is not None else None
 
     def headers(replica: Replica, authorization: str | None) -> dict[str, str]:
-        if token:
-            return {"authorization": f"Bearer {token}"}
-        return {"authorization": authorization} if authorization else {}
+        return {"authorization": f"Bearer {token}"} if token else {}
 
     return headers
 
@@ -180,6 +179,18 @@ class NodeProxy:
         response: httpx.Response | None = None
         try:
             response = await self.http.send(request, stream=True)
+            if response.status_code in (401, 403):
+                # The node refused the head itself, not the caller: passing its 401 on would tell a signed-in
+                # caller to send a key. Another replica may hold the right token; the operator must be told.
+                await response.aread()
+                await response.aclose()
+                log.warning(
+                    "%s refused the head's credentials (HTTP %d): give the head and every node the same "
+                    "MODELFLEET_NODE_TOKEN",
+                    where,
+                    response.status_code,
+                )
+                return f"{where} refused the head's node token (HTTP {response.status_code})"
             if response.status_code in RETRY_STATUSES and not last:
                 await response.aread()
                 await response.aclose()
@@ -211,10 +222,10 @@ async def _shielded(awaitable: Awaitable[object]) -> None:
             await task
 
 
-def error_event(message: str, code: str, kind: str = "server_error") -> bytes:
-    """An OpenAI error as one SSE event: what openai-python raises as APIError mid-stream."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+def error_event(message: str, code: str, status: int = 502) -> bytes:
+    """An OpenAI error as one SSE event, then the end of the stream, as the node itself ends a failed stream:
+    openai-python raises APIError on the event; other clients see `[DONE]` and stop reading."""
+    return sse_data(error_body(status, code, message)) + SSE_DONE
 
 
 class ProxyResponse(Response):

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from broker.schemas import ModelInfo
+from broker.schemas import ModelId, ModelInfo
 
 MAX_STOP_SEQUENCES = 4
 """OpenAI's own limit on `stop`."""
@@ -37,7 +37,7 @@ class StreamOptions(_Request):
 class _Sampling(_Request):
     """What both kinds of request share."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: ModelId
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     """0 is greedy: always the most likely token (same answer every time)."""

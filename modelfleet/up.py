@@ -301,7 +301,11 @@ def run_up(args: argparse.Namespace) -> int:
         _wait_ready(url, (fp, worker_proc.pid), args.port, args.host, sup, stopping)
         if not sup.exited() and not stopping.is_set():
             banner = Banner(api_url, fp, models_dir.resolve(), _endpoint(url, fp), keys_file, flower_auth)
-            sup.say(banner.text(demo, env if generated else None))
+            # Keys go to the terminal only when this run made them, or when a person is watching: a restart
+            # under nohup or systemd must not write them into a log again (they are in the keys file).
+            fresh = generated and state.get("MODELFLEET_OPERATOR_KEYS") is None
+            shown = env if generated and (fresh or sys.stdout.isatty()) else None
+            sup.say(banner.text(demo, shown, kept=generated))
         while not stopping.wait(0.2):
             dead = sup.exited()
             if dead:
@@ -344,7 +348,7 @@ class Banner:
     keys_file: Path
     flower_auth: str
 
-    def text(self, demo: Path | None, keys_shown: dict[str, str] | None) -> str:
+    def text(self, demo: Path | None, keys_shown: dict[str, str] | None, *, kept: bool = False) -> str:
         source = f". {shlex.quote(str(self.keys_file))}"
         lines = [
             "",
@@ -361,6 +365,8 @@ class Banner:
                 f"  read-only key {keys_shown['MODELFLEET_API_KEYS']}",
                 f"  (both kept in {self.keys_file}, mode 0600, and reused by the next `up` here)",
             ]
+        elif kept:
+            lines.append(f"  keys          the last run's, in {self.keys_file} (not shown again)")
         else:
             lines.append("  keys          from MODELFLEET_OPERATOR_KEYS / MODELFLEET_API_KEYS (not shown)")
         model = demo.stem if demo is not None else "MODEL"

@@ -83,7 +83,9 @@ class WorkerSettings(BrokerSettings):
         """The base URL to register, once the serving port is known."""
         if self.advertise_url:
             return self.advertise_url
-        host = "127.0.0.1" if self.serve_host in ("0.0.0.0", "::", "") else self.serve_host  # noqa: S104
+        # A wildcard bind is for heads on other machines: 127.0.0.1 would send them to their own loopback (and
+        # the node token with it). The host's own name is what they can reach; --advertise-url overrides it.
+        host = socket.getfqdn() if self.serve_host in ("0.0.0.0", "::", "") else self.serve_host  # noqa: S104
         return f"http://{host}:{port}"
 
     @field_validator("backend")

@@ -16,6 +16,7 @@ from api.errors import documented
 from api.proxy import NodeProxy, ProxyResponse
 from broker.errors import (
     BrokerUnavailable,
+    Forbidden,
     GenerationFailed,
     InsufficientMemory,
     InvalidRequest,
@@ -57,6 +58,7 @@ _ERRORS = (  # the head's own, and a node's passed through
     ModelBusy,
     GenerationFailed,
     Unauthenticated,
+    Forbidden,  # a signed-in page's request without its CSRF token
     NodeUnavailable,
     BrokerUnavailable,
     ModelFileNotFound,

@@ -229,8 +229,9 @@ def test_a_node_failing_mid_stream_ends_it_with_an_error_event(redis: fakeredis.
         with serve(app) as url:
             response = httpx.post(url + "/v1/completions", json={"stream": True})
     events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
-    assert response.status_code == 200 and len(events) == 3
-    assert json.loads(events[-1])["error"]["code"] == "node_error"
+    # Two tokens, the error event, then [DONE]: the stream ends as a node ends a failed one.
+    assert response.status_code == 200 and len(events) == 4 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "node_error"
     assert inflight_total(redis) == 0
     metrics = state["metrics"]
     assert (

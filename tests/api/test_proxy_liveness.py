@@ -52,7 +52,8 @@ def test_a_node_restarted_mid_stream_ends_the_stream_with_an_error_event(redis_f
         elapsed = time.monotonic() - started
     print(f"\nstream ended {elapsed:.1f}s in, after {len(events)} events of 201")
     assert 2 <= len(events) < 20, events  # ended within a few ticks, not after the node's 200 tokens
-    error = json.loads(events[-1])["error"]
+    assert events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
     assert error["code"] == "node_restarted" and "restarted" in error["message"], error
     assert slow.closed.wait(5), "the node's stream was not closed"
 

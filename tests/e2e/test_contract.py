@@ -91,7 +91,9 @@ def _schemathesis(api: Api, key: str, examples: int, tmp: Path) -> int:
         str(report),
         "--no-color",
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    # Run it in the test's folder: schemathesis writes its cache (and crash reproductions, which carry the
+    # Authorization header) under the working directory, which must never be the checkout.
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=tmp)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     cases = sum(1 for line in report.read_text().splitlines() if '"ScenarioFinished"' in line or "Case" in line)
     found = re.search(r"(\d+) generated", done.stdout)

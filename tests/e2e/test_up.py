@@ -410,8 +410,14 @@ def test_up_keeps_its_fleet_in_the_state_directory_and_commands_there_join_it(ru
         again = Up(run, ["--port", str(free_port())]).start()
         try:
             rerun = again.wait_banner()
-            assert (rerun.operator_key, rerun.read_key) == (banner.operator_key, banner.read_key)
+            # A restart reuses the keys and does not print them again (its output is no terminal).
+            assert (rerun.operator_key, rerun.read_key) == (None, None)
+            assert "not shown again" in again.output()
             after = dotenv_values(keys_file)
+            assert (after["MODELFLEET_OPERATOR_KEYS"], after["MODELFLEET_API_KEYS"]) == (
+                banner.operator_key,
+                banner.read_key,
+            )
             assert after["MODELFLEET_REDIS_URL"] == saved["MODELFLEET_REDIS_URL"]
             headers = {"Authorization": f"Bearer {saved['MODELFLEET_KEY']}"}
 
