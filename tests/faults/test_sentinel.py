@@ -82,6 +82,16 @@ class SentinelSet:
 
         wait_for(replicating, 15, "the replica to follow the master")
         wait_for(lambda: self.master_port() == self.ports["master"], 15, "the sentinel to know the master")
+        # A sentinel learns of replicas from the master's INFO, which it asks for every 10 s: a master killed
+        # before the sentinel has seen the replica leaves it nothing to promote (-failover-abort-no-good-slave).
+        wait_for(self.replica_known, 25, "the sentinel to discover the replica")
+
+    def replica_known(self) -> bool:
+        try:
+            replicas = redis.Redis(port=self.ports["sentinel"]).sentinel_slaves(MASTER)
+        except redis.ConnectionError:
+            return False
+        return any(int(r["port"]) == self.ports["replica"] and not r.get("is_sdown") for r in replicas)
 
     def master_port(self) -> int | None:
         try:
