@@ -579,12 +579,10 @@ class Client(Endpoints):
                     response.read()
                     _read(Call("POST", response.request.url.path, lambda body: None), response)
                 for chunk in response.iter_text():
-                    for event in decoder.feed_text(chunk):
-                        text = stream_text(event)
-                        if text is None:
-                            return
-                        if text:
-                            yield text
+                    texts, ended = _stream_texts(decoder, chunk)
+                    yield from texts
+                    if ended:
+                        return
         except httpx.TransportError as exc:
             raise _transport_error(self.url, exc) from exc
 
@@ -659,12 +657,11 @@ class AsyncClient(Endpoints):
                     await response.aread()
                     _read(Call("POST", response.request.url.path, lambda body: None), response)
                 async for chunk in response.aiter_text():
-                    for event in decoder.feed_text(chunk):
-                        text = stream_text(event)
-                        if text is None:
-                            return
-                        if text:
-                            yield text
+                    texts, ended = _stream_texts(decoder, chunk)
+                    for text in texts:
+                        yield text
+                    if ended:
+                        return
         except httpx.TransportError as exc:
             raise _transport_error(self.url, exc) from exc
 
@@ -678,3 +675,15 @@ class AsyncClient(Endpoints):
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def _stream_texts(decoder: SseDecoder, chunk: str) -> tuple[list[str], bool]:
+    """The answer texts in one received chunk of an inference stream, and whether the stream ended in it."""
+    texts: list[str] = []
+    for event in decoder.feed_text(chunk):
+        text = stream_text(event)
+        if text is None:
+            return texts, True
+        if text:
+            texts.append(text)
+    return texts, False

@@ -28,11 +28,11 @@ from pathlib import Path
 from ctransformers import LLM, Config
 from ctransformers.lib import find_library
 
-from broker.errors import InvalidModelFile, ModelNotLoaded
+from broker.errors import InvalidModelFile
 from workers.backend_rules import ctransformers_problem
 from workers.gguf_header import read_token_texts
 from workers.gguf_info import GGUFInfo, kv_cache_bytes, read_gguf_info
-from workers.inference.backend import SamplingParams
+from workers.inference.backend import HeldModel, SamplingParams
 
 NAME = "ctransformers"
 CTRANSFORMERS_DEFAULT_CONTEXT = 512
@@ -146,7 +146,7 @@ def safe_tokenize(llm: LLM, text: str, *, add_bos: bool = True) -> list[int]:
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(HeldModel):
     """A model in memory, served through `workers.inference.backend.InferenceModel`.
 
     `handle` is the ctransformers LLM; `unload` sets it to None. Not thread-safe (nor is the LLM): the manager's
@@ -154,18 +154,6 @@ class LoadedModel:
     """
 
     handle: LLM | None
-    architecture: str
-    context_length: int
-    gpu_layers: int
-    size_bytes: int
-    chat_template: str | None = None
-    bos_token: str = ""
-    eos_token: str = ""
-
-    def _llm(self) -> LLM:
-        if self.handle is None:
-            raise ModelNotLoaded("The model was unloaded.")
-        return self.handle
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return safe_tokenize(self._llm(), text, add_bos=add_bos)

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.errors import ModelLoadFailed, ModelNotLoaded
+from broker.errors import ModelLoadFailed
 from workers.backend_rules import llama_cpp_problem
 from workers.gguf_info import GGUFInfo, kv_cache_bytes, read_gguf_info
-from workers.inference.backend import SamplingParams
+from workers.inference.backend import HeldModel, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +71,14 @@ class _LlamaLog:
 
 
 @dataclass
-class LlamaCppModel:
+class LlamaCppModel(HeldModel):
     """A model llama.cpp holds, served through `workers.inference.backend.InferenceModel`; `unload` drops `handle`.
 
-    Not thread-safe (nor is the `Llama`): the manager's lease makes every call below one at a time.
+    Not thread-safe (nor is the `Llama`): the manager's lease makes every call below one at a time. `handle` is
+    a `llama_cpp.Llama`, typed Any because llama_cpp may not be installed where this module is imported.
     """
 
-    handle: Any  # llama_cpp.Llama; Any because llama_cpp may not be installed where this module is imported
-    architecture: str
-    context_length: int
-    gpu_layers: int
-    size_bytes: int
-    chat_template: str | None = None
-    bos_token: str = ""
-    eos_token: str = ""
     backend: str = NAME
-
-    def _llm(self) -> Any:
-        if self.handle is None:
-            raise ModelNotLoaded("The model was unloaded.")
-        return self.handle
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         # special=True: a chat template's "<|im_start|>" must become that one token, as llama.cpp's server does.

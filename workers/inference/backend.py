@@ -15,7 +15,9 @@ Rules a backend follows:
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+from broker.errors import ModelNotLoaded
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,25 @@ class InferenceModel(Protocol):
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: Callable[[], bool]
     ) -> Generator[int, None, None]: ...
+
+
+@dataclass
+class HeldModel:
+    """What every backend keeps of a model in memory, beside its library's handle; `unload` sets `handle` to None.
+
+    Each backend's model subclasses it and adds `tokenize`, `detokenize` and `generate` (`InferenceModel`).
+    """
+
+    handle: Any
+    architecture: str
+    context_length: int
+    gpu_layers: int
+    size_bytes: int
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def _llm(self) -> Any:
+        if self.handle is None:
+            raise ModelNotLoaded("The model was unloaded.")
+        return self.handle
