@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
+from bench.harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
 
 from workers.identity import fingerprint, load_or_create_node_key
 

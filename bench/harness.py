@@ -1,7 +1,7 @@
 """What the benchmarks share: their own redis-server on a free port, child processes started the way an operator
 starts them (`python -m modelfleet ...`) with their output in files, and percentiles.
 
-Run a benchmark as `python bench/NAME.py` from the checkout: this directory is then on `sys.path`.
+Run one benchmark as `python -m bench.NAME` from the checkout, all of them as `python -m bench`.
 """
 
 import os
