@@ -28,8 +28,8 @@ from pathlib import Path
 import psutil
 import redis
 import redis.asyncio as aioredis
-from bench.harness import Processes, fleet_env, ms, quantile, start_api, start_redis
 
+from bench.harness import Processes, fleet_env, ms, quantile, start_api, start_redis
 from broker import keys
 from broker.events import EventBus, model_event
 from broker.schemas import ModelInfo, ModelState

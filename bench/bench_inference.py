@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import httpx
-from bench.harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
 
+from bench.harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
 from workers.identity import fingerprint, load_or_create_node_key
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import httpx
 import redis
-from bench.harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
 
+from bench.harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
 from broker import keys
 from broker.celery_app import make_celery
 from broker.operations import LIST
