@@ -28,6 +28,7 @@ from broker import keys
 from broker.registry import NodeRegistrar, parse_node
 from broker.schemas import NodeInfo
 from modelfleet.up import default_signals
+from workers.gguf_factory import write_tiny_llama
 from workers.identity import fingerprint, load_or_create_node_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def module_fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models directory with generated tiny llamas, a non-GGUF file, and the real stories260K model."""
-    from workers.gguf_factory import write_not_gguf, write_tiny_llama
+    from workers.gguf_factory import write_not_gguf
 
     root = tmp_path_factory.mktemp("models")
     for seed, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
@@ -398,3 +399,12 @@ def require_stories() -> Path:
     if not STORIES.exists():
         pytest.skip(f"the real model is not at {STORIES} (../shared/models is absent)")
     return STORIES
+
+
+def write_endless_model(path: Path) -> Path:
+    """A random llama whose greedy text never ends, for tests that need a generation still running when they act
+    (a disconnect, a full queue, an unload mid-stream). About 33M weights (a 130 MB file): each token costs
+    several milliseconds even on an idle CPU (6.7 ms here, under load 4), so 1,500 tokens outlast any such test's
+    deadline. Load it with a 2,048-token context. A 256-wide model did not: an idle CI machine finished 2,000
+    tokens of it before a 4 s unload deadline."""
+    return write_tiny_llama(path, n_embd=512, n_layer=12, n_head=8, n_head_kv=8, context_length=2048, endless=True)

@@ -13,7 +13,16 @@ import openai
 import pytest
 
 from broker import keys
-from tests.conftest import READ_KEY, Api, Fleet, Worker, modelfleet_command, require_stories, wait_for
+from tests.conftest import (
+    READ_KEY,
+    Api,
+    Fleet,
+    Worker,
+    modelfleet_command,
+    require_stories,
+    wait_for,
+    write_endless_model,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +37,7 @@ def stories_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(require_stories(), root / "stories260K.gguf")
     (root / "lazy").mkdir()
     shutil.copy(require_stories(), root / "lazy" / "stories.gguf")  # loaded by nobody until a prompt asks for it
+    write_endless_model(root / "endless.gguf")
     return root
 
 
@@ -142,25 +152,31 @@ def test_two_nodes_share_twenty_concurrent_streams(two: tuple[Api, Worker, Worke
 def test_a_client_that_disconnects_frees_the_slot_at_once(two: tuple[Api, Worker, Worker]) -> None:
     api, a, _ = two
     redis = a.redis.client()  # type: ignore[union-attr]
+    with api.client() as operator:
+        body = {"modelId": "endless", "contextLength": 2048}
+        response = operator.post(f"/api/v1/nodes/{a.fingerprint}/models/load", json=body)
+        assert response.status_code == 200, response.text
 
-    def generated(client: httpx.Client, node: str) -> tuple[int, int]:
+    def generated(client: httpx.Client) -> tuple[int, int]:
         """The node's tokens generated so far, and its generations running or queued."""
-        [model] = [m for m in client.get(f"/api/v1/nodes/{node}/models").json()["data"] if m["id"] == "stories260K"]
+        listed = client.get(f"/api/v1/nodes/{a.fingerprint}/models").json()["data"]
+        [model] = [m for m in listed if m["id"] == "endless"]
         return model["tokensGenerated"], model["inFlight"] + model["queued"]
 
-    # As long an answer as the context holds (greedy, this story never ends before it): 500 tokens, about 0.7 s.
-    body = {"model": "stories260K", "prompt": STORY, "stream": True, "max_tokens": 500, "temperature": 0}
+    # 1,500 tokens of a model that never ends its text take well over ten seconds (`write_endless_model`).
+    body = {"model": "endless", "prompt": STORY, "stream": True, "max_tokens": 1500, "temperature": 0}
     with api.client(READ_KEY) as client:
-        before = {fp: generated(client, fp)[0] for fp in (a.fingerprint, two[2].fingerprint)}
         with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
-            node = response.headers["x-modelfleet-node"]
+            assert response.headers["x-modelfleet-node"] == a.fingerprint
             next(response.iter_lines())
         # The client went away: the head releases the lease and closes the node's stream, which stops generating.
-        wait_for(lambda: redis.zcard(keys.inflight(node)) == 0, 5, "the head to release the request's lease")
-        wait_for(lambda: generated(client, node)[1] == 0, 5, "the node's generation to stop")
-        tokens = generated(client, node)[0] - before[node]
-    assert 0 < tokens < 500, tokens  # stopped before the end of the answer
+        wait_for(lambda: redis.zcard(keys.inflight(a.fingerprint)) == 0, 5, "the head to release the request's lease")
+        wait_for(lambda: generated(client)[1] == 0, 5, "the node's generation to stop")
+        tokens = generated(client)[0]
+    assert 0 < tokens < 1500, tokens  # stopped before the end of the answer
+    with api.client() as operator:
+        assert operator.post("/v1/models/unload", json={"model_name": "endless"}).status_code == 200
 
 
 def test_a_node_failing_before_the_first_byte_is_retried_on_the_other(

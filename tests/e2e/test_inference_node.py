@@ -1,8 +1,8 @@
 """A node's OpenAI-compatible inference endpoint, with real worker processes, real Redis and real HTTP.
 
 One worker serves the module: the real stories260K model, a copy of it with a chat template in its GGUF
-header, and "slow", a random llama whose greedy text never ends (each token takes milliseconds), for the
-tests that need a generation still running: disconnect, full queue, unload during a stream.
+header, and "slow" (`write_endless_model`), for the tests that need a generation still running: disconnect,
+full queue, unload during a stream.
 """
 
 import json
@@ -16,8 +16,18 @@ import pytest
 
 from broker import keys
 from broker.events import ModelEvent, parse_event
-from tests.conftest import NODE_TOKEN, OPERATOR_KEY, READ_KEY, Api, Fleet, Worker, require_stories, wait_for
-from workers.gguf_factory import write_tiny_llama, write_with_chat_template
+from tests.conftest import (
+    NODE_TOKEN,
+    OPERATOR_KEY,
+    READ_KEY,
+    Api,
+    Fleet,
+    Worker,
+    require_stories,
+    wait_for,
+    write_endless_model,
+)
+from workers.gguf_factory import write_with_chat_template
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +35,6 @@ LILY = ", there was a little girl named Lily"
 # The chat template writes the last message as a bare prompt, so the real model continues it as it would a
 # completion: the answer is known. It also shows the template's own variables (bos_token) at work.
 TEMPLATE = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
-SLOW = {"n_embd": 256, "n_layer": 4, "n_head": 8, "n_head_kv": 8, "context_length": 2048, "endless": True}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +48,7 @@ def node(module_fleet: Fleet, api: Api, tmp_path_factory: pytest.TempPathFactory
     models = tmp_path_factory.mktemp("inference-models")
     (models / "stories260K.gguf").write_bytes(stories.read_bytes())
     write_with_chat_template(stories, models / "chatty.gguf", TEMPLATE)
-    write_tiny_llama(models / "slow.gguf", **SLOW)  # type: ignore[arg-type]
+    write_endless_model(models / "slow.gguf")
     worker = module_fleet.worker(
         "infer", models, "--preload", "stories260K,chatty", "--max-queue", "1", "--threads", "1", "--keep-alive", "3600"
     )
