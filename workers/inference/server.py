@@ -10,6 +10,7 @@ within one token, and its place or the model is free at once for the next one.
 """
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -21,6 +22,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import __version__
@@ -200,9 +202,27 @@ async def _whole(body: InferenceRequest, started: Started, events: "asyncio.Queu
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
+class _DeltaFrames:
+    """The SSE frame of one token's text, made from the chunk model serialized once: the frames of a stream
+    differ only in their text, so each one is that text's JSON between a fixed head and tail. The chunk model is
+    the schema; this is only the cheap way to print it many times (a few microseconds a token instead of a
+    model built and dumped)."""
+
+    MARK = "modelfleet-delta-6c1f0e2a"
+
+    def __init__(self, template: BaseModel) -> None:
+        self._head, self._tail = sse_data(template).rsplit(json.dumps(self.MARK).encode(), 1)  # after id and model
+
+    def __call__(self, text: str) -> bytes:
+        return self._head + json.dumps(text, ensure_ascii=False).encode() + self._tail
+
+
 async def _stream(
     body: InferenceRequest, started: Started, events: "asyncio.Queue[Event]", cancel: Callable[[], None]
 ) -> AsyncIterator[bytes]:
+    """The SSE body: one event per token, as OpenAI sends them. When the model runs ahead of the connection,
+    the events waiting are written together (one write, one event each), so a slow reader costs no more writes
+    than it can take."""
     chat = isinstance(body, ChatCompletionRequest)
     ident, created = (chat_completion_id() if chat else completion_id()), created_now()
 
@@ -220,28 +240,47 @@ async def _stream(
         choice = CompletionChoice(text=text or "", finish_reason=finish)
         return sse_data(CompletionResponse(id=ident, created=created, model=body.model, choices=[choice]))
 
+    if chat:
+        template: BaseModel = ChatCompletionChunk(
+            id=ident,
+            created=created,
+            model=body.model,
+            choices=[ChatChunkChoice(delta=ChatDelta(content=_DeltaFrames.MARK))],
+        )
+    else:
+        choice = CompletionChoice(text=_DeltaFrames.MARK, finish_reason=None)
+        template = CompletionResponse(id=ident, created=created, model=body.model, choices=[choice])
+    delta = _DeltaFrames(template)
+
+    def frame(event: Event) -> tuple[bytes, bool]:
+        """The bytes of one event, and whether the stream ends with it."""
+        if isinstance(event, Delta):
+            return delta(event.text), False
+        if isinstance(event, Failed):
+            status = status_of(event.error)
+            return sse_data(error_body(status, event.error.code, event.error.message)) + SSE_DONE, True
+        assert isinstance(event, Finished)
+        closing = chunk("" if not chat else None, event.finish_reason)
+        if body.include_usage:
+            usage: ChatCompletionChunk | CompletionResponse
+            if chat:
+                usage = ChatCompletionChunk(id=ident, created=created, model=body.model, choices=[])
+            else:
+                usage = CompletionResponse(id=ident, created=created, model=body.model, choices=[])
+            closing += sse_data(usage.model_copy(update={"usage": event.usage}))
+        return closing + SSE_DONE, True
+
     try:
         if chat:
             yield chunk("", role=True)  # OpenAI's first chunk names the role
-        while True:
-            event = await events.get()
-            if isinstance(event, Delta):
-                yield chunk(event.text)
-            elif isinstance(event, Failed):
-                status = status_of(event.error)
-                yield sse_data(error_body(status, event.error.code, event.error.message))
-                break
-            elif isinstance(event, Finished):
-                yield chunk("" if not chat else None, event.finish_reason)
-                if body.include_usage:
-                    usage: ChatCompletionChunk | CompletionResponse
-                    if chat:
-                        usage = ChatCompletionChunk(id=ident, created=created, model=body.model, choices=[])
-                    else:
-                        usage = CompletionResponse(id=ident, created=created, model=body.model, choices=[])
-                    yield sse_data(usage.model_copy(update={"usage": event.usage}))
-                break
-        yield SSE_DONE
+        ended = False
+        while not ended:
+            data, ended = frame(await events.get())
+            parts = [data]
+            while not ended and not events.empty():
+                data, ended = frame(events.get_nowait())
+                parts.append(data)
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
         cancel()  # a no-op once finished; a disconnected client's generation stops here
 
