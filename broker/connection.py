@@ -21,10 +21,14 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 DEFAULT_MASTER = "mymaster"
+SENTINEL_TIMEOUT = 5.0
 SENTINEL_SCHEMES = ("redis+sentinel", "sentinel")
 
 
@@ -62,7 +66,9 @@ class RedisTarget:
     def client(self, **options: Any) -> redis.Redis:
         if not self.is_sentinel:
             return redis.Redis.from_url(self.url, **options)
-        sentinel = Sentinel(self.sentinels, sentinel_kwargs=self._sentinel_kwargs(), socket_timeout=5)
+        sentinel = Sentinel(
+            self.sentinels, sentinel_kwargs=self._sentinel_kwargs(Retry(NoBackoff(), 0)), socket_timeout=5
+        )
         kwargs: dict[str, Any] = {"db": self.db, **self._auth(), **options}
         return sentinel.master_for(self.master, **kwargs)
 
@@ -73,7 +79,9 @@ class RedisTarget:
                 self.url, max_connections=max_connections, timeout=timeout, **options
             )
             return aioredis.Redis.from_pool(pool)
-        sentinel = AsyncSentinel(self.sentinels, sentinel_kwargs=self._sentinel_kwargs(), socket_timeout=5)
+        sentinel = AsyncSentinel(
+            self.sentinels, sentinel_kwargs=self._sentinel_kwargs(AsyncRetry(NoBackoff(), 0)), socket_timeout=5
+        )
         # redis-py's Sentinel pool does not block when full: past `max_connections` a request fails (503).
         kwargs: dict[str, Any] = {"db": self.db, "max_connections": max_connections, **self._auth(), **options}
         return sentinel.master_for(self.master, **kwargs)
@@ -86,17 +94,23 @@ class RedisTarget:
         if self.password is not None:
             auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
         url = ";".join(f"sentinel://{auth}{host}:{port}/{self.db}" for host, port in self.sentinels)
-        options: dict[str, Any] = {"master_name": self.master}
-        if self._sentinel_kwargs():
-            options["sentinel_kwargs"] = self._sentinel_kwargs()
-        return url, options
+        return url, {"master_name": self.master, "sentinel_kwargs": self._sentinel_kwargs(Retry(NoBackoff(), 0))}
 
     def _auth(self) -> dict[str, str]:
         auth = {"password": self.password} if self.password is not None else {}
         return auth | ({"username": self.username} if self.username else {})
 
-    def _sentinel_kwargs(self) -> dict[str, str]:
-        return {"password": self.sentinel_password} if self.sentinel_password else {}
+    def _sentinel_kwargs(self, retry: Retry | AsyncRetry) -> dict[str, Any]:
+        """How to reach each sentinel. One try each: a sentinel that is down (it ran on the old master's machine)
+        is passed over for the next at once instead of retried with redis-py's default backoff (three retries,
+        seconds each) by every new connection, which stalled Flower's inspect calls past a failover. The master
+        connection's own retry asks the whole list again."""
+        kwargs: dict[str, Any] = {
+            "socket_timeout": SENTINEL_TIMEOUT,
+            "socket_connect_timeout": SENTINEL_TIMEOUT,
+            "retry": retry,
+        }
+        return kwargs | ({"password": self.sentinel_password} if self.sentinel_password else {})
 
 
 def parse_redis_url(url: str, *, master: str = DEFAULT_MASTER) -> RedisTarget:

@@ -11,6 +11,9 @@ masked; the log filter masks both secrets anyway.
 
 Flower 2.2 has a `read_only` option: it answers 403 to every endpoint that would apply, send, revoke or abort a
 task or control a worker. Its `/healthcheck` and `/metrics` answer without auth (they carry no secrets).
+
+On Sentinel, Flower's events and inspect calls go through Celery's connection, which asks every sentinel; its own
+broker client (queue lengths, the Broker page) is given the same list of sentinels (`use_every_sentinel`).
 """
 
 import logging
@@ -20,6 +23,7 @@ from celery import Celery
 from pydantic import Field, SecretStr, field_validator
 
 from broker.celery_app import make_celery
+from broker.connection import RedisTarget
 from broker.settings import BrokerSettings
 
 log = logging.getLogger("modelfleet.flower")
@@ -67,6 +71,7 @@ def run_flower(settings: FlowerSettings) -> int:
 
     default_options.add_parse_callback(require_auth)
     app = make_celery(settings)
+    use_every_sentinel(settings.redis_target)
     log.info(
         "Flower on http://%s:%d, read-only, basic auth; broker %s",
         settings.flower_address,
@@ -78,9 +83,37 @@ def run_flower(settings: FlowerSettings) -> int:
     return int(code or 0)
 
 
+def use_every_sentinel(target: RedisTarget) -> None:
+    """Give Flower's broker client every sentinel of the URL, not only the first.
+
+    Flower builds that client per request from the first URL of Celery's list (`Connection.as_uri()`), so with
+    the first sentinel down (it ran on the old master's machine) its queue lengths answered 500 while everything
+    else followed the failover. Flower has no hook for it: `flower.views.Broker`, the name its handlers call, is
+    replaced by a factory that answers Sentinel URLs with a client on `target`'s sentinels.
+    """
+    if not target.is_sentinel:
+        return
+    import flower.views
+    from flower.utils.broker import Broker, RedisSentinel
+
+    class EverySentinel(RedisSentinel):
+        def _get_redis_client(self, broker_options: dict[str, Any], broker_use_ssl: object) -> Any:
+            timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.socket_connect_timeout}
+            return target.async_client(max_connections=8, **timeouts)
+
+    def broker(url: str, *args: Any, **kwargs: Any) -> Any:
+        if url.partition("://")[0] == "sentinel":
+            return EverySentinel(url, *args, **kwargs)
+        return Broker(url, *args, **kwargs)
+
+    flower.views.Broker = broker
+
+
 def celery_app() -> Celery:
     """The app for `celery -A modelfleet.flower ...`, built from `MODELFLEET_*` when Celery asks for it."""
-    return make_celery(BrokerSettings())
+    settings = BrokerSettings()
+    use_every_sentinel(settings.redis_target)
+    return make_celery(settings)
 
 
 def __getattr__(name: str) -> Any:

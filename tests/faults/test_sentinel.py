@@ -15,14 +15,17 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
+from broker import keys
 from broker.connection import parse_redis_url
 from modelfleet.client import Client
 from tests.conftest import OPERATOR_KEY, REDIS_PASSWORD, Fleet, free_port, require_stories, wait_for
+from tests.e2e.test_flower import FLOWER_PASSWORD, FLOWER_USER, start_flower
 from tests.faults.conftest import node_ok
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,16 +35,22 @@ MASTER = "fleet-master"
 
 @dataclass
 class SentinelSet:
-    """A master, one replica and one sentinel (quorum 1) on free ports, in `root`."""
+    """A master, one replica and `count` sentinels (quorum 1) on free ports, in `root`."""
 
     root: Path
     password: str = REDIS_PASSWORD
+    count: int = 1
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
+    def sentinel_names(self) -> list[str]:
+        return ["sentinel"] + [f"sentinel{i}" for i in range(2, self.count + 1)]
+
+    @property
     def url(self) -> str:
-        return f"redis+sentinel://:{self.password}@127.0.0.1:{self.ports['sentinel']}/{MASTER}/0"
+        hosts = ",".join(f"127.0.0.1:{self.ports[name]}" for name in self.sentinel_names)
+        return f"redis+sentinel://:{self.password}@{hosts}/{MASTER}/0"
 
     def client(self) -> redis.Redis:
         return parse_redis_url(self.url).client(socket_timeout=5)
@@ -50,7 +59,7 @@ class SentinelSet:
         from modelfleet.up import redis_server_binary
 
         binary = redis_server_binary()
-        self.ports = {name: free_port() for name in ("master", "replica", "sentinel")}
+        self.ports = {name: free_port() for name in ("master", "replica", *self.sentinel_names)}
         auth = f"requirepass {self.password}\nmasterauth {self.password}\n"
         for name in ("master", "replica"):
             data = self.root / name
@@ -62,16 +71,17 @@ class SentinelSet:
                 f"logfile {data / 'redis.log'}\n"
             )
             self.procs[name] = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL)
-        data = self.root / "sentinel"
-        data.mkdir()
-        conf = data / "sentinel.conf"  # the sentinel rewrites it: its own file, writable
-        conf.write_text(
-            f"port {self.ports['sentinel']}\nbind 127.0.0.1\ndir {data}\nlogfile {data / 'sentinel.log'}\n"
-            f"sentinel monitor {MASTER} 127.0.0.1 {self.ports['master']} 1\n"
-            f"sentinel auth-pass {MASTER} {self.password}\n"
-            f"sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 10000\n"
-        )
-        self.procs["sentinel"] = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
+        for name in self.sentinel_names:
+            data = self.root / name
+            data.mkdir()
+            conf = data / "sentinel.conf"  # the sentinel rewrites it: its own file, writable
+            conf.write_text(
+                f"port {self.ports[name]}\nbind 127.0.0.1\ndir {data}\nlogfile {data / 'sentinel.log'}\n"
+                f"sentinel monitor {MASTER} 127.0.0.1 {self.ports['master']} 1\n"
+                f"sentinel auth-pass {MASTER} {self.password}\n"
+                f"sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 10000\n"
+            )
+            self.procs[name] = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
         replica = redis.Redis(port=self.ports["replica"], password=self.password)
 
         def replicating() -> bool:
@@ -86,16 +96,21 @@ class SentinelSet:
         # before the sentinel has seen the replica leaves it nothing to promote (-failover-abort-no-good-slave).
         wait_for(self.replica_known, 25, "the sentinel to discover the replica")
 
+    def _ask(self) -> redis.Redis:
+        """The first sentinel still running."""
+        name = next(n for n in self.sentinel_names if self.procs[n].poll() is None)
+        return redis.Redis(port=self.ports[name])
+
     def replica_known(self) -> bool:
         try:
-            replicas = redis.Redis(port=self.ports["sentinel"]).sentinel_slaves(MASTER)
+            replicas = self._ask().sentinel_slaves(MASTER)
         except redis.ConnectionError:
             return False
         return any(int(r["port"]) == self.ports["replica"] and not r.get("is_sdown") for r in replicas)
 
     def master_port(self) -> int | None:
         try:
-            address = redis.Redis(port=self.ports["sentinel"]).sentinel_get_master_addr_by_name(MASTER)
+            address = self._ask().sentinel_get_master_addr_by_name(MASTER)
         except redis.ConnectionError:
             return None
         return int(address[1]) if address else None
@@ -108,8 +123,9 @@ class SentinelSet:
 
 
 @pytest.fixture
-def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
-    group = SentinelSet(tmp_path / "sentinel-set")
+def sentinels(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SentinelSet]:
+    """The set; `count` sentinels if the test is parametrized indirectly with it (default 1)."""
+    group = SentinelSet(tmp_path / "sentinel-set", count=int(getattr(request, "param", 1)))
     group.start()
     yield group
     group.stop()
@@ -186,3 +202,65 @@ def _retrying(http: httpx.Client, fingerprint: str, operation: str, model: str) 
             return response.status_code, attempt
         threading.Event().wait(0.5)
     return 503, 30
+
+
+@pytest.mark.parametrize("sentinels", [2], indirect=True)
+def test_flower_on_a_sentinel_url_lists_the_node_and_its_jobs_before_and_after_a_failover(
+    sentinels: SentinelSet, models_dir: Path, tmp_path: Path
+) -> None:
+    """Flower on two sentinels: the node and its jobs before the master is killed, and after the failover with
+    the URL's first sentinel gone too (it ran on the old master's machine), which every path of Flower's must
+    survive by asking the other sentinel."""
+    fleet = Fleet(sentinels, tmp_path)  # type: ignore[arg-type]  # url and client() are all the fleet uses
+    try:
+        worker = fleet.worker("watched", models_dir)
+        flower, url = start_flower(fleet)
+        api = fleet.api()
+        client = Client(api.url, OPERATOR_KEY, job_timeout=60)
+        host = f"watched.{worker.fingerprint[:8]}@"
+        with httpx.Client(base_url=url, auth=(FLOWER_USER, FLOWER_PASSWORD), timeout=10) as fl:
+
+            def listed() -> bool:
+                # `refresh` asks the workers over the broker (Celery's inspect); `status` is what their
+                # heartbeat events said: both paths go through the sentinel to the master.
+                workers = fl.get("/api/workers", params={"refresh": "true"}).json()
+                alive = fl.get("/api/workers", params={"status": "true"}).json()
+                return any(h.startswith(host) for h in workers) and any(
+                    h.startswith(host) and up for h, up in alive.items()
+                )
+
+            def succeeded(model: str) -> list[dict[str, Any]]:
+                tasks = fl.get("/api/tasks", params={"taskname": "modelfleet.load", "state": "SUCCESS"}).json()
+                return [
+                    t for t in tasks.values() if f"'modelId': '{model}'" in t["kwargs"] and t["worker"].startswith(host)
+                ]
+
+            def queue_length() -> list[dict[str, Any]]:
+                # Flower's broker API reads the queues' lengths from Redis itself, found through the sentinel.
+                answer = fl.get("/api/queues/length")
+                assert answer.status_code == 200, answer.text
+                queues: list[dict[str, Any]] = answer.json()["active_queues"]
+                return [q for q in queues if q["name"] == keys.node_queue(worker.fingerprint)]
+
+            wait_for(listed, 30, "Flower to list the node through the sentinel")
+            assert client.load(worker.fingerprint, "tiny-a").model_id == "tiny-a"
+            wait_for(lambda: succeeded("tiny-a"), 15, "Flower to show the load as SUCCESS")
+            queue = {"name": keys.node_queue(worker.fingerprint), "messages": 0}
+            assert wait_for(queue_length, 15, "Flower's broker API to read the node's queue") == [queue]
+            assert fl.get("/broker").status_code == 200
+
+            sentinels.procs["master"].send_signal(signal.SIGKILL)
+            wait_for(lambda: sentinels.master_port() == sentinels.ports["replica"], 30, "the failover")
+            wait_for(lambda: node_ok(client, worker), 30, "the node to be listed on the new master")
+            sentinels.procs["sentinel"].send_signal(signal.SIGKILL)
+            sentinels.procs["sentinel"].wait(10)
+            with api.client(timeout=60) as http:
+                assert _retrying(http, worker.fingerprint, "load", "tiny-b")[0] == 200
+            wait_for(lambda: succeeded("tiny-b"), 30, "Flower to show the load after the failover")
+            wait_for(listed, 30, "Flower to list the node after the failover")
+            assert queue_length() == [queue]  # the URL's first sentinel is gone: Flower asked the other
+        flower.stop()
+        log = flower.log()
+        assert "**" in log and REDIS_PASSWORD not in log and FLOWER_PASSWORD not in log
+    finally:
+        fleet.stop()
