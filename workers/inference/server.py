@@ -96,7 +96,9 @@ def create_node_app(manager: ModelManager, keyring: KeyRing) -> FastAPI:
     runner = InferenceRunner(manager)
     app = FastAPI(title="modelfleet node", version=__version__, docs_url=None, redoc_url=None)
 
-    def authorize(authorization: Annotated[str | None, Header()] = None) -> Scope:
+    async def authorize(authorization: Annotated[str | None, Header()] = None) -> Scope:
+        # A coroutine although it never waits: FastAPI would run a plain `def` in its thread pool, a thread hop
+        # per request.
         return keyring.authorize(authorization, Scope.READ)
 
     Caller = Annotated[Scope, Depends(authorize)]
