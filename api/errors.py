@@ -1,4 +1,4 @@
-"""One table from error class to HTTP status, and the handlers that give every failure one JSON shape:
+"""The handlers that give every failure one JSON shape:
 
 {"success": false, "error": "<a sentence a person can act on>", "code": "<stable code>", "details": {...}}
 
@@ -6,8 +6,9 @@
 failures take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`broker.openai.ErrorBody`),
 which openai-python reads.
 
-The same table documents the routes: `documented(...)` turns the errors a route can answer into its OpenAPI
-`responses`, so the schema cannot drift from the handler.
+The statuses come from one table, `broker.status`, which the nodes' inference endpoints answer by too; the same
+table documents the routes: `documented(...)` turns the errors a route can answer into its OpenAPI `responses`,
+so the schema cannot drift from the handler.
 """
 
 import logging
@@ -27,40 +28,9 @@ from broker import errors as e
 from broker.answers import ErrorBody
 from broker.openai import ErrorBody as OpenAIErrorBody
 from broker.openai import error_body as openai_error
+from broker.status import STATUS, status_of
 
 log = logging.getLogger(__name__)
-
-STATUS: dict[type[e.ModelfleetError], int] = {
-    e.InvalidRequest: 422,
-    e.Unauthenticated: 401,
-    e.Forbidden: 403,
-    e.NodeNotFound: 404,
-    e.NodeUnavailable: 503,
-    e.BrokerUnavailable: 503,
-    e.ShuttingDown: 503,
-    e.JobTimeout: 504,
-    e.NodeError: 502,
-    e.ModelFileNotFound: 404,
-    e.ModelNotLoaded: 404,
-    e.PathOutsideModelsDir: 422,
-    e.InvalidModelFile: 422,
-    e.ModelLoadFailed: 422,
-    e.InsufficientMemory: 409,
-    e.JobExpired: 504,
-    e.ModelBusy: 429,
-    e.GenerationFailed: 502,
-    e.InternalError: 500,
-    e.ModelfleetError: 500,
-}
-
-
-def status_of(error: e.ModelfleetError | type[e.ModelfleetError]) -> int:
-    cls = error if isinstance(error, type) else type(error)
-    for parent in cls.__mro__:
-        if parent in STATUS:
-            return STATUS[parent]
-    return 500
-
 
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -90,9 +60,7 @@ def documented(
     by_status: dict[int, list[type[e.ModelfleetError]]] = {}
     for error in (*errors, e.InternalError):
         for cls in _answered_as(error):
-            status = status_of(cls)
-            if openai and status == 422:  # as `_modelfleet_error` answers it there
-                status = 400
+            status = status_of(cls, openai=openai)
             classes = by_status.setdefault(status, [])
             if cls not in classes:
                 classes.append(cls)
@@ -134,9 +102,7 @@ def _answer(
 
 async def _modelfleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.ModelfleetError)
-    status = status_of(exc)
-    if status == 422 and request.url.path in OPENAI_PATHS:
-        status = 400  # OpenAI's (and the nodes') status for parameters it will not run
+    status = status_of(exc, openai=request.url.path in OPENAI_PATHS)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return _answer(request, status, exc.code, exc.message, exc.details, headers)
 

@@ -33,7 +33,8 @@
     │   └── RedisRefused
     └── InternalError             a bug; the message never carries a traceback
 
-The API maps these classes to HTTP statuses in one table (`api/errors.py`); nodes send them back by `code`.
+The head and the nodes' inference endpoints map these classes to HTTP statuses by one table (`broker.status`);
+nodes send them back by `code`.
 """
 
 from typing import Any, ClassVar

@@ -49,29 +49,15 @@ from broker.openai import (
     error_body,
     sse_data,
 )
+from broker.status import status_of
 from workers.inference.runner import Delta, Event, Failed, Finished, InferenceRequest, InferenceRunner, Started
 from workers.manager import ModelManager
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[e.ModelfleetError], int] = {
-    e.InvalidRequest: 400,
-    e.Unauthenticated: 401,
-    e.Forbidden: 403,
-    e.ModelNotLoaded: 404,
-    e.ModelBusy: 429,
-    e.GenerationFailed: 500,
-    e.ModelfleetError: 500,
-}
-"""The node's statuses are OpenAI's (a bad parameter is 400 there, not the head's 422)."""
-
-
-def status_of(error: e.ModelfleetError) -> int:
-    return next((STATUS[cls] for cls in type(error).__mro__ if cls in STATUS), 500)
-
 
 def error_response(error: e.ModelfleetError) -> JSONResponse:
-    status = status_of(error)
+    status = status_of(error, openai=True)  # every route of the node is in OpenAI's shape
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if isinstance(error, e.ModelBusy):
         headers["Retry-After"] = str(error.details.get("retry_after", 1))
@@ -259,7 +245,7 @@ async def _stream(
         if isinstance(event, Delta):
             return delta(event.text), False
         if isinstance(event, Failed):
-            status = status_of(event.error)
+            status = status_of(event.error, openai=True)
             return sse_data(error_body(status, event.error.code, event.error.message)) + SSE_DONE, True
         assert isinstance(event, Finished)
         closing = chunk("" if not chat else None, event.finish_reason)
