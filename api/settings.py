@@ -1,18 +1,16 @@
 """Settings of an API process."""
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from broker.operations import LIST, LOAD, UNLOAD, Op
-from broker.settings import BrokerSettings, SecretList, split_secrets
+from broker.settings import KeyedSettings
 
 
-class ApiSettings(BrokerSettings):
+class ApiSettings(KeyedSettings):
     """The head: where it listens, its keys, and how long each operation may take."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    operator_keys: SecretList = Field(default_factory=list)
-    api_keys: SecretList = Field(default_factory=list)
     # Each operation names the setting that overrides its timeout (`Op.timeout_setting`).
     load_timeout: float = Field(default=LOAD.default_timeout, gt=0)
     unload_timeout: float = Field(default=UNLOAD.default_timeout, gt=0)
@@ -37,8 +35,6 @@ class ApiSettings(BrokerSettings):
     """Seconds the requests in flight of an API process that died keep counting against their nodes."""
     session_ttl: float = Field(default=12 * 3600.0, gt=0)
     """Seconds a dashboard session may sit idle before it ends (each request renews it)."""
-
-    _split = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)
 
     def timeout(self, op: Op) -> float:
         """Seconds the API waits for `op`'s reply."""

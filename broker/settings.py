@@ -68,4 +68,16 @@ def split_secrets(value: object) -> object:
     return value
 
 
-__all__ = ["BrokerSettings", "SecretList", "split_secrets"]
+class KeyedSettings(BrokerSettings):
+    """A process that checks the fleet's keys: the head, and each node's inference endpoint (which takes a key of
+    either scope, or the node token)."""
+
+    operator_keys: SecretList = Field(default_factory=list)
+    """Keys that may load and unload (`MODELFLEET_OPERATOR_KEYS=a,b`)."""
+    api_keys: SecretList = Field(default_factory=list)
+    """Read-only keys (`MODELFLEET_API_KEYS=a,b`)."""
+
+    _split_keys = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)
+
+
+__all__ = ["BrokerSettings", "KeyedSettings", "SecretList", "split_secrets"]

@@ -10,7 +10,7 @@ import psutil
 from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import NoDecode
 
-from broker.settings import BrokerSettings, SecretList, split_secrets
+from broker.settings import KeyedSettings, split_secrets
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -28,7 +28,7 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-class WorkerSettings(BrokerSettings):
+class WorkerSettings(KeyedSettings):
     """One node: its name, where its models and state live, and how much it may load."""
 
     name: str = "node"
@@ -57,9 +57,8 @@ class WorkerSettings(BrokerSettings):
     serve_host: str = "127.0.0.1"
     advertise_url: str | None = None
     """The base URL the head and clients use (default http://SERVE_HOST:PORT); `%h` is the hostname."""
-    # Direct calls need one of the fleet's keys (either scope) or the node token (BrokerSettings.node_token).
-    operator_keys: SecretList = Field(default_factory=list)
-    api_keys: SecretList = Field(default_factory=list)
+    # Direct calls to the inference endpoint need one of the fleet's keys (KeyedSettings, either scope) or the
+    # node token (BrokerSettings.node_token).
     max_queue: int = Field(default=8, ge=0, le=10_000)
     """Generations that may wait per model while one runs; beyond that, 429 with Retry-After."""
     keep_alive: float | None = Field(default=None, ge=0)
@@ -67,7 +66,7 @@ class WorkerSettings(BrokerSettings):
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Model ids to load when the node starts."""
 
-    _split = field_validator("operator_keys", "api_keys", "preload", mode="before")(split_secrets)
+    _split_preload = field_validator("preload", mode="before")(split_secrets)
 
     @field_validator("advertise_url")
     @classmethod
