@@ -51,6 +51,7 @@ from broker.openai import (
 )
 from broker.status import status_of
 from workers.inference.runner import Delta, Event, Failed, Finished, InferenceRequest, InferenceRunner, Started
+from workers.inference.threads import ThreadCache
 from workers.manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def create_node_app(manager: ModelManager, keyring: KeyRing) -> FastAPI:
     """The endpoint of one node's models."""
     runner = InferenceRunner(manager)
+    threads = ThreadCache("modelfleet-generate")
     app = FastAPI(title="modelfleet node", version=__version__, docs_url=None, redoc_url=None)
 
     async def authorize(authorization: Annotated[str | None, Header()] = None) -> Scope:
@@ -105,18 +107,18 @@ def create_node_app(manager: ModelManager, keyring: KeyRing) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request, _: Caller) -> Response:
         """Continue a prompt; with `stream: true`, Server-Sent Events of `text_completion` chunks."""
-        return await _serve(runner, request, body)
+        return await _serve(runner, threads, request, body)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request, _: Caller) -> Response:
         """Answer a conversation, rendered with the model's chat template; with `stream: true`, SSE chunks."""
-        return await _serve(runner, request, body)
+        return await _serve(runner, threads, request, body)
 
     _install_error_handlers(app)
     return app
 
 
-async def _serve(runner: InferenceRunner, request: Request, body: InferenceRequest) -> Response:
+async def _serve(runner: InferenceRunner, threads: ThreadCache, request: Request, body: InferenceRequest) -> Response:
     problem = body.unsupported()
     if problem:
         raise e.InvalidRequest(problem)
@@ -130,7 +132,7 @@ async def _serve(runner: InferenceRunner, request: Request, body: InferenceReque
     def cancel() -> None:
         runner.cancel(cancelled)
 
-    threading.Thread(target=runner.run, args=(body, emit, cancelled), name="modelfleet-generate", daemon=True).start()
+    threads.submit(lambda: runner.run(body, emit, cancelled))
     # Until the response starts, nothing else reads the connection: watch it, so a caller that leaves its place
     # in the queue (or a long answer that is not streamed) stops its request.
     watcher = asyncio.create_task(_on_disconnect(request, cancel))
