@@ -88,17 +88,22 @@ def use_every_sentinel(target: RedisTarget) -> None:
 
     Flower builds that client per request from the first URL of Celery's list (`Connection.as_uri()`), so with
     the first sentinel down (it ran on the old master's machine) its queue lengths answered 500 while everything
-    else followed the failover. Flower has no hook for it: `flower.views.Broker`, the name its handlers call, is
-    replaced by a factory that answers Sentinel URLs with a client on `target`'s sentinels.
+    else followed the failover. Flower has no hook for it: the name `Broker` its handlers call (bound in
+    `flower.views` since 2.2, in `flower.views.broker` and `flower.api.tasks` before) is replaced by a factory
+    that answers Sentinel URLs with a client on `target`'s sentinels.
     """
     if not target.is_sentinel:
         return
-    import flower.views
+    import importlib
+
     from flower.utils.broker import Broker, RedisSentinel
 
     class EverySentinel(RedisSentinel):
-        def _get_redis_client(self, broker_options: dict[str, Any], broker_use_ssl: object) -> Any:
-            timeouts = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.socket_connect_timeout}
+        def _get_redis_client(self, *_: object) -> Any:
+            timeouts = {
+                "socket_timeout": getattr(self, "socket_timeout", 2.0),
+                "socket_connect_timeout": getattr(self, "socket_connect_timeout", 1.0),
+            }
             return target.async_client(max_connections=8, **timeouts)
 
     def broker(url: str, *args: Any, **kwargs: Any) -> Any:
@@ -106,7 +111,10 @@ def use_every_sentinel(target: RedisTarget) -> None:
             return EverySentinel(url, *args, **kwargs)
         return Broker(url, *args, **kwargs)
 
-    flower.views.Broker = broker
+    for name in ("flower.views", "flower.views.broker", "flower.api.tasks"):
+        module = importlib.import_module(name)
+        if getattr(module, "Broker", None) is Broker:
+            module.Broker = broker  # type: ignore[attr-defined]
 
 
 def celery_app() -> Celery:
