@@ -1,6 +1,6 @@
 """The streaming proxy over real HTTP: real uvicorn servers stand in for the nodes' endpoints (the real node
 endpoint is exercised end to end in tests/e2e/test_inference.py), the head side is `ProxyResponse` served by
-uvicorn, the in-flight leases and node hashes live in fakeredis."""
+uvicorn, the in-flight leases and node hashes live in a real redis-server."""
 
 import asyncio
 import contextlib
@@ -10,10 +10,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-import fakeredis
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import uvicorn
+from redis import Redis as SyncRedis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -24,11 +25,11 @@ from api.inflight import InFlight
 from api.metrics import Metrics
 from api.proxy import NodeProxy, ProxyResponse
 from api.replies import ReplyWaiter
-from api.routing import Router
+from api.routing import NodeView, Router
 from broker import keys
 from broker.registry import NodeDirectory
 from tests.api.test_routing import A, B, model, register
-from tests.conftest import free_port, wait_for
+from tests.conftest import RedisServer, free_port, wait_for
 
 
 @dataclass
@@ -86,26 +87,28 @@ def serve(app: object) -> Iterator[str]:
 
 
 def head(
-    redis: fakeredis.FakeServer,
+    redis: str,
     upstreams: dict[str, str],
     *,
     liveness_tick: float | None = None,
     busy: tuple[str, ...] = (),
 ) -> tuple[Starlette, dict[str, object]]:
-    """The head's proxy route, its nodes registered in fakeredis with `upstreams` as their endpoints; with
-    `liveness_tick`, watching node processes as the API does; `busy` nodes hold a lease already (picked last)."""
+    """The head's proxy route, its nodes registered in Redis (at the URL `redis`) with `upstreams` as their
+    endpoints; with `liveness_tick`, watching node processes as the API does; `busy` nodes hold a lease already
+    (picked last)."""
     state: dict[str, object] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = fakeredis.FakeAsyncRedis(server=redis)
+        client = aioredis.Redis.from_url(redis)
         for fp, url in upstreams.items():
             await register(client, fp, [model("m").model_copy(update={"endpoint": url})])
 
         async def no_load(model_id: str) -> None:
             raise AssertionError("no load on demand here")
 
-        router = Router(client, NodeDirectory(client), no_load, on_demand=False, load_timeout=5)
+        directory = NodeDirectory(client)
+        router = Router(client, directory, NodeView(directory), no_load, on_demand=False, load_timeout=5)
         inflight = InFlight(client)
         for fp in busy:
             await inflight.acquire([fp])
@@ -132,16 +135,18 @@ def head(
 
 
 @pytest.fixture
-def redis() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
+def redis(redis_server: RedisServer) -> str:
+    """The URL of the session's redis-server, emptied for this test."""
+    redis_server.client().flushdb()
+    return redis_server.url
 
 
-def inflight_total(redis: fakeredis.FakeServer) -> int:
-    client = fakeredis.FakeRedis(server=redis)
-    return sum(int(client.zcard(f"modelfleet:inflight:{fp}")) for fp in (A, B))
+def inflight_total(redis: str) -> int:
+    client = SyncRedis.from_url(redis)
+    return sum(int(client.zcard(keys.inflight(fp))) for fp in (A, B))
 
 
-def test_streams_each_chunk_as_the_node_sends_it(redis: fakeredis.FakeServer) -> None:
+def test_streams_each_chunk_as_the_node_sends_it(redis: str) -> None:
     node = Upstream(tokens=3, gap=0.3)
     with serve(node.app()) as node_url:
         app, _ = head(redis, {A: node_url})
@@ -159,7 +164,7 @@ def test_streams_each_chunk_as_the_node_sends_it(redis: fakeredis.FakeServer) ->
     assert inflight_total(redis) == 0
 
 
-def test_plain_answers_pass_through(redis: fakeredis.FakeServer) -> None:
+def test_plain_answers_pass_through(redis: str) -> None:
     with serve(Upstream().app()) as node_url:
         app, _ = head(redis, {A: node_url})
         with serve(app) as url:
@@ -167,13 +172,14 @@ def test_plain_answers_pass_through(redis: fakeredis.FakeServer) -> None:
     assert response.status_code == 200 and response.json()["choices"][0]["text"] == "hi"
 
 
-def test_a_client_that_disconnects_closes_the_node_stream_at_once(redis: fakeredis.FakeServer) -> None:
+def test_a_client_that_disconnects_closes_the_node_stream_at_once(redis: str) -> None:
     node = Upstream(tokens=10_000, gap=0.02)
     with serve(node.app()) as node_url:
         app, _ = head(redis, {A: node_url})
         with serve(app) as url:
             with httpx.stream("POST", url + "/v1/completions", json={"stream": True}) as response:
-                next(response.iter_lines())
+                lines = response.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
+                next(lines)
                 assert inflight_total(redis) == 1
             # The client closed its connection: the head closes the node's, the node's stream ends.
             wait_for(node.closed.is_set, 5, "the node's stream to be closed")
@@ -181,10 +187,10 @@ def test_a_client_that_disconnects_closes_the_node_stream_at_once(redis: fakered
             assert node.open_streams == 0
 
 
-def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: fakeredis.FakeServer) -> None:
+def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: str) -> None:
     broken, good = Upstream(mode="500"), Upstream()
     # Another API process's request on the good node: the broken one, less loaded, is always tried first.
-    fakeredis.FakeRedis(server=redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
+    SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
     with serve(broken.app()) as broken_url, serve(good.app()) as good_url:
         app, _ = head(redis, {A: broken_url, B: good_url})
         with serve(app) as url:
@@ -196,7 +202,7 @@ def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: fak
     assert inflight_total(redis) == 1  # only the other process's
 
 
-def test_an_unreachable_node_is_retried_and_two_failures_answer_503(redis: fakeredis.FakeServer) -> None:
+def test_an_unreachable_node_is_retried_and_two_failures_answer_503(redis: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with serve(Upstream().app()) as good_url:
         app, _ = head(redis, {A: dead, B: good_url})
@@ -213,7 +219,7 @@ def test_an_unreachable_node_is_retried_and_two_failures_answer_503(redis: faker
     assert inflight_total(redis) == 0
 
 
-def test_a_client_error_of_the_node_is_passed_on_not_retried(redis: fakeredis.FakeServer) -> None:
+def test_a_client_error_of_the_node_is_passed_on_not_retried(redis: str) -> None:
     first, second = Upstream(mode="404"), Upstream(mode="404")
     with serve(first.app()) as one, serve(second.app()) as two:
         app, _ = head(redis, {A: one, B: two})
@@ -223,7 +229,7 @@ def test_a_client_error_of_the_node_is_passed_on_not_retried(redis: fakeredis.Fa
     assert first.requests + second.requests == 1
 
 
-def test_a_node_failing_mid_stream_ends_it_with_an_error_event(redis: fakeredis.FakeServer) -> None:
+def test_a_node_failing_mid_stream_ends_it_with_an_error_event(redis: str) -> None:
     with serve(Upstream(mode="cut", tokens=5).app()) as node_url:
         app, state = head(redis, {A: node_url})
         with serve(app) as url:
@@ -242,7 +248,7 @@ def test_a_node_failing_mid_stream_ends_it_with_an_error_event(redis: fakeredis.
     )
 
 
-def test_streams_are_spread_over_the_replicas(redis: fakeredis.FakeServer) -> None:
+def test_streams_are_spread_over_the_replicas(redis: str) -> None:
     one, two = Upstream(tokens=20, gap=0.05), Upstream(tokens=20, gap=0.05)
     with serve(one.app()) as one_url, serve(two.app()) as two_url:
         app, _ = head(redis, {A: one_url, B: two_url})
