@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
 import uvicorn
 from redis import Redis as SyncRedis
@@ -29,7 +28,7 @@ from api.routing import NodeView, Router
 from broker import keys
 from broker.registry import NodeDirectory
 from tests.api.test_routing import A, B, model, register
-from tests.conftest import RedisServer, free_port, wait_for
+from tests.conftest import free_port, wait_for
 
 
 @dataclass
@@ -132,13 +131,6 @@ def head(
     app = Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])], lifespan=lifespan)
     install_error_handlers(app)
     return app, state
-
-
-@pytest.fixture
-def redis(redis_server: RedisServer) -> str:
-    """The URL of the session's redis-server, emptied for this test."""
-    redis_server.client().flushdb()
-    return redis_server.url
 
 
 def inflight_total(redis: str) -> int:

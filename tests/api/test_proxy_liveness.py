@@ -1,6 +1,7 @@
 """The proxy follows the node process it streams from: a node restarted or gone mid-stream ends the stream with
 an OpenAI error event within a liveness tick (no FIN needed), and one gone before its first byte has the
-request retried on another replica. Real uvicorn servers as the nodes' endpoints, node records in fakeredis."""
+request retried on another replica. Real uvicorn servers as the nodes' endpoints, node records in a real
+redis-server."""
 
 import asyncio
 import json
@@ -8,9 +9,8 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-import fakeredis
 import httpx
-import pytest
+from redis import Redis as SyncRedis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -37,10 +37,10 @@ def silent_node(released: threading.Event) -> Starlette:
     return Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
 
 
-def test_a_node_restarted_mid_stream_ends_the_stream_with_an_error_event(redis_fake: fakeredis.FakeServer) -> None:
+def test_a_node_restarted_mid_stream_ends_the_stream_with_an_error_event(redis: str) -> None:
     slow = Upstream(tokens=200, gap=0.2)  # a 40 s answer
-    with serve(slow.app()) as node_url, serve(head(redis_fake, {A: node_url}, liveness_tick=0.1)[0]) as url:
-        client = fakeredis.FakeRedis(server=redis_fake)
+    with serve(slow.app()) as node_url, serve(head(redis, {A: node_url}, liveness_tick=0.1)[0]) as url:
+        client = SyncRedis.from_url(redis)
         started = time.monotonic()
         events: list[str] = []
         with httpx.stream("POST", url + "/v1/completions", json={"stream": True}, timeout=60) as response:
@@ -58,15 +58,15 @@ def test_a_node_restarted_mid_stream_ends_the_stream_with_an_error_event(redis_f
     assert slow.closed.wait(5), "the node's stream was not closed"
 
 
-def test_a_node_gone_before_its_first_byte_is_retried_on_another_replica(redis_fake: fakeredis.FakeServer) -> None:
+def test_a_node_gone_before_its_first_byte_is_retried_on_another_replica(redis: str) -> None:
     released = threading.Event()
     try:
         with (
             serve(silent_node(released)) as silent_url,
             serve(Upstream().app()) as good_url,
-            serve(head(redis_fake, {A: silent_url, B: good_url}, liveness_tick=0.1, busy=(B,))[0]) as url,
+            serve(head(redis, {A: silent_url, B: good_url}, liveness_tick=0.1, busy=(B,))[0]) as url,
         ):
-            client = fakeredis.FakeRedis(server=redis_fake)
+            client = SyncRedis.from_url(redis)
 
             def go_offline() -> None:
                 time.sleep(0.5)
@@ -79,8 +79,3 @@ def test_a_node_gone_before_its_first_byte_is_retried_on_another_replica(redis_f
     assert response.status_code == 200, response.text
     assert response.headers["x-modelfleet-node"] == B
     assert response.text.endswith("data: [DONE]\n\n")
-
-
-@pytest.fixture
-def redis_fake() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
