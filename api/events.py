@@ -32,6 +32,7 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
+from api.heap import Heap
 from api.subscription import follow
 from broker import keys
 from broker.backoff import Backoff
@@ -134,6 +135,7 @@ class EventRelay:
         write_timeout: float = 10.0,
     ) -> None:
         self._redis = client
+        self.heap = Heap()
         self._directory = directory
         self._queue_size = queue_size
         self.ping_interval = ping_interval
@@ -167,8 +169,10 @@ class EventRelay:
             asyncio.create_task(self._read(), name="modelfleet-events-read"),
             asyncio.create_task(self._ping(), name="modelfleet-events-ping"),
         ]
+        self.heap.settle()  # the app is built and its services started: no full collection need walk them again
 
     async def stop(self) -> None:
+        self.heap.release()
         self.close_all()
         for task in self._tasks:
             task.cancel()
@@ -192,6 +196,7 @@ class EventRelay:
             raise ShuttingDown("This API process is shutting down; reconnect (with Last-Event-ID) in a moment.")
         sub = Subscriber(node, self._queue_size)
         self._subscribers.add(sub)
+        self.heap.opened()
         return sub
 
     def close(self, sub: Subscriber) -> None:
