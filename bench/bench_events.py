@@ -1,252 +1,414 @@
-"""Pool-event delivery to many SSE clients of one API process: `python bench/bench_events.py`.
+"""Pool events to 1,000 SSE streams of one API process, against the same receivers reading Redis directly:
+`python -m bench.bench_events`.
 
-Starts its own redis-server and one `modelfleet api`, opens N `GET /api/v1/events` streams from this process
-(raw asyncio sockets: an HTTP client per stream would cost more CPU than the API), publishes pool events through
-`broker.events.EventBus` (the path a worker takes) from a thread at a steady rate, and measures each event's
-delivery latency: from just before its publish call to its arrival on each client. The baseline, in the same
-process, is one plain Redis pub/sub subscriber on the events channel: the floor of any relay.
+Starts its own redis-server and one `modelfleet api`. A round starts `--receivers` receiver processes (this module
+with `--receiver`) holding `--streams` streams between them, each stream on its own connection; once every stream
+has its start (the SSE snapshot, or the Redis SUBSCRIBE reply), this process publishes `--events` pool events at
+`--rate` per second through `broker.events.EventBus` (the path a worker takes), event i carrying sequence number
+i in its model id. A sample is one event's arrival on one stream: from just before its publish call (here) to the
+read that completed it (in the receiver; both clocks are CLOCK_MONOTONIC). Each stream must get every sequence
+number once, in order: what never came is lost, a second copy a duplicate, a number below one already seen out of
+order.
 
-Rows: the baseline, then 1, 100 and 1,000 SSE clients (`--clients`). Columns: deliveries, events lost
-(expected deliveries that never arrived; must be 0), p50 / p99 latency, p50 as a multiple of the baseline's,
-and the CPU time the API process and this one used per event. Every process it starts is stopped on exit.
+  api     the streams are `GET /api/v1/events`, one per connection
+  redis   the baseline: the same number of Redis connections SUBSCRIBEd to the events channel, the same
+          receivers, the same parsing; everything the API adds is the difference
+
+Rounds alternate api and redis (`--rounds` pairs, each pair in turn starting with the other), so drift in the
+machine's load falls on both. The receivers speak HTTP/1.1 and RESP on raw asyncio sockets and pick the sequence
+numbers out with one regex: an HTTP client per stream would cost more CPU than the API, and make the receivers,
+not the API, what a 2-core machine measures. The CPU each process used during the rounds (API, Redis, every
+receiver, this publisher) is reported apart. Every process it starts is stopped on exit.
 """
 
 import argparse
 import asyncio
-import platform
+import json
+import os
 import re
 import resource
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import psutil
 import redis
-import redis.asyncio as aioredis
 
-from bench.harness import Processes, fleet_env, ms, quantile, start_api, start_redis
+from bench.figures import Figure, alternate, at_most, percentile
+from bench.harness import Processes, fleet_env, start_api, start_redis, wait_until
 from broker import keys
 from broker.events import EventBus, model_event
 from broker.schemas import ModelInfo, ModelState
 
-EVENT_ID = re.compile(rb"\nid: ([0-9]+-[0-9]+)\n")
-READ_KEY = "bench-read-" + secrets.token_hex(16)
+# The receiver processes inherit the key from the coordinator's environment.
+READ_KEY = os.environ.setdefault("BENCH_EVENTS_KEY", "bench-read-" + secrets.token_hex(16))
 NODE = "b" * 32
 MODEL = ModelInfo(id="bench", path="/models/bench.gguf", healthy=True, state=ModelState.LOADED, size_bytes=1 << 20)
+OPEN_BATCH = 50
+"""Connections a receiver opens at once: no thundering herd on the API's accept queue."""
 
 
-class Publisher:
-    """Publishes `count` events at `rate` per second from its own thread; remembers when each one left."""
-
-    def __init__(self, url: str, count: int, rate: float) -> None:
-        self.bus = EventBus(redis.Redis.from_url(url))
-        self.count, self.interval = count, 1.0 / rate
-        self.sent: dict[str, float] = {}
-
-    def run(self) -> None:
-        started = time.perf_counter()
-        for i in range(self.count):
-            time.sleep(max(0.0, started + i * self.interval - time.perf_counter()))
-            event = model_event("model-loaded", NODE, MODEL.model_copy(update={"id": f"bench-{i}"}))
-            at = time.perf_counter()
-            event_id = self.bus.publish(event)
-            assert event_id is not None
-            self.sent[event_id] = at
-
-    def in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="publisher")
-        thread.start()
-        return thread
+# The receiver side, in processes of their own (`--receiver KIND`).
 
 
-class SseClient:
-    """One event stream on a raw socket: the arrival time of every `distributed-pool-changed` id it reads."""
+def seq_pattern(round_: int) -> "re.Pattern[bytes]":
+    """The sequence number in an event's model id (`r<round>-<seq>`), as it appears in the SSE data line and in
+    the pub/sub message alike; the closing quote makes a match cut by a read boundary wait for the next read."""
+    return re.compile(rb'"modelId":"r%d-(\d+)"' % round_)
 
-    def __init__(self) -> None:
-        self.received: dict[str, float] = {}
-        self.ready = asyncio.Event()
-        self.error: str | None = None
 
-    async def run(self, port: int, stop: asyncio.Event) -> None:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError as exc:
-            self.error = f"connect: {exc}"
-            self.ready.set()
-            return
+@dataclass
+class Stream:
+    """What one stream received: sequence numbers in arrival order and when each arrived (ns)."""
+
+    seqs: list[int] = field(default_factory=list)
+    at: list[int] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None
+
+
+def _resp(*parts: str) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+async def _open(kind: str, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Connect and ask for the events; returns the connection and what was read past the start."""
+    url = urlsplit(target)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    if kind == "api":
         writer.write(f"GET /api/v1/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {READ_KEY}\r\n\r\n".encode())
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                self.error = head.split(b"\r\n", 1)[0].decode()
-                return
-            reading = asyncio.ensure_future(self._read(reader))
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            reading.cancel()
-            stopping.cancel()
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            self.error = type(exc).__name__
-        finally:
-            self.ready.set()
-            writer.close()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+        await reader.readuntil(b"\n\n")  # the snapshot: the stream is registered with the relay
+        return reader, writer, b""
+    writer.write(_resp("AUTH", url.password or "") + _resp("SUBSCRIBE", keys.events_channel()))
+    rest = await reader.readuntil(b":1\r\n")  # +OK, then the subscribe reply ending in the subscription count
+    if not rest.startswith(b"+OK"):
+        raise RuntimeError(rest[:80].decode(errors="replace"))
+    return reader, writer, b""
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        # Read big chunks and pick the `id:` lines out with one regex: per-line reads of 1,000 streams would make
-        # this process, not the API, the bottleneck. The first id is the snapshot's.
-        buffer = b""
+
+async def _follow(stream: Stream, kind: str, target: str, pattern: "re.Pattern[bytes]", last: int) -> None:
+    try:
+        reader, writer, buffer = await _open(kind, target)
+    except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
+        stream.error = f"open: {exc!r}"
+        stream.started.set()
+        return
+    stream.started.set()
+    try:
         while True:
             data = await reader.read(1 << 16)
             if not data:
-                self.error = "closed by the API"
+                stream.error = "closed by the server"
                 return
-            at = time.perf_counter()
+            at = time.perf_counter_ns()
             buffer += data
-            end = buffer.rfind(b"\n\n")
-            if end < 0:
-                continue
-            for match in EVENT_ID.finditer(buffer, 0, end + 2):
-                if self.ready.is_set():
-                    self.received[match[1].decode()] = at
-                else:
-                    self.ready.set()  # the snapshot's id: not an event of this round
-            buffer = buffer[end + 2 :]
+            end = 0
+            for match in pattern.finditer(buffer):
+                seq = int(match[1])
+                stream.seqs.append(seq)
+                stream.at.append(at)
+                end = match.end()
+                if seq == last:
+                    return
+            # Keep a tail that may hold a match cut short by this read, and never what was already counted.
+            buffer = buffer[max(end, len(buffer) - 64) :]
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        stream.error = repr(exc)
+    finally:
+        writer.close()
 
 
-async def redis_baseline(url: str, ready: asyncio.Event, stop: asyncio.Event, received: dict[str, float]) -> None:
-    client = aioredis.Redis.from_url(url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(keys.events_channel())
-    ready.set()
-    while not stop.is_set():
-        message = await pubsub.get_message(timeout=0.2)
-        if message is not None:
-            received[message["data"].split(b"\n", 1)[0].decode()] = time.perf_counter()
-    await pubsub.aclose()
-    await client.aclose()
+def receiver(kind: str, target: str, streams: int, round_: int, count: int, out: Path) -> None:
+    """Hold `streams` streams, print `ready` once each has started, follow them until each has the last
+    sequence number (or SIGUSR1/SIGTERM says the drain is over), then write what arrived to `out`."""
 
-
-class Row:
-    def __init__(self, name: str, latencies: list[float], lost: int, cpu: tuple[float, float], events: int) -> None:
-        self.name, self.latencies, self.lost = name, latencies, lost
-        self.api_cpu, self.bench_cpu = (c / events for c in cpu)
-
-
-async def measure(
-    name: str, url: str, port: int | None, clients: int, args: argparse.Namespace, api: psutil.Process | None
-) -> Row:
-    """One round: connect, wait for every snapshot, publish, drain, and count what arrived."""
-    stop = asyncio.Event()
-    sinks: list[dict[str, float]]
-    if port is None:
-        baseline: dict[str, float] = {}
-        ready = asyncio.Event()
-        tasks = [asyncio.create_task(redis_baseline(url, ready, stop, baseline))]
-        await ready.wait()
-        sinks = [baseline]
-    else:
-        streams = [SseClient() for _ in range(clients)]
-        opening = time.perf_counter()
+    async def run() -> dict[str, object]:
+        pattern = seq_pattern(round_)
+        held = [Stream() for _ in range(streams)]
         tasks = []
-        for batch in range(0, clients, 100):  # connect in batches: no thundering herd on the accept queue
-            tasks += [asyncio.create_task(s.run(port, stop)) for s in streams[batch : batch + 100]]
-            await asyncio.gather(*(s.ready.wait() for s in streams[batch : batch + 100]))
-        failed = [s.error for s in streams if s.error]
+        for start in range(0, streams, OPEN_BATCH):
+            batch = held[start : start + OPEN_BATCH]
+            tasks += [asyncio.create_task(_follow(s, kind, target, pattern, count - 1)) for s in batch]
+            await asyncio.gather(*(s.started.wait() for s in batch))
+        failed = [s.error for s in held if s.error]
         if failed:
-            raise RuntimeError(f"{len(failed)} of {clients} streams failed to open: {failed[0]}")
-        sinks = [s.received for s in streams]
-        print(f"  {clients} streams open in {time.perf_counter() - opening:.1f}s", flush=True)
-    me = psutil.Process()
-    cpu_before = (sum(api.cpu_times()[:2]) if api else 0.0, sum(me.cpu_times()[:2]))
-    publisher = Publisher(url, args.events, args.rate)
-    thread = publisher.in_thread()
-    while thread.is_alive():
-        await asyncio.sleep(0.05)
-    expected = len(publisher.sent) * len(sinks)
-    deadline = time.monotonic() + args.drain
-    while sum(len(s) for s in sinks) < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    cpu = ((sum(api.cpu_times()[:2]) - cpu_before[0]) if api else 0.0, sum(me.cpu_times()[:2]) - cpu_before[1])
-    if port is not None:
-        ended = [s.error for s in streams if s.error]
-        if ended:
-            print(f"  {len(ended)} streams ended early: {sorted(set(ended))[:3]}", flush=True)
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    latencies = [at - publisher.sent[i] for sink in sinks for i, at in sink.items() if i in publisher.sent]
-    return Row(name, latencies, expected - len(latencies), cpu, args.events)
+            print(f"{len(failed)} of {streams} streams failed to open: {failed[0]}", flush=True)
+            raise SystemExit(1)
+        cpu_before = time.process_time()
+        print("ready", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        following = asyncio.ensure_future(asyncio.gather(*tasks))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        cpu = time.process_time() - cpu_before
+        for task in (*tasks, stopping):
+            task.cancel()
+        await asyncio.gather(following, stopping, return_exceptions=True)
+        return {
+            "cpu": cpu,
+            "seqs": [s.seqs for s in held],
+            "at": [s.at for s in held],
+            "errors": [s.error for s in held if s.error],
+        }
+
+    out.write_text(json.dumps(asyncio.run(run())))
 
 
-def report(rows: list[Row]) -> None:
-    floor = quantile(rows[0].latencies, 50)
-    print(
-        f"\n{'receiver':<22}{'deliveries':>11}{'lost':>6}{'p50 ms':>10}{'p99 ms':>10}{'x redis':>9}"
-        f"{'CPU ms/event: API':>19}{'bench':>7}"
-    )
-    for row in rows:
-        p50, p99 = quantile(row.latencies, 50), quantile(row.latencies, 99)
-        api = f"{row.api_cpu * 1000:.2f}" if row.api_cpu else "-"
-        print(
-            f"{row.name:<22}{len(row.latencies):>11}{row.lost:>6}{ms(p50):>10}{ms(p99):>10}{p50 / floor:>9.1f}"
-            f"{api:>19}{row.bench_cpu * 1000:>7.2f}"
+# The coordinator side.
+
+
+@dataclass
+class Round:
+    """One round's deliveries, checked per stream, and the CPU each process used during it."""
+
+    kind: str
+    latencies: list[float]
+    lost: int
+    duplicates: int
+    out_of_order: int
+    cpu: dict[str, float]
+    errors: list[str]
+    seconds: float
+
+    def line(self) -> str:
+        cpu = ", ".join(f"{name} {seconds:.2f}" for name, seconds in self.cpu.items())
+        return (
+            f"  {self.kind:<5} {len(self.latencies):>7} deliveries in {self.seconds:4.1f} s: p50"
+            f" {percentile(self.latencies, 50) * 1000:7.2f} ms, p99 {percentile(self.latencies, 99) * 1000:7.2f}"
+            f" ms; lost {self.lost}, duplicates {self.duplicates}, out of order {self.out_of_order};"
+            f" CPU s: {cpu}" + (f"; errors: {self.errors[:3]}" if self.errors else "")
         )
 
 
-def run(args: argparse.Namespace, stack: ExitStack) -> int:
+def check(seqs: list[int], at: list[int], sent: list[int]) -> tuple[list[float], int, int, int]:
+    """One stream's latencies (s) and its lost, duplicate and out-of-order counts against `sent` (ns by seq)."""
+    latencies, seen, highest, duplicates, disorder = [], set(), -1, 0, 0
+    for seq, arrived in zip(seqs, at, strict=True):
+        if seq in seen or seq >= len(sent):
+            duplicates += 1
+            continue
+        seen.add(seq)
+        if seq < highest:
+            disorder += 1
+        highest = max(highest, seq)
+        latencies.append((arrived - sent[seq]) / 1e9)
+    return latencies, len(sent) - len(seen), duplicates, disorder
+
+
+class Bench:
+    """Redis, the API and the publisher, and the rounds run against them."""
+
+    def __init__(self, args: argparse.Namespace, stack: ExitStack) -> None:
+        self.args = args
+        self.root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-events-")))
+        self.procs = Processes(self.root)
+        stack.callback(self.procs.stop_all)
+        self.redis_url = start_redis(self.procs)
+        env = fleet_env(
+            self.redis_url,
+            MODELFLEET_API_KEYS=READ_KEY,
+            MODELFLEET_OPERATOR_KEYS="bench-op-" + secrets.token_hex(16),
+        )
+        self.api_url, api = start_api(self.procs, env)
+        self.api = psutil.Process(api.pid)
+        self.redis = psutil.Process(self.procs.started[0][1].pid)
+        self.bus = EventBus(redis.Redis.from_url(self.redis_url))
+        self.rounds = 0
+        self.log: list[Round] = []
+
+    def sse_clients(self) -> int:
+        body = httpx.get(f"{self.api_url}/metrics", headers={"Authorization": f"Bearer {READ_KEY}"}).text
+        match = re.search(r"^modelfleet_sse_clients ([0-9.e+]+)$", body, re.M)
+        return int(float(match[1])) if match else -1
+
+    def publish(self, round_: int, count: int) -> list[int]:
+        """`count` events at the rate, from this thread; when each one's publish call started (ns)."""
+        sent, interval = [], 1e9 / self.args.rate
+        events = [
+            model_event("model-loaded", NODE, MODEL.model_copy(update={"id": f"r{round_}-{i}"})) for i in range(count)
+        ]
+        began = time.perf_counter_ns()
+        for i, event in enumerate(events):
+            time.sleep(max(0, began + i * interval - time.perf_counter_ns()) / 1e9)
+            sent.append(time.perf_counter_ns())
+            if self.bus.publish(event) is None:
+                raise RuntimeError("the publish script published nothing")
+        return sent
+
+    def round(self, kind: str) -> list[float]:
+        args, self.rounds = self.args, self.rounds + 1
+        round_, count = self.rounds, args.events
+        if kind == "api":  # the last round's streams are gone: this round pays nothing for them
+            wait_until(lambda: self.sse_clients() == 0, self.procs, "the API to forget the last round's streams")
+        target = self.api_url if kind == "api" else self.redis_url
+        shares = [args.streams // args.receivers + (i < args.streams % args.receivers) for i in range(args.receivers)]
+        children = []
+        for i, share in enumerate(shares):
+            out = self.root / f"round{round_}-{i}.json"
+            argv = [sys.executable, "-m", "bench.bench_events", "--receiver", kind, "--target", target]
+            argv += ["--share", str(share), "--round", str(round_), "--events", str(count), "--out", str(out)]
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=os.environ)
+            children.append((proc, out))
+        try:
+            for proc, _ in children:
+                assert proc.stdout is not None
+                said = proc.stdout.readline().decode().strip()
+                if said != "ready":
+                    raise RuntimeError(f"a {kind} receiver ended before its streams opened: {said or proc.wait()}")
+            time.sleep(args.settle)
+            cpu_before = self.cpu()
+            started = time.perf_counter()
+            sent = self.publish(round_, count)
+            deadline = time.monotonic() + args.drain
+            for proc, _ in children:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGUSR1)  # the drain is over: report what arrived
+            for proc, _ in children:
+                if proc.wait(30):
+                    raise RuntimeError(f"a {kind} receiver exited with {proc.returncode}")
+            seconds = time.perf_counter() - started
+            cpu = {name: after - cpu_before[name] for name, after in self.cpu().items()}
+        finally:
+            for proc, _ in children:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        latencies: list[float] = []
+        lost = duplicates = disorder = 0
+        errors: list[str] = []
+        for i, (_, out) in enumerate(children):
+            got = json.loads(out.read_text())
+            cpu[f"receiver{i + 1}"] = got["cpu"]
+            errors += got["errors"]
+            for seqs, at in zip(got["seqs"], got["at"], strict=True):
+                stream_latencies, stream_lost, stream_dups, stream_disorder = check(seqs, at, sent)
+                latencies += stream_latencies
+                lost, duplicates, disorder = lost + stream_lost, duplicates + stream_dups, disorder + stream_disorder
+        self.procs.check_alive()
+        result = Round(kind, latencies, lost, duplicates, disorder, cpu, errors, seconds)
+        self.log.append(result)
+        print(result.line(), flush=True)
+        return latencies
+
+    def cpu(self) -> dict[str, float]:
+        return {
+            "api": sum(self.api.cpu_times()[:2]),
+            "redis": sum(self.redis.cpu_times()[:2]),
+            "publisher": time.process_time(),
+        }
+
+
+def summary(rounds: list[Round], kind: str) -> Iterator[tuple[str, float]]:
+    mine = [r for r in rounds if r.kind == kind]
+    for name in mine[0].cpu:
+        yield name, sum(r.cpu[name] for r in mine) / sum(r.seconds for r in mine)
+
+
+def run(args: argparse.Namespace) -> list[Figure]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = 2 * max(args.clients) + 256  # the API (which inherits it) holds one socket per client, as do we
+    needed = args.streams + 512  # the API (which inherits it) holds one socket per stream
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
-    root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-events-")))
-    procs = Processes(root)
-    stack.callback(procs.stop_all)
-    started = time.perf_counter()
-    url = start_redis(procs)
-    env = fleet_env(url, MODELFLEET_API_KEYS=READ_KEY, MODELFLEET_OPERATOR_KEYS="bench-op-" + secrets.token_hex(16))
-    base, api_proc = start_api(procs, env)
-    port = int(base.rsplit(":", 1)[1])
-    api = psutil.Process(api_proc.pid)
-    print(
-        f"processes up in {time.perf_counter() - started:.1f}s; {args.events} events at {args.rate:g}/s per round",
-        flush=True,
-    )
+    with ExitStack() as stack:
+        bench = Bench(args, stack)
+        print(
+            f"{args.streams} streams over {args.receivers} receiver processes, {args.events} events at"
+            f" {args.rate:g}/s per round, {args.rounds} pairs of rounds (api, redis)",
+            flush=True,
+        )
+        ours, baseline = alternate(args.rounds, lambda: bench.round("api"), lambda: bench.round("redis"))
+    api = [r for r in bench.log if r.kind == "api"]
+    lost = sum(r.lost for r in api)
+    wrong = sum(r.duplicates + r.out_of_order for r in api)
+    base_wrong = sum(r.lost + r.duplicates + r.out_of_order for r in bench.log if r.kind == "redis")
 
-    async def rounds() -> list[Row]:
-        rows = [await measure("redis pub/sub (1)", url, None, 1, args, None)]
-        for count in args.clients:
-            rows.append(await measure(f"SSE x {count}", url, port, count, args, api))
-            print(f"  {rows[-1].name}: done", flush=True)
-            procs.check_alive()
-        return rows
+    def cores(kind: str) -> str:
+        return ", ".join(f"{name} {share:.2f}" for name, share in summary(bench.log, kind))
 
-    rows = asyncio.run(rounds())
-    report(rows)
-    store = redis.Redis.from_url(url)
-    print(
-        f"\n{psutil.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"redis {store.info('server')['redis_version']}; total {time.perf_counter() - started:.1f}s"
+    def ms(samples: list[float], q: float) -> str:
+        return f"{percentile(samples, q) * 1000:.1f}"
+
+    streams = f"{args.streams:,} SSE streams"
+    return [
+        at_most(
+            f"{streams}, p99 publish-to-receipt",
+            percentile(ours, 99) * 1000,
+            50,
+            " ms",
+            f"p50 {ms(ours, 50)} ms, p99 {ms(ours, 99)} ms vs Redis direct p50 {ms(baseline, 50)} ms, p99"
+            f" {ms(baseline, 99)} ms ({len(ours):,} vs {len(baseline):,} deliveries); CPU cores busy, api rounds:"
+            f" {cores('api')}; redis rounds: {cores('redis')}",
+        ),
+        at_most(
+            f"{streams}, events lost",
+            lost,
+            0,
+            "",
+            f"{len(api)} rounds of {args.events} events; duplicated or out of order {wrong};"
+            f" baseline lost, duplicated or out of order {base_wrong}",
+        ),
+    ]
+
+
+def options(argv: list[str] | None = None, quick: bool = False) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_events", description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=1000, help="SSE streams (and Redis subscribers) per round")
+    parser.add_argument("--receivers", type=int, default=4, help="receiver processes holding them")
+    parser.add_argument("--events", type=int, default=100 if quick else 200, help="events published per round")
+    parser.add_argument("--rate", type=float, default=20.0, help="events per second")
+    parser.add_argument("--rounds", type=int, default=1 if quick else 3, help="pairs of rounds (api, redis)")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds between the last stream opening and the first event"
     )
-    return 1 if any(row.lost for row in rows) else 0
+    parser.add_argument("--drain", type=float, default=10.0, help="seconds to wait for stragglers")
+    parser.add_argument("--receiver", choices=("api", "redis"), help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--share", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def figures(quick: bool) -> list[Figure]:
+    return run(options([], quick=quick))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 100, 1000], help="SSE clients per round")
-    parser.add_argument("--events", type=int, default=200, help="events published per round")
-    parser.add_argument("--rate", type=float, default=20.0, help="events per second")
-    parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for stragglers")
-    args = parser.parse_args()
+    args = options()
+    if args.receiver:
+        receiver(args.receiver, args.target, args.share, args.round, args.events, args.out)
+        return 0
+    from bench.figures import table
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.perf_counter()
     try:
-        with ExitStack() as stack:
-            return run(args, stack)
+        result = run(args)
     except KeyboardInterrupt:
         return 130
+    print(f"\n{table(result)}\n\ntotal {time.perf_counter() - started:.0f} s", flush=True)
+    return 0 if all(f.holds for f in result) else 1
 
 
 if __name__ == "__main__":
