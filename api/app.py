@@ -1,5 +1,7 @@
 """`create_app(settings)`: the FastAPI head, its services built in the lifespan and kept on `app.state`."""
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +19,7 @@ from api.pool import Pool
 from api.proxy import NodeProxy, node_auth, node_http_client
 from api.replies import ReplyWaiter
 from api.routes import dashboard, events, health, inference, metrics, models, nodes, session
-from api.routing import Router
+from api.routing import NodeView, Router
 from api.schemas import PoolLoadRequest
 from api.sessions import SessionStore
 from api.settings import ApiSettings
@@ -69,7 +71,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         async def load(model_id: str) -> object:
             return await fleet.load(PoolLoadRequest(model_name=model_id, evict=settings.on_demand_evict), serving=True)
 
-        router = Router(client, directory, load, on_demand=settings.load_on_demand, load_timeout=settings.load_timeout)
+        view = NodeView(directory)
+        following = asyncio.create_task(view.follow(client), name="modelfleet-node-view-follow")
+        router = Router(
+            client, directory, view, load, on_demand=settings.load_on_demand, load_timeout=settings.load_timeout
+        )
         inflight = InFlight(client, lease=settings.inflight_lease)
         http = node_http_client(settings)
         app.state.proxy = NodeProxy(
@@ -84,6 +90,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         try:
             yield
         finally:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
             await inflight.stop()
             await http.aclose()
             await watcher.stop()

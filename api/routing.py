@@ -2,7 +2,11 @@
 
 A replica is a node that is online and lists the model as loaded, healthy and served at an endpoint. The head
 learns that from the node hashes' `models` field, which each node's event publisher keeps current with every
-model event (`broker/events.py`): one pipelined read per request, never a job sent to a node.
+model event (`broker/events.py`), never from a job sent to a node. `NodeView` keeps what it read in memory: the
+same Lua call that changes a node's hash publishes the pool event, and every event (or a quiet spell on the
+channel, in case a message was lost: pub/sub is at-most-once) marks the copy stale, so a request reads Redis
+only after something changed, and requests arriving together share one read. A copy is also never older than
+`max_age` seconds (a node's liveness key lapsing publishes nothing until an API notices).
 
 Load on demand (`load_on_demand`): a request for a model with no replica, whose file is on an online node,
 loads it through the pool's placement and memory admission (`Pool.load`; with `on_demand_evict`, idle unpinned
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from api.subscription import follow
 from broker import keys
 from broker.errors import JobTimeout, ModelfleetError, ModelNotLoaded, from_code
 from broker.registry import NodeDirectory
@@ -73,6 +78,61 @@ def replicas(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> li
     return found
 
 
+class NodeView:
+    """Every node with its models, as routing needs them on each request, from memory while nothing changed."""
+
+    def __init__(
+        self, directory: NodeDirectory, *, max_age: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._directory = directory
+        self._max_age = max_age
+        self._clock = clock
+        self._version = 0
+        self._copy: tuple[int, float, list[tuple[NodeInfo, list[ModelInfo]]]] | None = None
+        self._reading: asyncio.Task[list[tuple[NodeInfo, list[ModelInfo]]]] | None = None
+        self.subscribed = asyncio.Event()
+        self.reads = 0
+        """Reads of Redis so far (the rest were answered from memory)."""
+
+    def changed(self) -> None:
+        """Something in the pool changed: the next request reads Redis again."""
+        self._version += 1
+
+    async def nodes(self) -> list[tuple[NodeInfo, list[ModelInfo]]]:
+        copy = self._copy
+        if copy is not None and copy[0] == self._version and self._clock() - copy[1] < self._max_age:
+            return copy[2]
+        if self._reading is None:
+            self._reading = asyncio.create_task(self._read(), name="modelfleet-node-view")
+        # shield: one caller going away must not cancel the read the others wait for
+        return await asyncio.shield(self._reading)
+
+    async def _read(self) -> list[tuple[NodeInfo, list[ModelInfo]]]:
+        version, at = self._version, self._clock()  # a change during the read makes this copy stale at once
+        try:
+            nodes = await self._directory.with_models()
+        finally:
+            self._reading = None
+        self.reads += 1
+        self._copy = (version, at, nodes)
+        return nodes
+
+    async def follow(self, client: aioredis.Redis) -> None:
+        """Mark the copy stale on every pool event, until cancelled (run as a task for the process's life)."""
+
+        async def stale() -> None:
+            self.changed()
+
+        await follow(
+            client,
+            keys.events_channel(),
+            deliver=lambda _: self.changed(),
+            catch_up=stale,
+            subscribed=self.subscribed,
+            what="routing",
+        )
+
+
 Loader = Callable[[str], Awaitable[object]]
 """Loads a model through the pool's placement; raises the pool's errors (ModelFileNotFound, ...)."""
 
@@ -84,6 +144,7 @@ class Router:
         self,
         client: aioredis.Redis,
         directory: NodeDirectory,
+        view: NodeView,
         load: Loader,
         *,
         on_demand: bool,
@@ -91,6 +152,7 @@ class Router:
     ) -> None:
         self._redis = client
         self._directory = directory
+        self._view = view
         self._load = load
         self._on_demand = on_demand
         self._load_timeout = load_timeout
@@ -101,13 +163,14 @@ class Router:
         """Requests of this process waiting for a model to load (the head's queue)."""
 
     async def replicas(self, model_id: str) -> list[Replica]:
+        """The model's replicas as Redis has them now (never from memory: for waiting on a load)."""
         return replicas(await self._directory.with_models(), model_id)
 
     async def route(self, model_id: str) -> list[Replica]:
         """The model's replicas, at least one; loads the model first if it has none and load on demand is on.
 
         Raises ModelNotLoaded (404) when it has none and may not be loaded, or the load's error."""
-        found = await self.replicas(model_id)
+        found = replicas(await self._view.nodes(), model_id)
         if found:
             return found
         if not self._on_demand:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import fakeredis
 import pytest
 
-from api.routing import Router, replicas
+from api.routing import NodeView, Router, replicas
 from broker import keys
 from broker.errors import InsufficientMemory, ModelFileNotFound, ModelNotLoaded
 from broker.schemas import ModelInfo, ModelState, NodeInfo
@@ -61,7 +61,8 @@ def router(server: fakeredis.FakeServer, load, *, on_demand: bool = True, timeou
     client = fakeredis.FakeAsyncRedis(server=server)
     from broker.registry import NodeDirectory
 
-    return Router(client, NodeDirectory(client), load, on_demand=on_demand, load_timeout=timeout)
+    directory = NodeDirectory(client)
+    return Router(client, directory, NodeView(directory, max_age=0), load, on_demand=on_demand, load_timeout=timeout)
 
 
 def test_fifty_first_requests_over_two_processes_load_once(server: fakeredis.FakeServer) -> None:
@@ -150,5 +151,72 @@ def test_the_lock_of_a_dead_loader_lapses(server: fakeredis.FakeServer) -> None:
 
         [found] = await router(server, load).route("m")
         assert found.node.fingerprint == B
+
+    asyncio.run(run())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_node_view_reads_redis_only_after_a_change_or_max_age(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        from broker.registry import NodeDirectory
+
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m")])
+        clock = Clock()
+        view = NodeView(NodeDirectory(client), max_age=1.0, clock=clock)
+        assert replicas(await view.nodes(), "m") and view.reads == 1
+        await register(client, A, [])  # unloaded, but no event told this view yet
+        assert replicas(await view.nodes(), "m") and view.reads == 1  # from memory
+        view.changed()
+        assert not replicas(await view.nodes(), "m") and view.reads == 2
+        await register(client, A, [model("m")])
+        clock.now = 0.99
+        assert not replicas(await view.nodes(), "m") and view.reads == 2
+        clock.now = 1.0  # never older than max_age, event or not
+        assert replicas(await view.nodes(), "m") and view.reads == 3
+        answers = await asyncio.gather(*(view.nodes() for _ in range(20)), return_exceptions=True)
+        assert view.reads == 3 and all(a == answers[0] for a in answers)
+
+    asyncio.run(run())
+
+
+def test_requests_arriving_together_share_one_read(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        from broker.registry import NodeDirectory
+
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m")])
+        view = NodeView(NodeDirectory(client))
+        answers = await asyncio.gather(*(view.nodes() for _ in range(20)))
+        assert view.reads == 1 and all(replicas(a, "m") for a in answers)
+
+    asyncio.run(run())
+
+
+def test_a_pool_event_marks_the_view_stale(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        from broker.registry import NodeDirectory
+
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m")])
+        view = NodeView(NodeDirectory(client))
+        following = asyncio.create_task(view.follow(client))
+        await asyncio.wait_for(view.subscribed.wait(), 5)
+        assert replicas(await view.nodes(), "m")
+        await register(client, A, [])
+        await client.publish(keys.events_channel(), "1-0\n{}")  # what a node's publish sends with the change
+        for _ in range(100):
+            if not replicas(await view.nodes(), "m"):
+                break
+            await asyncio.sleep(0.01)
+        assert not replicas(await view.nodes(), "m")
+        following.cancel()
 
     asyncio.run(run())
