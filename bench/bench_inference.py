@@ -1,4 +1,4 @@
-"""Prompts through the head against ctransformers called in-process: `python bench/bench_inference.py`.
+"""Prompts through the head against ctransformers called in-process: `python -m bench.bench_inference`.
 
 Starts its own redis-server, two workers serving stories260K on their inference endpoints and one API process,
 the way an operator starts them (`modelfleet worker --serve-port 0`, `modelfleet api`), then:
@@ -27,14 +27,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from bench.harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
+from bench.figures import Figure, at_least, at_most, percentile
+from bench.figures import table as figures_table
+from bench.harness import Processes, fleet_env, modelfleet_command, ms, start_api, start_redis, wait_until
 from workers.identity import fingerprint, load_or_create_node_key
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "models" / "stories260K.gguf"
 MODEL = "stories260K"
 PROMPT = "Once upon a time"
 # The client processes inherit the key and the node token from the orchestrator's environment.
@@ -166,7 +170,7 @@ def start_fleet(procs: Processes) -> tuple[str, list[str]]:
 
 
 def run_client(args: list[str]) -> None:
-    subprocess.run([sys.executable, __file__, "--client", *args], check=True)
+    subprocess.run([sys.executable, "-m", "bench.bench_inference", "--client", *args], check=True, cwd=ROOT)
 
 
 def concurrent(root: Path, urls: str, streams: int, tokens: int) -> tuple[list[tuple], float]:
@@ -189,9 +193,96 @@ def table(rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+@dataclass
+class Measured:
+    """What one run measured: per path, per alternated triple (ttft s, tok/s, tokens); per concurrent round and
+    target, the streams' results, the wall time and the API's CPU seconds."""
+
+    single: dict[str, list[list[float]]]
+    rounds: list[dict[str, tuple[list[tuple], float, float]]]
+
+
+def measure(pairs: int, tokens: int, streams: int, rounds: int) -> Measured:
+    root = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    procs = Processes(root)
+    try:
+        base, endpoints = start_fleet(procs)
+        out = root / "single.json"
+        run_client(["single", base, endpoints[0], str(pairs), str(tokens), str(out)])
+        single = json.loads(out.read_text())
+        assert len({r[2] for kind in single.values() for r in kind}) == 1, "every path must generate the same tokens"
+        measured = Measured(single, [])
+        for _ in range(rounds):
+            round_: dict[str, tuple[list[tuple], float, float]] = {}
+            targets = [("head", base), ("nodes direct", ",".join(endpoints))]
+            for target, urls in targets if len(measured.rounds) % 2 == 0 else targets[::-1]:
+                api_cpu = procs.cpu_seconds()["api"]
+                done, elapsed = concurrent(root, urls, streams, tokens)
+                round_[target] = (done, elapsed, procs.cpu_seconds()["api"] - api_cpu)
+            measured.rounds.append(round_)
+        return measured
+    finally:
+        procs.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def aggregate(done: list[tuple], elapsed: float) -> float:
+    return sum(r[2] for r in done) / elapsed
+
+
+def figures(quick: bool = False) -> list[Figure]:
+    if not STORIES.exists():
+        raise RuntimeError(f"stories260K is not at {STORIES}")
+    return figures_of(measure(pairs=8 if quick else 30, tokens=200, streams=32, rounds=1 if quick else 2))
+
+
+def figures_of(m: Measured) -> list[Figure]:
+    inproc, head = m.single["in-process"], m.single["head"]
+    ratios = [h[1] / i[1] for h, i in zip(head, inproc, strict=True)]
+    extra = [h[0] - i[0] for h, i in zip(head, inproc, strict=True)]
+    head_rate = [aggregate(*r["head"][:2]) for r in m.rounds]
+    direct_rate = [aggregate(*r["nodes direct"][:2]) for r in m.rounds]
+    api_cpu = ", ".join(f"{r['head'][2]:.2f}" for r in m.rounds)
+
+    def rate(samples: list[list[float]]) -> str:
+        return f"{percentile([s[1] for s in samples], 50):.0f}"
+
+    def ttft(samples: list[list[float]]) -> str:
+        return f"{percentile([s[0] for s in samples], 50) * 1000:.2f}"
+
+    def rates(values: list[float]) -> str:
+        return ", ".join(f"{x:.0f}" for x in values)
+
+    return [
+        at_least(
+            "stories260K tokens/s through the head / in-process ctransformers, p50 of alternated pairs",
+            percentile(ratios, 50),
+            0.9,
+            "x",
+            f"{rate(head)} vs {rate(inproc)} tok/s p50; p1 of the ratio {percentile(ratios, 1):.2f}; node direct"
+            f" {rate(m.single['node'])} tok/s ({len(ratios)} pairs, 200 tokens)",
+        ),
+        at_most(
+            "time to first token through the head minus in-process, p50",
+            percentile(extra, 50) * 1000,
+            5,
+            " ms",
+            f"p99 {percentile(extra, 99) * 1000:.1f} ms; TTFT p50 head {ttft(head)}, node direct"
+            f" {ttft(m.single['node'])}, in-process {ttft(inproc)} ms",
+        ),
+        at_least(
+            "32 streams over 2 nodes: aggregate tokens/s through the head / straight to the nodes",
+            statistics.median(h / d for h, d in zip(head_rate, direct_rate, strict=True)),
+            0.9,
+            "x",
+            f"head {rates(head_rate)} vs direct {rates(direct_rate)} tok/s per round; API CPU {api_cpu} s a round",
+        ),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--pairs", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
@@ -207,83 +298,36 @@ def main() -> int:
     if not STORIES.exists():
         print(f"stories260K is not at {STORIES}", file=sys.stderr)
         return 2
-
-    root = Path(tempfile.mkdtemp(prefix="bench-inference-"))
-    procs = Processes(root)
-    try:
-        base, endpoints = start_fleet(procs)
-        print(f"# {platform.python_version()}, {os.cpu_count()} CPUs, {THREADS} thread per model, {args.tokens} tokens")
-
-        out = root / "single.json"
-        run_client(["single", base, endpoints[0], str(args.pairs), str(args.tokens), str(out)])
-        single = json.loads(out.read_text())
-        inproc = single["in-process"]
-        assert len({r[2] for kind in single.values() for r in kind}) == 1, "every path must generate the same tokens"
-        print(f"\n## one stream, {args.pairs} alternated triples\n")
-        print("| path | TTFT p50 ms | TTFT p99 ms | tok/s p50 | tok/s p1 (slowest) | tok/s / in-process p50 |")
-        print("|---|---|---|---|---|---|")
-        rows = []
-        for name, samples in single.items():
-            ttft = [s[0] for s in samples]
-            rate = [s[1] for s in samples]
-            ratio = statistics.median(s[1] / i[1] for s, i in zip(samples, inproc, strict=True))
-            rows.append(
-                [
-                    name,
-                    ms(statistics.median(ttft)),
-                    ms(quantile(ttft, 99)),
-                    f"{statistics.median(rate):.0f}",
-                    f"{quantile(rate, 1):.0f}",
-                    f"{ratio:.3f}",
-                ]
-            )
-        table(rows)
-        for name in ("head", "node"):
-            extra = [h[0] - i[0] for h, i in zip(single[name], inproc, strict=True)]
-            print(
-                f"\nTTFT over in-process, {name}: p50 {ms(statistics.median(extra)).strip()} ms, "
-                f"p99 {ms(quantile(extra, 99)).strip()} ms"
-            )
-        extra = [h[0] - n[0] for h, n in zip(single["head"], single["node"], strict=True)]
-        print(
-            f"TTFT of the head over the node direct: p50 {ms(statistics.median(extra)).strip()} ms, "
-            f"p99 {ms(quantile(extra, 99)).strip()} ms"
-        )
-
-        one = statistics.median(s[1] for s in inproc)
-        print(f"\n## {args.streams} concurrent streams over 2 nodes, from 4 client processes, alternated rounds\n")
-        print(
-            "| target | round | streams per node | tok/s aggregate | x one in-process stream | TTFT p50 ms | "
-            "TTFT p99 ms | API CPU s |"
-        )
-        print("|---|---|---|---|---|---|---|---|")
-        for round_ in range(args.rounds):
-            for target, urls in (("head", base), ("nodes direct", ",".join(endpoints))):
-                api_cpu = procs.cpu_seconds()["api"]
-                done, elapsed = concurrent(root, urls, args.streams, args.tokens)
-                api_cpu = procs.cpu_seconds()["api"] - api_cpu
-                tokens = sum(r[2] for r in done)
-                by_node: dict[str, int] = {}
-                for r in done:
-                    by_node[r[3]] = by_node.get(r[3], 0) + 1
-                ttft = [r[1] for r in done]
-                table(
-                    [
-                        [
-                            target,
-                            str(round_ + 1),
-                            str(sorted(by_node.values())),
-                            f"{tokens / elapsed:.0f}",
-                            f"{tokens / elapsed / one:.2f}",
-                            ms(statistics.median(ttft)),
-                            ms(quantile(ttft, 99)),
-                            f"{api_cpu:.2f}",
-                        ]
-                    ]
-                )
-    finally:
-        procs.stop_all()
-        shutil.rmtree(root, ignore_errors=True)
+    m = measure(args.pairs, args.tokens, args.streams, args.rounds)
+    print(f"# {platform.python_version()}, {os.cpu_count()} CPUs, {THREADS} thread per model, {args.tokens} tokens")
+    single, inproc = m.single, m.single["in-process"]
+    print(f"\n## one stream, {args.pairs} alternated triples\n")
+    print("| path | TTFT p50 ms | TTFT p99 ms | tok/s p50 | tok/s p1 (slowest) | tok/s / in-process p50 |")
+    print("|---|---|---|---|---|---|")
+    for name, samples in single.items():
+        ttft = [s[0] for s in samples]
+        rate = [s[1] for s in samples]
+        ratio = percentile([s[1] / i[1] for s, i in zip(samples, inproc, strict=True)], 50)
+        cells = [name, ms(percentile(ttft, 50)), ms(percentile(ttft, 99)), f"{percentile(rate, 50):.0f}"]
+        table([[*cells, f"{percentile(rate, 1):.0f}", f"{ratio:.3f}"]])
+    one = percentile([s[1] for s in inproc], 50)
+    print(f"\n## {args.streams} concurrent streams over 2 nodes, from 4 client processes, alternated rounds\n")
+    print(
+        "| target | round | streams per node | tok/s aggregate | x one in-process stream | TTFT p50 ms | TTFT p99 ms |"
+        " API CPU s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for number, round_ in enumerate(m.rounds, 1):
+        for target, (done, elapsed, api_cpu) in round_.items():
+            by_node: dict[str, int] = {}
+            for r in done:
+                by_node[r[3]] = by_node.get(r[3], 0) + 1
+            ttft = [r[1] for r in done]
+            rate = aggregate(done, elapsed)
+            cells = [target, str(number), str(sorted(by_node.values())), f"{rate:.0f}", f"{rate / one:.2f}"]
+            table([[*cells, ms(percentile(ttft, 50)), ms(percentile(ttft, 99)), f"{api_cpu:.2f}"]])
+    print()
+    print(figures_table(figures_of(m)))
     return 0
 
 

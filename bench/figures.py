@@ -62,9 +62,9 @@ def versus_ms(ours: list[float], baseline: list[float]) -> str:
     )
 
 
-def alternate(rounds: int, ours: Callable[[], list[float]], baseline: Callable[[], list[float]]) -> tuple[
-    list[float], list[float]
-]:
+def alternate(
+    rounds: int, ours: Callable[[], list[float]], baseline: Callable[[], list[float]]
+) -> tuple[list[float], list[float]]:
     """Run `ours` and `baseline` `rounds` times each, alternating which goes first, and pool their samples."""
     mine: list[float] = []
     theirs: list[float] = []
