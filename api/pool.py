@@ -3,6 +3,11 @@
 Fan-outs run in parallel (`asyncio.gather` over `JobClient.run`), so a pool call takes about one node's round
 trip. An offline node is never sent a job: `JobClient.run` refuses it at once with NodeOffline, which the pool
 reports next to the answers of the others instead of waiting.
+
+Fleet status sends no job to a node that has published its catalog to the registry (`broker.registry`: its
+files, models and memory, kept current by the node itself and written before a job that changed them replies):
+it is one registry read whatever the number of nodes. Only a node that has not published them yet (still
+reading its directory, or an older version) is asked with a catalog job.
 """
 
 import asyncio
@@ -88,9 +93,18 @@ class Pool:
         return found
 
     async def survey(self) -> Survey:
-        nodes = await self._directory.all()
-        outcomes = await self.fan_out(nodes, CATALOG)
-        catalogs: dict[str, NodeCatalog] = {}
+        """Every node's catalog, asked with a job: what placement decides on."""
+        return await self._ask(await self._directory.all(), {})
+
+    async def published_survey(self) -> Survey:
+        """Every node's catalog as it published it; a job only to the online nodes that have not."""
+        found = await self._directory.with_catalogs()
+        published = {node.fingerprint: catalog for node, catalog in found if node.online and catalog is not None}
+        return await self._ask([node for node, _ in found], published)
+
+    async def _ask(self, nodes: list[NodeInfo], known: dict[str, NodeCatalog]) -> Survey:
+        outcomes = await self.fan_out([n for n in nodes if n.fingerprint not in known], CATALOG)
+        catalogs: dict[str, NodeCatalog] = dict(known)
         failures: dict[str, ModelfleetError] = {}
         for fp, outcome in outcomes.items():
             if isinstance(outcome, ModelfleetError):
@@ -204,7 +218,7 @@ class Pool:
         )
 
     async def status(self) -> PoolStatus:
-        survey = await self.survey()
+        survey = await self.published_survey()
         views = survey.views()
         states = fleet_states(views)
         dirs = sorted({n.models_dir for n in survey.nodes if n.online})

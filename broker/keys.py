@@ -3,7 +3,8 @@
 | name                                  | Redis type | written by | lifetime                                   |
 |---------------------------------------|------------|------------|--------------------------------------------|
 | `modelfleet:nodes`                    | set        | worker     | permanent: every fingerprint ever seen     |
-| `modelfleet:node:<fp>`                | hash       | worker     | permanent: registration, boot, heartbeat   |
+| `modelfleet:node:<fp>`                | hash       | worker     | permanent: registration, boot, heartbeat,  |
+|                                       |            |            | models, files, memory (`broker.registry`)  |
 | `modelfleet:alive:<fp>`               | string     | worker     | TTL `heartbeat_ttl`; absent = node offline |
 | `modelfleet:reply:<job-id>`           | string     | worker     | TTL `reply_ttl`: the job's JSON reply      |
 | `modelfleet:cancel:<job-id>`          | string     | API        | TTL = the job's remaining lifetime         |

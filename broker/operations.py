@@ -55,6 +55,12 @@ class Op(Generic[J, R]):
     """What the node itself may answer besides the result (the API adds its own: offline, timeout...)."""
 
     @property
+    def changes_models(self) -> bool:
+        """Whether the job may change the node's models (an operator's job): its node publishes the change before
+        it replies."""
+        return self.scope is Scope.OPERATOR
+
+    @property
     def task(self) -> str:
         """The Celery task name the job travels under."""
         return keys.task_name(self.name.value)

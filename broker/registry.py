@@ -11,6 +11,11 @@ boot's registration is still there, and writes it again if it is not (Redis flus
 persistence, or failed over to a replica that never saw it). The beat reports that it healed, and the worker
 re-announces the node and its models, so the fleet is whole again within one heartbeat of Redis answering.
 
+Besides liveness, a node keeps what `GET /v1/models/status` shows in the same hash, so that the API answers it
+without a job: `files` (its catalog's files, written by the heartbeat thread when they change) and `memory`
+(written by its event publisher after each change of its models, beside the `models` field of
+`broker.events`). A registration clears both: a new process publishes its own.
+
 Only one process may serve a fingerprint: a starting node takes the alive key with SET NX. If another boot id
 holds it, the starter watches the key's TTL for a little longer than one heartbeat interval: a TTL that goes
 back up means a live owner (refuse to start); a key that lapses belonged to a dead process (take it over).
@@ -31,13 +36,14 @@ from pydantic import TypeAdapter, ValidationError
 
 from broker import keys
 from broker.errors import DuplicateNode, LostNodeOwnership, NodeNotFound
-from broker.schemas import ModelInfo, ModelState, NodeInfo, read_lenient
+from broker.schemas import MemoryInfo, ModelFile, ModelInfo, ModelState, NodeCatalog, NodeInfo, read_lenient
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _STATES = {s.value for s in ModelState}  # a newer node's unknown states are skipped, not fatal
 _MODEL_LIST: TypeAdapter[list[ModelInfo]] = TypeAdapter(list[ModelInfo])
+_FILE_LIST: TypeAdapter[list[ModelFile]] = TypeAdapter(list[ModelFile])
 
 # Refresh the alive key only while it is still ours; re-take it if it lapsed (a long GC pause, say, or Redis
 # lost it). Then re-register if this boot's registration is missing. KEYS: alive, node hash, nodes set.
@@ -158,7 +164,18 @@ class NodeRegistrar:
             keys.node_info(self.fingerprint),
             mapping={"registration": self.info.model_dump_json(by_alias=True), "boot": self.info.boot_id},
         )
+        # A previous process's files and memory may describe another models directory or budget.
+        pipe.hdel(keys.node_info(self.fingerprint), "files", "memory")
         pipe.execute()
+
+    def publish_files(self, files: list[ModelFile]) -> None:
+        """Write the node's catalog files where `GET /v1/models/status` reads them."""
+        raw = json.dumps([f.wire() for f in files])
+        self._redis.hset(keys.node_info(self.fingerprint), "files", raw)
+
+    def publish_memory(self, memory: MemoryInfo) -> None:
+        """Write the node's memory figures where `GET /v1/models/status` reads them."""
+        self._redis.hset(keys.node_info(self.fingerprint), "memory", memory.model_dump_json(by_alias=True))
 
     def beat(self, stats: dict[str, Any]) -> Beat:
         """Refresh liveness (re-registering if the records are gone) and publish stats."""
@@ -226,6 +243,24 @@ def parse_models(fingerprint: str, raw: bytes | None) -> list[ModelInfo]:
         return []
 
 
+def parse_catalog(node: NodeInfo, fields: dict[bytes, bytes]) -> NodeCatalog | None:
+    """The node's catalog as it published it (files, models, memory); None if it has not published its files or
+    memory yet (a node still reading its directory, or one older than this field) or they cannot be read."""
+    files, memory = fields.get(b"files"), fields.get(b"memory")
+    if files is None or memory is None:
+        return None
+    try:
+        return NodeCatalog(
+            node=node.fingerprint,
+            files=_FILE_LIST.validate_json(files, extra="ignore"),
+            models=parse_models(node.fingerprint, fields.get(b"models")),
+            memory=read_lenient(MemoryInfo, memory),
+        )
+    except ValueError:
+        log.warning("node %s has published files or memory this API cannot read", node.fingerprint)
+        return None
+
+
 def _heartbeat(beat_raw: bytes | None, now: datetime, *, live: bool) -> dict[str, Any]:
     """When the node last beat; and, only while it is online, the figures that beat carried (an offline node's
     last `loading: 1` describes a process that may be gone: showing it would be a stale live figure)."""
@@ -279,6 +314,12 @@ class NodeDirectory:
         node set, then the hashes pipelined), no job sent. What routing reads on every inference request."""
         found = await self._read(await self.fingerprints())
         return [(node, parse_models(node.fingerprint, fields.get(b"models"))) for node, fields in found]
+
+    async def with_catalogs(self) -> list[tuple[NodeInfo, NodeCatalog | None]]:
+        """Every registered node with its catalog as it last published it (`parse_catalog`): what fleet status
+        reads, in two Redis round trips and without a job."""
+        found = await self._read(await self.fingerprints())
+        return [(node, parse_catalog(node, fields)) for node, fields in found]
 
     async def all(self) -> list[NodeInfo]:
         return await self.many(await self.fingerprints())

@@ -8,6 +8,11 @@ order, the stream's events and the `models` field that a snapshot reads always a
 
 Publishing happens on the `modelfleet-events` thread, never under the manager's lock. A Redis error is retried
 with a capped backoff, in order, until it goes through or the node stops; `close` waits for what is queued.
+
+After each item that carries the models, the thread also runs `after_models` (the node writes its memory
+figures there), so the hash's `models` and `memory` follow the same order. `flush` waits until everything
+queued before it is out: a job that changed the models calls it before its reply, so whoever reads the node's
+hash after the reply (fleet status) sees the change.
 """
 
 import logging
@@ -43,7 +48,7 @@ class NodeEvents:
     def __init__(self, bus: EventBus, info: NodeInfo) -> None:
         self._bus = bus
         self._info = info
-        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._queue: queue.Queue[_Item | threading.Event | None] = queue.Queue()
         self._online_queued = threading.Event()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._publish_all, name="modelfleet-events", daemon=True)
@@ -51,6 +56,8 @@ class NodeEvents:
         self.with_models: WithModels = lambda action: action([])
         """Runs an action with the node's models under the manager's lock: set to `ModelManager.with_models` once
         the manager (which takes `model_changed` as its hook) exists."""
+        self.after_models: Callable[[], None] = lambda: None
+        """Run on this thread after each published item that carried the models; a Redis error is retried."""
 
     def model_changed(self, kind: str, model: ModelInfo, models: list[ModelInfo]) -> None:
         """The manager's change hook (called under its lock): queue, never block."""
@@ -76,6 +83,12 @@ class NodeEvents:
     def stopped(self) -> None:
         self._queue.put(_Item(self._node_event("offline", "stopped"), [], "stopped"))
 
+    def flush(self, timeout: float) -> bool:
+        """Wait until every item queued before this call is published (or dropped); False after `timeout`."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
     def close(self, timeout: float = 5.0) -> None:
         """Publish what is queued (giving up on Redis after `timeout`), then stop the thread."""
         self._queue.put(None)
@@ -85,6 +98,9 @@ class NodeEvents:
 
     def _publish_all(self) -> None:
         while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
             try:
                 self._publish(item)
             except Exception:  # one event that cannot go out must not stop every later one
@@ -105,6 +121,8 @@ class NodeEvents:
                         log.info("announced %d models of the previous process unloaded (node-restarted)", len(gone))
                 else:
                     self._bus.publish(item.event, models=item.models, mode=item.mode, boot=self._info.boot_id)
+                    if item.models is not None:
+                        self.after_models()
                 return
             except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
                 if self._closing.is_set():

@@ -17,7 +17,7 @@ from broker.auth import KeyRing
 from broker.errors import ModelfleetError
 from broker.events import EventBus
 from broker.registry import LostNodeOwnership, NodeRegistrar
-from broker.schemas import LoadJob, NodeInfo
+from broker.schemas import LoadJob, ModelFile, NodeInfo
 from workers.events import NodeEvents
 from workers.identity import fingerprint, load_or_create_node_key
 
@@ -55,6 +55,12 @@ class NodeRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process = psutil.Process()
+        self._files_lock = threading.Lock()
+        self._files_read = False
+        """Whether the warm-up thread has read the directory once (the heartbeat publishes changes after that)."""
+        self._files_written: list[ModelFile] | None = None
+        """The files last published to the node's hash; None: none (yet, or Redis lost them)."""
+        events.after_models = lambda: registrar.publish_memory(service.manager.memory())
 
     @property
     def fingerprint(self) -> str:
@@ -102,11 +108,25 @@ class NodeRuntime:
     def _warm_catalog(self) -> None:
         started = time.monotonic()
         try:
-            files = self.service.catalog().files
+            files = self._publish_files(first=True)
         except Exception:
             log.exception("could not read the models directory %s", self.service.models_dir)
             return
         log.info("%d model files in %s, read in %.1fs", len(files), self.service.models_dir, time.monotonic() - started)
+
+    def _publish_files(self, *, first: bool = False) -> list[ModelFile]:
+        """Scan the models directory (only stats, once the headers are cached) and publish its files to the
+        node's hash if they changed: what fleet status lists. Before the first full read, it is left to the
+        warm-up thread (the API asks the node with a job meanwhile)."""
+        with self._files_lock:
+            if not (self._files_read or first):
+                return []
+            files = self.service.files()
+            self._files_read = True
+            if files != self._files_written:
+                self.registrar.publish_files(files)
+                self._files_written = files
+            return files
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,7 +158,10 @@ class NodeRuntime:
         if beat.reregistered or self._beat_failed:
             # Redis may have lost replies it had taken: write back those whose callers may still wait.
             self.outbox.restore()
+            with self._files_lock:  # and the files it showed
+                self._files_written = None
         self._beat_failed = False
+        self._publish_files()
         # Every beat, not only on a re-take: a re-announcement lost to a Redis error is made at the next one.
         if not self._stop.is_set():
             self.events.online("re-registered" if beat.reregistered else None)

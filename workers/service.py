@@ -9,6 +9,7 @@ from broker.errors import BackendUnavailable, InvalidModelFile
 from broker.schemas import (
     LoadJob,
     LoadResult,
+    ModelFile,
     ModelList,
     NodeCatalog,
     UnloadAllJob,
@@ -20,6 +21,8 @@ from broker.schemas import (
 from workers.catalog import FileCatalog, Planner
 from workers.manager import LoadOutcome, ModelManager
 from workers.paths import resolve_model_path
+
+Files = list[ModelFile]
 
 
 class NodeService:
@@ -106,6 +109,9 @@ class NodeService:
             unloaded=unloaded,
             errors=[UnloadFailure(model_id=m, code=e.code, error=e.message) for m, e in failures],
         )
+
+    def files(self) -> "Files":
+        return self._files.files()
 
     def list(self) -> ModelList:
         return ModelList(data=self.manager.models())

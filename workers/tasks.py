@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 _runtime: NodeRuntime | None = None
 
+EVENTS_FLUSH_TIMEOUT = 5.0
+"""How long a job that changed the models waits for its events (and the node's memory figures) to be out before
+it replies: what makes fleet status read its own writes. Only a failing Redis makes it wait."""
+
 
 def install(runtime: NodeRuntime) -> None:
     """Give the tasks their node. Called once, before the worker starts consuming."""
@@ -108,7 +112,7 @@ def _run(task: Task, op: Op[Any, Any], payload: Any, handle: Handler, join: Join
         hostname = str(task.request.hostname)
         joined.add_done_callback(lambda fut: _finish_quietly(task, op, job_id, hostname, runtime, fut, deadline))
         raise Ignore()  # no state yet: _finish_quietly announces it when the joined load ends
-    return _finish(task, job_id, runtime, reply, deadline)
+    return _finish(task, op, job_id, runtime, reply, deadline)
 
 
 class _Redelivered(Exception):
@@ -133,7 +137,7 @@ def _finish_quietly(
     """Publish a joined job's reply from the loading thread, and tell Celery's event stream how the job ended
     (the worker sent nothing for it). A failure here must be logged, not lost."""
     try:
-        outcome = _finish(task, job_id, runtime, _reply(task, op, job_id, runtime, joined.result), deadline)
+        outcome = _finish(task, op, job_id, runtime, _reply(task, op, job_id, runtime, joined.result), deadline)
         kind, fields = "task-succeeded", {"result": repr(outcome), "runtime": 0.0}
     except JobFailed as failed:
         kind, fields = "task-failed", {"exception": repr(failed), "traceback": None}
@@ -170,9 +174,11 @@ def _reply(
 
 
 def _finish(
-    task: Task, job_id: str, runtime: NodeRuntime, reply: "Reply[Any] | None", deadline: float
+    task: Task, op: Op[Any, Any], job_id: str, runtime: NodeRuntime, reply: "Reply[Any] | None", deadline: float
 ) -> dict[str, Any]:
     assert reply is not None, "only a joined job has no reply yet"
+    if op.changes_models and not runtime.events.flush(EVENTS_FLUSH_TIMEOUT):
+        log.warning("job %s replies before its model events are out (Redis slow?)", job_id)
     runtime.outbox.send(reply, deadline)
     if reply.error is not None:
         log.info("job %s (%s): %s", job_id, task.name, reply.error.code)

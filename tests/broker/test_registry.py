@@ -8,7 +8,7 @@ import pytest
 
 from broker import keys
 from broker.registry import Beat, DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
-from broker.schemas import ModelState, NodeInfo
+from broker.schemas import MemoryInfo, ModelFile, ModelState, NodeInfo
 from tests.conftest import node_info
 
 FP = "ab" * 16
@@ -167,3 +167,27 @@ def test_an_offline_node_shows_when_it_last_beat_but_no_live_figures(server: fak
     offline = asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get(FP))
     assert not offline.online and offline.last_heartbeat is not None
     assert (offline.models_loaded, offline.model_states, offline.memory_used_bytes, offline.rss_bytes) == (0, {}, 0, 0)
+
+
+def test_published_files_and_memory_make_the_catalog_until_the_next_registration(server: fakeredis.FakeServer) -> None:
+    node = registrar(server)
+    node.claim()
+    directory = NodeDirectory(fakeredis.FakeAsyncRedis(server=server))
+    [(_, catalog)] = asyncio.run(directory.with_catalogs())
+    assert catalog is None, "nothing published yet: the API must ask the node"
+
+    file = ModelFile(id="m", path="/models/m.gguf", size_bytes=10, estimate_bytes=20, backend="ctransformers")
+    node.publish_files([file])
+    node.publish_memory(MemoryInfo(budget_bytes=100, used_bytes=20, free_bytes=80, evictable_bytes=20))
+    client = fakeredis.FakeRedis(server=server)
+    client.hset(keys.node_info(FP), "models", json.dumps([{"id": "m", "state": "loaded", "future": 1}]))
+    [(_, catalog)] = asyncio.run(directory.with_catalogs())
+    assert catalog is not None and catalog.files == [file] and catalog.memory.free_bytes == 80
+    assert catalog.models == [], "a model list this version cannot read is shown as none"
+
+    client.hset(keys.node_info(FP), "memory", "{broken")
+    assert asyncio.run(directory.with_catalogs())[0][1] is None
+
+    node.publish_memory(MemoryInfo(budget_bytes=100, used_bytes=0, free_bytes=100, evictable_bytes=0))
+    registrar(server).claim(wait=0.5, holder_gone=lambda _: True)  # a new process of the same node
+    assert not client.hexists(keys.node_info(FP), "files") and not client.hexists(keys.node_info(FP), "memory")

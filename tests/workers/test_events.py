@@ -63,3 +63,17 @@ def test_online_is_queued_once_at_a_time_and_again_after_it_went_out() -> None:
     events.close()
     assert bus.published.count(("node-online", "online")) == 2
     assert bus.published.count(("node-offline", "replaced")) == 2
+
+
+def test_flush_waits_for_what_was_queued_and_after_models_follows_each_models_item() -> None:
+    bus = FakeBus()
+    events = NodeEvents(bus, node_info())  # type: ignore[arg-type]
+    seen: list[int] = []
+    events.after_models = lambda: seen.append(len(bus.published))
+    bus.failures = [redis.ConnectionError("down")]
+    events.model_changed("model-loading", model(ModelState.LOADING), [])
+    events.model_changed("model-loaded", model(), [])
+    assert events.flush(10)
+    assert bus.published == [("model-loading", "always"), ("model-loaded", "always")]
+    assert seen == [1, 2], "after each publish that carried the models, in order"
+    events.close()

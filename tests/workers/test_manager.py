@@ -498,6 +498,7 @@ def test_the_load_task_answers_a_joined_job_when_the_load_ends(tmp_path: Path) -
         service=service,
         settings=SimpleNamespace(reply_ttl=60),
         outbox=ReplyOutbox(redis, ttl=60),
+        events=SimpleNamespace(flush=lambda timeout: True),  # the manager here has no change hook
     )
     tasks.install(runtime)  # type: ignore[arg-type]
 
