@@ -21,6 +21,7 @@ from api.replies import ReplyWaiter
 from api.routes import dashboard, events, health, inference, metrics, models, nodes, session
 from api.routing import NodeView, Router
 from api.schemas import PoolLoadRequest
+from api.sender import TaskSender
 from api.sessions import SessionStore
 from api.settings import ApiSettings
 from broker import __version__
@@ -53,7 +54,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.sessions = SessionStore(client, keyring, ttl=settings.session_ttl)
         app.state.directory = directory
         app.state.waiter = waiter
-        app.state.jobs = JobClient(celery, client, waiter, settings=settings, metrics=app.state.metrics)
+        sender = TaskSender(celery, client)
+        app.state.jobs = JobClient(sender, client, waiter, settings=settings, metrics=app.state.metrics)
         relay = EventRelay(
             client,
             directory,
@@ -98,6 +100,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await watcher.stop()
             await relay.stop()
             await waiter.stop()
+            sender.close()
             celery.close()
             await client.aclose()
 

@@ -4,17 +4,15 @@ import asyncio
 import time
 import uuid
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
-import anyio
 import redis.asyncio as aioredis
-from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from api.metrics import Metrics
 from api.replies import ReplyWaiter
+from api.sender import TaskSender
 from api.settings import ApiSettings
 from broker import keys
 from broker.errors import (
@@ -35,15 +33,19 @@ class JobClient:
     """Runs one job on one node: liveness check, send, await reply or deadline, cancel on give-up."""
 
     def __init__(
-        self, celery: Celery, client: aioredis.Redis, waiter: ReplyWaiter, *, settings: ApiSettings, metrics: Metrics
+        self,
+        sender: TaskSender,
+        client: aioredis.Redis,
+        waiter: ReplyWaiter,
+        *,
+        settings: ApiSettings,
+        metrics: Metrics,
     ) -> None:
-        self._celery = celery
+        self._sender = sender
         self._redis = client
         self._waiter = waiter
         self._settings = settings
         self._metrics = metrics
-        # Publishing is a short blocking call; a small dedicated limiter keeps it off Starlette's shared pool.
-        self._limiter = anyio.CapacityLimiter(settings.send_threads)
 
     async def run(self, node: NodeInfo, op: Op[J, R], **job_fields: Any) -> R:
         """Run `op` on `node` with the job made of `job_fields` (its deadline added here), within the operation's
@@ -105,20 +107,15 @@ class JobClient:
                 raise _outcome(lost, op.title, started) from None
 
     async def _send(self, task: str, job: Job, job_id: str, fingerprint: str, deadline: float) -> None:
-        send = partial(
-            self._celery.send_task,
-            task,
-            kwargs={"job": job.wire()},
-            queue=keys.node_queue(fingerprint),
-            task_id=job_id,
-            expires=datetime.fromtimestamp(deadline, UTC),
-            ignore_result=True,
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
-        )
         try:
-            await anyio.to_thread.run_sync(send, limiter=self._limiter)
-        except OperationalError as exc:
+            await self._sender.send(
+                task,
+                kwargs={"job": job.wire()},
+                queue=keys.node_queue(fingerprint),
+                task_id=job_id,
+                expires=datetime.fromtimestamp(deadline, UTC),
+            )
+        except (RedisError, OSError, OperationalError) as exc:
             raise BrokerUnavailable("The job could not be queued: Redis is unreachable.") from exc
 
     async def _abandon(self, job_id: str, deadline: float, *, unless_started_by: str | None = None) -> str | None:

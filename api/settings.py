@@ -16,7 +16,6 @@ class ApiSettings(KeyedSettings):
     unload_timeout: float = Field(default=UNLOAD.default_timeout, gt=0)
     list_timeout: float = Field(default=LIST.default_timeout, gt=0)
     liveness_interval: float = Field(default=1.0, gt=0)
-    send_threads: int = Field(default=16, ge=1, le=256)
     sse_ping_interval: float = Field(default=15.0, gt=0)
     """Seconds between the comment pings that keep an idle event stream open through proxies."""
     sse_write_timeout: float = Field(default=10.0, gt=0)

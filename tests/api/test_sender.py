@@ -1,0 +1,82 @@
+"""TaskSender against a real Redis: what it writes is what `Celery.send_task` writes through kombu, the queued
+message and its `task-sent` event alike (a worker consuming it is tested end to end in tests/e2e)."""
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from api.sender import TaskSender
+from broker.celery_app import make_celery
+from broker.settings import BrokerSettings
+from tests.conftest import RedisServer
+
+# What differs between two sends of the same task by design: kombu's delivery tag, the expiration left (in ms,
+# counted down from `expires`), the Lamport clock and the time of the event.
+VARIES = {"delivery_tag", "expiration", "clock", "timestamp"}
+
+
+def comparable(raw: bytes) -> dict[str, Any]:
+    """A kombu message with its body decoded, without the fields that vary between sends."""
+    message = json.loads(raw)
+    properties = {k: v for k, v in message["properties"].items() if k not in VARIES}
+    body = json.loads(base64.b64decode(message["body"]))
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in VARIES}
+    return message | {"properties": properties, "body": body}
+
+
+def sent(client: redis.Redis, queue: str, pubsub: Any) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """The message queued on `queue` and the event published with it (its topic too)."""
+    queued = client.rpop(queue)
+    assert queued is not None and client.llen(queue) == 0
+    event = None
+    deadline = time.monotonic() + 5
+    while event is None and time.monotonic() < deadline:
+        event = pubsub.get_message(timeout=1)
+    assert event is not None, "no task-sent event"
+    return comparable(queued), event["channel"].decode(), comparable(event["data"])
+
+
+@pytest.fixture
+def server(redis_server: RedisServer) -> RedisServer:
+    redis_server.client().flushall()
+    return redis_server
+
+
+def test_sends_what_celery_sends(server: RedisServer) -> None:
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    client = server.client()
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*celeryev*")
+    task_id, queue = uuid.uuid4().hex, "modelfleet.node." + "ab" * 16
+    options: dict[str, Any] = {
+        "kwargs": {"job": {"deadline": time.time() + 30, "modelId": "m"}},
+        "queue": queue,
+        "task_id": task_id,
+        "expires": datetime.fromtimestamp(time.time() + 30, UTC),
+    }
+    celery.send_task("modelfleet.list", ignore_result=True, **options)
+    theirs = sent(client, queue, pubsub)
+
+    async def ours() -> None:
+        async_client = aioredis.Redis.from_url(server.url)
+        sender = TaskSender(celery, async_client)
+        try:
+            await sender.send("modelfleet.list", **options)
+        finally:
+            sender.close()
+            await async_client.aclose()
+
+    asyncio.run(ours())
+    mine = sent(client, queue, pubsub)
+    assert mine == theirs
+    assert mine[1].endswith("celeryev/task.sent") and mine[2]["body"]["uuid"] == task_id
+    celery.close()
