@@ -286,6 +286,8 @@ class NodeDirectory:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
+        self._boots: dict[str, NodeInfo] = {}
+        """Each online node's record as `live` last read it, under its boot id."""
 
     async def fingerprints(self) -> list[str]:
         members = await self._redis.smembers(keys.nodes_set())
@@ -330,6 +332,28 @@ class NodeDirectory:
         if not nodes:
             raise NodeNotFound(f"No node with fingerprint {fingerprint[:64]!r} is registered.")
         return nodes[0]
+
+    async def live(self, fingerprint: str) -> NodeInfo:
+        """The node as a job needs it (name, boot id, online), at the cost of one GET of its alive key.
+
+        A boot's registration never changes, so the record read when its boot first came online is kept, and
+        only whether that boot is still the one holding the alive key is read per call: liveness stays exact,
+        a restarted node (another boot id) is read again, an offline one in full (its last heartbeat goes into
+        the error). The heartbeat figures of a kept record are as old as the record: use `get` to show a node.
+        """
+        if not is_fingerprint(fingerprint):
+            return await self.get(fingerprint)
+        holder = await self._redis.get(keys.node_alive(fingerprint))
+        kept = self._boots.get(fingerprint)
+        boot = holder.decode(errors="replace") if isinstance(holder, bytes) else holder
+        if kept is not None and boot is not None and kept.boot_id == boot:
+            return kept
+        node = await self.get(fingerprint)
+        if node.online:
+            self._boots[fingerprint] = node
+        else:
+            self._boots.pop(fingerprint, None)
+        return node
 
     async def alive(self, fingerprints: list[str]) -> dict[str, bool]:
         pipe = self._redis.pipeline(transaction=False)

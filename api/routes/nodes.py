@@ -1,7 +1,8 @@
 """The node-addressed API: `/api/v1/nodes[/{fingerprint}[/models[/load|/unload|/unload-all]]]`.
 
 Each job route runs one operation of `broker.operations` on one node (`api.openapi.job_route`): the operation's
-scope guards it, its result model is the answer, its errors and the API's own are the documented failures.
+scope guards it, its result model is the answer, its errors and the API's own are the documented failures. Job
+routes find their node with `NodeDirectory.live` (one GET of its alive key), the node views with a full read.
 """
 
 from typing import Annotated
@@ -41,7 +42,7 @@ async def get_node(fingerprint: Fingerprint, directory: Directory) -> NodeInfo:
 @router.get("/{fingerprint}/models", summary="List a node's models", **job_route(LIST))
 async def list_models(fingerprint: Fingerprint, directory: Directory, jobs: Jobs) -> ModelList:
     """The models on one node, in every state (`loading`, `loaded`, `unloading`, `failed`)."""
-    return await jobs.run(await directory.get(fingerprint), LIST)
+    return await jobs.run(await directory.live(fingerprint), LIST)
 
 
 @router.post("/{fingerprint}/models/load", summary="Load a model on a node", **job_route(LOAD))
@@ -50,7 +51,7 @@ async def load_model(fingerprint: Fingerprint, body: NodeLoadRequest, directory:
 
     Waits up to the load timeout (600 s by default). A load of a model that is loading joins that load.
     """
-    node = await directory.get(fingerprint)
+    node = await directory.live(fingerprint)
     return await jobs.run(
         node,
         LOAD,
@@ -67,7 +68,7 @@ async def load_model(fingerprint: Fingerprint, body: NodeLoadRequest, directory:
 async def node_catalog(fingerprint: Fingerprint, directory: Directory, jobs: Jobs) -> NodeCatalog:
     """What the node can load (each file with its memory estimate, or why it cannot be loaded), what it holds,
     and its memory budget."""
-    return await jobs.run(await directory.get(fingerprint), CATALOG)
+    return await jobs.run(await directory.live(fingerprint), CATALOG)
 
 
 @router.post("/{fingerprint}/models/unload", summary="Unload a model from a node", **job_route(UNLOAD))
@@ -75,10 +76,10 @@ async def unload_model(
     fingerprint: Fingerprint, body: NodeUnloadRequest, directory: Directory, jobs: Jobs
 ) -> UnloadResult:
     """Unload one model and free its memory."""
-    return await jobs.run(await directory.get(fingerprint), UNLOAD, model_id=body.model_id)
+    return await jobs.run(await directory.live(fingerprint), UNLOAD, model_id=body.model_id)
 
 
 @router.post("/{fingerprint}/models/unload-all", summary="Unload every model from a node", **job_route(UNLOAD_ALL))
 async def unload_all(fingerprint: Fingerprint, directory: Directory, jobs: Jobs) -> UnloadAllResult:
     """Unload every model on one node; a model that could not be unloaded is listed in `errors`."""
-    return await jobs.run(await directory.get(fingerprint), UNLOAD_ALL)
+    return await jobs.run(await directory.live(fingerprint), UNLOAD_ALL)

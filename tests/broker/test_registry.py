@@ -7,6 +7,7 @@ import fakeredis
 import pytest
 
 from broker import keys
+from broker.errors import NodeNotFound
 from broker.registry import Beat, DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
 from broker.schemas import MemoryInfo, ModelFile, ModelState, NodeInfo
 from tests.conftest import node_info
@@ -191,3 +192,25 @@ def test_published_files_and_memory_make_the_catalog_until_the_next_registration
     node.publish_memory(MemoryInfo(budget_bytes=100, used_bytes=0, free_bytes=100, evictable_bytes=0))
     registrar(server).claim(wait=0.5, holder_gone=lambda _: True)  # a new process of the same node
     assert not client.hexists(keys.node_info(FP), "files") and not client.hexists(keys.node_info(FP), "memory")
+
+
+def test_live_keeps_a_boot_s_record_and_reads_only_its_liveness(server: fakeredis.FakeServer) -> None:
+    first = registrar(server, ttl=5)
+    first.claim()
+    client = fakeredis.FakeRedis(server=server)
+    directory = NodeDirectory(fakeredis.FakeAsyncRedis(server=server))
+    seen = asyncio.run(directory.live(FP))
+    assert seen.online and seen.boot_id == first.info.boot_id
+    # The record is kept: a change to it (which a boot never makes) is not read again...
+    client.hset(keys.node_info(FP), "registration", json.dumps(first.info.wire() | {"name": "renamed"}))
+    assert asyncio.run(directory.live(FP)) is seen
+    # ...but liveness is, at every call.
+    client.delete(keys.node_alive(FP))
+    client.hset(keys.node_info(FP), "registration", first.info.model_dump_json(by_alias=True))
+    assert not asyncio.run(directory.live(FP)).online
+
+    second = registrar(server, ttl=5)  # a new process of the node: another boot id, read again
+    second.claim()
+    assert asyncio.run(directory.live(FP)).boot_id == second.info.boot_id != first.info.boot_id
+    with pytest.raises(NodeNotFound):
+        asyncio.run(directory.live("not-a-fingerprint"))
