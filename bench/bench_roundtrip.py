@@ -1,241 +1,163 @@
-"""Round-trip latency of the node API against its baselines: `python bench/bench_roundtrip.py`.
+"""A node's model list through the API against the bare Celery round trip: `python -m bench.bench_roundtrip`.
 
-Starts its own redis-server (with a password, as `modelfleet up` does), one worker and one API process the way
-an operator starts them (`modelfleet worker`, `modelfleet api`), then measures from this process:
+Starts its own redis-server (with a password, as `modelfleet up` does), one `modelfleet worker` and one
+`modelfleet api`, and client processes of its own (`bench.clients`), then measures:
 
-  redis PING       one Redis round trip: the floor of anything that goes through Redis
-  celery list      `modelfleet.list` sent straight to the node's queue with Celery, reply awaited on the
-                   reply channel: the job path without the API (no HTTP, no FastAPI, no event loop)
-  GET /nodes       the registry read, which never reaches a worker
-  GET .../models   the same list job as `celery list`, through the API
-  load+unload      a tiny GGUF loaded and unloaded through the API (two jobs, real ctransformers)
+  list, one at a time  `GET /api/v1/nodes/{fp}/models` from one client process on one keep-alive connection,
+                       against the same list job sent straight to the node's queue with a plain Celery client
+                       (`send_task` with Celery's defaults, as any Celery client sends it) and its reply read
+                       off the reply channel, from another client process. Rounds alternate which side goes
+                       first; the figure is the ratio of the p50s (p99s in the detail).
+  500 at once          500 `GET .../models` at one instant from 4 client processes (125 connections each)
+                       against 500 bare Celery list jobs sent at that instant from 4 client processes (125 each,
+                       back to back); a sample is one answer's time since the instant. The figure is the ratio
+                       of the p99s.
 
-and then a burst of concurrent list requests. Every process it starts is stopped on exit.
+Both sides reach the same worker, whose replies both read the same way (the reply channel). The API sends its
+jobs with `api.sender.TaskSender` (Celery's message, one pipelined round trip on its asyncio client), the
+baseline as a plain Celery client does (two writes, a Redis client object built for each): that difference is
+the API's, and is part of what this measures. Every process it starts is stopped on exit.
 """
 
-import argparse
-import asyncio
-import json
-import os
-import platform
 import secrets
 import signal
-import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import redis
 
-from bench.harness import Processes, fleet_env, modelfleet_command, ms, quantile, start_api, start_redis, wait_until
+from bench.clients import Client, merge
+from bench.figures import Figure, alternate, ratio_at_most, run_alone
+from bench.harness import Processes, fleet_env, modelfleet_command, start_api, start_redis, wait_until
 from broker import keys
-from broker.celery_app import make_celery
-from broker.operations import LIST
-from broker.schemas import ListJob
-from broker.settings import BrokerSettings
 from workers.gguf_factory import write_tiny_llama
 from workers.identity import fingerprint, load_or_create_node_key
 
-OPERATOR_KEY = "bench-op-" + secrets.token_hex(16)
-MODEL = "bench-tiny"
+KEY = "bench-op-" + secrets.token_hex(16)
+BURST_CLIENTS = 4
 
 
-def timed(fn: Callable[[], object], iterations: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return samples
+class Fleet:
+    """Redis, one worker, one API and the client processes, all stopped when the stack unwinds."""
 
-
-class CeleryBaseline:
-    """The list job exactly as the API sends it, with the reply read off the reply channel in this thread."""
-
-    def __init__(self, url: str, fp: str) -> None:
-        self.app = make_celery(BrokerSettings(redis_url=url))
-        self.fp = fp
-        self.client = redis.Redis.from_url(url)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(keys.replies_channel())
-
-    def _send(self, deadline: float) -> str:
-        job_id = uuid.uuid4().hex
-        self.app.send_task(
-            LIST.task,
-            kwargs={"job": ListJob(deadline=deadline).wire()},
-            queue=keys.node_queue(self.fp),
-            task_id=job_id,
-            expires=datetime.fromtimestamp(deadline, UTC),
-            ignore_result=True,
+    def __init__(self, stack: ExitStack, burst_clients: int) -> None:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-")))
+        self.procs = Processes(root)
+        stack.callback(self.procs.stop_all)
+        self.redis_url = start_redis(self.procs)
+        models = root / "models"
+        models.mkdir()
+        write_tiny_llama(models / "bench-tiny.gguf")
+        state = root / "state"
+        self.fp = fingerprint(load_or_create_node_key(state))
+        env = fleet_env(self.redis_url, MODELFLEET_OPERATOR_KEYS=KEY)
+        argv = [*modelfleet_command(), "worker", "--name", "bench", "--models-dir", str(models)]
+        self.procs.start("worker", [*argv, "--state-dir", str(state), "--no-serve"], env)
+        store = redis.Redis.from_url(self.redis_url)
+        wait_until(
+            lambda: store.exists(keys.node_alive(self.fp)) and " ready." in self.procs.log("worker"),
+            self.procs,
+            "the worker",
         )
-        return job_id
+        self.api_url, _ = start_api(self.procs, env)
+        self.clients = [Client(self.api_url, KEY, self.redis_url) for _ in range(max(2, burst_clients))]
+        for client in self.clients:
+            stack.callback(client.close)
+        self.path = f"/api/v1/nodes/{self.fp}/models"
 
-    def _replies(self, deadline: float) -> Iterator[str]:
-        while time.time() < deadline:
-            message = self.pubsub.get_message(timeout=1.0)
-            if message and message["type"] == "message":
-                yield json.loads(message["data"])["jobId"]
-        raise RuntimeError("the node stopped replying")
-
-    def round_trip(self) -> None:
-        deadline = time.time() + 30
-        job_id = self._send(deadline)
-        for reply in self._replies(deadline):
-            if reply == job_id:
-                return
-
-    def burst(self, count: int) -> tuple[list[float], float, list[str]]:
-        """`count` jobs sent back to back from this thread; each one's time from its send to its reply."""
-        deadline = time.time() + 60
-        started = time.perf_counter()
-        sent_at = {}
-        for _ in range(count):
-            sent_at[self._send(deadline)] = time.perf_counter()
-        latencies = []
-        for reply in self._replies(deadline):
-            if reply in sent_at:
-                latencies.append(time.perf_counter() - sent_at.pop(reply))
-            if not sent_at:
-                break
-        return latencies, time.perf_counter() - started, []
-
-    def close(self) -> None:
-        self.pubsub.close()
-        self.app.close()
+    def cpu(self) -> dict[str, float]:
+        return self.procs.cpu_seconds()
 
 
-async def burst(base_url: str, path: str, concurrency: int) -> tuple[list[float], float, list[str]]:
-    """`concurrency` GETs at once on a fresh client: the latencies of the ones that succeeded, the wall time,
-    and what went wrong with the others."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"Authorization": f"Bearer {OPERATOR_KEY}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=60) as client:
-
-        async def one() -> float | str:
-            started = time.perf_counter()
-            try:
-                response = await client.get(path)
-            except httpx.HTTPError as exc:
-                return f"{type(exc).__name__}: {exc}"
-            if response.status_code != 200:
-                return f"HTTP {response.status_code}: {response.text[:200]}"
-            return time.perf_counter() - started
-
-        started = time.perf_counter()
-        outcomes = await asyncio.gather(*(one() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return [o for o in outcomes if isinstance(o, float)], wall, [o for o in outcomes if isinstance(o, str)]
+def _checked(answer: dict) -> dict:  # type: ignore[type-arg]
+    if answer["errors"]:
+        raise RuntimeError(f"{len(answer['errors'])} requests failed, e.g. {answer['errors'][0]}")
+    return answer
 
 
-def report(rows: list[tuple[str, list[float]]]) -> None:
-    medians = {name: statistics.median(samples) for name, samples in rows}
-    ping, celery = medians["redis PING"], medians["celery list"]
-    print(f"\n{'operation':<22}{'n':>5}{'median ms':>11}{'p90 ms':>10}{'x PING':>9}{'x celery':>10}")
-    for name, samples in rows:
-        med, p90 = medians[name], quantile(samples, 90)
-        print(f"{name:<22}{len(samples):>5}{ms(med):>11}{ms(p90):>10}{med / ping:>9.1f}{med / celery:>10.2f}")
+def sequential(fleet: Fleet, rounds: int, per_round: int) -> Figure:
+    api_client, celery_client = fleet.clients[0], fleet.clients[1]
+    api_client.run(op="get", path=fleet.path, n=20)  # warm-up, both sides
+    celery_client.run(op="list", fp=fleet.fp, n=20)
+    cpu = {"api client": 0.0, "celery client": 0.0, "api": 0.0}
+    lost = duplicates = 0
+
+    def ours() -> list[float]:
+        before = fleet.cpu()["api"]
+        answer = _checked(api_client.run(op="get", path=fleet.path, n=per_round))
+        cpu["api"] += fleet.cpu()["api"] - before
+        cpu["api client"] += answer["cpu"]
+        return list(answer["samples"])
+
+    def baseline() -> list[float]:
+        nonlocal lost, duplicates
+        answer = celery_client.run(op="list", fp=fleet.fp, n=per_round)
+        cpu["celery client"] += answer["cpu"]
+        lost += answer["lost"]
+        duplicates += answer["duplicates"]
+        return list(answer["samples"])
+
+    mine, theirs = alternate(rounds, ours, baseline)
+    figure = ratio_at_most("GET /api/v1/nodes/{fp}/models / bare Celery list, p50", mine, theirs, 1.3)
+    api, api_client, celery_client = (cpu[k] * 1000 for k in ("api", "api client", "celery client"))
+    per = f"CPU per request: API {api / len(mine):.2f} ms, its client {api_client / len(mine):.2f} ms;"
+    per += f" Celery client {celery_client / len(theirs):.2f} ms"
+    detail = f"{figure.detail}; {per}; Celery replies lost {lost}, duplicated {duplicates}"
+    return Figure(figure.name, figure.goal, figure.value, figure.unit, figure.holds and not lost, detail)
 
 
-def run(args: argparse.Namespace, stack: ExitStack) -> None:
-    root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mf-bench-")))
-    procs = Processes(root)
-    stack.callback(procs.stop_all)
-    started = time.perf_counter()
+def burst(fleet: Fleet, rounds: int, size: int) -> Figure:
+    clients = fleet.clients[:BURST_CLIENTS]
+    each = size // len(clients)
+    cpu = {"api": 0.0, "api clients": 0.0, "celery clients": 0.0}
+    lost = duplicates = 0
 
-    url = start_redis(procs)
-    models = root / "models"
-    models.mkdir()
-    write_tiny_llama(models / f"{MODEL}.gguf")
-    state = root / "state"
-    fp = fingerprint(load_or_create_node_key(state))
-    env = fleet_env(url, MODELFLEET_OPERATOR_KEYS=OPERATOR_KEY)
-    procs.start(
-        "worker",
-        [*modelfleet_command(), "worker", "--name", "bench", "--models-dir", str(models), "--state-dir", str(state)],
-        env,
+    def fire(op: str, **command: object) -> dict:  # type: ignore[type-arg]
+        at = time.time() + 1.0  # every client is waiting by then
+        for client in clients:
+            client.send(op=op, n=each, at=at, **command)
+        return merge([client.answer() for client in clients])
+
+    def ours() -> list[float]:
+        before = fleet.cpu()["api"]
+        answer = _checked(fire("get_burst", path=fleet.path))
+        cpu["api"] += fleet.cpu()["api"] - before
+        cpu["api clients"] += answer["cpu"]
+        return list(answer["samples"])
+
+    def baseline() -> list[float]:
+        nonlocal lost, duplicates
+        answer = fire("list_burst", fp=fleet.fp)
+        cpu["celery clients"] += answer["cpu"]
+        lost += answer["lost"]
+        duplicates += answer["duplicates"]
+        return list(answer["samples"])
+
+    mine, theirs = alternate(rounds, ours, baseline)
+    name = f"{size} concurrent lists, one API process / bare Celery burst of {size}, p99"
+    figure = ratio_at_most(name, mine, theirs, 3.0, q=99)
+    bursts = rounds
+    per = (
+        f"CPU per burst: API {cpu['api'] / bursts:.2f} s, API clients {cpu['api clients'] / bursts:.2f} s, "
+        f"Celery clients {cpu['celery clients'] / bursts:.2f} s"
     )
-    store = redis.Redis.from_url(url)
-    wait_until(lambda: store.exists(keys.node_alive(fp)) and " ready." in procs.log("worker"), procs, "the worker")
-    base, _ = start_api(procs, env)
-    print(f"processes up in {time.perf_counter() - started:.1f}s", flush=True)
-
-    n, warm = args.iterations, args.warmup
-    api = stack.enter_context(
-        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {OPERATOR_KEY}"}, timeout=60)
-    )
-    celery = CeleryBaseline(url, fp)
-    stack.callback(celery.close)
-    node_models = f"/api/v1/nodes/{fp}/models"
-
-    def ok(response: httpx.Response) -> None:
-        if response.status_code != 200:
-            raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.text}")
-
-    def load_unload() -> None:
-        ok(api.post(f"{node_models}/load", json={"modelId": MODEL}))
-        ok(api.post(f"{node_models}/unload", json={"modelId": MODEL}))
-
-    rows = [
-        ("redis PING", timed(store.ping, n, warm)),
-        ("celery list", timed(celery.round_trip, n, warm)),
-        ("GET /nodes", timed(lambda: ok(api.get("/api/v1/nodes")), n, warm)),
-        ("GET .../models", timed(lambda: ok(api.get(node_models)), n, warm)),
-        ("load+unload", timed(load_unload, args.load_iterations, 3)),
-    ]
-    report(rows)
-
-    print(f"\n{args.concurrent} at once (API: fresh connections per burst; celery: sent back to back, one thread)")
-    print(
-        f"{'burst':<22}{'ok':>5}{'failed':>8}{'wall ms':>10}{'median ms':>11}{'p99 ms':>10}{'req/s':>8}"
-        "   CPU ms: bench/api/worker/redis"
-    )
-    bursts = [("celery list", lambda: celery.burst(args.concurrent))] * args.bursts
-    bursts += [("GET .../models", lambda: asyncio.run(burst(base, node_models, args.concurrent)))] * args.bursts
-    for name, run_burst in bursts:
-        cpu_before = procs.cpu_seconds()
-        latencies, wall, errors = run_burst()
-        cpu = {k: (v - cpu_before[k]) * 1000 for k, v in procs.cpu_seconds().items()}
-        cpu_text = "/".join(f"{cpu[k]:.0f}" for k in ("bench", "api", "worker", "redis"))
-        med = ms(statistics.median(latencies)) if latencies else "-"
-        p99 = ms(quantile(latencies, 99)) if len(latencies) > 1 else "-"
-        rate = len(latencies) / wall
-        counts = f"{len(latencies):>5}{len(errors):>8}"
-        print(f"{name:<22}{counts}{wall * 1000:>10.0f}{med:>11}{p99:>10}{rate:>8.0f}   {cpu_text}")
-        for error in sorted(set(errors))[:3]:
-            print(f"    {errors.count(error)} x {error}")
-    procs.check_alive()
-    print(
-        f"\n{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"redis {store.info('server')['redis_version']}; total {time.perf_counter() - started:.1f}s"
-    )
+    complete = len(mine) == len(theirs) == rounds * each * len(clients)
+    detail = f"{figure.detail}; {per}; {len(clients)} client processes; lost {lost}, duplicated {duplicates}"
+    return Figure(figure.name, figure.goal, figure.value, figure.unit, figure.holds and complete and not lost, detail)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=300, help="timed round trips per operation")
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--load-iterations", type=int, default=40, help="timed load+unload pairs")
-    parser.add_argument("--concurrent", type=int, default=200)
-    parser.add_argument("--bursts", type=int, default=3)
-    args = parser.parse_args()
-    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so the ExitStack below still stops the children.
+def figures(quick: bool) -> list[Figure]:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        with ExitStack() as stack:
-            run(args, stack)
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    with ExitStack() as stack:
+        fleet = Fleet(stack, BURST_CLIENTS)
+        found = [sequential(fleet, rounds=4 if quick else 10, per_round=50 if quick else 150)]
+        found.append(burst(fleet, rounds=2 if quick else 4, size=500))
+        fleet.procs.check_alive()
+    return found
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_alone(figures, __doc__.splitlines()[0] if __doc__ else None))

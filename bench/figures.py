@@ -84,3 +84,18 @@ def table(figures: list[Figure]) -> str:
     for f in figures:
         lines.append(f"| {f.name} | {f.goal} | {f.value:.3g}{f.unit} | {f.verdict} | {f.detail} |")
     return "\n".join(lines)
+
+
+def run_alone(figures: Callable[[bool], list[Figure]], description: str | None) -> int:
+    """`python -m bench.NAME [--quick]`: one benchmark's figures as a table; exit status 1 if a goal is short."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run, not figures to quote")
+    args = parser.parse_args()
+    started = time.monotonic()
+    found = figures(args.quick)
+    print(table(found))
+    print(f"\n{time.monotonic() - started:.0f} s")
+    return 0 if all(f.holds for f in found) else 1
