@@ -50,6 +50,7 @@ from broker.openai import (
     sse_data,
 )
 from broker.status import status_of
+from workers.inference.channel import Channel
 from workers.inference.runner import Delta, Event, Failed, Finished, InferenceRequest, InferenceRunner, Started
 from workers.inference.threads import ThreadCache
 from workers.manager import ModelManager
@@ -123,11 +124,9 @@ async def _serve(runner: InferenceRunner, threads: ThreadCache, request: Request
     if problem:
         raise e.InvalidRequest(problem)
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    events: Channel[Event] = Channel(loop)
     cancelled = threading.Event()
-
-    def emit(event: Event) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, event)
+    emit = events.put
 
     def cancel() -> None:
         runner.cancel(cancelled)
@@ -161,7 +160,7 @@ async def _on_disconnect(request: Request, cancel: Callable[[], None]) -> None:
     cancel()
 
 
-async def _whole(body: InferenceRequest, started: Started, events: "asyncio.Queue[Event]") -> Response:
+async def _whole(body: InferenceRequest, started: Started, events: Channel[Event]) -> Response:
     parts: list[str] = []
     while True:
         event = await events.get()
@@ -208,7 +207,7 @@ class _DeltaFrames:
 
 
 async def _stream(
-    body: InferenceRequest, started: Started, events: "asyncio.Queue[Event]", cancel: Callable[[], None]
+    body: InferenceRequest, started: Started, events: Channel[Event], cancel: Callable[[], None]
 ) -> AsyncIterator[bytes]:
     """The SSE body: one event per token, as OpenAI sends them. When the model runs ahead of the connection,
     the events waiting are written together (one write, one event each), so a slow reader costs no more writes
