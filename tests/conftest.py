@@ -399,12 +399,3 @@ def require_stories() -> Path:
     if not STORIES.exists():
         pytest.skip(f"the real model is not at {STORIES} (../shared/models is absent)")
     return STORIES
-
-
-def write_endless_model(path: Path) -> Path:
-    """A random llama whose greedy text never ends, for tests that need a generation still running when they act
-    (a disconnect, a full queue, an unload mid-stream). About 33M weights (a 130 MB file): each token costs
-    several milliseconds even on an idle CPU (6.7 ms here, under load 4), so 1,500 tokens outlast any such test's
-    deadline. Load it with a 2,048-token context. A 256-wide model did not: an idle CI machine finished 2,000
-    tokens of it before a 4 s unload deadline."""
-    return write_tiny_llama(path, n_embd=512, n_layer=12, n_head=8, n_head_kv=8, context_length=2048, endless=True)

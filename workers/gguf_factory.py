@@ -255,6 +255,16 @@ def write_tiny_qwen2(
     return Path(path)
 
 
+def write_endless_model(path: Path) -> Path:
+    """A random llama whose greedy text never ends, with some real work per token: about 33M weights (a 130 MB
+    file), several milliseconds a token on one CPU thread (7 ms on the 2-CPU machine this was written on, under
+    load). For tests that need a generation still running when they act (a disconnect, a full queue, an unload
+    mid-stream; smaller models finished 2,000 tokens before a 4 s deadline on an idle machine), and for
+    benchmarks that need a model whose tokens cost what a small real model's do. Load it with a 2,048-token
+    context to use all of it."""
+    return write_tiny_llama(path, n_embd=512, n_layer=12, n_head=8, n_head_kv=8, context_length=2048, endless=True)
+
+
 def write_tiny_llama3(
     path: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, seed: int = 0
 ) -> Path:

@@ -21,8 +21,8 @@ from tests.conftest import (
     modelfleet_command,
     require_stories,
     wait_for,
-    write_endless_model,
 )
+from workers.gguf_factory import write_endless_model
 
 pytestmark = pytest.mark.slow
 

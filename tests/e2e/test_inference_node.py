@@ -25,9 +25,8 @@ from tests.conftest import (
     Worker,
     require_stories,
     wait_for,
-    write_endless_model,
 )
-from workers.gguf_factory import write_with_chat_template
+from workers.gguf_factory import write_endless_model, write_with_chat_template
 
 pytestmark = pytest.mark.slow
 
