@@ -43,3 +43,6 @@ def configure_logging(secrets: Iterable[str] = (), level: int = logging.INFO) ->
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request it sends at INFO: for the head, one line per prompt proxied to a node, beside the
+    # access log's line for the same prompt. Its warnings still show.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
