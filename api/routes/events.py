@@ -1,6 +1,5 @@
 """`GET /api/v1/events`: the pool's changes as Server-Sent Events (see `api.events` for how they travel)."""
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -14,6 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import Directory, Relay
+from api.events import Subscriber
 from api.openapi import guarded
 from broker import errors as e
 from broker.events import stream_id
@@ -57,35 +57,24 @@ class EventStreamResponse(StreamingResponse):
 
     A client too slow to read blocks our writes (flow control), so the relay's drop cannot wait for the next
     write: it cancels the stream from the side, and the connection is closed under it. A client that stops
-    reading altogether is found by the write deadline: a write that has not completed after `write_timeout`
-    seconds (its kernel buffers and ours are full) drops it (`on_stall`).
+    reading altogether is found by the write deadline: each write marks when it started on the subscriber
+    (`writing_since`), and the relay drops a client whose write has waited longer than its `write_timeout`.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(
-        self,
-        content: AsyncIterator[bytes],
-        dropped: asyncio.Event,
-        *,
-        write_timeout: float | None = None,
-        on_stall: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, content: AsyncIterator[bytes], sub: Subscriber) -> None:
         super().__init__(content, headers=HEADERS)
-        self._dropped = dropped
+        self._sub = sub
+        self._dropped = sub.dropped
         self._frames = content
-        self._write_timeout = write_timeout
-        self._on_stall = on_stall
 
-    async def _send_by_deadline(self, send: Send, message: Message) -> None:
-        if self._write_timeout is None:
+    async def _send_watched(self, send: Send, message: Message) -> None:
+        self._sub.writing_since = time.monotonic()
+        try:
             await send(message)
-            return
-        with anyio.move_on_after(self._write_timeout) as scope:
-            await send(message)
-        if scope.cancelled_caught:
-            self._on_stall()  # sets `dropped`, which ends the stream below
-            await anyio.sleep_forever()
+        finally:
+            self._sub.writing_since = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -95,7 +84,7 @@ class EventStreamResponse(StreamingResponse):
                     await func()
                     group.cancel_scope.cancel()
 
-                group.start_soon(until, partial(self.stream_response, partial(self._send_by_deadline, send)))
+                group.start_soon(until, partial(self.stream_response, partial(self._send_watched, send)))
                 group.start_soon(until, partial(self.listen_for_disconnect, receive))
                 group.start_soon(until, self._dropped.wait)
         finally:
@@ -151,9 +140,4 @@ async def events(
         relay.close(sub)
         raise
     assert replay_after is None or stream_id(replay_after) is not None
-    return EventStreamResponse(
-        relay.frames(sub, first, replay_after),
-        sub.dropped,
-        write_timeout=relay.write_timeout,
-        on_stall=partial(relay.stalled, sub),
-    )
+    return EventStreamResponse(relay.frames(sub, first, replay_after), sub)
