@@ -89,7 +89,7 @@ class NodeView:
         self._clock = clock
         self._version = 0
         self._copy: tuple[int, float, list[tuple[NodeInfo, list[ModelInfo]]]] | None = None
-        self._reading: asyncio.Task[list[tuple[NodeInfo, list[ModelInfo]]]] | None = None
+        self._reading: tuple[int, asyncio.Task[list[tuple[NodeInfo, list[ModelInfo]]]]] | None = None
         self.subscribed = asyncio.Event()
         self.reads = 0
         """Reads of Redis so far (the rest were answered from memory)."""
@@ -102,19 +102,22 @@ class NodeView:
         copy = self._copy
         if copy is not None and copy[0] == self._version and self._clock() - copy[1] < self._max_age:
             return copy[2]
-        if self._reading is None:
-            self._reading = asyncio.create_task(self._read(), name="modelfleet-node-view")
+        if self._reading is None or self._reading[0] != self._version:  # a read begun before a change won't do
+            version = self._version
+            self._reading = (version, asyncio.create_task(self._read(version), name="modelfleet-node-view"))
         # shield: one caller going away must not cancel the read the others wait for
-        return await asyncio.shield(self._reading)
+        return await asyncio.shield(self._reading[1])
 
-    async def _read(self) -> list[tuple[NodeInfo, list[ModelInfo]]]:
-        version, at = self._version, self._clock()  # a change during the read makes this copy stale at once
+    async def _read(self, version: int) -> list[tuple[NodeInfo, list[ModelInfo]]]:
+        at = self._clock()  # a change during the read makes this copy stale at once
         try:
             nodes = await self._directory.with_models()
         finally:
-            self._reading = None
+            if self._reading is not None and self._reading[0] == version:
+                self._reading = None
         self.reads += 1
-        self._copy = (version, at, nodes)
+        if self._copy is None or self._copy[0] <= version:
+            self._copy = (version, at, nodes)
         return nodes
 
     async def follow(self, client: aioredis.Redis) -> None:

@@ -200,6 +200,25 @@ def test_requests_arriving_together_share_one_read(server: fakeredis.FakeServer)
     asyncio.run(run())
 
 
+def test_a_request_after_a_change_does_not_wait_for_a_read_begun_before_it(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        from broker.registry import NodeDirectory
+
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m")])
+        view = NodeView(NodeDirectory(client))
+        before = asyncio.ensure_future(view.nodes())  # its read is under way ...
+        await asyncio.sleep(0)
+        await register(client, A, [])
+        view.changed()  # ... when the model goes away
+        after = await view.nodes()
+        assert not replicas(after, "m") and view.reads == 2
+        await before
+        assert not replicas(await view.nodes(), "m")  # the older read did not overwrite the newer copy
+
+    asyncio.run(run())
+
+
 def test_a_pool_event_marks_the_view_stale(server: fakeredis.FakeServer) -> None:
     async def run() -> None:
         from broker.registry import NodeDirectory
