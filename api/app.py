@@ -55,7 +55,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.directory = directory
         app.state.waiter = waiter
         sender = TaskSender(celery, client)
-        app.state.jobs = JobClient(sender, client, waiter, settings=settings, metrics=app.state.metrics)
+        app.state.jobs = JobClient(sender, directory, client, waiter, settings=settings, metrics=app.state.metrics)
         relay = EventRelay(
             client,
             directory,

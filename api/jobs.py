@@ -25,6 +25,7 @@ from broker.errors import (
     from_code,
 )
 from broker.operations import J, Op, R
+from broker.registry import NodeDirectory
 from broker.replies import abandon_job
 from broker.schemas import Job, NodeInfo, Reply
 
@@ -35,6 +36,7 @@ class JobClient:
     def __init__(
         self,
         sender: TaskSender,
+        directory: NodeDirectory,
         client: aioredis.Redis,
         waiter: ReplyWaiter,
         *,
@@ -42,6 +44,7 @@ class JobClient:
         metrics: Metrics,
     ) -> None:
         self._sender = sender
+        self._directory = directory
         self._redis = client
         self._waiter = waiter
         self._settings = settings
@@ -52,9 +55,16 @@ class JobClient:
         timeout: the node's result, or raise the node's error (or NodeOffline / NodeWentOffline / NodeRestarted /
         JobTimeout)."""
         with self._metrics.job(op.name):
-            return await self._run(node, op, job_fields, self._settings.timeout(op))
+            for _ in range(GUARD_ATTEMPTS - 1):
+                try:
+                    return await self._run(node, op, job_fields, self._settings.timeout(op))
+                except _NotHeld:  # the node went offline or was replaced since `node` was read: read it again
+                    node = await self._directory.get(node.fingerprint)
+            return await self._run(node, op, job_fields, self._settings.timeout(op), last=True)
 
-    async def _run(self, node: NodeInfo, op: Op[J, R], job_fields: dict[str, Any], timeout: float) -> R:
+    async def _run(
+        self, node: NodeInfo, op: Op[J, R], job_fields: dict[str, Any], timeout: float, *, last: bool = False
+    ) -> R:
         if not node.online:
             since = node.seconds_since_heartbeat
             when = f"{since:.0f} seconds ago" if since is not None else "never"
@@ -68,7 +78,14 @@ class JobClient:
         job_id = uuid.uuid4().hex
         future = self._waiter.expect(job_id, node.fingerprint, node.name, node.boot_id, op.result)
         try:
-            await self._send(op.task, job, job_id, node.fingerprint, deadline)
+            if not await self._send(op.task, job, job_id, node, deadline):
+                if not last:
+                    raise _NotHeld()
+                raise NodeRestarted(
+                    f"Node {node.name} ({node.fingerprint}) changed hands while the {op.title} was being sent; "
+                    "it was not sent. Retry it.",
+                    node=node.fingerprint,
+                )
             reply = await self._await(future, node, op, job_id, deadline, timeout)
         finally:
             self._waiter.forget(job_id)
@@ -106,14 +123,16 @@ class JobClient:
                     continue
                 raise _outcome(lost, op.title, started) from None
 
-    async def _send(self, task: str, job: Job, job_id: str, fingerprint: str, deadline: float) -> None:
+    async def _send(self, task: str, job: Job, job_id: str, node: NodeInfo, deadline: float) -> bool:
+        """Queue the job, only if `node`'s boot still holds its alive key; whether it was queued."""
         try:
-            await self._sender.send(
+            return await self._sender.send(
                 task,
                 kwargs={"job": job.wire()},
-                queue=keys.node_queue(fingerprint),
+                queue=keys.node_queue(node.fingerprint),
                 task_id=job_id,
                 expires=datetime.fromtimestamp(deadline, UTC),
+                guard=(keys.node_alive(node.fingerprint), node.boot_id),
             )
         except (RedisError, OSError, OperationalError) as exc:
             raise BrokerUnavailable("The job could not be queued: Redis is unreachable.") from exc
@@ -127,6 +146,13 @@ class JobClient:
         except RedisError:  # if Redis is down, expiry still stops it at the deadline
             return _UNKNOWN
 
+
+class _NotHeld(Exception):
+    """The job was not sent: its node's alive key no longer held the boot it was meant for."""
+
+
+GUARD_ATTEMPTS = 3
+"""Reads of a node whose alive key changed under a send before giving up (a node restarting right then)."""
 
 _UNKNOWN = "?"
 """`_abandon`'s answer when Redis could not say whether the job had started."""

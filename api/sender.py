@@ -9,6 +9,10 @@ running them. What crosses Redis is therefore byte for byte kombu's message and 
 them with a plain `send_task`'s); the API then runs both commands in one pipeline on its asyncio client: one
 round trip, no thread, no client object per send.
 
+A send may be guarded: its commands run in one Lua call that first checks that a key holds a value (the node's
+alive key, its boot id), and run nothing if it does not. A job is then never queued for a node that went
+offline or was replaced since the API last looked, and the check costs no round trip of its own.
+
 The channel is a real kombu channel of the broker's transport (Redis or Sentinel); creating it pings Redis
 once, so it is made on the first send, in a thread. It never writes anything itself afterwards. No queue is
 declared (`declare=[]`): a node declares its own queue when its consumer starts, and a job's list is its
@@ -29,6 +33,15 @@ from kombu.utils.json import dumps
 from broker.backoff import Backoff
 
 Command = tuple[str, tuple[Any, ...]]
+
+# KEYS[1]: the guard key; KEYS[2..]: the lists the commands push to (declared, not read). ARGV[1]: the value the
+# guard key must hold; ARGV[2..]: the commands, three items each: 'lpush' or 'publish', its key or channel, payload.
+# Returns 1 if the commands ran, 0 if the guard key held something else (or nothing).
+_GUARDED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+return 1
+"""
 
 SEND_ATTEMPTS = 3
 """Tries of one send when Redis drops the connection (what the API's old `send_task` retry policy allowed)."""
@@ -69,26 +82,47 @@ class TaskSender:
         self._connection: Connection | None = None
         self._producer: Producer | None = None
         self._lock = threading.Lock()
+        self._guarded = client.register_script(_GUARDED)
 
-    async def send(self, task: str, *, kwargs: dict[str, Any], queue: str, task_id: str, expires: datetime) -> None:
-        """Queue the task (and its `task-sent` event, if events are on); raises redis' errors."""
+    async def send(
+        self,
+        task: str,
+        *,
+        kwargs: dict[str, Any],
+        queue: str,
+        task_id: str,
+        expires: datetime,
+        guard: tuple[str, str] | None = None,
+    ) -> bool:
+        """Queue the task (and its `task-sent` event, if events are on); with `guard` (key, value), only if the
+        key holds the value. Whether it was queued; raises redis' errors."""
         if self._producer is None:
             await anyio.to_thread.run_sync(self._open)
         commands = self.commands(task, kwargs=kwargs, queue=queue, task_id=task_id, expires=expires)
         backoff = Backoff(0.1, 0.5)
         for attempt in range(SEND_ATTEMPTS):
-            pipe = self._redis.pipeline(transaction=False)
-            for name, args in commands:
-                getattr(pipe, name)(*args)
             try:
-                await pipe.execute()
-                return
+                return await self._run(commands, guard)
             except (redis.ConnectionError, redis.TimeoutError):
                 # A connection Redis dropped (it restarted, failed over) fails once and is discarded; like
                 # kombu's publish retry, try again on a fresh one.
                 if attempt + 1 == SEND_ATTEMPTS:
                     raise
                 await backoff.asleep()
+        raise AssertionError("unreachable")
+
+    async def _run(self, commands: list[Command], guard: tuple[str, str] | None) -> bool:
+        if guard is not None:
+            if any(name not in ("lpush", "publish") for name, _ in commands):
+                raise ValueError(f"a guarded send runs only LPUSH and PUBLISH, not {[n for n, _ in commands]}")
+            pushed = [args[0] for name, args in commands if name == "lpush"]
+            argv = [guard[1], *(item for name, args in commands for item in (name, *args))]
+            return bool(await self._guarded(keys=[guard[0], *pushed], args=argv))
+        pipe = self._redis.pipeline(transaction=False)
+        for name, args in commands:
+            getattr(pipe, name)(*args)
+        await pipe.execute()
+        return True
 
     def commands(self, task: str, **options: Any) -> list[Command]:
         """The Redis commands that send the task: what `send_task(task, **options)` would run (no I/O once the

@@ -287,7 +287,7 @@ class NodeDirectory:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._boots: dict[str, NodeInfo] = {}
-        """Each online node's record as `live` last read it, under its boot id."""
+        """Each node's record as `get` last read it while it was online (for `live`)."""
 
     async def fingerprints(self) -> list[str]:
         members = await self._redis.smembers(keys.nodes_set())
@@ -330,30 +330,25 @@ class NodeDirectory:
         """The node, or NodeNotFound; the fingerprint's shape is checked before it goes into a key."""
         nodes = await self.many([fingerprint]) if is_fingerprint(fingerprint) else []
         if not nodes:
+            self._boots.pop(fingerprint, None)
             raise NodeNotFound(f"No node with fingerprint {fingerprint[:64]!r} is registered.")
-        return nodes[0]
-
-    async def live(self, fingerprint: str) -> NodeInfo:
-        """The node as a job needs it (name, boot id, online), at the cost of one GET of its alive key.
-
-        A boot's registration never changes, so the record read when its boot first came online is kept, and
-        only whether that boot is still the one holding the alive key is read per call: liveness stays exact,
-        a restarted node (another boot id) is read again, an offline one in full (its last heartbeat goes into
-        the error). The heartbeat figures of a kept record are as old as the record: use `get` to show a node.
-        """
-        if not is_fingerprint(fingerprint):
-            return await self.get(fingerprint)
-        holder = await self._redis.get(keys.node_alive(fingerprint))
-        kept = self._boots.get(fingerprint)
-        boot = holder.decode(errors="replace") if isinstance(holder, bytes) else holder
-        if kept is not None and boot is not None and kept.boot_id == boot:
-            return kept
-        node = await self.get(fingerprint)
+        node = nodes[0]
         if node.online:
             self._boots[fingerprint] = node
         else:
             self._boots.pop(fingerprint, None)
         return node
+
+    async def live(self, fingerprint: str) -> NodeInfo:
+        """The node as a job needs it (name, boot id, online), without a round trip once its boot was read.
+
+        A boot's registration never changes, so the record read while a boot was online is kept, and a job
+        sent with it is guarded by that boot id (`api.sender.TaskSender`): queued only if the node's alive key
+        still holds it, else the API reads the node again (`get`, which drops a kept record that is no longer
+        online). The heartbeat figures of a kept record are as old as the record: use `get` to show a node.
+        """
+        kept = self._boots.get(fingerprint)
+        return kept if kept is not None else await self.get(fingerprint)
 
     async def alive(self, fingerprints: list[str]) -> dict[str, bool]:
         pipe = self._redis.pipeline(transaction=False)

@@ -80,3 +80,31 @@ def test_sends_what_celery_sends(server: RedisServer) -> None:
     assert mine == theirs
     assert mine[1].endswith("celeryev/task.sent") and mine[2]["body"]["uuid"] == task_id
     celery.close()
+
+
+def test_a_guarded_send_queues_only_while_the_guard_key_holds_its_value(server: RedisServer) -> None:
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    client = server.client()
+    queue = "modelfleet.node." + "cd" * 16
+    options: dict[str, Any] = {
+        "kwargs": {"job": {"deadline": time.time() + 30}},
+        "queue": queue,
+        "expires": datetime.fromtimestamp(time.time() + 30, UTC),
+    }
+
+    async def send(guard: tuple[str, str]) -> bool:
+        async_client = aioredis.Redis.from_url(server.url)
+        sender = TaskSender(celery, async_client)
+        try:
+            return await sender.send("modelfleet.list", task_id=uuid.uuid4().hex, guard=guard, **options)
+        finally:
+            sender.close()
+            await async_client.aclose()
+
+    assert asyncio.run(send(("alive", "boot-1"))) is False, "no key: not sent"
+    client.set("alive", "boot-2")
+    assert asyncio.run(send(("alive", "boot-1"))) is False, "another value: not sent"
+    assert client.llen(queue) == 0
+    assert asyncio.run(send(("alive", "boot-2"))) is True
+    assert client.llen(queue) == 1
+    celery.close()

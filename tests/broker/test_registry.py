@@ -194,23 +194,24 @@ def test_published_files_and_memory_make_the_catalog_until_the_next_registration
     assert not client.hexists(keys.node_info(FP), "files") and not client.hexists(keys.node_info(FP), "memory")
 
 
-def test_live_keeps_a_boot_s_record_and_reads_only_its_liveness(server: fakeredis.FakeServer) -> None:
+def test_live_keeps_an_online_boot_s_record_until_get_reads_the_node_again(server: fakeredis.FakeServer) -> None:
     first = registrar(server, ttl=5)
     first.claim()
     client = fakeredis.FakeRedis(server=server)
     directory = NodeDirectory(fakeredis.FakeAsyncRedis(server=server))
     seen = asyncio.run(directory.live(FP))
     assert seen.online and seen.boot_id == first.info.boot_id
-    # The record is kept: a change to it (which a boot never makes) is not read again...
+    # Kept without a read: a job sent with it is guarded by its boot id (api.sender), not by this record.
     client.hset(keys.node_info(FP), "registration", json.dumps(first.info.wire() | {"name": "renamed"}))
-    assert asyncio.run(directory.live(FP)) is seen
-    # ...but liveness is, at every call.
     client.delete(keys.node_alive(FP))
-    client.hset(keys.node_info(FP), "registration", first.info.model_dump_json(by_alias=True))
-    assert not asyncio.run(directory.live(FP)).online
+    assert asyncio.run(directory.live(FP)) is seen
+    # A full read replaces it; an offline node is not kept.
+    assert not asyncio.run(directory.get(FP)).online
+    assert asyncio.run(directory.live(FP)).name == "renamed"
 
-    second = registrar(server, ttl=5)  # a new process of the node: another boot id, read again
+    second = registrar(server, ttl=5)  # a new process of the node: another boot id
     second.claim()
     assert asyncio.run(directory.live(FP)).boot_id == second.info.boot_id != first.info.boot_id
+    assert asyncio.run(directory.live(FP)) is asyncio.run(directory.live(FP))
     with pytest.raises(NodeNotFound):
         asyncio.run(directory.live("not-a-fingerprint"))
