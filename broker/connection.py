@@ -27,6 +27,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+try:  # redis-py >= 7
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    # redis-py's maintenance notifications (for managed Redis services that announce failovers) default to
+    # "auto", and while they are on, a pool hands out a pooled connection that the server has closed (Redis
+    # restarted) instead of reconnecting it first: the next command on it fails with "Connection closed by
+    # server", and the API answered that request 503. modelfleet's servers announce nothing of the kind.
+    CONNECTION_DEFAULTS: dict[str, Any] = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+except ImportError:  # pragma: no cover - older redis-py checks every connection it hands out
+    CONNECTION_DEFAULTS = {}
+
 DEFAULT_MASTER = "mymaster"
 SENTINEL_TIMEOUT = 5.0
 SENTINEL_SCHEMES = ("redis+sentinel", "sentinel")
@@ -64,6 +75,7 @@ class RedisTarget:
         return shown
 
     def client(self, **options: Any) -> redis.Redis:
+        options = CONNECTION_DEFAULTS | options
         if not self.is_sentinel:
             return redis.Redis.from_url(self.url, **options)
         sentinel = Sentinel(
@@ -74,6 +86,7 @@ class RedisTarget:
 
     def async_client(self, *, max_connections: int = 100, timeout: float = 20, **options: Any) -> aioredis.Redis:
         """An asyncio client whose pool makes a burst of requests queue for a connection rather than fail."""
+        options = CONNECTION_DEFAULTS | options
         if not self.is_sentinel:
             pool = aioredis.BlockingConnectionPool.from_url(
                 self.url, max_connections=max_connections, timeout=timeout, **options
