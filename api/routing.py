@@ -227,7 +227,7 @@ class Router:
         try:
             await self._load(model_id)
         except ModelfleetError as exc:
-            body = json.dumps({"code": exc.code, "error": exc.message, "details": exc.details}, default=str)
+            body = json.dumps(exc.to_dict(), default=str)
             await self._redis.set(keys.ondemand_failed(model_id), body, px=int(FAILURE_TTL * 1000))
             raise
         finally:

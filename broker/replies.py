@@ -16,7 +16,6 @@ API knows which boot ran it) or never starts at all.
 from typing import Any, Protocol
 
 from broker import keys
-from broker.schemas import Reply
 
 # KEYS: cancel, started. ARGV: boot id, TTL s. 1 if this boot may start the job (and it is recorded); 0 if its
 # caller cancelled it; 2 if it started before (the broker delivered it again, as kombu may after a failover).
@@ -41,11 +40,6 @@ class _SyncRedis(Protocol):
     def pipeline(self, transaction: bool = True): ...
 
     def register_script(self, script: str) -> Any: ...
-
-
-def publish_reply(redis: _SyncRedis, reply: Reply, *, ttl: int) -> None:
-    """Store and announce a reply (worker side, sync redis-py)."""
-    store_reply(redis, reply.job_id, reply.model_dump_json(by_alias=True), ttl=ttl, announce=True)
 
 
 def store_reply(redis: _SyncRedis, job_id: str, body: str, *, ttl: int, announce: bool, only_new: bool = False) -> None:

@@ -314,7 +314,7 @@ class DashboardSession(Schema):
 
     key_id: str = Field(min_length=1, max_length=64)
     scope: int = Field(ge=1)
-    """`api.auth.Scope`'s value."""
+    """`broker.auth.Scope`'s value."""
     created_at: datetime
 
 
