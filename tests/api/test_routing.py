@@ -10,6 +10,7 @@ import pytest
 from api.routing import NodeView, Router, replicas
 from broker import keys
 from broker.errors import InsufficientMemory, ModelFileNotFound, ModelNotLoaded
+from broker.registry import NodeDirectory
 from broker.schemas import ModelInfo, ModelState, NodeInfo
 from tests.conftest import node_info
 
@@ -59,8 +60,6 @@ def server() -> fakeredis.FakeServer:
 
 def router(server: fakeredis.FakeServer, load, *, on_demand: bool = True, timeout: float = 10.0) -> Router:  # type: ignore[no-untyped-def]
     client = fakeredis.FakeAsyncRedis(server=server)
-    from broker.registry import NodeDirectory
-
     directory = NodeDirectory(client)
     return Router(client, directory, NodeView(directory, max_age=0), load, on_demand=on_demand, load_timeout=timeout)
 
@@ -155,6 +154,13 @@ def test_the_lock_of_a_dead_loader_lapses(server: fakeredis.FakeServer) -> None:
     asyncio.run(run())
 
 
+async def with_model(server: fakeredis.FakeServer) -> fakeredis.FakeAsyncRedis:
+    """A client of `server`, where node A holds model "m"."""
+    client = fakeredis.FakeAsyncRedis(server=server)
+    await register(client, A, [model("m")])
+    return client
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -165,10 +171,7 @@ class Clock:
 
 def test_the_node_view_reads_redis_only_after_a_change_or_max_age(server: fakeredis.FakeServer) -> None:
     async def run() -> None:
-        from broker.registry import NodeDirectory
-
-        client = fakeredis.FakeAsyncRedis(server=server)
-        await register(client, A, [model("m")])
+        client = await with_model(server)
         clock = Clock()
         view = NodeView(NodeDirectory(client), max_age=1.0, clock=clock)
         assert replicas(await view.nodes(), "m") and view.reads == 1
@@ -189,10 +192,7 @@ def test_the_node_view_reads_redis_only_after_a_change_or_max_age(server: fakere
 
 def test_requests_arriving_together_share_one_read(server: fakeredis.FakeServer) -> None:
     async def run() -> None:
-        from broker.registry import NodeDirectory
-
-        client = fakeredis.FakeAsyncRedis(server=server)
-        await register(client, A, [model("m")])
+        client = await with_model(server)
         view = NodeView(NodeDirectory(client))
         answers = await asyncio.gather(*(view.nodes() for _ in range(20)))
         assert view.reads == 1 and all(replicas(a, "m") for a in answers)
@@ -202,10 +202,7 @@ def test_requests_arriving_together_share_one_read(server: fakeredis.FakeServer)
 
 def test_a_request_after_a_change_does_not_wait_for_a_read_begun_before_it(server: fakeredis.FakeServer) -> None:
     async def run() -> None:
-        from broker.registry import NodeDirectory
-
-        client = fakeredis.FakeAsyncRedis(server=server)
-        await register(client, A, [model("m")])
+        client = await with_model(server)
         view = NodeView(NodeDirectory(client))
         before = asyncio.ensure_future(view.nodes())  # its read is under way ...
         await asyncio.sleep(0)
@@ -221,10 +218,7 @@ def test_a_request_after_a_change_does_not_wait_for_a_read_begun_before_it(serve
 
 def test_a_pool_event_marks_the_view_stale(server: fakeredis.FakeServer) -> None:
     async def run() -> None:
-        from broker.registry import NodeDirectory
-
-        client = fakeredis.FakeAsyncRedis(server=server)
-        await register(client, A, [model("m")])
+        client = await with_model(server)
         view = NodeView(NodeDirectory(client))
         following = asyncio.create_task(view.follow(client))
         await asyncio.wait_for(view.subscribed.wait(), 5)
