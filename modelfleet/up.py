@@ -184,6 +184,13 @@ def _ensure_demo_model(models_dir: Path) -> Path | None:
     return write_tiny_llama(models_dir / "demo-tiny.gguf")
 
 
+def _example_model(models_dir: Path) -> str:
+    """The model the banner's `load` line names: the first `.gguf` in the models directory (there is always one
+    after `_ensure_demo_model`), so the line can be copied as it is."""
+    found = sorted(models_dir.glob("*.gguf"))
+    return found[0].stem if found else "MODEL"
+
+
 def _consuming(client: redis.Redis, fingerprint: str, pid: int) -> bool:
     """The local node is online as this worker process (not one from an earlier run with the same fingerprint)
     and its consumer takes jobs: the banner means ready to load."""
@@ -300,7 +307,8 @@ def run_up(args: argparse.Namespace) -> int:
         )
         _wait_ready(url, (fp, worker_proc.pid), args.port, args.host, sup, stopping)
         if not sup.exited() and not stopping.is_set():
-            banner = Banner(api_url, fp, models_dir.resolve(), _endpoint(url, fp), keys_file, flower_auth)
+            example = _example_model(models_dir)
+            banner = Banner(api_url, fp, models_dir.resolve(), example, _endpoint(url, fp), keys_file, flower_auth)
             # Keys go to the terminal only when this run made them, or when a person is watching: a restart
             # under nohup or systemd must not write them into a log again (they are in the keys file).
             fresh = generated and state.get("MODELFLEET_OPERATOR_KEYS") is None
@@ -344,6 +352,8 @@ class Banner:
     api_url: str
     fingerprint: str
     models_dir: Path
+    example_model: str
+    """The model the `load` line names."""
     inference: str
     keys_file: Path
     flower_auth: str
@@ -369,7 +379,7 @@ class Banner:
             lines.append(f"  keys          the last run's, in {self.keys_file} (not shown again)")
         else:
             lines.append("  keys          from MODELFLEET_OPERATOR_KEYS / MODELFLEET_API_KEYS (not shown)")
-        model = demo.stem if demo is not None else "MODEL"
+        model = shlex.quote(self.example_model)
         models = shlex.quote(str(self.models_dir))
         lines += [
             "  next, in this directory (or anywhere after the first line):",

@@ -293,6 +293,13 @@ def test_up_writes_no_demo_model_when_models_holds_one(run_up, tmp_path: Path, r
     banner = up.wait_banner()
     assert sorted(p.name for p in models.iterdir()) == ["mine.gguf"]
     assert "demo model" not in up.output()
+    # The banner's load line names the model that is there, ready to copy.
+    [load_line] = [c for c in next_commands(up.output()) if c.startswith("modelfleet load ")]
+    assert load_line == "modelfleet load local mine"
+    loaded = shell(load_line, tmp_path / "run")
+    assert loaded.returncode == 0 and "Loaded mine on local" in loaded.stdout, (loaded.stdout, loaded.stderr)
+    with client(banner, banner.operator_key) as op:
+        assert op.post(f"/api/v1/nodes/{banner.fingerprint}/models/unload", json={"modelId": "mine"}).status_code == 200
     load_list_unload(banner, "mine")
     stop_with_ctrl_c(up)
 
