@@ -266,5 +266,11 @@ def test_events_errors(api: Api) -> None:
     assert nobody.code == EXIT_NOT_FOUND and "No node matches 'nobody'" in nobody.err
     anonymous = cli(api, "events", key="wrong")
     assert anonymous.code == EXIT_AUTH and "(unauthenticated, HTTP 401)" in anonymous.err
+    # A key that is set but refused is named as such, not reported as missing.
+    assert "the key from MODELFLEET_KEY was refused" in anonymous.err and "set MODELFLEET_KEY" not in anonymous.err
+    flagged = cli(api, "events", "--key", "wrong-too", key=None)
+    assert flagged.code == EXIT_AUTH and "the key from --key was refused" in flagged.err
+    keyless = cli(api, "events", key=None)
+    assert keyless.code == EXIT_AUTH and "pass --key or set MODELFLEET_KEY" in keyless.err
     unreachable = cli(api, "events", "--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.code == EXIT_UNREACHABLE
