@@ -58,8 +58,8 @@ from broker.answers import (
 )
 from broker.errors import ERRORS_BY_CODE, ModelfleetError
 from broker.openai import ChatCompletionResponse, CompletionResponse
-from broker.operations import LIST, LOAD, UNLOAD, UNLOAD_ALL
-from broker.schemas import LoadResult, ModelInfo, NodeInfo, UnloadAllResult, UnloadResult
+from broker.operations import CATALOG, LIST, LOAD, UNLOAD, UNLOAD_ALL
+from broker.schemas import LoadResult, ModelInfo, NodeCatalog, NodeInfo, UnloadAllResult, UnloadResult
 from modelfleet.sse import SseDecoder, StreamEvent
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -250,6 +250,12 @@ class Endpoints:
     def node_models(self, fingerprint: str) -> Call[list[ModelInfo]]:
         """The models on one node, in every state."""
         return Call("GET", _node_path(fingerprint, "/models"), lambda body: _one(LIST.result)(body).data)
+
+    @endpoint
+    def node_catalog(self, fingerprint: str) -> Call[NodeCatalog]:
+        """What one node can load (each file's size, memory estimate, and why it cannot be loaded, if it cannot),
+        with its models and memory."""
+        return Call("GET", _node_path(fingerprint, "/catalog"), _one(CATALOG.result))
 
     @endpoint
     def load(

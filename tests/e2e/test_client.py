@@ -18,6 +18,7 @@ import redis
 
 from broker.errors import NodeError, NodeUnavailable
 from broker.events import EventBus, ModelEvent, Snapshot, model_event
+from broker.operations import CATALOG, LOAD
 from broker.schemas import ModelInfo, ModelState, NodeInfo
 from modelfleet.client import (
     AsyncClient,
@@ -71,7 +72,14 @@ def test_node_endpoints(client: Client, node: Worker) -> None:
     assert client.resolve_node("client-node").fingerprint == node.fingerprint
     assert client.resolve_node(node.fingerprint[:6]).fingerprint == node.fingerprint
 
+    catalog = client.node_catalog(node.fingerprint)
+    assert isinstance(catalog, CATALOG.result) and catalog.node == node.fingerprint and catalog.models == []
+    files = {f.id: f for f in catalog.files}
+    assert files["tiny-a"].estimate_bytes and files["tiny-a"].problem is None
+    assert files["broken"].estimate_bytes is None and files["broken"].problem
+
     loaded = client.load(node.fingerprint, "tiny-a", context_length=256, gpu_layers=0)
+    assert isinstance(loaded, LOAD.result)
     assert loaded.model_id == "tiny-a" and loaded.state is ModelState.LOADED and not loaded.already_loaded
     assert client.load(node.fingerprint, "tiny-a").already_loaded
     [model] = client.node_models(node.fingerprint)
