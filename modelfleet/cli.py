@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from broker.logs import configure_logging
 from broker.settings import BrokerSettings
-from modelfleet.commands import add_commands
+from modelfleet.commands import add_command, add_commands
 
 log = logging.getLogger("modelfleet")
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run Redis (embedded unless --redis-url), the API and one local worker")
+    up = add_command(sub, "up", "run Redis (embedded unless --redis-url), the API and one local worker")
     up.add_argument("--host", default="127.0.0.1", help="the API's address (default: %(default)s)")
     up.add_argument("--port", type=int, default=8000, help="the API's port (default: %(default)s)")
     up.add_argument(
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    api = sub.add_parser("api", help="run the REST head")
+    api = add_command(sub, "api", "run the REST head")
     api.add_argument("--host", help="address to listen on (default: $MODELFLEET_HOST, else 127.0.0.1)")
     api.add_argument("--port", type=int, help="port to listen on (default: $MODELFLEET_PORT, else 8000)")
     api.add_argument("--redis-url", help=REDIS_HELP)
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api.set_defaults(func=cmd_api)
 
-    worker = sub.add_parser("worker", help="run one node: a Celery worker consuming only its own queue")
+    worker = add_command(sub, "worker", "run one node: a Celery worker consuming only its own queue")
     worker.add_argument("--name", help="the node's name; %%h is replaced by the hostname, e.g. gpu-%%h (default: node)")
     worker.add_argument("--models-dir", help="where its .gguf files are (default: ./models)")
     worker.add_argument("--state-dir", help="where the node key lives (default: ./.modelfleet/nodes/NAME)")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--preload", help="model ids to load at start, comma-separated (default: none)")
     worker.set_defaults(func=cmd_worker)
 
-    flower = sub.add_parser("flower", help="run the Flower dashboard: basic auth (MODELFLEET_FLOWER_AUTH), read-only")
+    flower = add_command(sub, "flower", "run the Flower dashboard: basic auth (MODELFLEET_FLOWER_AUTH), read-only")
     flower.add_argument("--port", type=int, help="port to listen on (default: $MODELFLEET_FLOWER_PORT, else 5555)")
     flower.add_argument("--address", help="address to listen on (default: $MODELFLEET_FLOWER_ADDRESS, else 127.0.0.1)")
     flower.add_argument("--redis-url", help=REDIS_HELP)

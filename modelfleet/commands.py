@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO, TypeAlias
 
 from broker.events import ModelEvent, NodeEvent, Snapshot
 from broker.schemas import ModelInfo, NodeInfo
@@ -381,7 +381,15 @@ def _run(command: Command) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_command(sub: Subcommands, name: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A `modelfleet` subcommand whose `--help` opens with what it does: the line `modelfleet --help` lists."""
+    return sub.add_parser(name, help=text, description=text, **kwargs)
+
+
+def add_commands(sub: Subcommands) -> None:
     """Add `nodes`, `ps`, `models`, `load`, `unload`, `events` and `run` to the `modelfleet` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -393,22 +401,22 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         help="an API key (default: $MODELFLEET_KEY, else .modelfleet/keys here; prefer these: flags show in ps)",
     )
 
-    nodes = sub.add_parser("nodes", parents=[common], help="list every registered node")
+    nodes = add_command(sub, "nodes", "list every registered node", parents=[common])
     nodes.set_defaults(func=_run(cmd_nodes))
 
-    ps = sub.add_parser("ps", parents=[common], help="list the models on every online node, or on NODE")
+    ps = add_command(sub, "ps", "list the models on every online node, or on NODE", parents=[common])
     ps.add_argument("node", nargs="?", metavar="NODE", help="a fingerprint, a unique prefix of one, or a name")
     ps.set_defaults(func=_run(cmd_ps))
 
-    models = sub.add_parser(
-        "models", parents=[common], help="list what every online node (or NODE) can load: size, estimate, state"
+    models = add_command(
+        sub, "models", "list what every online node (or NODE) can load: size, estimate, state", parents=[common]
     )
     models.add_argument("node", nargs="?", metavar="NODE", help="a fingerprint, a unique prefix of one, or a name")
     models.set_defaults(func=_run(cmd_models))
 
     node_help = "a fingerprint, a unique prefix of one, or a name"
     model_help = "the model's id (its path in the models dir without .gguf) or its file name, e.g. demo-tiny.gguf"
-    load = sub.add_parser("load", parents=[common], help="load MODEL on NODE and wait until it is loaded")
+    load = add_command(sub, "load", "load MODEL on NODE and wait until it is loaded", parents=[common])
     load.add_argument("node", metavar="NODE", help=node_help)
     load.add_argument("model", metavar="MODEL", help=model_help)
     load.add_argument("--ctx", type=int, metavar="N", help="context length (default: the model's own)")
@@ -417,7 +425,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
     load.set_defaults(func=_run(cmd_load))
 
-    unload = sub.add_parser("unload", parents=[common], help="unload MODEL (or --all) from NODE")
+    unload = add_command(sub, "unload", "unload MODEL (or --all) from NODE", parents=[common])
     unload.add_argument("node", metavar="NODE", help=node_help)
     unload.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
     unload.add_argument("--all", action="store_true", help="unload every model on the node (default: off)")
@@ -430,7 +438,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
     unload.set_defaults(func=checked_unload)
 
-    events = sub.add_parser("events", parents=[common], help="follow the pool's changes live, one line per event")
+    events = add_command(sub, "events", "follow the pool's changes live, one line per event", parents=[common])
     events.add_argument(
         "--node", metavar="NODE", help="only this node's events, by fingerprint, prefix or name (default: all)"
     )
@@ -439,8 +447,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     )
     events.set_defaults(func=_run(cmd_events))
 
-    run = sub.add_parser(
-        "run", parents=[common], help="run PROMPT on MODEL through the fleet and stream the answer as it is generated"
+    run = add_command(
+        sub, "run", "run PROMPT on MODEL through the fleet and stream the answer as it is generated", parents=[common]
     )
     run.add_argument("model", metavar="MODEL", help="loaded on demand if no node has it loaded (when the API allows)")
     run.add_argument("prompt", metavar="PROMPT", help="text to continue (with --chat, to answer); - reads stdin")
