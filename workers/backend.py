@@ -190,6 +190,8 @@ class LoadedModel(HeldModel):
                 yield token
                 # Evaluated only when the caller asks for the next token: a stopped caller costs nothing more.
                 llm.eval([token])
+        except GeneratorExit:
+            raise  # closed at a `yield`: the cache holds exactly the prompt and the tokens before this one
         except BaseException:
             llm._context.clear()  # what was evaluated is unknown: the next prompt is evaluated from scratch
             raise

@@ -121,6 +121,8 @@ class LlamaCppModel(HeldModel):
                     yield token
             finally:
                 tokens.close()
+        except GeneratorExit:
+            raise  # closed at a `yield`: the cache holds exactly the prompt and the tokens before this one
         except BaseException:
             llm.reset()  # what was evaluated is unknown: the next prompt is evaluated from scratch
             raise

@@ -23,6 +23,7 @@ from workers.backend import (
 )
 from workers.gguf_factory import write_not_gguf, write_tiny_llama, write_truncated_gguf
 from workers.gguf_header import read_token_texts
+from workers.inference.backend import SamplingParams
 
 STORIES = Path(__file__).resolve().parents[3] / "shared" / "models" / "stories260K.gguf"
 MB = 1_000_000
@@ -128,6 +129,24 @@ def test_stories260k_tells_a_story(loader: CTransformersLoader, stories: Path) -
     assert model.context_length == 512  # ctransformers' default, although the header says 2048
     assert "Lily" in model.handle("Once upon a time", max_new_tokens=30, temperature=0.0)
     loader.unload(model)
+
+
+def test_a_generation_stopped_early_keeps_what_it_evaluated(loader: CTransformersLoader, stories: Path) -> None:
+    """Stopping a generation (max_tokens, a stop string) closes it: the prompt and the tokens fed back stay in the
+    cache for the next prompt that starts the same way, and the next answer is the same."""
+    model = loader.load(stories, context_length=None, gpu_layers=None)
+    try:
+        assert model.handle is not None
+        ids = model.tokenize("Once upon a time", add_bos=True)
+        runs = []
+        for _ in range(2):
+            tokens = model.generate(ids, SamplingParams(temperature=0.0), lambda: False)
+            runs.append([next(tokens) for _ in range(8)])
+            tokens.close()
+            assert len(model.handle._context) == len(ids) + 7  # the 8th was sampled, never evaluated
+        assert runs[0] == runs[1]
+    finally:
+        loader.unload(model)
 
 
 def test_safe_tokenize_handles_prompts_that_overflow_ctransformers(loader: CTransformersLoader, stories: Path) -> None:

@@ -96,6 +96,9 @@ def test_llama3_vocabulary_round_trips(backend: LlamaCppBackend, files: dict[str
 def test_greedy_generation_is_repeatable_and_reuses_the_cache(qwen2: LlamaCppModel) -> None:
     first = generate(qwen2, "Once upon a time", 8)
     assert len(first) == 8
+    # Stopped after 8 tokens (as max_tokens and stop strings stop it): the prompt and the 7 tokens fed back stay
+    # evaluated, for the next prompt that starts the same way.
+    assert qwen2.handle.n_tokens == len(qwen2.tokenize("Once upon a time", add_bos=True)) + 7
     assert generate(qwen2, "Once upon a time", 8) == first
     assert generate(qwen2, "Hello", 4) == generate(qwen2, "Hello", 4)
     assert generate(qwen2, "Once upon a time", 8) == first  # after a different prompt: the cache was cut back

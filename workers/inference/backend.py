@@ -8,7 +8,8 @@ Rules a backend follows:
 - One call at a time per model: the manager's lease serializes every call below, so a backend needs no lock.
 - `generate` yields sampled token ids one by one and returns (without yielding it) at an end-of-generation
   token. It never evaluates more than the caller consumes: the next token is computed only when asked for, so
-  a caller that stops iterating (or closes the generator) costs at most the token in progress.
+  a caller that stops iterating (or closes the generator) costs at most the token in progress. Closing it keeps
+  what it evaluated (the prompt and the tokens fed back) cached for the next prompt that starts the same way.
 - `temperature == 0` means greedy decoding; `seed` makes sampling repeatable; `top_p` is nucleus sampling.
 - The caller guarantees `len(prompt_ids) + tokens asked for <= context_length`.
 """
