@@ -32,7 +32,7 @@ from broker.errors import InvalidModelFile
 from workers.backend_rules import ctransformers_problem
 from workers.gguf_header import read_token_texts
 from workers.gguf_info import GGUFInfo, kv_cache_bytes, read_gguf_info
-from workers.inference.backend import HeldModel, SamplingParams
+from workers.inference.backend import HeldModel, SamplingParams, answers
 
 NAME = "ctransformers"
 CTRANSFORMERS_DEFAULT_CONTEXT = 512
@@ -265,19 +265,5 @@ class CTransformersLoader:
         gc.collect()
 
     def check(self, model: LoadedModel) -> bool:
-        """Return True if the model answers: it tokenizes a letter and generates one token from it.
-
-        Not thread-safe, like every call on the model: the manager calls it under the model's lease.
-        """
-        if model.handle is None:
-            return False
-        try:
-            ids = model.tokenize("a", add_bos=True)
-            tokens = model.generate(ids, SamplingParams(temperature=0), lambda: False)
-            try:
-                next(tokens, None)  # the end-of-text token is an answer too
-            finally:
-                tokens.close()
-            return len(ids) > 0
-        except Exception:  # any failure means the model is not usable, which is the answer
-            return False
+        """Return True if the model answers (`workers.inference.backend.answers`)."""
+        return answers(model)

@@ -56,7 +56,7 @@ class Backend(Protocol):
     def unload(self, model: Any) -> None: ...
 
     def check(self, model: Any) -> bool:
-        """Whether the model still answers a cheap call."""
+        """Whether the model answers: generates a token, cheaply (`workers.inference.backend.answers`)."""
         ...
 
 

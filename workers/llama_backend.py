@@ -31,7 +31,7 @@ from typing import Any
 from broker.errors import ModelLoadFailed
 from workers.backend_rules import llama_cpp_problem
 from workers.gguf_info import GGUFInfo, kv_cache_bytes, read_gguf_info
-from workers.inference.backend import HeldModel, SamplingParams
+from workers.inference.backend import HeldModel, SamplingParams, answers
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +260,8 @@ class LlamaCppBackend:
         gc.collect()
 
     def check(self, model: LlamaCppModel) -> bool:
-        """True if the model still tokenizes a letter (cheap, and touches the loaded vocabulary)."""
-        if model.handle is None:
-            return False
-        try:
-            return len(model.tokenize("a", add_bos=False)) > 0
-        except Exception:  # any failure means the model is not usable, which is the answer
-            return False
+        """True if the model answers: generates a token, as on ctransformers (`workers.inference.backend.answers`)."""
+        return answers(model)
 
 
 def _token_text(llm: Any, token: int) -> str:

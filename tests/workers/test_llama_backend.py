@@ -129,6 +129,19 @@ def test_a_file_llama_cpp_refuses_fails_with_its_reason(backend: LlamaCppBackend
     assert backend.problem(read_gguf_info(alien)) == "architecture nosucharch"
 
 
+def test_check_makes_the_model_answer(backend: LlamaCppBackend, files: dict[str, Path]) -> None:
+    """`healthy` means the model answered: the check runs the model (a tokenizer alone would pass with broken
+    weights or a failing GPU), as on ctransformers."""
+    model = backend.load(files["qwen2"], context_length=None, gpu_layers=None)
+    try:
+        assert model.handle.n_tokens == 0
+        assert backend.check(model)
+        assert model.handle.n_tokens > 0  # llama.cpp evaluated the prompt to sample a token
+        assert len(generate(model, "Once upon a time", 3)) == 3  # and the model still serves
+    finally:
+        backend.unload(model)
+
+
 def test_unload_frees_the_model(backend: LlamaCppBackend, files: dict[str, Path]) -> None:
     model = backend.load(files["qwen2"], context_length=None, gpu_layers=None)
     backend.unload(model)

@@ -1,8 +1,9 @@
 """What a backend's loaded model must offer to be served: the whole contract between the routes and a backend.
 
-A backend (ctransformers in `workers.backend`, llama.cpp next) implements `InferenceModel` on the object its
-loader returns. Everything above token ids is generic and lives in `workers.inference.text`: incremental UTF-8
-decoding, stop strings, `max_tokens` and `finish_reason`, usage counting, cancellation, chat templates.
+A backend (ctransformers in `workers.backend`, llama.cpp in `workers.llama_backend`) implements `InferenceModel`
+on the object its loader returns. Everything above token ids is generic and lives in `workers.inference.text`:
+incremental UTF-8 decoding, stop strings, `max_tokens` and `finish_reason`, usage counting, cancellation, chat
+templates.
 
 Rules a backend follows:
 - One call at a time per model: the manager's lease serializes every call below, so a backend needs no lock.
@@ -80,3 +81,23 @@ class HeldModel:
         if self.handle is None:
             raise ModelNotLoaded("The model was unloaded.")
         return self.handle
+
+
+def answers(model: InferenceModel) -> bool:
+    """Whether the model answers: it tokenizes a letter and generates one token from it (end of text counts).
+
+    What `healthy` means on every backend, and cheap: a token or two evaluated, one sampled. Call it under the
+    model's lease, like every call on the model.
+    """
+    try:
+        ids = model.tokenize("a", add_bos=True)
+        if not ids:
+            return False
+        tokens = model.generate(ids, SamplingParams(temperature=0), lambda: False)
+        try:
+            next(tokens, None)
+        finally:
+            tokens.close()
+    except Exception:  # any failure (an unloaded model included) means the model is not usable, which is the answer
+        return False
+    return True
