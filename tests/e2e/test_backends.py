@@ -4,6 +4,7 @@ old ctransformers cannot load (qwen2, a Llama-3-style BPE vocabulary), plus the 
 
 import importlib.util
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import OPERATOR_KEY, READ_KEY, STORIES, Api, Fleet, Worker
+from broker import keys
+from broker.events import ModelEvent, parse_event
+from tests.conftest import OPERATOR_KEY, READ_KEY, STORIES, Api, Fleet, Worker, wait_for
 from workers.gguf_factory import write_tiny_llama, write_tiny_llama3, write_tiny_qwen2, write_unknown_architecture
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,7 +73,21 @@ def listed(op: httpx.Client, node: Worker) -> dict[str, dict[str, Any]]:
     return {m["id"]: m for m in response.json()["data"]}
 
 
-def test_a_file_no_backend_can_run_ends_failed_with_the_reason(op: httpx.Client, auto_node: Worker) -> None:
+def catalog(op: httpx.Client, node: Worker) -> dict[str, dict[str, Any]]:
+    response = op.get(f"/api/v1/nodes/{node.fingerprint}/catalog")
+    assert response.status_code == 200, response.text
+    return {f["id"]: f for f in response.json()["files"]}
+
+
+def model_events(fleet: Fleet, node: Worker, model: str) -> list[ModelEvent]:
+    stream = fleet.redis.client().xrange(keys.events_stream())
+    events = [parse_event(fields[b"event"]) for _, fields in stream if b"event" in fields]
+    return [e for e in events if isinstance(e, ModelEvent) and e.node == node.fingerprint and e.model_id == model]
+
+
+def test_a_file_no_backend_can_run_ends_failed_with_the_reason(
+    module_fleet: Fleet, op: httpx.Client, auto_node: Worker
+) -> None:
     response = load(op, auto_node, "alien")
     assert response.status_code == 422, response.text
     body = response.json()
@@ -78,18 +95,44 @@ def test_a_file_no_backend_can_run_ends_failed_with_the_reason(op: httpx.Client,
     assert "no backend can run it" in body["error"] and "architecture nosucharch" in body["error"]
     model = listed(op, auto_node)["alien"]
     assert model["state"] == "failed" and model["error"] == body["error"] and model["backend"] is None
+    failed = [e for e in model_events(module_fleet, auto_node, "alien") if e.type == "model-load-failed"]
+    assert failed and failed[-1].error == body["error"]
+
+
+def refuses_what_only_llama_cpp_runs(op: httpx.Client, node: Worker, needs: str) -> None:
+    """On a node that runs ctransformers alone, the qwen2 file's load fails (and the Llama-3 file's catalog entry
+    says why it would) with `needs` as the reason, and the old llama still loads with ctransformers."""
+    response = load(op, node, "qwen2-tiny")
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == f"Cannot load qwen2-tiny.gguf: architecture qwen2 needs the llama-cpp {needs}."
+    assert listed(op, node)["qwen2-tiny"]["state"] == "failed"
+    assert catalog(op, node)["llama3-tiny"]["problem"] == (
+        f"Cannot load llama3-tiny.gguf: a gpt2 (byte-level BPE) vocabulary needs the llama-cpp {needs}."
+    )
+    assert load(op, node, "old-llama").status_code == 200
+    assert listed(op, node)["old-llama"]["backend"] == "ctransformers"
+
+
+def test_a_node_where_llama_cpp_is_not_installed_says_how_to_install_it(
+    module_fleet: Fleet, backend_models: Path, op: httpx.Client, tmp_path: Path
+) -> None:
+    """The issue's example, on a real `auto` node that cannot import llama_cpp. Where the extra is installed, a
+    package of that name that fails to import, first on the node's PYTHONPATH, makes it absent for that node."""
+    env = {}
+    if HAVE_LLAMA_CPP:
+        (tmp_path / "llama_cpp").mkdir()
+        (tmp_path / "llama_cpp" / "__init__.py").write_text("raise ImportError(\"No module named 'llama_cpp'\")\n")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    node = module_fleet.worker("no-llama-node", backend_models, **env)
+    try:
+        assert "not installed: llama-cpp" in node.log()
+        refuses_what_only_llama_cpp_runs(op, node, "backend: pip install 'modelfleet[llama-cpp]'")
+    finally:
+        node.stop()
 
 
 def test_a_node_without_llama_cpp_names_what_is_missing(op: httpx.Client, fixed_node: Worker) -> None:
-    response = load(op, fixed_node, "qwen2-tiny")
-    assert response.status_code == 422, response.text
-    assert response.json()["error"] == (
-        "Cannot load qwen2-tiny.gguf: architecture qwen2 needs the llama-cpp backend, "
-        "but this node runs only --backend ctransformers."
-    )
-    assert listed(op, fixed_node)["qwen2-tiny"]["state"] == "failed"
-    assert load(op, fixed_node, "old-llama").status_code == 200
-    assert listed(op, fixed_node)["old-llama"]["backend"] == "ctransformers"
+    refuses_what_only_llama_cpp_runs(op, fixed_node, "backend, but this node runs only --backend ctransformers")
 
 
 def test_an_unknown_backend_is_bad_input_and_changes_nothing(op: httpx.Client, auto_node: Worker) -> None:
@@ -106,6 +149,29 @@ def test_the_catalog_shows_the_backend_each_file_would_use(op: httpx.Client, aut
     assert entries["old-llama"]["backends"] == ["ctransformers"]
     assert entries["alien"]["backends"] == []
     assert entries["qwen2-tiny"]["backends"] == (["llama-cpp"] if HAVE_LLAMA_CPP else [])
+    files = catalog(op, auto_node)
+    assert files["old-llama"]["backend"] == "ctransformers" and files["old-llama"]["estimateBytes"] > 0
+    assert files["alien"]["backend"] is None and "no backend can run it" in files["alien"]["problem"]
+    for name in ("qwen2-tiny", "llama3-tiny"):
+        assert files[name]["backend"] == ("llama-cpp" if HAVE_LLAMA_CPP else None)
+        assert (files[name]["problem"] is None) == HAVE_LLAMA_CPP
+
+
+@needs_llama_cpp
+def test_a_node_run_with_backend_llama_cpp_loads_every_model_with_it(
+    module_fleet: Fleet, backend_models: Path, op: httpx.Client
+) -> None:
+    node = module_fleet.worker("llama-node", backend_models, "--backend", "llama-cpp")
+    try:
+        assert catalog(op, node)["old-llama"]["backend"] == "llama-cpp"
+        response = load(op, node, "old-llama")
+        assert response.status_code == 200, response.text
+        assert listed(op, node)["old-llama"]["backend"] == "llama-cpp"
+        refused = load(op, node, "qwen2-tiny", backend="ctransformers")
+        assert refused.status_code == 422, refused.text
+        assert "this node runs only --backend llama-cpp" in refused.json()["error"]
+    finally:
+        node.stop()
 
 
 @needs_llama_cpp
@@ -125,7 +191,9 @@ def pool_load(op: httpx.Client, node: Worker, model: str, **fields: Any) -> http
 
 @needs_llama_cpp
 @pytest.mark.parametrize("backend", ["ctransformers", "llama-cpp"])
-def test_every_operation_works_on_both_backends(op: httpx.Client, auto_node: Worker, backend: str) -> None:
+def test_every_operation_works_on_both_backends(
+    module_fleet: Fleet, op: httpx.Client, auto_node: Worker, backend: str
+) -> None:
     if not STORIES.exists():
         pytest.skip(f"the real model is not at {STORIES}")
     first = pool_load(op, auto_node, "stories260K", backend=backend)
@@ -141,6 +209,15 @@ def test_every_operation_works_on_both_backends(op: httpx.Client, auto_node: Wor
     unloaded = op.post(f"/api/v1/nodes/{auto_node.fingerprint}/models/unload", json={"modelId": "stories260K"})
     assert unloaded.status_code == 200, unloaded.text
     assert "stories260K" not in listed(op, auto_node)
+
+    def told() -> list[tuple[str, str | None]]:
+        events = model_events(module_fleet, auto_node, "stories260K")
+        return [(e.type, e.model.backend) for e in events if e.model.backend == backend]
+
+    # The load, the force reload (the old copy goes, a new one comes), the unload: each told with its backend.
+    cycle = [("model-loading", backend), ("model-loaded", backend), ("model-unloading", backend)]
+    cycle += [("model-unloaded", backend)]
+    wait_for(lambda: told()[-8:] == cycle * 2, 10, f"the events of every step on {backend}")
 
 
 @needs_llama_cpp
