@@ -93,6 +93,20 @@ def test_llama3_vocabulary_round_trips(backend: LlamaCppBackend, files: dict[str
         backend.unload(model)
 
 
+@pytest.mark.parametrize(("gpu_layers", "reported"), [(None, 0), (1, 1), (-1, 3)])
+def test_gpu_layers_is_llama_cpps_n_gpu_layers(
+    backend: LlamaCppBackend, files: dict[str, Path], gpu_layers: int | None, reported: int
+) -> None:
+    """`gpuLayers` reaches llama.cpp as `n_gpu_layers` (-1: every layer, which llama-cpp-python passes as its
+    largest int); the listing reports the layers, the output layer counted, as on ctransformers."""
+    model = backend.load(files["qwen2"], context_length=None, gpu_layers=gpu_layers)
+    try:
+        assert model.gpu_layers == reported
+        assert model.handle.model_params.n_gpu_layers == (2**31 - 1 if gpu_layers == -1 else reported)
+    finally:
+        backend.unload(model)
+
+
 def test_greedy_generation_is_repeatable_and_reuses_the_cache(qwen2: LlamaCppModel) -> None:
     first = generate(qwen2, "Once upon a time", 8)
     assert len(first) == 8
