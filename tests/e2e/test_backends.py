@@ -305,22 +305,27 @@ def test_todays_architectures_answer_through_the_node_endpoint(op: httpx.Client,
 
 @needs_llama_cpp
 def test_the_head_serves_both_backends_with_the_same_shapes(op: httpx.Client, api: Api, auto_node: Worker) -> None:
-    """Through the head's OpenAI routes: a llama.cpp model and a ctransformers one, streamed and not."""
-    for model in ("qwen2-tiny", "old-llama"):
+    """Through the head's OpenAI routes: the qwen2 and Llama-3-style models on llama.cpp and an old llama on
+    ctransformers, all loaded by `auto`, streamed and not."""
+    models = ("qwen2-tiny", "llama3-tiny", "old-llama")
+    for model in models:
         assert load(op, auto_node, model).status_code == 200
+    assert [listed(op, auto_node)[m]["backend"] for m in models] == ["llama-cpp", "llama-cpp", "ctransformers"]
     answers: dict[str, Any] = {}
     with api.client(READ_KEY) as reader:
-        for model in ("qwen2-tiny", "old-llama"):
+        for model in models:
             body = {"model": model, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
             response = reader.post("/v1/completions", json=body)
             assert response.status_code == 200, response.text
             answers[model] = response.json()
+            assert answers[model]["usage"]["completion_tokens"] > 0
             with reader.stream("POST", "/v1/completions", json=body | {"stream": True}) as streamed:
                 assert streamed.status_code == 200
                 events = [line.removeprefix("data: ") for line in streamed.iter_lines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]"
             text = "".join(c["choices"][0]["text"] for e in events[:-1] if (c := json.loads(e))["choices"])
             assert text == answers[model]["choices"][0]["text"]
-    assert shape(answers["qwen2-tiny"]) == shape(answers["old-llama"])
-    direct = complete(auto_node, "qwen2-tiny", max_tokens=5)
-    assert answers["qwen2-tiny"]["choices"][0]["text"] == direct["choices"][0]["text"]
+    assert shape(answers["qwen2-tiny"]) == shape(answers["llama3-tiny"]) == shape(answers["old-llama"])
+    for model in ("qwen2-tiny", "llama3-tiny"):
+        direct = complete(auto_node, model, max_tokens=5)
+        assert answers[model]["choices"][0]["text"] == direct["choices"][0]["text"]
