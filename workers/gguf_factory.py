@@ -3,7 +3,8 @@
 Tests and benchmarks use them to get real model files of a chosen shape and size without downloading anything.
 The weights are random, so the text they generate is noise.
 
-- `write_tiny_llama`: a llama with a SentencePiece vocabulary, which ctransformers 0.2.27 and llama.cpp load.
+- `write_tiny_llama`: a llama with a SentencePiece vocabulary, which ctransformers 0.2.27 and llama.cpp load
+  (only llama.cpp with `weight_type=BF16`, a type ctransformers' ggml predates).
 - `write_tiny_qwen2`: a `qwen2` (attention biases, byte-level BPE with the "qwen2" pre-tokenizer, a ChatML
   template), which only the llama.cpp backend loads.
 - `write_tiny_llama3`: a llama with a Llama-3-style vocabulary (byte-level BPE, "llama-bpe" pre-tokenizer,
@@ -50,8 +51,10 @@ def write_tiny_llama(
     seed: int = 0,
     description: str = "modelfleet demo: random weights, not a trained model",
     endless: bool = False,
+    weight_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
 ) -> Path:
-    """Write a llama model with random F32 weights to `path` and return `path`.
+    """Write a llama model with random F32 weights to `path` and return `path`; `weight_type` stores the weight
+    matrices in another type `gguf.quants` can write (BF16, Q8_0, ...), the norms staying F32.
 
     The file has a SentencePiece ("llama") tokenizer: `<unk>`, `<s>` (BOS), `</s>` (EOS), the 256 byte tokens,
     and the pieces that keep ASCII prompts safe (see the module docstring), and then filler tokens up to
@@ -82,6 +85,7 @@ def write_tiny_llama(
         seed=seed,
         description=description,
         endless=endless,
+        weight_type=weight_type,
     )
     n_ff = 2 * n_embd
     write(n_ff=n_ff)
@@ -109,6 +113,7 @@ def _write(
     seed: int,
     description: str,
     endless: bool,
+    weight_type: gguf.GGMLQuantizationType,
 ) -> None:
     tokens = [*_SPECIAL, *_BYTES, *_PIECES]
     tokens += [f"\u2581tok{i}" for i in range(n_vocab - len(tokens))]
@@ -126,7 +131,8 @@ def _write(
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)
     shape = _Shape(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, context_length)
-    _add_decoder(writer, "llama", shape, seed=seed, description=description, silenced=EOS_ID if endless else None)
+    silenced = EOS_ID if endless else None
+    _add_decoder(writer, "llama", shape, seed=seed, description=description, silenced=silenced, weight_type=weight_type)
 
 
 def write_not_gguf(path: Path) -> Path:
@@ -321,15 +327,23 @@ def _add_decoder(
     description: str = "modelfleet test model: random weights, not a trained model",
     biases: bool = False,
     silenced: int | None = None,
+    weight_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
 ) -> None:
     """The hyperparameters and random weights of a llama-like decoder (qwen2 adds Q, K and V biases); writes
-    and closes the file. `silenced`: a token whose output row is zero, so greedy decoding never picks it."""
+    and closes the file. `silenced`: a token whose output row is zero, so greedy decoding never picks it.
+    `weight_type`: the type of the weight matrices."""
     rng = np.random.default_rng(seed)
 
     def weights(*dims: int) -> np.ndarray:
         w = rng.standard_normal(dims, dtype=np.float32)
         w *= 0.02
         return w
+
+    def add_matrix(name: str, w: np.ndarray) -> None:
+        if weight_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, w)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(w, weight_type), raw_dtype=weight_type)
 
     n_embd, n_ff = shape.n_embd, shape.n_ff
     n_embd_kv = n_embd * shape.n_head_kv // shape.n_head
@@ -344,26 +358,26 @@ def _add_decoder(
     writer.add_rope_dimension_count(n_embd // shape.n_head)
     writer.add_layer_norm_rms_eps(1e-5)
     ones = np.ones(n_embd, dtype=np.float32)
-    writer.add_tensor("token_embd.weight", weights(shape.n_vocab, n_embd))
+    add_matrix("token_embd.weight", weights(shape.n_vocab, n_embd))
     writer.add_tensor("output_norm.weight", ones)
     output = weights(shape.n_vocab, n_embd)
     if silenced is not None:
         output[silenced] = 0.0
-    writer.add_tensor("output.weight", output)
+    add_matrix("output.weight", output)
     for i in range(shape.n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        writer.add_tensor(f"blk.{i}.attn_q.weight", weights(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weights(n_embd_kv, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weights(n_embd_kv, n_embd))
+        add_matrix(f"blk.{i}.attn_q.weight", weights(n_embd, n_embd))
+        add_matrix(f"blk.{i}.attn_k.weight", weights(n_embd_kv, n_embd))
+        add_matrix(f"blk.{i}.attn_v.weight", weights(n_embd_kv, n_embd))
         if biases:
             writer.add_tensor(f"blk.{i}.attn_q.bias", weights(n_embd))
             writer.add_tensor(f"blk.{i}.attn_k.bias", weights(n_embd_kv))
             writer.add_tensor(f"blk.{i}.attn_v.bias", weights(n_embd_kv))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", weights(n_embd, n_embd))
+        add_matrix(f"blk.{i}.attn_output.weight", weights(n_embd, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weights(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(n_embd, n_ff))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(n_ff, n_embd))
+        add_matrix(f"blk.{i}.ffn_gate.weight", weights(n_ff, n_embd))
+        add_matrix(f"blk.{i}.ffn_down.weight", weights(n_embd, n_ff))
+        add_matrix(f"blk.{i}.ffn_up.weight", weights(n_ff, n_embd))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

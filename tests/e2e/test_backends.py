@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from gguf import GGMLQuantizationType
 
 from broker import keys
 from broker.events import ModelEvent, parse_event
@@ -33,6 +34,7 @@ def backend_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_llama(root / "old-llama.gguf")
     write_tiny_qwen2(root / "qwen2-tiny.gguf")
     write_tiny_llama3(root / "llama3-tiny.gguf")
+    write_tiny_llama(root / "llama-bf16.gguf", weight_type=GGMLQuantizationType.BF16)  # a type ctransformers predates
     write_unknown_architecture(root / "alien.gguf")
     if STORIES.exists():
         shutil.copy(STORIES, root / "stories260K.gguf")
@@ -175,7 +177,7 @@ def test_a_node_run_with_backend_llama_cpp_loads_every_model_with_it(
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("model", ["qwen2-tiny", "llama3-tiny"])
+@pytest.mark.parametrize("model", ["qwen2-tiny", "llama3-tiny", "llama-bf16"])
 def test_auto_loads_todays_architectures_with_llama_cpp(op: httpx.Client, auto_node: Worker, model: str) -> None:
     response = load(op, auto_node, model, contextLength=256, gpuLayers=-1)
     assert response.status_code == 200, response.text

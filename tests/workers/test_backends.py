@@ -26,6 +26,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen2": write_tiny_qwen2(root / "qwen2.gguf"),
         "llama3": write_tiny_llama3(root / "llama3.gguf"),
         "unknown": write_unknown_architecture(root / "unknown.gguf"),
+        "bf16": write_tiny_llama(root / "bf16.gguf", weight_type=Q.BF16),
     }
 
 
@@ -43,7 +44,7 @@ def test_auto_gives_ctransformers_what_it_runs(ctransformers_only: Backends, fil
 
 @pytest.mark.parametrize(
     ("name", "what"),
-    [("qwen2", "architecture qwen2"), ("llama3", "a gpt2 (byte-level BPE) vocabulary")],
+    [("qwen2", "architecture qwen2"), ("llama3", "a gpt2 (byte-level BPE) vocabulary"), ("bf16", "tensor types BF16")],
 )
 def test_a_file_only_llama_cpp_runs_names_what_to_install(
     ctransformers_only: Backends, files: dict[str, Path], name: str, what: str

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from gguf import GGMLQuantizationType
 
 from broker.errors import ModelLoadFailed, ModelNotLoaded
 from workers.backend import CTransformersLoader
@@ -40,6 +41,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen2": write_tiny_qwen2(root / "qwen2.gguf"),
         "llama3": write_tiny_llama3(root / "llama3.gguf"),
         "llama": write_tiny_llama(root / "llama.gguf"),
+        "bf16": write_tiny_llama(root / "bf16.gguf", weight_type=GGMLQuantizationType.BF16),
     }
 
 
@@ -64,9 +66,10 @@ def generate(model: LlamaCppModel, prompt: str, n: int, cancelled: Callable[[], 
 def test_auto_sends_what_ctransformers_cannot_run_to_llama(backend: LlamaCppBackend, files: dict[str, Path]) -> None:
     both = Backends([CTransformersLoader(threads=1), backend])
     assert both.plan(files["llama"], None).backend == "ctransformers"
-    for name in ("qwen2", "llama3"):
+    for name in ("qwen2", "llama3", "bf16"):
         model = both.load(files[name], context_length=None, gpu_layers=None)
         assert model.backend == "llama-cpp" and both.check(model)
+        assert len(generate(model, "Once upon a time", 3)) == 3
         both.unload(model)
     assert both.plan(files["llama"], None, "llama-cpp").backend == "llama-cpp"
 
