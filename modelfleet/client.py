@@ -266,9 +266,12 @@ class Endpoints:
         model_path: str | None = None,
         context_length: int | None = None,
         gpu_layers: int | None = None,
+        backend: str | None = None,
     ) -> Call[LoadResult]:
-        """Load a model on one node; returns once it is loaded (or already was)."""
+        """Load a model on one node; returns once it is loaded (or already was). `backend`: "ctransformers" or
+        "llama-cpp" instead of the node's choice for the file."""
         body = {"modelId": model_id, "modelPath": model_path, "contextLength": context_length, "gpuLayers": gpu_layers}
+        body["backend"] = backend
         return Call(
             "POST", _node_path(fingerprint, "/models/load"), _one(LOAD.result), _drop_none(body), self.job_timeout
         )
@@ -301,10 +304,18 @@ class Endpoints:
 
     @endpoint
     def pool_load(
-        self, model: str, *, node: str | None = None, force_reload: bool = False, evict: bool = False, pin: bool = False
+        self,
+        model: str,
+        *,
+        node: str | None = None,
+        force_reload: bool = False,
+        evict: bool = False,
+        pin: bool = False,
+        backend: str | None = None,
     ) -> Call[PoolLoadResult]:
-        """Load a model wherever placement puts it (or on `node`, a fingerprint)."""
+        """Load a model wherever placement puts it (or on `node`, a fingerprint); `backend` as in `load`."""
         body = {"model_name": model, "node": node, "force_reload": force_reload, "evict": evict, "pin": pin}
+        body["backend"] = backend
         return Call("POST", "/v1/models/load", _one(PoolLoadResult), _drop_none(body), self.job_timeout)
 
     @endpoint

@@ -160,7 +160,8 @@ def _model_row(label: str, model: ModelInfo, now: datetime) -> list[str]:
     state = model.state.value + (" (pinned)" if model.pinned else "")
     loaded_for = (now - model.loaded_at).total_seconds() if model.loaded_at else None
     context = str(model.context_length) if model.context_length else "default"
-    return [label, model.id, state, human_bytes(model.size_bytes), context, human_duration(loaded_for)]
+    size, age = human_bytes(model.size_bytes), human_duration(loaded_for)
+    return [label, model.id, state, model.backend or "-", size, context, age]
 
 
 def cmd_ps(args: argparse.Namespace, client: Client) -> int:
@@ -191,7 +192,7 @@ def cmd_ps(args: argparse.Namespace, client: Client) -> int:
             if not n.online
         ]
     if rows:
-        table(["NODE", "MODEL", "STATE", "SIZE", "CONTEXT", "LOADED FOR"], rows, sys.stdout)
+        table(["NODE", "MODEL", "STATE", "BACKEND", "SIZE", "CONTEXT", "LOADED FOR"], rows, sys.stdout)
     elif nodes:
         where = ", ".join(node_label(n, everyone) for n in nodes)
         print(f"No models loaded on {where}; `modelfleet models` lists what can be loaded.", file=sys.stdout)
@@ -240,7 +241,9 @@ def cmd_load(args: argparse.Namespace, client: Client) -> int:
     label = node_label(node)
     with spinner(f"Loading {args.model} on {label}", sys.stderr):
         started = time.monotonic()
-        result = client.load(node.fingerprint, args.model, context_length=args.ctx, gpu_layers=args.gpu_layers)
+        result = client.load(
+            node.fingerprint, args.model, context_length=args.ctx, gpu_layers=args.gpu_layers, backend=args.backend
+        )
         elapsed = time.monotonic() - started
     if result.already_loaded:
         print(f"{args.model} was already loaded on {label}.")
@@ -422,6 +425,9 @@ def add_commands(sub: Subcommands) -> None:
     load.add_argument("--ctx", type=int, metavar="N", help="context length (default: the model's own)")
     load.add_argument(
         "--gpu-layers", type=int, metavar="N", help="layers to offload to the GPU, -1: all (default: none)"
+    )
+    load.add_argument(
+        "--backend", metavar="NAME", help="ctransformers or llama-cpp (default: the node's choice for the file)"
     )
     load.set_defaults(func=_run(cmd_load))
 

@@ -1,6 +1,7 @@
 """The operator commands (`modelfleet nodes | ps | load | unload | events`) run as an operator runs them: subprocesses
 against a running fleet, with MODELFLEET_URL / MODELFLEET_KEY in their environment."""
 
+import importlib.util
 import os
 import pty
 import re
@@ -27,6 +28,7 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(90)
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 @dataclass
@@ -105,13 +107,18 @@ def test_load_ps_unload(api: Api, node: Worker, ghost: NodeInfo, clean: None) ->
     ps = cli(api, "ps")
     assert ps.code == 0, ps.err
     [row] = rows(ps.out)
-    assert row[:3] == ["cli-node", "tiny-a", "loaded"] and row[3].endswith("KiB") and row[4] == "256"
-    assert re.fullmatch(r"\d+\.\ds|\d+s|\d+m\d\ds", row[5])  # a loaded model's age, however slow the machine
+    assert row[:4] == ["cli-node", "tiny-a", "loaded", "ctransformers"] and row[4].endswith("KiB") and row[5] == "256"
+    assert re.fullmatch(r"\d+\.\ds|\d+s|\d+m\d\ds", row[6])  # a loaded model's age, however slow the machine
     assert f"ghost ({ghost.fingerprint}) is offline" in ps.err
 
-    assert cli(api, "load", node.fingerprint[:7], "tiny-b").code == 0  # a fingerprint prefix names the node
+    # A fingerprint prefix names the node; a load may name its backend.
+    backend = "llama-cpp" if HAVE_LLAMA_CPP else "ctransformers"
+    assert cli(api, "load", node.fingerprint[:7], "tiny-b", "--backend", backend).code == 0
     one = cli(api, "ps", node.fingerprint[:7])
-    assert [r[1] for r in rows(one.out)] == ["tiny-a", "tiny-b"] and "ghost" not in one.err
+    assert [r[1:4] for r in rows(one.out)] == [["tiny-a", "loaded", "ctransformers"], ["tiny-b", "loaded", backend]]
+    assert "ghost" not in one.err
+    unknown = cli(api, "load", "cli-node", "tiny-c", "--backend", "vllm")
+    assert unknown.code != 0 and "Unknown backend 'vllm'" in unknown.err
 
     unloaded = cli(api, "unload", "cli-node", "tiny-a")
     assert unloaded.code == 0 and unloaded.out == "Unloaded tiny-a from cli-node.\n"

@@ -76,14 +76,16 @@ def test_node_endpoints(client: Client, node: Worker) -> None:
     assert isinstance(catalog, CATALOG.result) and catalog.node == node.fingerprint and catalog.models == []
     files = {f.id: f for f in catalog.files}
     assert files["tiny-a"].estimate_bytes and files["tiny-a"].problem is None
+    assert files["tiny-a"].backend == "ctransformers"
     assert files["broken"].estimate_bytes is None and files["broken"].problem
 
-    loaded = client.load(node.fingerprint, "tiny-a", context_length=256, gpu_layers=0)
+    loaded = client.load(node.fingerprint, "tiny-a", context_length=256, gpu_layers=0, backend="ctransformers")
     assert isinstance(loaded, LOAD.result)
     assert loaded.model_id == "tiny-a" and loaded.state is ModelState.LOADED and not loaded.already_loaded
     assert client.load(node.fingerprint, "tiny-a").already_loaded
     [model] = client.node_models(node.fingerprint)
     assert model.id == "tiny-a" and model.context_length == 256 and model.state is ModelState.LOADED
+    assert model.backend == "ctransformers"
 
     unloaded = client.unload(node.fingerprint, "tiny-a")
     assert unloaded.model_id == "tiny-a" and unloaded.state is ModelState.UNLOADED
@@ -97,12 +99,15 @@ def test_pool_endpoints(client: Client, node: Worker) -> None:
     tiny_c = next(m for m in listed.data if m.id == "tiny-c")
     assert tiny_c.nodes == [node.fingerprint] and tiny_c.loaded_on == [] and listed.errors == []
 
-    placed = client.pool_load("tiny-c", pin=True)
+    with pytest.raises(ModelfleetAPIError, match="Unknown backend 'vllm'"):
+        client.pool_load("tiny-c", backend="vllm")
+    placed = client.pool_load("tiny-c", pin=True, backend="ctransformers")
     assert placed.node == node.fingerprint and placed.node_name == "client-node" and not placed.already_loaded
     status = client.pool_status()
     assert status.loaded == ["tiny-c"] and status.loading_status["tiny-c"] is ModelState.LOADED
     mine = status.nodes[node.fingerprint]
     assert mine.online and mine.models and mine.models[0].pinned and mine.memory and mine.memory.used_bytes > 0
+    assert mine.models[0].backend == "ctransformers"
 
     assert client.pool_unload("tiny-c").nodes == [node.fingerprint]
     client.pool_load("tiny-a")
