@@ -1,6 +1,6 @@
 """The dashboard in a real Chromium (Debian's, driven by Playwright; no browser download) against a real API,
-Redis and two real worker processes: `node-a` with the real stories260K model and a file its backend refuses,
-`node-b` with generated tiny llamas."""
+Redis and two real worker processes: `node-a` with the real stories260K model, a file its backend refuses and a
+model whose text never ends (for the playground's Stop), `node-b` with generated tiny llamas."""
 
 import os
 import secrets
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FREEZE_TTL, OPERATOR_KEY, STORIES, Api, Fleet, Worker
-from workers.gguf_factory import write_headless_llama, write_tiny_llama
+from workers.gguf_factory import write_endless_model, write_headless_llama, write_tiny_llama
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 playwright_api.expect.set_options(timeout=15_000)
@@ -75,6 +75,7 @@ def dash(module_fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Dash:
     a_dir = tmp_path_factory.mktemp("models-a")
     shutil.copy(STORIES, a_dir / "stories260K.gguf")
     write_headless_llama(a_dir / "headless.gguf")
+    write_endless_model(a_dir / "endless.gguf")
     b_dir = tmp_path_factory.mktemp("models-b")
     write_tiny_llama(b_dir / "tiny-a.gguf", seed=1)
     write_tiny_llama(b_dir / "tiny-b.gguf", seed=2)

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import Page, Route, expect
 
+from broker import keys
 from tests.conftest import ALL_SECRETS, OPERATOR_KEY, READ_KEY, park, thaw, wait_for
 from tests.dashboard.conftest import NODE_TOKEN, UNLOAD_TIMEOUT, Dash, model_row, node_card, shoot, sign_in
 
@@ -289,4 +290,53 @@ def test_the_playground_streams_an_answer(dash: Dash, new_page, tmp_path: Path) 
     assert len(set(lengths)) >= 3, lengths  # it grew piece by piece, as the tokens came
     expect(page.get_by_test_id("pg-send")).to_be_enabled()
     shoot(page, tmp_path / "playground.png", "dashboard-playground.png")
+    unload_everything(dash)
+
+
+def endless_on_a(dash: Dash) -> dict:
+    """node-a's record of the endless model: its generations running and queued, and its tokens so far."""
+    with dash.api.client(READ_KEY) as client:
+        response = client.get(f"/api/v1/nodes/{dash.a.fingerprint}/models")
+        assert response.status_code == 200, response.text
+    [model] = [m for m in response.json()["data"] if m["id"] == "endless"]
+    return model  # type: ignore[no-any-return]
+
+
+def test_stop_ends_the_stream_and_frees_the_models_slot_on_the_node(dash: Dash, new_page, tmp_path: Path) -> None:
+    fp = dash.a.fingerprint
+    with dash.api.client() as client:
+        response = client.post(f"/api/v1/nodes/{fp}/models/load", json={"modelId": "endless", "contextLength": 2048})
+        assert response.status_code == 200, response.text
+    page = new_page()
+    sign_in(page, dash.api)
+    page.get_by_test_id("tab-playground").click()
+    expect(page.get_by_test_id("pg-model")).to_have_value("endless")
+    prompt = "Once upon a time"
+    page.get_by_test_id("pg-prompt").fill(prompt)
+    page.get_by_label("Max tokens").fill("1500")  # well over ten seconds of this model's text (`write_endless_model`)
+    page.get_by_test_id("pg-send").click()
+    output = page.get_by_test_id("pg-output")
+    page.wait_for_function(
+        "n => document.querySelector('[data-testid=\"pg-output\"]').textContent.length > n", arg=len(prompt) + 20
+    )
+    wait_for(lambda: endless_on_a(dash)["inFlight"] == 1, 10, "the node to be generating the answer")
+
+    page.get_by_test_id("pg-stop").click()
+    expect(page.get_by_test_id("pg-stats")).to_contain_text("Stopped after")
+    expect(page.get_by_test_id("pg-stop")).to_have_count(0)
+    stopped = output.text_content()
+    # The page went away from the stream: the head releases its lease and the node stops generating.
+    redis = dash.fleet.redis.client()
+    wait_for(lambda: redis.zcard(keys.inflight(fp)) == 0, 10, "the head to release the request's lease")
+    wait_for(lambda: endless_on_a(dash)["inFlight"] + endless_on_a(dash)["queued"] == 0, 10, "the generation to stop")
+    tokens = endless_on_a(dash)["tokensGenerated"]
+    assert 0 < tokens < 1500, tokens  # stopped before the end of the answer
+    assert output.text_content() == stopped  # nothing more arrived after Stop
+    shoot(page, tmp_path / "stopped.png")
+
+    # The freed model answers the next prompt at once.
+    page.get_by_label("Max tokens").fill("4")
+    page.get_by_test_id("pg-send").click()
+    expect(page.get_by_test_id("pg-stats")).to_contain_text("finish: length", timeout=60_000)
+    assert endless_on_a(dash)["tokensGenerated"] == tokens + 4
     unload_everything(dash)
