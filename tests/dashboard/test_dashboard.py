@@ -340,3 +340,42 @@ def test_stop_ends_the_stream_and_frees_the_models_slot_on_the_node(dash: Dash, 
     expect(page.get_by_test_id("pg-stats")).to_contain_text("finish: length", timeout=60_000)
     assert endless_on_a(dash)["tokensGenerated"] == tokens + 4
     unload_everything(dash)
+
+
+def test_the_page_never_polls(dash: Dash, new_page, tmp_path: Path) -> None:
+    page = new_page()
+    page.clock.install()  # the page's timers run on a clock the test moves
+    started: list[str] = []
+    finished: list[str] = []
+    page.on("request", lambda request: started.append(request.url))
+    page.on("requestfinished", lambda request: finished.append(request.url))
+    page.on("requestfailed", lambda request: finished.append(request.url))
+    sign_in(page, dash.api)
+    expect(node_card(page, "node-b")).to_be_visible()
+    streams = [url for url in started if "/api/v1/events" in url]
+    assert len(streams) == 1, streams  # one EventSource
+    # Settled: the snapshot's reads (each node's catalog, the pool) and every other request but the event stream
+    # have been answered.
+    reads = [f"/api/v1/nodes/{w.fingerprint}/catalog" for w in (dash.a, dash.b)] + ["/v1/models"]
+
+    def settled() -> bool:
+        page.evaluate("0")  # Playwright delivers the network events that came meanwhile during a call
+        return len(finished) == len(started) - 1 and all(any(u.endswith(r) for u in finished) for r in reads)
+
+    wait_for(settled, 10, "the page's first reads to be answered")
+    before = len(started)
+
+    page.clock.run_for("30:00")  # half an hour of the page's time: any timer a poll could hang on fires
+    # A request the test makes: the browser reports requests in the order they start, so once this one is seen,
+    # any request a timer started would have been seen before it.
+    marker = dash.api.url + "/healthz?after-the-clock-ran"
+    page.evaluate("url => fetch(url).then(() => true)", marker)
+    wait_for(lambda: page.evaluate("0") == 0 and marker in started, 10, "the marker request")
+    assert started[before:] == [marker]
+    expect(page.get_by_test_id("connection")).to_have_text("Live")
+
+    # And yet a change made elsewhere shows: the stream says so, and only then does the page read.
+    api_load(dash, dash.b.fingerprint, "tiny-a")
+    expect(model_row(page, "node-b", "tiny-a")).to_have_attribute("data-state", "loaded")
+    shoot(page, tmp_path / "no-polling.png")
+    unload_everything(dash)
