@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import httpx
+import pytest
 from playwright.sync_api import Page, Route, expect
 
 from broker import keys
@@ -378,4 +379,67 @@ def test_the_page_never_polls(dash: Dash, new_page, tmp_path: Path) -> None:
     api_load(dash, dash.b.fingerprint, "tiny-a")
     expect(model_row(page, "node-b", "tiny-a")).to_have_attribute("data-state", "loaded")
     shoot(page, tmp_path / "no-polling.png")
+    unload_everything(dash)
+
+
+CONTROL_ROLES = {"button", "textbox", "combobox", "radio", "spinbutton", "checkbox", "link", "tab", "searchbox"}
+
+
+def unnamed_controls(page: Page) -> list[str]:
+    """The controls a screen reader would announce without a name, from Chromium's own accessibility tree."""
+    cdp = page.context.new_cdp_session(page)
+    try:
+        nodes = cdp.send("Accessibility.getFullAXTree")["nodes"]
+    finally:
+        cdp.detach()
+    controls = [n for n in nodes if not n.get("ignored") and n.get("role", {}).get("value") in CONTROL_ROLES]
+    assert controls  # the tree was read
+    return [f"{n['role']['value']} {n.get('backendDOMNodeId')}" for n in controls if not n.get("name", {}).get("value")]
+
+
+@pytest.mark.parametrize("width", [800, 1440])
+def test_every_view_is_labelled_usable_by_keyboard_and_fits_the_width(
+    dash: Dash, new_page, tmp_path: Path, width: int
+) -> None:
+    api_load(dash, dash.b.fingerprint, "tiny-a")
+    page = new_page(width, 900)
+
+    def check(view: str) -> None:
+        assert unnamed_controls(page) == [], view
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, view  # no sideways scroll
+        shoot(page, tmp_path / f"{view}-{width}px.png")
+
+    page.goto(dash.api.url + "/")
+    expect(page.get_by_label("API key")).to_be_focused()
+    check("sign-in")
+    page.keyboard.type(OPERATOR_KEY)
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("connection")).to_have_text("Live")
+    row = model_row(page, "node-b", "tiny-a")
+    expect(row).to_have_attribute("data-state", "loaded")
+    check("fleet")
+
+    # Unload all asks first; Escape cancels and gives the focus back to the button that opened the dialog.
+    unload_all = node_card(page, "node-b").get_by_test_id("unload-all")
+    unload_all.focus()
+    page.keyboard.press("Enter")
+    confirm = page.get_by_test_id("confirm-dialog")
+    expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
+    check("confirm")
+    page.keyboard.press("Escape")
+    expect(confirm).to_have_count(0)
+    expect(unload_all).to_be_focused()
+    expect(row).to_have_attribute("data-state", "loaded")
+
+    node_card(page, "node-a").get_by_test_id("open-load").click()
+    expect(page.get_by_test_id("load-dialog").locator("label.file").first).to_be_visible()
+    check("load-dialog")
+    page.keyboard.press("Escape")
+    expect(page.get_by_test_id("load-dialog")).to_have_count(0)
+
+    for tab in ("pool", "playground"):
+        page.get_by_test_id(f"tab-{tab}").focus()
+        page.keyboard.press("Enter")
+        expect(page.get_by_test_id(f"tab-{tab}")).to_have_attribute("aria-current", "page")
+        check(tab)
     unload_everything(dash)
