@@ -5,6 +5,7 @@ temporary folder.
 """
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -41,20 +42,31 @@ def test_sign_in_load_with_the_keyboard_and_watch_loading_turn_loaded(dash: Dash
         expect(node_card(page, name)).to_have_attribute("data-online", "true")
     page.evaluate("window.__sameDocument = true")
 
-    # Keyboard only: focus the node's load button, open the dialog, pick the file, submit.
+    # Keyboard only: focus the node's load button, open the dialog, pick the file, give a context length, submit.
     node_card(page, "node-a").get_by_test_id("open-load").focus()
     page.keyboard.press("Enter")
     dialog = page.get_by_test_id("load-dialog")
     stories = dialog.get_by_role("radio", name="stories260K")
+    expect(dialog.locator("label.file", has_text="stories260K")).to_contain_text("needs ~1.4 MiB")  # its estimate
     expect(dialog.locator("label.file", has_text="stories260K")).to_contain_text("fits now")
     stories.focus()
     page.keyboard.press("Space")
     expect(stories).to_be_checked()
+    page.keyboard.press("Tab")
+    expect(dialog.get_by_label("Context length")).to_be_focused()
+    page.keyboard.type("256")
     shoot(page, tmp_path / "load-dialog.png")
     page.keyboard.press("Enter")
 
     row = model_row(page, "node-a", "stories260K")
     expect(row).to_have_attribute("data-state", "loaded")
+    expect(row.locator("td").nth(2)).to_have_text("256")  # the context length asked for
+    card = node_card(page, "node-a")
+    expect(card.locator("code.fp")).to_have_text(dash.a.fingerprint[:12])
+    expect(card.locator(".node-stats")).to_contain_text("1 model")
+    memory = card.get_by_role("meter", name="Memory used on node-a")
+    expect(memory).to_have_attribute("max", str(2 * 1024**3))  # its --memory-budget
+    assert memory.evaluate("m => m.value") > 0
     marks = seen(page)
     assert marks.index("node-a/stories260K:loading") < marks.index("node-a/stories260K:loaded"), marks
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
@@ -205,6 +217,7 @@ def test_a_killed_worker_goes_offline(dash: Dash, new_page, tmp_path: Path) -> N
     worker.signal(signal.SIGKILL)
     expect(card).to_have_attribute("data-online", "false", timeout=10_000)  # its 2 s heartbeat window, and a tick
     expect(card).to_have_class("card node is-offline")
+    expect(card.locator(".node-id")).to_contain_text(re.compile(r"offline\s*for \d+s"))  # and for how long
     expect(card.get_by_test_id("open-load")).to_be_disabled()
     expect(page.get_by_test_id("event-log").locator('[data-type="node-offline"]').first).to_contain_text("node-c")
     shoot(page, tmp_path / "offline.png")
