@@ -45,6 +45,20 @@ def test_sign_in_sets_an_httponly_strict_cookie_and_changes_need_the_csrf_token(
     assert old.status_code == 401 and "sign in again" in old.json()["error"]
 
 
+def test_the_cookie_is_secure_when_the_page_came_over_https(api: Api) -> None:
+    # Behind a TLS-terminating proxy uvicorn trusts from 127.0.0.1 (its default FORWARDED_ALLOW_IPS), as the
+    # README's Dashboard section tells operators to set up.
+    with httpx.Client(base_url=api.url, timeout=30) as client:
+        response = client.post(
+            "/api/v1/session",
+            json={"key": OPERATOR_KEY},
+            headers={"X-Forwarded-Proto": "https", "Origin": "https://" + api.url.split("://", 1)[1]},
+        )
+    assert response.status_code == 200, response.text
+    set_cookie = response.headers["set-cookie"]
+    assert "Secure" in set_cookie and "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie
+
+
 def test_a_read_only_session_reads_and_is_forbidden_to_change(api: Api) -> None:
     client, session = sign_in(api, READ_KEY)
     assert session["scope"] == "read" and session["canOperate"] is False
