@@ -142,13 +142,16 @@ def test_a_file_the_backend_refuses_shows_failed_with_its_reason(dash: Dash, new
 
 
 def test_a_read_only_key_sees_everything_and_changes_nothing(dash: Dash, new_page, tmp_path: Path) -> None:
-    api_load(dash, dash.b.fingerprint, "tiny-a")
+    with dash.api.client() as client:
+        pinned = {"model_name": "tiny-a", "node": dash.b.fingerprint, "pin": True}
+        assert client.post("/v1/models/load", json=pinned).status_code == 200
     page = new_page()
     sign_in(page, dash.api, READ_KEY)
     expect(page.get_by_test_id("scope")).to_have_text("Read-only")
     expect(page.get_by_test_id("read-only")).to_contain_text("operator key")
     row = model_row(page, "node-b", "tiny-a")
     expect(row).to_have_attribute("data-state", "loaded")
+    expect(row.locator("td").nth(3)).to_have_text("pinned")
     for control in (
         node_card(page, "node-b").get_by_test_id("open-load"),
         node_card(page, "node-b").get_by_test_id("unload-all"),
