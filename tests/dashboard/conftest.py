@@ -96,14 +96,17 @@ def dash(module_fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Dash:
     return Dash(module_fleet, api, a, b, int(api.url.rsplit(":", 1)[1]))
 
 
-# Records every state each model row showed, so a test can tell that `loading` was on screen even when the load
-# took milliseconds.
+# Records every state each model row showed, and the animation its state badge ran then, so a test can tell that
+# `loading` was on screen (and animated) even when the load took milliseconds.
 SEEN_STATES = """
 window.__seen = [];
+window.__animations = {};
 new MutationObserver(() => {
   for (const row of document.querySelectorAll('[data-testid="model"]')) {
     const mark = `${row.closest('[data-testid="node"]')?.dataset.node}/${row.dataset.model}:${row.dataset.state}`;
     if (window.__seen[window.__seen.length - 1] !== mark && !window.__seen.includes(mark)) window.__seen.push(mark);
+    const badge = row.querySelector('[data-testid="state"]');
+    if (badge) window.__animations[mark] = getComputedStyle(badge).animationName;
   }
 }).observe(document, { subtree: true, childList: true, attributes: true, attributeFilter: ["data-state"] });
 """

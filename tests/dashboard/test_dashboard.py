@@ -69,6 +69,8 @@ def test_sign_in_load_with_the_keyboard_and_watch_loading_turn_loaded(dash: Dash
     assert memory.evaluate("m => m.value") > 0
     marks = seen(page)
     assert marks.index("node-a/stories260K:loading") < marks.index("node-a/stories260K:loaded"), marks
+    animations = page.evaluate("window.__animations")
+    assert animations["node-a/stories260K:loading"] != "none" == animations["node-a/stories260K:loaded"], animations
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
     expect(node_card(page, "node-a").get_by_test_id("notice")).to_contain_text("Loaded stories260K")
     expect(page.get_by_test_id("event-log").locator('[data-type="model-loaded"]')).to_contain_text("stories260K")
