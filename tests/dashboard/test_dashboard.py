@@ -301,7 +301,6 @@ def test_the_playground_streams_an_answer(dash: Dash, new_page, tmp_path: Path) 
         }"""
     )
     page.get_by_test_id("pg-send").click()
-    expect(page.get_by_test_id("pg-stop")).to_be_visible()
     expect(page.get_by_test_id("pg-stats")).to_contain_text("finish: length", timeout=90_000)
     text = page.get_by_test_id("pg-output").text_content() or ""
     assert len(text.split()) >= 3, text
