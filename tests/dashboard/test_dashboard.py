@@ -334,9 +334,9 @@ def test_stop_ends_the_stream_and_frees_the_models_slot_on_the_node(dash: Dash, 
     page.get_by_label("Max tokens").fill("1500")  # well over ten seconds of this model's text (`write_endless_model`)
     page.get_by_test_id("pg-send").click()
     output = page.get_by_test_id("pg-output")
-    page.wait_for_function(
-        "n => document.querySelector('[data-testid=\"pg-output\"]').textContent.length > n", arg=len(prompt) + 20
-    )
+    # Polled from here, not with page.wait_for_function: Playwright 1.45 (the floor) runs that through eval in the
+    # page, which the dashboard's CSP (script-src 'self') refuses.
+    wait_for(lambda: len(output.text_content() or "") > len(prompt) + 20, 30, "the answer to start streaming")
     wait_for(lambda: endless_on_a(dash)["inFlight"] == 1, 10, "the node to be generating the answer")
 
     page.get_by_test_id("pg-stop").click()
