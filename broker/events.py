@@ -16,6 +16,14 @@ The same call also keeps two fields of the node's hash (`keys.node_info`) in ste
   next process announces each of them `model-unloaded` (reason `node-restarted`) and clears the field: a
   watcher's view is right without a refresh, whether the old process stopped, crashed or was replaced.
 
+Usage updates (`UsageEvent`: each model's generations in flight and queued, tokens generated, last use) are
+gauges, not history: they change with every prompt, and in the capped stream they would evict the events a
+reconnecting client replays. A worker publishes them on `keys.usage_channel()` alone (at most once, which is
+enough: the next one supersedes it), at most one a second per node while anything changes and one after the
+last change (`workers.usage`), from the same ordered thread as its pool events, and writes the `models` field
+with them, only while the node is announced online for that boot: a snapshot reads the hash, so it is never
+older than the last update, and an update never overwrites a newer state.
+
 Who publishes: a worker its model events, its own `node-online` (at start and when it re-takes a lapsed
 heartbeat) and its `node-offline` on a clean stop; any API process the `node-offline` of a node whose
 heartbeat lapsed.
@@ -38,6 +46,9 @@ DEFAULT_HISTORY = 10_000
 
 SSE_EVENT = "distributed-pool-changed"
 SNAPSHOT_EVENT = "snapshot"
+USAGE_EVENT = "model-usage"
+"""The SSE event name of usage updates: apart from `SSE_EVENT`, whose every event a reference client answers with
+a refresh of the node and of the pool (a usage update a second would make it a poller)."""
 
 ModelEventType = Literal["model-loading", "model-loaded", "model-load-failed", "model-unloading", "model-unloaded"]
 NodeEventType = Literal["node-online", "node-offline"]
@@ -94,6 +105,44 @@ def parse_event(raw: bytes | str) -> ModelEvent | NodeEvent:
     Lenient like `read_lenient` (fields a newer writer added are ignored, at any depth), strict about everything
     this version knows, and never anything but ValidationError, whatever the bytes."""
     return _POOL_EVENT.validate_json(raw, extra="ignore")
+
+
+class ModelUsage(Schema):
+    """One model's usage on a node: `ModelInfo`'s figures that change with every prompt."""
+
+    model_id: str
+    in_flight: int
+    queued: int
+    tokens_generated: int
+    last_used: datetime | None = None
+
+    @classmethod
+    def of(cls, model: ModelInfo) -> "ModelUsage":
+        return cls(
+            model_id=model.id,
+            in_flight=model.in_flight,
+            queued=model.queued,
+            tokens_generated=model.tokens_generated,
+            last_used=model.last_used,
+        )
+
+
+class UsageEvent(Schema):
+    """The usage of every model on a node, as of `at` (not a pool event: never in the stream, no event id)."""
+
+    type: Literal["model-usage"] = "model-usage"
+    node: str
+    at: datetime
+    models: list[ModelUsage]
+
+
+def usage_event(node: str, models: list[ModelInfo]) -> UsageEvent:
+    return UsageEvent(node=node, at=now(), models=[ModelUsage.of(m) for m in models])
+
+
+def parse_usage(raw: bytes | str) -> UsageEvent:
+    """Validate a usage update another process wrote, leniently like `parse_event`; raises ValidationError."""
+    return UsageEvent.model_validate_json(raw, extra="ignore")
 
 
 class NodeState(NodeInfo):
@@ -166,6 +215,16 @@ return id
 """
 
 
+# KEYS: node hash. ARGV: channel, usage JSON, models JSON, boot. Writes `models` and publishes only while the node
+# is announced online for this boot (not after an API process declared it offline, nor before it is back online).
+_PUBLISH_USAGE = """
+if redis.call('HGET', KEYS[1], 'announced') ~= 'online:' .. ARGV[4] then return 0 end
+redis.call('HSET', KEYS[1], 'models', ARGV[3])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+
+
 def _decoded(result: Any) -> str | None:
     return result.decode() if isinstance(result, bytes) else result
 
@@ -197,6 +256,7 @@ class EventBus(_Publisher):
     def __init__(self, client: redis.Redis, *, history: int = DEFAULT_HISTORY) -> None:
         super().__init__(client, history=history)
         self._client = client
+        self._usage_script = client.register_script(_PUBLISH_USAGE)
 
     def publish(
         self,
@@ -210,6 +270,12 @@ class EventBus(_Publisher):
 
         `models`, when given, becomes the node's `models` field in the same step."""
         return _decoded(self._run(event, models, mode, boot))
+
+    def publish_usage(self, event: UsageEvent, *, models: list[ModelInfo], boot: str) -> bool:
+        """Write `models` to the node's hash and announce `event` on the usage channel, if the node is announced
+        online for `boot`; returns whether it was."""
+        args = [keys.usage_channel(), event.model_dump_json(by_alias=True), models_json(models), boot]
+        return bool(self._usage_script(keys=[keys.node_info(event.node)], args=args))
 
     def announce_orphans(self, node: str, boot: str) -> list[str]:
         """Announce `model-unloaded` (reason `node-restarted`) for each model a previous process of `node` held;

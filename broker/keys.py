@@ -19,6 +19,9 @@
 | `modelfleet:replies`                  | channel    | worker     | pub/sub: fast path for replies             |
 | `modelfleet:events`                   | stream     | any        | capped history of pool events              |
 | `distributed-pool-changed`            | channel    | any        | pub/sub: live pool events                  |
+| `modelfleet:usage`                    | channel    | worker     | pub/sub: models' usage (in flight, queued, |
+|                                       |            |            | tokens), at most one a second per node;    |
+|                                       |            |            | never in the stream: a gauge, not history  |
 | `modelfleet.node.<fp>`                | list       | Celery     | the node's job queue (kombu)               |
 
 Task names are `modelfleet.<operation>` (`task_name`), one per operation in `broker.operations`.
@@ -98,3 +101,7 @@ def events_stream() -> str:
 
 def events_channel() -> str:
     return EVENTS_CHANNEL
+
+
+def usage_channel() -> str:
+    return f"{PREFIX}:usage"

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from broker import keys
-from broker.events import EventBus, ModelEvent, NodeEvent, model_event, parse_event, stream_id
+from broker.events import EventBus, ModelEvent, NodeEvent, model_event, parse_event, parse_usage, stream_id, usage_event
 from broker.schemas import ModelInfo, ModelState
 
 FP = "cd" * 16
@@ -142,3 +142,32 @@ def test_parse_event_reads_both_kinds_and_ignores_a_newer_writers_extra_fields()
 )
 def test_stream_id(value: str | None, expected: tuple[int, int] | None) -> None:
     assert stream_id(value) == expected
+
+
+def test_a_usage_update_is_published_apart_and_written_only_while_online_for_its_boot(
+    client: fakeredis.FakeRedis,
+) -> None:
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.usage_channel())
+    bus = EventBus(client)
+    busy = model().model_copy(update={"in_flight": 1, "queued": 2, "tokens_generated": 7})
+    usage = usage_event(FP, [busy])
+    assert not bus.publish_usage(usage, models=[busy], boot="b1"), "not announced online: nothing written"
+    assert client.hget(keys.node_info(FP), "models") is None
+    bus.publish(node_event(), models=[model()], mode="online", boot="b1")
+
+    assert bus.publish_usage(usage, models=[busy], boot="b1")
+    assert json.loads(client.hget(keys.node_info(FP), "models")) == [busy.wire()]
+    message = pubsub.get_message(timeout=1) or pubsub.get_message(timeout=1)
+    assert message is not None
+    assert parse_usage(message["data"]) == usage
+    assert usage.models[0].model_dump(by_alias=True) == {
+        "modelId": "org/m",
+        "inFlight": 1,
+        "queued": 2,
+        "tokensGenerated": 7,
+        "lastUsed": None,
+    }
+    assert [e["type"] for e in history(client)] == ["node-online"], "never in the pool's history"
+    assert not bus.publish_usage(usage, models=[], boot="another boot")
+    assert json.loads(client.hget(keys.node_info(FP), "models")) == [busy.wire()]
