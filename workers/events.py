@@ -13,6 +13,10 @@ After each item that carries the models, the thread also runs `after_models` (th
 figures there), so the hash's `models` and `memory` follow the same order. `flush` waits until everything
 queued before it is out: a job that changed the models calls it before its reply, so whoever reads the node's
 hash after the reply (fleet status) sees the change.
+
+Usage updates (`usage_changed`, throttled by `workers.usage.UsageThrottle`) join the same queue, their models read
+under the same lock, so the `models` field they write is never older than a pool event's before it. They go to
+the usage channel, never the stream (`EventBus.publish_usage`).
 """
 
 import logging
@@ -26,18 +30,29 @@ from typing import Literal
 import redis
 
 from broker.backoff import Backoff
-from broker.events import EventBus, ModelEvent, NodeEvent, OfflineReason, OnlineReason, model_event, now
+from broker.events import (
+    EventBus,
+    ModelEvent,
+    NodeEvent,
+    OfflineReason,
+    OnlineReason,
+    UsageEvent,
+    model_event,
+    now,
+    usage_event,
+)
 from broker.schemas import ModelInfo, NodeInfo
+from workers.usage import DEFAULT_INTERVAL, UsageThrottle
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["always", "online", "stopped", "replaced", "orphans"]
+Mode = Literal["always", "online", "stopped", "replaced", "orphans", "usage"]
 WithModels = Callable[[Callable[[list[ModelInfo]], None]], None]
 
 
 @dataclass(frozen=True)
 class _Item:
-    event: ModelEvent | NodeEvent
+    event: ModelEvent | NodeEvent | UsageEvent
     models: list[ModelInfo] | None
     mode: Mode
 
@@ -45,7 +60,7 @@ class _Item:
 class NodeEvents:
     """Queues this node's events (its models' changes, its own coming and going) and publishes them in order."""
 
-    def __init__(self, bus: EventBus, info: NodeInfo) -> None:
+    def __init__(self, bus: EventBus, info: NodeInfo, *, usage_interval: float = DEFAULT_INTERVAL) -> None:
         self._bus = bus
         self._info = info
         self._queue: queue.Queue[_Item | threading.Event | None] = queue.Queue()
@@ -53,6 +68,7 @@ class NodeEvents:
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._publish_all, name="modelfleet-events", daemon=True)
         self._thread.start()
+        self._usage = UsageThrottle(self._queue_usage, interval=usage_interval)
         self.with_models: WithModels = lambda action: action([])
         """Runs an action with the node's models under the manager's lock: set to `ModelManager.with_models` once
         the manager (which takes `model_changed` as its hook) exists."""
@@ -62,6 +78,23 @@ class NodeEvents:
     def model_changed(self, kind: str, model: ModelInfo, models: list[ModelInfo]) -> None:
         """The manager's change hook (called under its lock): queue, never block."""
         self._queue.put(_Item(model_event(kind, self._info.fingerprint, model), models, "always"))
+
+    def usage_changed(self) -> None:
+        """The manager's usage hook (called under its lock when a generation is queued, starts or ends): only
+        marks the change; the throttle's thread queues the update."""
+        self._usage.changed()
+
+    def _queue_usage(self) -> bool:
+        """Queue a usage update with the models as they are now; whether any generation runs or waits."""
+        busy = False
+
+        def queue_it(models: list[ModelInfo]) -> None:
+            nonlocal busy
+            busy = any(m.in_flight or m.queued for m in models)
+            self._queue.put(_Item(usage_event(self._info.fingerprint, models), models, "usage"))
+
+        self.with_models(queue_it)
+        return busy
 
     def started(self) -> None:
         """A new process of this node starts clean, and says so: the offline of a previous boot that nobody
@@ -91,6 +124,7 @@ class NodeEvents:
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish what is queued (giving up on Redis after `timeout`), then stop the thread."""
+        self._usage.close()
         self._queue.put(None)
         self._thread.join(timeout)
         self._closing.set()
@@ -119,6 +153,9 @@ class NodeEvents:
                     gone = self._bus.announce_orphans(self._info.fingerprint, self._info.boot_id)
                     if gone:
                         log.info("announced %d models of the previous process unloaded (node-restarted)", len(gone))
+                elif isinstance(item.event, UsageEvent):
+                    assert item.models is not None
+                    self._bus.publish_usage(item.event, models=item.models, boot=self._info.boot_id)
                 else:
                     self._bus.publish(item.event, models=item.models, mode=item.mode, boot=self._info.boot_id)
                     if item.models is not None:

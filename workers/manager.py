@@ -150,8 +150,10 @@ class Lease:
     a generation checks it before each token. Release exactly once (or use `with`).
     """
 
-    def __init__(self, manager: "ModelManager", record: ModelRecord) -> None:
+    def __init__(self, manager: "ModelManager", record: ModelRecord, *, quiet: bool = False) -> None:
         self._manager = manager
+        self.quiet = quiet
+        """Taken by `try_acquire` (a health check): its start and end are not announced as usage."""
         self._record = record
         self.model_id = record.model_id
         self.model: Any = record.handle
@@ -207,11 +209,14 @@ class ModelManager:
         max_queue: int = DEFAULT_MAX_QUEUE,
         keep_alive: float | None = None,
         endpoint: str | None = None,
+        on_usage: Callable[[], None] | None = None,
     ) -> None:
         """`memory_probe` reads the process's memory in use (RSS); with it, each load that ran alone is measured
         and its reservation corrected upwards if the model took more than its estimate. `max_queue` generations
         may wait per model; `keep_alive` is the default idle TTL of a load (None: never); `endpoint` is the
-        node's inference URL, listed with each loaded model."""
+        node's inference URL, listed with each loaded model. `on_usage` is called with the registry lock held
+        whenever a generation is queued, starts or ends (its in-flight, queued and token figures move): like
+        `on_change`, it must not block."""
         self._loader = loader
         self._max_queue = max_queue
         self._keep_alive = keep_alive or None
@@ -219,6 +224,7 @@ class ModelManager:
         self._budget = memory_budget
         self._clock = clock
         self._on_change = on_change
+        self._on_usage = on_usage
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         """Notified when a generation ends or a model starts unloading: what queued generations wait on."""
@@ -566,6 +572,7 @@ class ModelManager:
                         retry_after=retry,
                     )
                 record.queued += 1
+                self._usage_changed_locked()
                 try:
                     while record.in_flight and record.state is ModelState.LOADED:
                         if cancelled is not None and cancelled.is_set():
@@ -573,11 +580,13 @@ class ModelManager:
                         self._changed.wait()
                 finally:
                     record.queued -= 1
+                    self._usage_changed_locked()
                 if cancelled is not None and cancelled.is_set():
                     raise GenerationCancelled(model_id)
                 record = self._servable_locked(model_id, record)
             record.in_flight += 1
             record.last_used = self._clock()
+            self._usage_changed_locked()
             lease = Lease(self, record)
             record.leases.add(lease)
             return lease
@@ -589,7 +598,9 @@ class ModelManager:
             if record is None or record.state is not ModelState.LOADED or record.busy:
                 return None
             record.in_flight += 1
-            lease = Lease(self, record)
+            # Not announced as usage (a health check every few seconds is not a use): an update that happens to
+            # see it running marks the next one due, which sees it done.
+            lease = Lease(self, record, quiet=True)
             record.leases.add(lease)
             return lease
 
@@ -614,6 +625,8 @@ class ModelManager:
             record.in_flight -= 1
             record.leases.discard(lease)
             record.tokens_generated += lease.tokens
+            if not lease.quiet:
+                self._usage_changed_locked()
             now = self._clock()
             if lease.tokens or lease.failed:  # a health check is not a use
                 record.last_used = now
@@ -740,6 +753,10 @@ class ModelManager:
         """Copies of the records (without handles), for placement and eviction decisions."""
         with self._lock:
             return [replace(r, handle=None, pending=None) for r in self._records.values()]
+
+    def _usage_changed_locked(self) -> None:
+        if self._on_usage is not None:
+            self._on_usage()
 
     def _emit_locked(self, kind: str, record: ModelRecord) -> None:
         if self._on_change is None:

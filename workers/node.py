@@ -229,6 +229,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
         memory_budget=budget,
         memory_probe=(lambda: int(process.memory_info().rss)) if settings.measure_loads else None,
         on_change=events.model_changed,
+        on_usage=events.usage_changed,
         max_queue=settings.max_queue,
         keep_alive=settings.keep_alive,
         endpoint=endpoint,
