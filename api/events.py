@@ -16,6 +16,11 @@ read, so an event is either covered by the read or waiting in its mailbox, which
 A client whose mailbox overflows is too slow to keep up: it is disconnected (it can reconnect with its last id)
 rather than allowed to grow memory or hold the others back.
 
+Usage updates (each model's generations in flight and queued, tokens, last use) come on their own channel,
+`keys.usage_channel()`, and are relayed as they come, as `model-usage` events without an id: gauges, not history,
+so neither stored nor replayed (a reconnecting client's snapshot or replay reads the node's hash, which each update
+also wrote). Their frame is built once and goes through the same mailboxes, after the node filter.
+
 `OfflineWatcher` publishes the `node-offline` of a node whose heartbeat lapsed. Every API process runs one; the
 publish script's check on the node's `announced` field makes the event exactly-once across them.
 """
@@ -41,12 +46,14 @@ from broker.errors import ShuttingDown
 from broker.events import (
     SNAPSHOT_EVENT,
     SSE_EVENT,
+    USAGE_EVENT,
     AsyncEventBus,
     NodeEvent,
     NodeState,
     Snapshot,
     now,
     parse_event,
+    parse_usage,
     stream_id,
 )
 from broker.registry import NodeDirectory, parse_models, parse_node
@@ -62,7 +69,8 @@ STARTUP_READ = 2.0
 
 @dataclass(eq=False)
 class Subscriber:
-    """One SSE client: its node filter and its bounded mailbox of SSE frames (a stream id, or None for a ping).
+    """One SSE client: its node filter and its bounded mailbox of SSE frames, each with its stream id, or None for a
+    frame outside the stream (a ping, a usage update): those always go out, in the order they came.
 
     A plain deque and one waiter future rather than an asyncio.Queue read under a timeout: with a thousand
     clients, a Queue's bookkeeping and a timer per wait cost more CPU than the writes themselves.
@@ -111,7 +119,7 @@ class Subscriber:
             waiter.set_result(None)
 
 
-def _frame(event: str, content: BaseModel, event_id: str) -> bytes:
+def _frame(event: str, content: BaseModel, event_id: str | None) -> bytes:
     # ASCII-only JSON: a line separator in a model id (U+2028, U+0085) must not split the data line for a client
     # whose line reader is Unicode-aware.
     return format_sse_event(
@@ -150,11 +158,13 @@ class EventRelay:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.subscribed = asyncio.Event()
+        self.usage_subscribed = asyncio.Event()
         self.closing = False
         """Set once the process is stopping: streams are ended, and new ones refused."""
         self.dropped_total = 0
         self.stalled_total = 0
         self.relayed_total = 0
+        self.usage_relayed_total = 0
 
     @property
     def clients(self) -> int:
@@ -169,6 +179,7 @@ class EventRelay:
             log.warning("the event stream cannot be read yet (%s); relaying from when it can", type(exc).__name__)
         self._tasks = [
             asyncio.create_task(self._listen(), name="modelfleet-events"),
+            asyncio.create_task(self._listen_usage(), name="modelfleet-usage"),
             asyncio.create_task(self._read(), name="modelfleet-events-read"),
             asyncio.create_task(self._ping(), name="modelfleet-events-ping"),
             asyncio.create_task(self._watch(), name="modelfleet-events-watch"),
@@ -220,6 +231,29 @@ class EventRelay:
 
     async def _catch_up(self) -> None:
         self._wake.set()
+
+    async def _listen_usage(self) -> None:
+        await follow(
+            self._redis,
+            keys.usage_channel(),
+            deliver=self._relay_usage,
+            catch_up=_nothing_to_catch_up,
+            subscribed=self.usage_subscribed,
+            what="usage",
+        )
+
+    def _relay_usage(self, raw: bytes | str) -> None:
+        """Relay one usage update as it came: a missed one is superseded by the next (or a snapshot's hash)."""
+        try:
+            usage = parse_usage(raw)
+        except ValueError:  # pydantic's ValidationError, for anything malformed
+            log.warning("dropped a malformed usage update")
+            return
+        frame = _frame(USAGE_EVENT, usage, None)
+        self.usage_relayed_total += 1
+        for sub in list(self._subscribers):
+            if sub.wants(usage.node) and not sub.put(None, frame):
+                self._drop(sub)
 
     async def _read(self) -> None:
         """Relay what the stream holds after the cursor, each time something wakes the relay."""
@@ -408,7 +442,7 @@ class EventRelay:
             while (items := await sub.take()) is not None:
                 batch = []
                 for item_id, frame in items:
-                    if item_id is None:  # a ping
+                    if item_id is None:  # a ping or a usage update
                         batch.append(frame)
                     elif item_id > cursor:  # what the snapshot or replay already covered is skipped
                         cursor = item_id
@@ -417,6 +451,11 @@ class EventRelay:
                     yield b"".join(batch)
         finally:
             self.close(sub)
+
+
+async def _nothing_to_catch_up() -> None:
+    """Usage updates are not stored: after a lost subscription, the next update (within a second of any change)
+    brings the figures up to date."""
 
 
 class OfflineWatcher:

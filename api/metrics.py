@@ -126,6 +126,11 @@ class RelayCollector(Collector):
             "Pool events this API relayed to its SSE clients.",
             value=self.relay.relayed_total,
         )
+        yield CounterMetricFamily(
+            "modelfleet_sse_usage_relayed",
+            "Usage updates (model-usage) this API relayed to its SSE clients.",
+            value=self.relay.usage_relayed_total,
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

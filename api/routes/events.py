@@ -94,8 +94,9 @@ class EventStreamResponse(StreamingResponse):
 
 
 STREAM = {
-    "description": "`distributed-pool-changed` events, each one `event:`, `id:` and a JSON `data:` line, "
-    "and `:` comment pings while the pool is quiet.",
+    "description": "A `snapshot` event (or, on a resume, the missed events), then `distributed-pool-changed` "
+    "events, each one `event:`, `id:` and a JSON `data:` line; `model-usage` events (an `event:` and a JSON "
+    "`data:` line, no `id:`) while prompts run; and `:` comment pings while the pool is quiet.",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 
@@ -125,6 +126,12 @@ async def events(
     """Every change of the pool, as `distributed-pool-changed` events, after a `snapshot` of where it stands.
 
     With `Last-Event-ID` still in the retained history, the missed events come first instead of the snapshot.
+
+    While prompts run, `model-usage` events carry each node's usage: `{"type": "model-usage", "node", "at",
+    "models": [{"modelId", "inFlight", "queued", "tokensGenerated", "lastUsed"}]}`, at most one a second per
+    node while it changes and one after the last change. They have no `id:` (they are gauges, not history: never
+    replayed, and a snapshot already holds the latest figures) and a name of their own, so a client that
+    refreshes on every `distributed-pool-changed` never sees them. `node` filters them as it filters the rest.
     """
     last_event_id = last_event_id if last_event_id is not None else resume_after
     if node is not None:

@@ -24,10 +24,11 @@ from tests.conftest import (
     READ_KEY,
     Api,
     Fleet,
+    register_gone_node,
     wait_for,
 )
 from tests.e2e.test_faults import start_again
-from workers.gguf_factory import write_headless_llama
+from workers.gguf_factory import write_endless_model, write_headless_llama
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,6 +106,16 @@ class Stream:
             i.data
             for i in self.items
             if i.event == "distributed-pool-changed" and (node is None or i.data["node"] == node)
+        ]
+
+    def usage(self, model_id: str) -> list[dict[str, Any]]:
+        """The `model-usage` figures of `model_id` received so far, oldest first, each with its event's node."""
+        return [
+            m | {"node": i.data["node"]}
+            for i in self.items
+            if i.event == "model-usage"
+            for m in i.data["models"]
+            if m["modelId"] == model_id
         ]
 
     def ids(self) -> list[str]:
@@ -462,3 +473,70 @@ def test_sigterm_with_50_open_streams_exits_within_the_graceful_timeout(fleet: F
     wait_for(lambda: all(s.ended for s in opened), 5, "every stream to end")
     assert {s.ended for s in opened} == {"closed"}  # ended cleanly by the server, not cut
     assert "closing 50 event streams" in log
+
+
+def test_usage_streams_live_as_model_usage_and_never_as_a_pool_change(
+    fleet: Fleet, tmp_path: Path, streams: list[Stream]
+) -> None:
+    models = tmp_path / "usage-models"
+    models.mkdir()
+    write_endless_model(models / "endless.gguf")
+    worker = fleet.worker("usage-a", models, "--threads", "1")
+    ghost = register_gone_node(fleet)
+    api = fleet.api()
+    with api.client() as operator:
+        body = {"modelId": "endless", "contextLength": 2048}
+        response = operator.post(f"/api/v1/nodes/{worker.fingerprint}/models/load", json=body)
+        assert response.status_code == 200, response.text
+    everything = open_stream(streams, api)  # as a client written from the reference reads it, and as ours does
+    mine = open_stream(streams, api, node=worker.fingerprint)
+    others = open_stream(streams, api, node=ghost.fingerprint)
+    for s in (everything, mine, others):
+        s.wait(lambda s: s.items, what="the snapshot")
+    assert everything.changes() == [], "the load's events came before the snapshot"
+
+    # 1,500 tokens of a model that never ends its text take well over ten seconds (`write_endless_model`).
+    prompt = {"model": "endless", "prompt": "Once upon a time", "stream": True, "max_tokens": 1500, "temperature": 0}
+    with api.client(READ_KEY) as client, client.stream("POST", "/v1/completions", json=prompt) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["x-modelfleet-node"] == worker.fingerprint
+        lines = answer.iter_lines()  # kept: a generator dropped would close the response, and the node would stop
+        next(lines)
+        mine.wait(lambda s: any(u["inFlight"] == 1 for u in s.usage("endless")), what="usage: one in flight")
+        first = next(u for u in mine.usage("endless") if u["inFlight"] == 1)
+        # Tokens keep coming with nothing marking them: the next update, a second later, counts them.
+        mine.wait(
+            lambda s: s.usage("endless")[-1]["tokensGenerated"] > first["tokensGenerated"],
+            what="a later update with more tokens",
+        )
+        assert mine.usage("endless")[-1]["inFlight"] == 1 and mine.usage("endless")[-1]["lastUsed"]
+    # The client left: the generation stops, and the update after the last change says so.
+    mine.wait(lambda s: s.usage("endless")[-1]["inFlight"] == 0, what="usage: none in flight")
+    everything.wait(
+        lambda s: s.usage("endless") and s.usage("endless")[-1]["inFlight"] == 0, what="the same, unfiltered"
+    )
+    final = mine.usage("endless")[-1]
+    assert final["queued"] == 0 and final["tokensGenerated"] >= first["tokensGenerated"]
+    assert {u["node"] for u in everything.usage("endless")} == {worker.fingerprint}
+    # The snapshot a client starts from now reads the node's hash, which the last update wrote.
+    late = open_stream(streams, api, node=worker.fingerprint)
+    late.wait(lambda s: s.items, what="the late snapshot")
+    [node] = late.items[0].data["nodes"]
+    [held] = [m for m in node["models"] if m["id"] == "endless"]
+    assert held["inFlight"] == 0 and held["tokensGenerated"] == final["tokensGenerated"]
+
+    # Markers: a pool event on each node after everything above. Streams are ordered, so once a stream holds its
+    # marker, whatever the generation sent is in it too.
+    EventBus(fleet.redis.client()).publish(model_event("model-loaded", ghost.fingerprint, fake_model(1)))
+    with api.client() as operator:
+        response = operator.post(f"/api/v1/nodes/{worker.fingerprint}/models/unload", json={"modelId": "endless"})
+        assert response.status_code == 200, response.text
+    everything.wait(lambda s: len(s.changes()) == 3, what="the ghost's event and the unload's two")
+    others.wait(lambda s: s.changes(), what="the ghost's event")
+    # A client listening only for distributed-pool-changed saw those three events, nothing for the generation.
+    assert sorted(e["type"] for e in everything.changes()) == ["model-loaded", "model-unloaded", "model-unloading"]
+    usage_items = [i for i in everything.items if i.event == "model-usage"]
+    assert usage_items and all(i.id is None for i in usage_items), "usage updates carry no id: not resumable"
+    assert [i.event for i in others.items] == ["snapshot", "distributed-pool-changed"], "the node filter holds"
+    stored = [fields[b"event"] for _, fields in fleet.redis.client().xrange(keys.events_stream())]
+    assert not any(b'"model-usage"' in raw for raw in stored), "the pool's history holds no usage"
