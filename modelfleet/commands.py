@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO, TypeAlias
 
-from broker.events import ModelEvent, NodeEvent, Snapshot
+from broker.events import ModelEvent, NodeEvent, Snapshot, UsageEvent
 from broker.schemas import ModelInfo, NodeInfo
 from modelfleet.client import (
     Client,
@@ -302,6 +302,8 @@ class EventPrinter:
         return f"{_clock(datetime.now(UTC))}  {item.kind}  (not understood by this version) {item.raw!r:.200}"
 
     def __call__(self, item: StreamEvent) -> None:
+        if isinstance(item.data, UsageEvent):
+            return  # a gauge, a line a second per busy node: not a change of the pool, so not for this log
         print(self.line(item), file=self.out, flush=True)
 
 

@@ -6,7 +6,8 @@ WHATWG rules that matter here: lines end at CR, LF or CRLF and nowhere else (not
 blank line dispatches the event, and only then does its id become the last event id, so a connection cut
 mid-event resumes before that event, not after it.
 
-A `snapshot` event becomes a `Snapshot`, a `distributed-pool-changed` one a `ModelEvent` or `NodeEvent`; an
+A `snapshot` event becomes a `Snapshot`, a `distributed-pool-changed` one a `ModelEvent` or `NodeEvent`, a
+`model-usage` one (no id: it leaves the last event id as it was) a `UsageEvent`; an
 event type or pool-event type this version does not know is passed on with `data` None and its JSON in `raw`,
 so that a newer API does not break an older client's stream.
 """
@@ -18,7 +19,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker.events import SNAPSHOT_EVENT, SSE_EVENT, ModelEvent, NodeEvent, Snapshot, parse_event
+from broker.events import (
+    SNAPSHOT_EVENT,
+    SSE_EVENT,
+    USAGE_EVENT,
+    ModelEvent,
+    NodeEvent,
+    Snapshot,
+    UsageEvent,
+    parse_event,
+    parse_usage,
+)
 from broker.schemas import read_lenient
 
 LINE_END = re.compile(r"\r\n|\r|\n")
@@ -30,8 +41,8 @@ class StreamEvent:
 
     id: str | None
     kind: str
-    """`snapshot` or `distributed-pool-changed` (or a type a newer API added)."""
-    data: Snapshot | ModelEvent | NodeEvent | None
+    """`snapshot`, `distributed-pool-changed` or `model-usage` (or a type a newer API added)."""
+    data: Snapshot | ModelEvent | NodeEvent | UsageEvent | None
     """None for a type this client does not know; `raw` still holds it."""
     raw: Any = field(repr=False, default=None)
 
@@ -104,12 +115,14 @@ class SseDecoder:
         return StreamEvent(self.last_event_id, kind, _typed(kind, text), raw)
 
 
-def _typed(kind: str, text: str) -> Snapshot | ModelEvent | NodeEvent | None:
+def _typed(kind: str, text: str) -> Snapshot | ModelEvent | NodeEvent | UsageEvent | None:
     try:
         if kind == SNAPSHOT_EVENT:
             return read_lenient(Snapshot, text)
         if kind == SSE_EVENT:
             return parse_event(text)
+        if kind == USAGE_EVENT:
+            return parse_usage(text)
     except (ValidationError, ValueError):
         return None
     return None

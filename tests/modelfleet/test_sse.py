@@ -1,10 +1,12 @@
 """The client's SSE decoder on the wire format, including what a conforming server may send and ours does not."""
 
+import io
 import json
 from datetime import UTC, datetime
 
-from broker.events import ModelEvent, NodeEvent, Snapshot, model_event
+from broker.events import ModelEvent, NodeEvent, Snapshot, UsageEvent, model_event, usage_event
 from broker.schemas import ModelInfo, ModelState
+from modelfleet.commands import EventPrinter
 from modelfleet.sse import SseDecoder, StreamEvent
 
 FP = "ab" * 16
@@ -83,3 +85,32 @@ def test_an_event_cut_before_its_blank_line_is_not_counted_as_received() -> None
     decoder.reset()
     (event,) = decoder.feed_text(f"event: distributed-pool-changed\ndata: {loaded_json()}\nid: 2-0\n\n")
     assert event.id == "2-0" and isinstance(event.data, ModelEvent) and decoder.last_event_id == "2-0"
+
+
+def test_a_usage_update_is_typed_and_leaves_the_last_event_id_alone() -> None:
+    usage = usage_event(FP, [ModelInfo(id="m", path="/m.gguf", healthy=True, state=ModelState.LOADED, size_bytes=1)])
+    decoder = SseDecoder()
+    text = (
+        f"event: distributed-pool-changed\ndata: {loaded_json()}\nid: 8-0\n\n"
+        f"event: model-usage\ndata: {usage.model_dump_json(by_alias=True)}\n\n"
+    )
+    pool, gauge = decode(text, decoder)
+    assert isinstance(pool.data, ModelEvent)
+    assert isinstance(gauge.data, UsageEvent) and gauge.kind == "model-usage"
+    assert gauge.data == usage and gauge.data.models[0].in_flight == 0
+    assert decoder.last_event_id == "8-0", "a resume goes on after the last pool event"
+
+
+def test_the_events_command_prints_pool_events_and_skips_usage_updates() -> None:
+    out = io.StringIO()
+    printer = EventPrinter({FP: "node-a"}, out)
+    usage = usage_event(FP, [ModelInfo(id="m", path="/m.gguf", healthy=True, state=ModelState.LOADED, size_bytes=1)])
+    text = (
+        f"event: model-usage\ndata: {usage.model_dump_json(by_alias=True)}\n\n"
+        f"event: distributed-pool-changed\ndata: {loaded_json()}\nid: 9-0\n\n"
+        f"event: model-usage\ndata: {usage.model_dump_json(by_alias=True)}\n\n"
+    )
+    for item in decode(text):
+        printer(item)
+    [line] = out.getvalue().splitlines()
+    assert line.split("  ")[1:] == ["node-a", "model-loaded", "m", "1 B"], "one line: the pool event's"
