@@ -320,11 +320,17 @@ def endless_on_a(dash: Dash) -> dict:
     return model  # type: ignore[no-any-return]
 
 
-def test_stop_ends_the_stream_and_frees_the_models_slot_on_the_node(dash: Dash, new_page, tmp_path: Path) -> None:
+def load_endless(dash: Dash) -> str:
+    """Load the endless model on node-a with all of its context; returns node-a's fingerprint."""
     fp = dash.a.fingerprint
     with dash.api.client() as client:
         response = client.post(f"/api/v1/nodes/{fp}/models/load", json={"modelId": "endless", "contextLength": 2048})
         assert response.status_code == 200, response.text
+    return fp
+
+
+def test_stop_ends_the_stream_and_frees_the_models_slot_on_the_node(dash: Dash, new_page, tmp_path: Path) -> None:
+    fp = load_endless(dash)
     page = new_page()
     sign_in(page, dash.api)
     page.get_by_test_id("tab-playground").click()
@@ -360,42 +366,83 @@ def test_stop_ends_the_stream_and_frees_the_models_slot_on_the_node(dash: Dash, 
     unload_everything(dash)
 
 
+class Requests:
+    """Every request the page starts, and those that ended (answered or failed), in the order the browser says."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        page.on("request", lambda request: self.started.append(request.url))
+        page.on("requestfinished", lambda request: self.finished.append(request.url))
+        page.on("requestfailed", lambda request: self.finished.append(request.url))
+
+    def settle(self, dash: Dash) -> int:
+        """Wait until the snapshot's reads (each node's catalog, the pool) and every other request but the event
+        stream have been answered; returns how many requests the page had started then."""
+        reads = [f"/api/v1/nodes/{w.fingerprint}/catalog" for w in (dash.a, dash.b)] + ["/v1/models"]
+
+        def settled() -> bool:
+            self.page.evaluate("0")  # Playwright delivers the network events that came meanwhile during a call
+            return len(self.finished) == len(self.started) - 1 and all(
+                any(u.endswith(r) for u in self.finished) for r in reads
+            )
+
+        wait_for(settled, 10, "the page's first reads to be answered")
+        return len(self.started)
+
+    def since(self, before: int, dash: Dash) -> list[str]:
+        """The requests started after the first `before`, and a marker the test makes now: the browser reports
+        requests in the order they start, so once the marker is seen, any request started earlier was too."""
+        marker = dash.api.url + f"/healthz?marker-{len(self.started)}"
+        self.page.evaluate("url => fetch(url).then(() => true)", marker)
+        wait_for(lambda: self.page.evaluate("0") == 0 and marker in self.started, 10, "the marker request")
+        return [url for url in self.started[before:] if url != marker]
+
+
 def test_the_page_never_polls(dash: Dash, new_page, tmp_path: Path) -> None:
     page = new_page()
     page.clock.install()  # the page's timers run on a clock the test moves
-    started: list[str] = []
-    finished: list[str] = []
-    page.on("request", lambda request: started.append(request.url))
-    page.on("requestfinished", lambda request: finished.append(request.url))
-    page.on("requestfailed", lambda request: finished.append(request.url))
+    requests = Requests(page)
     sign_in(page, dash.api)
     expect(node_card(page, "node-b")).to_be_visible()
-    streams = [url for url in started if "/api/v1/events" in url]
+    streams = [url for url in requests.started if "/api/v1/events" in url]
     assert len(streams) == 1, streams  # one EventSource
-    # Settled: the snapshot's reads (each node's catalog, the pool) and every other request but the event stream
-    # have been answered.
-    reads = [f"/api/v1/nodes/{w.fingerprint}/catalog" for w in (dash.a, dash.b)] + ["/v1/models"]
-
-    def settled() -> bool:
-        page.evaluate("0")  # Playwright delivers the network events that came meanwhile during a call
-        return len(finished) == len(started) - 1 and all(any(u.endswith(r) for u in finished) for r in reads)
-
-    wait_for(settled, 10, "the page's first reads to be answered")
-    before = len(started)
+    before = requests.settle(dash)
 
     page.clock.run_for("30:00")  # half an hour of the page's time: any timer a poll could hang on fires
-    # A request the test makes: the browser reports requests in the order they start, so once this one is seen,
-    # any request a timer started would have been seen before it.
-    marker = dash.api.url + "/healthz?after-the-clock-ran"
-    page.evaluate("url => fetch(url).then(() => true)", marker)
-    wait_for(lambda: page.evaluate("0") == 0 and marker in started, 10, "the marker request")
-    assert started[before:] == [marker]
+    assert requests.since(before, dash) == []
     expect(page.get_by_test_id("connection")).to_have_text("Live")
 
     # And yet a change made elsewhere shows: the stream says so, and only then does the page read.
     api_load(dash, dash.b.fingerprint, "tiny-a")
     expect(model_row(page, "node-b", "tiny-a")).to_have_attribute("data-state", "loaded")
     shoot(page, tmp_path / "no-polling.png")
+    unload_everything(dash)
+
+
+def test_in_flight_moves_live_with_no_request_but_the_event_stream(dash: Dash, new_page, tmp_path: Path) -> None:
+    load_endless(dash)
+    page = new_page()
+    requests = Requests(page)
+    sign_in(page, dash.api)
+    in_flight = model_row(page, "node-a", "endless").get_by_test_id("in-flight")
+    expect(in_flight).to_have_text("0")
+    before = requests.settle(dash)
+
+    # A prompt from elsewhere, through the head: 1,500 tokens of this model take well over ten seconds.
+    prompt = {"model": "endless", "prompt": "Once upon a time", "stream": True, "max_tokens": 1500, "temperature": 0}
+    with dash.api.client(READ_KEY) as client, client.stream("POST", "/v1/completions", json=prompt) as answer:
+        assert answer.status_code == 200, answer.read()
+        lines = answer.iter_lines()  # kept: a generator dropped would close the response, and the node would stop
+        next(lines)
+        expect(in_flight).to_have_text("1")
+        shoot(page, tmp_path / "in-flight.png")
+    # The prompt's client left: the node stops generating, and its next usage update shows the model idle.
+    expect(in_flight).to_have_text("0")
+    assert (in_flight.get_attribute("title") or "").split()[0] != "0", "its tokens were counted too"
+    assert requests.since(before, dash) == [], "usage moved with no request: only the one event stream"
+    assert len([url for url in requests.started if "/api/v1/events" in url]) == 1
     unload_everything(dash)
 
 

@@ -1,7 +1,10 @@
 // The dashboard's one store, after remote-model-control.txt's `useNodeStore`: a cached model list per node, an
 // "operating" flag per node while its load or unload runs, an optimistic unload rolled back if the server refuses,
 // and, on every `distributed-pool-changed` event, a refresh of the affected node's list and of the pool. It never
-// polls: the one EventSource on /api/v1/events is what tells it something changed. Views only render `state`.
+// polls: the one EventSource on /api/v1/events is what tells it something changed. Its `model-usage` events (a
+// node's generations in flight and queued, tokens, last use, at most one a second while prompts run) are applied
+// to the per-node cache as they come, with no request: a refresh per update would be a node job per second per
+// open page. Views only render `state`.
 
 import { ApiError, get, nodePath, post, request, useCsrf, whenSignedOut } from "./api.js";
 
@@ -295,6 +298,7 @@ function connect() {
   });
   source.addEventListener("snapshot", (e) => onSnapshot(e));
   source.addEventListener("distributed-pool-changed", (e) => onChange(e));
+  source.addEventListener("model-usage", (e) => onUsage(e));
   source.addEventListener("error", () => onError());
 }
 
@@ -359,6 +363,20 @@ function onChange(e) {
     if (event.state === "online") fetchRemoteModels(fp);
   }
   fetchPool();
+  changed();
+}
+
+// A node's usage now: merged into the models the cache holds (a model it does not hold yet arrives with its own
+// event). No id (not part of the history), so `lastEventId` stays where it is; not logged (a gauge, not an event).
+function onUsage(e) {
+  const usage = JSON.parse(e.data);
+  const models = state.remoteModels[usage.node];
+  if (!models) return;
+  const byId = new Map(usage.models.map((u) => [u.modelId, u]));
+  state.remoteModels[usage.node] = models.map((m) => {
+    const u = byId.get(m.id);
+    return u ? { ...m, inFlight: u.inFlight, queued: u.queued, tokensGenerated: u.tokensGenerated, lastUsed: u.lastUsed } : m;
+  });
   changed();
 }
 
