@@ -58,7 +58,6 @@ class UsageThrottle:
         self._rule = Throttle(interval)
         self._cond = threading.Condition()
         self._closed = False
-        self.published = 0
         self._thread = threading.Thread(target=self._run, name="modelfleet-usage", daemon=True)
         self._thread.start()
 
@@ -83,6 +82,5 @@ class UsageThrottle:
                     return
             # Outside our lock: `publish` takes the manager's, under which `changed` takes ours.
             busy = self._publish()
-            self.published += 1
             if busy:
                 self.changed()
