@@ -16,6 +16,7 @@ from playwright.sync_api import Page, Route, expect
 from broker import keys
 from tests.conftest import ALL_SECRETS, OPERATOR_KEY, READ_KEY, park, thaw, wait_for
 from tests.dashboard.conftest import NODE_TOKEN, UNLOAD_TIMEOUT, Dash, model_row, node_card, shoot, sign_in
+from workers.gguf_factory import write_truncated_gguf
 
 
 def seen(page: Page) -> list[str]:
@@ -141,6 +142,29 @@ def test_a_file_the_backend_refuses_shows_failed_with_its_reason(dash: Dash, new
     expect(node_card(page, "node-a").get_by_test_id("notice")).to_contain_text("could not load")
     assert page.evaluate("document.documentElement.scrollWidth") <= 800  # readable at 800 px: no sideways scroll
     shoot(page, tmp_path / "failed-800px.png")
+
+
+def test_a_corrupt_file_is_marked_in_the_catalog_and_its_load_shows_failed_with_the_reason(
+    dash: Dash, new_page, tmp_path: Path
+) -> None:
+    cut = write_truncated_gguf(dash.a.models_dir / "cut.gguf")  # no header reader can parse it
+    try:
+        page = new_page(800, 900)
+        sign_in(page, dash.api)
+        node_card(page, "node-a").get_by_test_id("open-load").click()
+        dialog = page.get_by_test_id("load-dialog")
+        choice = dialog.locator("label.file", has=page.get_by_role("radio", name="cut"))
+        expect(choice).to_contain_text("cannot load")  # the catalog says so before anyone tries
+        problem = choice.locator(".fit.no").get_attribute("title")
+        assert problem and "GGUF" in problem, problem
+        dialog.get_by_role("radio", name="cut").check()
+        page.get_by_test_id("load-submit").click()
+        row = model_row(page, "node-a", "cut")
+        expect(row).to_have_attribute("data-state", "failed")
+        expect(row.get_by_test_id("reason")).to_have_text(problem)  # the node's own reason, as the catalog gave it
+        shoot(page, tmp_path / "corrupt-failed.png")
+    finally:
+        cut.unlink()
 
 
 def test_a_read_only_key_sees_everything_and_changes_nothing(dash: Dash, new_page, tmp_path: Path) -> None:
