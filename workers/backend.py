@@ -162,6 +162,9 @@ class LoadedModel(HeldModel):
         llm = self._llm()
         return b"".join(llm.ctransformers_llm_detokenize(i) for i in ids)
 
+    def cached(self) -> list[int]:
+        return list(self._llm()._context)
+
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: Callable[[], bool]
     ) -> Generator[int, None, None]:

@@ -89,6 +89,11 @@ class LlamaCppModel(HeldModel):
         data: bytes = self._llm().detokenize(list(ids))
         return data
 
+    def cached(self) -> list[int]:
+        llm = self._llm()
+        ids: list[int] = llm.input_ids[: llm.n_tokens].tolist()
+        return ids
+
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: Callable[[], bool]
     ) -> Generator[int, None, None]:

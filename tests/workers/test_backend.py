@@ -149,6 +149,27 @@ def test_a_generation_stopped_early_keeps_what_it_evaluated(loader: CTransformer
         loader.unload(model)
 
 
+def test_the_health_check_keeps_the_cache_for_the_next_turn(loader: CTransformersLoader, stories: Path) -> None:
+    """The periodic check runs between a chat's turns: asked with what the cache holds, it evaluates one token and
+    leaves the cache as it was, so the next turn evaluates only what is new."""
+    model = loader.load(stories, context_length=None, gpu_layers=None)
+    try:
+        assert model.cached() == [] and loader.check(model)  # nothing cached yet: the check asks with a letter
+        ids = model.tokenize("Once upon a time", add_bos=True)
+        tokens = model.generate(ids, SamplingParams(temperature=0.0), lambda: False)
+        answer = [next(tokens) for _ in range(8)]
+        tokens.close()
+        before = model.cached()
+        assert before[: len(ids)] == ids and len(before) == len(ids) + 7
+        assert loader.check(model)
+        assert model.cached() == before
+        tokens = model.generate(ids, SamplingParams(temperature=0.0), lambda: False)
+        assert [next(tokens) for _ in range(8)] == answer  # the cache the check left gives the same answer
+        tokens.close()
+    finally:
+        loader.unload(model)
+
+
 def test_safe_tokenize_handles_prompts_that_overflow_ctransformers(loader: CTransformersLoader, stories: Path) -> None:
     # Emoji fall back to byte tokens: four tokens per character, more than LLM.tokenize has room for.
     model = loader.load(stories, context_length=None, gpu_layers=None)

@@ -159,6 +159,16 @@ def test_check_makes_the_model_answer(backend: LlamaCppBackend, files: dict[str,
         backend.unload(model)
 
 
+def test_the_health_check_keeps_the_cache_for_the_next_turn(qwen2: LlamaCppModel, backend: LlamaCppBackend) -> None:
+    """Asked with what the cache holds, the check evaluates one token and leaves the cache as it was (a check from
+    a letter would cut it back to two tokens, and the next turn of a chat would start from scratch)."""
+    generate(qwen2, "Once upon a time", 8)
+    before = qwen2.cached()
+    assert len(before) == len(qwen2.tokenize("Once upon a time", add_bos=True)) + 7
+    assert backend.check(qwen2)
+    assert qwen2.cached() == before
+
+
 def test_unload_frees_the_model(backend: LlamaCppBackend, files: dict[str, Path]) -> None:
     model = backend.load(files["qwen2"], context_length=None, gpu_layers=None)
     backend.unload(model)

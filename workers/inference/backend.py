@@ -60,6 +60,9 @@ class InferenceModel(Protocol):
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: Callable[[], bool]
     ) -> Generator[int, None, None]: ...
 
+    def cached(self) -> list[int]:
+        """The token ids the model's cache holds now; empty if none (`HeldModel`'s default)."""
+
 
 @dataclass
 class HeldModel:
@@ -82,15 +85,22 @@ class HeldModel:
             raise ModelNotLoaded("The model was unloaded.")
         return self.handle
 
+    def cached(self) -> list[int]:
+        """The token ids the model's cache holds now (what the last generation evaluated); empty if none."""
+        return []
+
 
 def answers(model: InferenceModel) -> bool:
-    """Whether the model answers: it tokenizes a letter and generates one token from it (end of text counts).
+    """Whether the model answers: it generates one token (end of text counts) from what its cache holds, or else
+    from a letter.
 
-    What `healthy` means on every backend, and cheap: a token or two evaluated, one sampled. Call it under the
-    model's lease, like every call on the model.
+    What `healthy` means on every backend, and cheap: one token evaluated (the cache's last, which a generation
+    re-evaluates anyway to sample from it), one sampled. Asked with the cached tokens, the check leaves the cache
+    as it found it, so the next turn of a chat still evaluates only what is new. Call it under the model's lease,
+    like every call on the model.
     """
     try:
-        ids = model.tokenize("a", add_bos=True)
+        ids = model.cached() or model.tokenize("a", add_bos=True)
         if not ids:
             return False
         tokens = model.generate(ids, SamplingParams(temperature=0), lambda: False)
