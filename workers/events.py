@@ -55,6 +55,8 @@ class _Item:
     event: ModelEvent | NodeEvent | UsageEvent
     models: list[ModelInfo] | None
     mode: Mode
+    usage: int = 0
+    """A usage update's number (1, 2, ...): one queued behind a newer one is stale and skipped."""
 
 
 class NodeEvents:
@@ -66,6 +68,8 @@ class NodeEvents:
         self._queue: queue.Queue[_Item | threading.Event | None] = queue.Queue()
         self._online_queued = threading.Event()
         self._closing = threading.Event()
+        self._usage_queued = 0
+        """How many usage updates were queued so far (only the usage thread adds; the events thread reads)."""
         self._thread = threading.Thread(target=self._publish_all, name="modelfleet-events", daemon=True)
         self._thread.start()
         self._usage = UsageThrottle(self._queue_usage, interval=usage_interval)
@@ -91,7 +95,8 @@ class NodeEvents:
         def queue_it(models: list[ModelInfo]) -> None:
             nonlocal busy
             busy = any(m.in_flight or m.queued for m in models)
-            self._queue.put(_Item(usage_event(self._info.fingerprint, models), models, "usage"))
+            self._usage_queued += 1
+            self._queue.put(_Item(usage_event(self._info.fingerprint, models), models, "usage", self._usage_queued))
 
         self.with_models(queue_it)
         return busy
@@ -135,10 +140,12 @@ class NodeEvents:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            if item.usage and item.usage != self._usage_queued:
+                continue  # a newer usage update is queued (Redis was away meanwhile): it alone is worth sending
             try:
                 self._publish(item)
             except Exception:  # one event that cannot go out must not stop every later one
-                log.exception("pool event %s could not be published; dropped", item.event.type)
+                log.exception("event %s could not be published; dropped", item.event.type)
             finally:
                 if item.mode == "online":
                     self._online_queued.clear()  # a later check may queue again once this one is done

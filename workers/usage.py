@@ -9,10 +9,13 @@ and nothing at all while the node is idle.
 The thread only decides when; what goes out, and in which order, is `workers.events.NodeEvents`'s business.
 """
 
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 1.0
 """Seconds between two usage updates of a node, at least."""
@@ -81,6 +84,10 @@ class UsageThrottle:
                 if self._closed:
                     return
             # Outside our lock: `publish` takes the manager's, under which `changed` takes ours.
-            busy = self._publish()
+            try:
+                busy = self._publish()
+            except Exception:  # one failed update must not end every later one for the life of the process
+                log.exception("queueing a usage update failed; the next change tries again")
+                continue
             if busy:
                 self.changed()

@@ -61,8 +61,9 @@ def test_the_thread_sends_one_update_for_many_changes_and_goes_on_while_busy() -
     sent: list[float] = []
 
     def publish() -> bool:
+        still_busy = busy.is_set()  # read before the append the test waits on: clearing it after counts next time
         sent.append(clock())
-        return busy.is_set()
+        return still_busy
 
     throttle = UsageThrottle(publish, interval=1.0, clock=clock)
     try:
@@ -112,7 +113,7 @@ def model(in_flight: int = 0) -> ModelInfo:
     return ModelInfo(id="m", path="/m.gguf", healthy=True, state=ModelState.LOADED, size_bytes=1, in_flight=in_flight)
 
 
-def test_usage_updates_queue_behind_pool_events_with_the_models_read_under_the_lock() -> None:
+def test_usage_updates_queue_behind_pool_events_with_the_models_they_were_read_with() -> None:
     bus = UsageBus()
     events = NodeEvents(bus, node_info(), usage_interval=0.05)  # type: ignore[arg-type]
     now = [model(in_flight=1)]
@@ -161,3 +162,34 @@ def test_the_manager_marks_a_generation_queued_started_and_ended_but_not_a_healt
     assert len(marks) == 6
     info = manager.get("m")
     assert info is not None and info.tokens_generated == 3 and info.in_flight == 0
+
+
+class GatedBus(UsageBus):
+    """A Redis that is away until `gate` opens: pool events wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def publish(self, event: Any, *, models: Any = None, mode: str = "always", boot: str = "") -> str | None:
+        self.waiting.set()
+        self.gate.wait(10)
+        return super().publish(event, models=models, mode=mode, boot=boot)
+
+
+def test_usage_updates_held_up_behind_redis_go_out_as_the_newest_one_only() -> None:
+    bus = GatedBus()
+    events = NodeEvents(bus, node_info())  # type: ignore[arg-type]
+    now: list[ModelInfo] = []
+    events.with_models = lambda action: action(list(now))
+    events.model_changed("model-loaded", model(), [model()])
+    assert bus.waiting.wait(5)  # the events thread is stuck publishing it
+    for in_flight in (1, 2, 3, 0):
+        now[:] = [model(in_flight=in_flight)]
+        events._queue_usage()  # what the throttle does once an interval
+    bus.gate.set()
+    assert events.flush(5)
+    events.close()
+    assert bus.published == [("model-loaded", "always"), ("model-usage", "usage")]
+    assert [m.in_flight for m in bus.usage[0][1]] == [0]  # the newest: the stale ones would only flap the gauge
