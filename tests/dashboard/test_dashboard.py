@@ -5,6 +5,7 @@ temporary folder.
 """
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -236,18 +237,35 @@ def test_a_second_browser_sees_the_first_ones_changes_live(dash: Dash, new_page,
 def test_a_killed_worker_goes_offline(dash: Dash, new_page, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
+    os.link(dash.a.models_dir / "endless.gguf", models / "long.gguf")  # a model that generates as long as asked
     worker = dash.fleet.worker(
-        "node-c", models, MODELFLEET_HEARTBEAT_INTERVAL="0.5", MODELFLEET_HEARTBEAT_TTL="2", wait=False
+        "node-c",
+        models,
+        wait=False,
+        MODELFLEET_HEARTBEAT_INTERVAL="0.5",
+        MODELFLEET_HEARTBEAT_TTL="2",
+        MODELFLEET_NODE_TOKEN=NODE_TOKEN,
     )
     page = new_page()
     sign_in(page, dash.api)
     card = node_card(page, "node-c")
     expect(card).to_have_attribute("data-online", "true", timeout=30_000)
-    worker.signal(signal.SIGKILL)
-    expect(card).to_have_attribute("data-online", "false", timeout=10_000)  # its 2 s heartbeat window, and a tick
+    with dash.api.client() as client:
+        body = {"modelId": "long", "contextLength": 2048}
+        assert client.post(f"/api/v1/nodes/{worker.fingerprint}/models/load", json=body).status_code == 200
+    in_flight = model_row(page, "node-c", "long").get_by_test_id("in-flight")
+    prompt = {"model": "long", "prompt": "Once upon a time", "stream": True, "max_tokens": 1500, "temperature": 0}
+    with dash.api.client(READ_KEY) as client, client.stream("POST", "/v1/completions", json=prompt) as answer:
+        assert answer.status_code == 200, answer.read()
+        lines = answer.iter_lines()  # kept: a generator dropped would close the response, and the node would stop
+        next(lines)
+        expect(in_flight).to_have_text("1")
+        worker.signal(signal.SIGKILL)  # mid-answer: no usage update will ever say it ended
+        expect(card).to_have_attribute("data-online", "false", timeout=10_000)  # its 2 s heartbeat window, a tick
     expect(card).to_have_class("card node is-offline")
     expect(card.locator(".node-id")).to_contain_text(re.compile(r"offline\s*for \d+s"))  # and for how long
     expect(card.get_by_test_id("open-load")).to_be_disabled()
+    expect(in_flight).to_have_text("\u2013")  # a dash: an offline node runs nothing, whatever it last reported
     expect(page.get_by_test_id("event-log").locator('[data-type="node-offline"]').first).to_contain_text("node-c")
     shoot(page, tmp_path / "offline.png")
 

@@ -198,7 +198,7 @@ function modelTable(node, models, reason) {
           <td>${m.contextLength ?? "–"}</td>
           <td>${m.pinned ? html`<span class="pin" title="Never evicted">pinned</span>` : "–"}</td>
           <td>${m.lastUsed ? ago(m.lastUsed) : "–"}</td>
-          <td data-testid="in-flight" title=${`${m.tokensGenerated ?? 0} tokens generated since it loaded`}>${m.state === "loaded" ? `${m.inFlight ?? 0}${m.queued ? ` (+${m.queued} queued)` : ""}` : "–"}</td>
+          <td data-testid="in-flight" title=${`${m.tokensGenerated ?? 0} tokens generated since it loaded`}>${m.state === "loaded" && node.online ? `${m.inFlight ?? 0}${m.queued ? ` (+${m.queued} queued)` : ""}` : "–"}</td>
           <td class="row-actions">
             ${m.state === "loaded"
               ? button("Unload", () => store.unloadModelOnNode(fp, m.id), { reason, kind: "small", testid: "unload", describe: `Unload ${m.id} from ${node.name}` })
