@@ -454,8 +454,10 @@ class EventRelay:
 
 
 async def _nothing_to_catch_up() -> None:
-    """Usage updates are not stored: after a lost subscription, the next update (within a second of any change)
-    brings the figures up to date."""
+    """Usage updates are not stored. After a lost subscription, the next update brings the figures up to date:
+    within a second while anything runs. The limit: an update lost while the subscription was down that was a
+    node's last (the one showing it idle) is not sent again until the next change there, so this API process's
+    clients show the node busy until then; a new stream's snapshot reads the hash, which that update did write."""
 
 
 class OfflineWatcher:

@@ -566,7 +566,8 @@ class Client(Endpoints):
         on_retry: EventRetry | None = None,
     ) -> Iterator[StreamEvent]:
         """Follow the pool's changes (`GET /api/v1/events`, one node's with `node`, a fingerprint): a snapshot
-        first, then every event. With `reconnect`, a stream that is lost after it opened is resumed after the last
+        first, then every event, and each node's usage as `UsageEvent`s (gauges: they do not move the id a
+        reconnection resumes after). With `reconnect`, a stream that is lost after it opened is resumed after the last
         event received (or starts over from a new snapshot if the API no longer holds that far back)."""
         follower = _Follower(self.url, node, last_event_id, reconnect, on_retry)
         while True:

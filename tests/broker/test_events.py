@@ -171,3 +171,8 @@ def test_a_usage_update_is_published_apart_and_written_only_while_online_for_its
     assert [e["type"] for e in history(client)] == ["node-online"], "never in the pool's history"
     assert not bus.publish_usage(usage, models=[], boot="another boot")
     assert json.loads(client.hget(keys.node_info(FP), "models")) == [busy.wire()]
+
+    # Once the node stopped (or an API process declared it offline), a late update of that boot changes nothing.
+    bus.publish(node_event("node-offline", "stopped"), models=[], mode="stopped", boot="b1")
+    assert not bus.publish_usage(usage, models=[busy], boot="b1")
+    assert json.loads(client.hget(keys.node_info(FP), "models")) == []

@@ -525,8 +525,9 @@ def test_usage_streams_live_as_model_usage_and_never_as_a_pool_change(
     [held] = [m for m in node["models"] if m["id"] == "endless"]
     assert held["inFlight"] == 0 and held["tokensGenerated"] == final["tokensGenerated"]
 
-    # Markers: a pool event on each node after everything above. Streams are ordered, so once a stream holds its
-    # marker, whatever the generation sent is in it too.
+    # Markers: a pool event on each node after everything above. Pool events are ordered within a stream, so once
+    # a stream holds its marker it holds the pool events before it. (Usage frames come on a subscription of their
+    # own, in no order with pool events: those this test counts on all arrived before `final` above.)
     EventBus(fleet.redis.client()).publish(model_event("model-loaded", ghost.fingerprint, fake_model(1)))
     with api.client() as operator:
         response = operator.post(f"/api/v1/nodes/{worker.fingerprint}/models/unload", json={"modelId": "endless"})
