@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import redis
 
 from broker import keys
-from broker.registry import parse_node
+from broker.registry import parse_catalog, parse_node
 from modelfleet.state import STATE_DIR, STATE_FILE, UpLock, read_state, write_state
 
 STOP_TIMEOUT = 15.0
@@ -184,9 +184,19 @@ def _ensure_demo_model(models_dir: Path) -> Path | None:
     return write_tiny_llama(models_dir / "demo-tiny.gguf")
 
 
-def _example_model(models_dir: Path) -> str:
-    """The model the banner's `load` line names: the first `.gguf` in the models directory (there is always one
-    after `_ensure_demo_model`), so the line can be copied as it is."""
+def _example_model(client: redis.Redis, fingerprint: str, models_dir: Path) -> str:
+    """The model the banner's `load` line names, so that the line can be copied as it is: the first file the
+    node's catalog (as it published it) says it can load, else the first `.gguf` in the models directory (there
+    is always one after `_ensure_demo_model`)."""
+    try:
+        fields = cast(dict[bytes, bytes], client.hgetall(keys.node_info(fingerprint)))  # no decode_responses
+    except redis.RedisError:
+        fields = {}
+    info = parse_node(fingerprint, fields, True, datetime.now(UTC))
+    catalog = parse_catalog(info, fields) if info is not None else None
+    loadable = sorted(f.id for f in catalog.files if f.problem is None) if catalog is not None else []
+    if loadable:
+        return loadable[0]
     found = sorted(models_dir.glob("*.gguf"))
     return found[0].stem if found else "MODEL"
 
@@ -307,7 +317,7 @@ def run_up(args: argparse.Namespace) -> int:
         )
         _wait_ready(url, (fp, worker_proc.pid), args.port, args.host, sup, stopping)
         if not sup.exited() and not stopping.is_set():
-            example = _example_model(models_dir)
+            example = _example_model(redis.Redis.from_url(url), fp, models_dir)
             banner = Banner(api_url, fp, models_dir.resolve(), example, _endpoint(url, fp), keys_file, flower_auth)
             # Keys go to the terminal only when this run made them, or when a person is watching: a restart
             # under nohup or systemd must not write them into a log again (they are in the keys file).

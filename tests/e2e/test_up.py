@@ -25,7 +25,7 @@ from dotenv import dotenv_values
 from broker import keys
 from modelfleet.up import default_signals
 from tests.conftest import REDIS_PASSWORD, Proc, RedisServer, free_port, modelfleet_command, wait_for
-from workers.gguf_factory import write_tiny_llama
+from workers.gguf_factory import write_not_gguf, write_tiny_llama
 
 BANNER_END = "Ctrl-C stops everything."
 STOP_WITHIN = 20.0
@@ -288,10 +288,11 @@ def test_up_writes_no_demo_model_when_models_holds_one(run_up, tmp_path: Path, r
     models = tmp_path / "run" / "models"
     models.mkdir(parents=True)
     write_tiny_llama(models / "mine.gguf", seed=7)
+    write_not_gguf(models / "a-note.gguf")  # first by name, and no model: the banner must not offer it
 
     up = run_up("--port", str(free_port()), "--redis-url", redis_server.url)
     banner = up.wait_banner()
-    assert sorted(p.name for p in models.iterdir()) == ["mine.gguf"]
+    assert sorted(p.name for p in models.iterdir()) == ["a-note.gguf", "mine.gguf"]
     assert "demo model" not in up.output()
     # The banner's load line names the model that is there, ready to copy.
     [load_line] = [c for c in next_commands(up.output()) if c.startswith("modelfleet load ")]
