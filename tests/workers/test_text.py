@@ -40,6 +40,9 @@ class ScriptedModel:
         finally:
             self.closed = True
 
+    def cached(self) -> list[int]:
+        return []  # it keeps nothing between generations
+
 
 def run(pieces: list[bytes], **kwargs: object) -> tuple[list[str], TextGeneration]:
     gen = TextGeneration(ScriptedModel(pieces), [1, 2], **{"max_tokens": 100, **kwargs})  # type: ignore[arg-type]
