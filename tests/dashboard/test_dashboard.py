@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,6 +30,18 @@ def api_load(dash: Dash, fp: str, model: str) -> None:
     with dash.api.client() as client:
         response = client.post(f"/api/v1/nodes/{fp}/models/load", json={"modelId": model})
         assert response.status_code == 200, response.text
+
+
+@contextmanager
+def answering(dash: Dash, model: str) -> Iterator[None]:
+    """A streamed prompt through the head, answered while the block runs (1,500 tokens of the endless model take
+    well over ten seconds); its client leaves when the block ends."""
+    prompt = {"model": model, "prompt": "Once upon a time", "stream": True, "max_tokens": 1500, "temperature": 0}
+    with dash.api.client(READ_KEY) as client, client.stream("POST", "/v1/completions", json=prompt) as answer:
+        assert answer.status_code == 200, answer.read()
+        lines = answer.iter_lines()  # kept: a generator dropped would close the response, and the node would stop
+        next(lines)
+        yield
 
 
 def unload_everything(dash: Dash) -> None:
@@ -254,11 +268,7 @@ def test_a_killed_worker_goes_offline(dash: Dash, new_page, tmp_path: Path) -> N
         body = {"modelId": "long", "contextLength": 2048}
         assert client.post(f"/api/v1/nodes/{worker.fingerprint}/models/load", json=body).status_code == 200
     in_flight = model_row(page, "node-c", "long").get_by_test_id("in-flight")
-    prompt = {"model": "long", "prompt": "Once upon a time", "stream": True, "max_tokens": 1500, "temperature": 0}
-    with dash.api.client(READ_KEY) as client, client.stream("POST", "/v1/completions", json=prompt) as answer:
-        assert answer.status_code == 200, answer.read()
-        lines = answer.iter_lines()  # kept: a generator dropped would close the response, and the node would stop
-        next(lines)
+    with answering(dash, "long"):
         expect(in_flight).to_have_text("1")
         worker.signal(signal.SIGKILL)  # mid-answer: no usage update will ever say it ended
         expect(card).to_have_attribute("data-online", "false", timeout=10_000)  # its 2 s heartbeat window, a tick
@@ -472,12 +482,7 @@ def test_in_flight_moves_live_with_no_request_but_the_event_stream(dash: Dash, n
     expect(in_flight).to_have_text("0")
     before = requests.settle(dash)
 
-    # A prompt from elsewhere, through the head: 1,500 tokens of this model take well over ten seconds.
-    prompt = {"model": "endless", "prompt": "Once upon a time", "stream": True, "max_tokens": 1500, "temperature": 0}
-    with dash.api.client(READ_KEY) as client, client.stream("POST", "/v1/completions", json=prompt) as answer:
-        assert answer.status_code == 200, answer.read()
-        lines = answer.iter_lines()  # kept: a generator dropped would close the response, and the node would stop
-        next(lines)
+    with answering(dash, "endless"):  # a prompt from elsewhere, through the head
         expect(in_flight).to_have_text("1")
         shoot(page, tmp_path / "in-flight.png")
     # The prompt's client left: the node stops generating, and its next usage update shows the model idle.
