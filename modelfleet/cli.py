@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--models-dir", help="where its .gguf files are (default: ./models)")
     worker.add_argument("--state-dir", help="where the node key lives (default: ./.modelfleet/nodes/NAME)")
     worker.add_argument("--concurrency", type=int, help="jobs it runs at once (default: 16)")
-    worker.add_argument("--threads", type=int, help="CPU threads per model, never -1 (default: min(4, CPUs))")
+    worker.add_argument("--threads", type=int, help="CPU threads per model, never -1 (default: half the CPUs, 1 to 4)")
     worker.add_argument("--memory-budget", help="bytes its models may take, e.g. 8GiB (default: 75%% of RAM)")
     worker.add_argument(
         "--lib",
