@@ -132,10 +132,9 @@ class LlamaCppModel(HeldModel):
             llm.reset()  # what was evaluated is unknown: the next prompt is evaluated from scratch
             raise
 
-    @staticmethod
-    def _evaluate_prompt(llm: Any, ids: list[int], cancelled: Callable[[], bool]) -> bool:
+    def _evaluate_prompt(self, llm: Any, ids: list[int], cancelled: Callable[[], bool]) -> bool:
         """Evaluate `ids` past the prefix already in the cache; False if cancelled before the end."""
-        cached = llm.input_ids[: llm.n_tokens].tolist()
+        cached = self.cached()
         keep = 0
         for a, b in zip(cached, ids, strict=False):
             if a != b:
