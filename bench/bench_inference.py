@@ -123,16 +123,17 @@ def client_concurrent(urls: str, streams: int, tokens: int, start_at: float, out
 
             async def one(i: int) -> tuple[float, float, int, str]:
                 body = {"model": MODEL, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
+                body["stream_options"] = {"include_usage": True}
                 started = time.perf_counter()
                 n, first = 0, 0.0
                 url = targets[i % len(targets)] + "/v1/completions"
                 async with client.stream("POST", url, json=body) as response:
                     response.raise_for_status()
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: {") and '"text":""' not in line:
-                            n += 1
-                            if n == 1:
-                                first = time.perf_counter() - started
+                    async for line in response.aiter_lines():  # an event may carry several tokens: usage counts
+                        if not first and line.startswith("data: {") and '"text":""' not in line:
+                            first = time.perf_counter() - started
+                        if '"usage":{' in line:
+                            n = json.loads(line[6:])["usage"]["completion_tokens"]
                     return time.time(), first, n, response.headers.get("x-modelfleet-node", targets[i % len(targets)])
 
             await asyncio.sleep(max(0.0, start_at - time.time()))  # every process starts at once

@@ -82,7 +82,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     names: tuple[str, ...] = ("name", "models_dir", "state_dir", "concurrency", "threads", "memory_budget")
     names += ("redis_url", "lib", "serve_port", "serve_host", "advertise_url", "max_queue", "keep_alive", "preload")
-    names += ("backend",)
+    names += ("backend", "stream_interval")
     fields = _given(args, *names)
     if args.no_serve:
         fields["serve"] = False
@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--no-serve", action="store_true", help="serve no inference endpoint (default: serve one)")
     worker.add_argument("--max-queue", type=int, help="generations that may wait per model (default: 8)")
+    worker.add_argument(
+        "--stream-interval",
+        type=float,
+        help="seconds between a stream's writes after its first token; faster tokens go out together "
+        "(default: 0.01; 0: every token on its own)",
+    )
     worker.add_argument(
         "--keep-alive", type=float, help="seconds unused before a model unloads itself (default: never)"
     )

@@ -238,7 +238,9 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     log.info("node %s: memory budget %d bytes, backends %s", settings.name, budget, backends.describe())
     service = NodeService(fingerprint=fp, models_dir=models_dir, manager=manager, plan=backends.plan)
     registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)
-    server = NodeServer(create_node_app(manager, keyring), sock) if sock is not None else None
+    server = None
+    if sock is not None:
+        server = NodeServer(create_node_app(manager, keyring, stream_interval=settings.stream_interval), sock)
     return NodeRuntime(settings, service, registrar, client, events, outbox, server)
 
 

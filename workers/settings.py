@@ -16,6 +16,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 DEFAULT_BUDGET_SHARE = 0.75
+DEFAULT_STREAM_INTERVAL = 0.01
+"""Seconds between a stream's writes after its first token (`workers.inference.server._stream`)."""
 """Without --memory-budget a node may fill this share of the machine's RAM, leaving the rest to the system."""
 
 
@@ -63,6 +65,9 @@ class WorkerSettings(KeyedSettings):
     """The base URL the head and clients use (default http://SERVE_HOST:PORT); `%h` is the hostname."""
     # Direct calls to the inference endpoint need one of the fleet's keys (KeyedSettings, either scope) or the
     # node token (BrokerSettings.node_token).
+    stream_interval: float = Field(default=DEFAULT_STREAM_INTERVAL, ge=0, le=1)
+    """Seconds between a stream's writes after its first token: faster tokens go out together (see
+    `workers.inference.server._stream`); 0 writes every token on its own."""
     max_queue: int = Field(default=8, ge=0, le=10_000)
     """Generations that may wait per model while one runs; beyond that, 429 with Retry-After."""
     keep_alive: float | None = Field(default=None, ge=0)

@@ -120,6 +120,37 @@ def test_streamed_completion_with_usage_and_stop(node: Worker) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 5
 
 
+def streamed_text(client: httpx.Client, tokens: int) -> tuple[list[str], int]:
+    """A greedy streamed story of `tokens` tokens: the text of each event, and the tokens its usage counts."""
+    body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0}
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200, response.read()
+        chunks = [e for e in sse(response) if isinstance(e, dict)]
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["text"]]
+    return texts, chunks[-1]["usage"]["completion_tokens"]
+
+
+def test_tokens_faster_than_the_stream_interval_go_out_together(module_fleet: Fleet, node: Worker) -> None:
+    """By default a stream writes at most every 10 ms after its first token, each write one event with what
+    was generated since: stories260K makes thousands of tokens a second, so 200 of them take far fewer
+    events, and their text is the unstreamed answer's. `--stream-interval 0` sends one event per token."""
+    with node.inference() as client:
+        body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        batched, tokens = streamed_text(client, 200)
+    assert tokens == 200 and "".join(batched) == whole
+    assert len(batched) < tokens / 2, len(batched)
+    worker = module_fleet.worker(
+        "every-token", node.models_dir, "--preload", "stories260K", "--threads", "1", "--stream-interval", "0"
+    )
+    with worker.inference() as client:
+        wait_for(lambda: "stories260K" in loaded(client), 60, "the preloaded model")
+        each, tokens = streamed_text(client, 200)
+    assert "".join(each) == whole
+    assert len(each) == tokens == 200
+
+
 def test_chat_through_the_models_own_template(node: Worker) -> None:
     body: dict[str, Any] = {
         "model": "chatty",

@@ -54,6 +54,7 @@ from workers.inference.channel import Channel
 from workers.inference.runner import Delta, Event, Failed, Finished, InferenceRequest, InferenceRunner, Started
 from workers.inference.threads import ThreadCache
 from workers.manager import ModelManager
+from workers.settings import DEFAULT_STREAM_INTERVAL
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_node_app(manager: ModelManager, keyring: KeyRing) -> FastAPI:
-    """The endpoint of one node's models."""
+def create_node_app(
+    manager: ModelManager, keyring: KeyRing, *, stream_interval: float = DEFAULT_STREAM_INTERVAL
+) -> FastAPI:
+    """The endpoint of one node's models; `stream_interval` as in `_stream`."""
     runner = InferenceRunner(manager)
     threads = ThreadCache("modelfleet-generate")
     app = FastAPI(title="modelfleet node", version=__version__, docs_url=None, redoc_url=None)
@@ -108,18 +111,20 @@ def create_node_app(manager: ModelManager, keyring: KeyRing) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request, _: Caller) -> Response:
         """Continue a prompt; with `stream: true`, Server-Sent Events of `text_completion` chunks."""
-        return await _serve(runner, threads, request, body)
+        return await _serve(runner, threads, request, body, stream_interval)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request, _: Caller) -> Response:
         """Answer a conversation, rendered with the model's chat template; with `stream: true`, SSE chunks."""
-        return await _serve(runner, threads, request, body)
+        return await _serve(runner, threads, request, body, stream_interval)
 
     _install_error_handlers(app)
     return app
 
 
-async def _serve(runner: InferenceRunner, threads: ThreadCache, request: Request, body: InferenceRequest) -> Response:
+async def _serve(
+    runner: InferenceRunner, threads: ThreadCache, request: Request, body: InferenceRequest, interval: float
+) -> Response:
     problem = body.unsupported()
     if problem:
         raise e.InvalidRequest(problem)
@@ -148,7 +153,7 @@ async def _serve(runner: InferenceRunner, threads: ThreadCache, request: Request
     finally:
         watcher.cancel()
     return StreamingResponse(
-        _stream(body, first, events, cancel),
+        _stream(body, events, cancel, interval),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -207,11 +212,19 @@ class _DeltaFrames:
 
 
 async def _stream(
-    body: InferenceRequest, started: Started, events: Channel[Event], cancel: Callable[[], None]
+    body: InferenceRequest, events: Channel[Event], cancel: Callable[[], None], interval: float
 ) -> AsyncIterator[bytes]:
-    """The SSE body: one event per token, as OpenAI sends them. When the model runs ahead of the connection,
-    the events waiting are written together (one write, one event each), so a slow reader costs no more writes
-    than it can take."""
+    """The SSE body. The first token goes out the moment it is generated; after that, writes are at least
+    `interval` seconds apart, and each carries the text generated since the last one as one event.
+
+    A model slower than one token an `interval` (any model people chat with: 10 ms is 100 tokens a second)
+    still gets one event per token, each written as soon as it exists. A faster one would otherwise cost a
+    write, a JSON event and a wake-up of the head and the client per token, which on a small machine is CPU
+    taken from the generation itself (stories260K streamed at 0.65x its in-process speed that way); batched,
+    its tokens arrive at most `interval` late. vLLM's and SGLang's `--stream-interval` make the same trade,
+    counted in tokens; OpenAI's own streams do not promise a token per event either. 0: one event per token,
+    each written at once (those that pile up while a write goes out share the next write).
+    """
     chat = isinstance(body, ChatCompletionRequest)
     ident, created = (chat_completion_id() if chat else completion_id()), created_now()
 
@@ -241,13 +254,11 @@ async def _stream(
         template = CompletionResponse(id=ident, created=created, model=body.model, choices=[choice])
     delta = _DeltaFrames(template)
 
-    def frame(event: Event) -> tuple[bytes, bool]:
-        """The bytes of one event, and whether the stream ends with it."""
-        if isinstance(event, Delta):
-            return delta(event.text), False
+    def frame(event: Finished | Failed) -> bytes:
+        """The bytes that end the stream."""
         if isinstance(event, Failed):
             status = status_of(event.error, openai=True)
-            return sse_data(error_body(status, event.error.code, event.error.message)) + SSE_DONE, True
+            return sse_data(error_body(status, event.error.code, event.error.message)) + SSE_DONE
         assert isinstance(event, Finished)
         closing = chunk("" if not chat else None, event.finish_reason)
         if body.include_usage:
@@ -257,19 +268,40 @@ async def _stream(
             else:
                 usage = CompletionResponse(id=ident, created=created, model=body.model, choices=[])
             closing += sse_data(usage.model_copy(update={"usage": event.usage}))
-        return closing + SSE_DONE, True
+        return closing + SSE_DONE
 
     try:
         if chat:
             yield chunk("", role=True)  # OpenAI's first chunk names the role
+        loop = asyncio.get_running_loop()
+        wrote = -interval
         ended = False
         while not ended:
-            data, ended = frame(await events.get())
-            parts = [data]
-            while not ended and not events.empty():
-                data, ended = frame(events.get_nowait())
-                parts.append(data)
+            batch = [await events.get()]
+            wait = wrote + interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            while not events.empty():
+                batch.append(events.get_nowait())
+            parts: list[bytes] = []
+            texts: list[str] = []
+            for event in batch:
+                if isinstance(event, Delta):
+                    if interval:
+                        texts.append(event.text)
+                    else:
+                        parts.append(delta(event.text))
+                    continue
+                if texts:
+                    parts.append(delta("".join(texts)))
+                    texts = []
+                assert isinstance(event, Finished | Failed)  # Started came before the stream began
+                parts.append(frame(event))
+                ended = True
+            if texts:
+                parts.append(delta("".join(texts)))
             yield parts[0] if len(parts) == 1 else b"".join(parts)
+            wrote = loop.time()
     finally:
         cancel()  # a no-op once finished; a disconnected client's generation stops here
 
