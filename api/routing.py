@@ -8,6 +8,10 @@ channel, in case a message was lost: pub/sub is at-most-once) marks the copy sta
 only after something changed, and requests arriving together share one read. A copy is also never older than
 `max_age` seconds (a node's liveness key lapsing publishes nothing until an API notices).
 
+A model that an online node is loading, or has loaded and is checking (`ModelInfo.checking`: its first
+one-token check runs after the load's answer), has no replica yet but is on its way: requests for it wait for
+the replica, within the load timeout, whether load on demand is on or off (`Router._arrival`).
+
 Load on demand (`load_on_demand`): a request for a model with no replica, whose file is on an online node,
 loads it through the pool's placement and memory admission (`Pool.load`; with `on_demand_evict`, idle unpinned
 models may be evicted to make room). Exactly one load runs however many requests arrive at once:
@@ -76,6 +80,18 @@ def replicas(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> li
             if model.id == model_id and model.state is ModelState.LOADED and model.healthy and model.endpoint:
                 found.append(Replica(node, model, model.endpoint.rstrip("/")))
     return found
+
+
+def coming(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> bool:
+    """Whether an online node is loading `model_id`, or has loaded it and is running its first check: a request
+    for it waits for the replica rather than being refused (or loading it a second time)."""
+    return any(
+        model.id == model_id
+        and (model.state is ModelState.LOADING or (model.state is ModelState.LOADED and model.checking))
+        for node, models in nodes
+        if node.online
+        for model in models
+    )
 
 
 class NodeView:
@@ -173,10 +189,12 @@ class Router:
         """The model's replicas, at least one; loads the model first if it has none and load on demand is on.
 
         Raises ModelNotLoaded (404) when it has none and may not be loaded, or the load's error."""
-        found = replicas(await self._view.nodes(), model_id)
+        nodes = await self._view.nodes()
+        found = replicas(nodes, model_id)
         if found:
             return found
-        if not self._on_demand:
+        arriving = coming(nodes, model_id)
+        if not arriving and not self._on_demand:
             raise ModelNotLoaded(
                 f"Model {model_id} is not loaded on any online node (loading on demand is off; an operator can "
                 f"load it with POST /v1/models/load).",
@@ -184,7 +202,8 @@ class Router:
             )
         task = self._pending.get(model_id)
         if task is None:
-            task = asyncio.create_task(self._load_once(model_id), name=f"modelfleet-ondemand-{model_id[:40]}")
+            work = self._arrival(model_id) if arriving else self._load_once(model_id)
+            task = asyncio.create_task(work, name=f"modelfleet-ondemand-{model_id[:40]}")
             self._pending[model_id] = task
             task.add_done_callback(lambda _: self._pending.pop(model_id, None))
         self.waiting += 1
@@ -193,6 +212,28 @@ class Router:
             return await asyncio.shield(task)
         finally:
             self.waiting -= 1
+
+    async def _arrival(self, model_id: str) -> list[Replica]:
+        """Wait for a model that a node is loading or checking (an operator's load, or another head's load on
+        demand) within the load timeout; if it ends up with no healthy replica, load it on demand (when on)."""
+        deadline = time.monotonic() + self._load_timeout
+        while time.monotonic() < deadline:
+            nodes = await self._directory.with_models()
+            found = replicas(nodes, model_id)
+            if found:
+                return found
+            if not coming(nodes, model_id):
+                break
+            await asyncio.sleep(POLL)
+        else:
+            raise _timeout(model_id, self._load_timeout)
+        if self._on_demand:
+            return await self._load_once(model_id)
+        raise ModelNotLoaded(
+            f"Model {model_id} was being loaded, but no online node serves it healthy now (loading on demand is "
+            "off; the nodes' logs say why).",
+            model=model_id,
+        )
 
     async def _load_once(self, model_id: str) -> list[Replica]:
         deadline = time.monotonic() + self._load_timeout

@@ -9,6 +9,9 @@ client; the baseline runs in a child process of its own.
 
   load      one sample of ours: `POST /api/v1/nodes/{fp}/models/load` of the file, from the request to the
             answer (HTTP, auth, the job through Redis, the worker's load, the reply), then an untimed unload.
+            The answer comes once the file is mapped, as the baseline's `from_pretrained` returns once it is:
+            neither has run the model yet. The node's one-token check follows its answer (a forward pass over
+            every weight, some 80 ms here) and the unload waits for it, so the RSS cycles include it.
             One sample of the baseline: `ctransformers.AutoModelForCausalLM.from_pretrained(path,
             model_type="llama")` without `lib=`, timed inside a child process that has imported ctransformers
             and loaded the file twice before (so only the call is timed, none of its process start), then the
@@ -81,7 +84,7 @@ class Node:
         self.http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
         self.fp = fp
         self.answered = 0
-        self.worker_seconds: list[float] = []  # each load's own time in the worker (file mapped, one-token check)
+        self.worker_seconds: list[float] = []  # each load's own time in the worker (the file mapped)
 
     def call(self, operation: str) -> float:
         started = time.perf_counter()
@@ -110,7 +113,8 @@ def start_fleet(procs: Processes, models: Path) -> tuple[Node, int]:
     fp = fingerprint(load_or_create_node_key(state))
     argv = [*modelfleet_command(), "worker", "--name", "bench-loads", "--models-dir", str(models)]
     # One thread per model, as README advises for a shared machine: two threads on an oversubscribed CPU made the
-    # load's one-token check take 1-2 s instead of tens of ms (spinning threads), which would measure the load.
+    # one-token check after each load take 1-2 s instead of tens of ms (spinning threads), and each unload waits
+    # for it.
     argv += ["--state-dir", str(state), "--no-serve", "--threads", "1"]
     worker = procs.start("worker", argv, env)
     base, _ = start_api(procs, env)
@@ -161,7 +165,8 @@ def measure(procs: Processes, quick: bool, cycles: int) -> list[Figure]:
         50,
         "x",
         f"{versus_ms(ours, theirs)}; of ours, p50 {percentile(node.worker_seconds, 50) * 1000:.2f} ms in the worker"
-        f" (map and one-token check); {rounds} alternated rounds; {cpu_since(procs, before)}",
+        f" (mapping the file: the one-token check runs after the answer, and the untimed unload waits for it);"
+        f" {rounds} alternated rounds; {cpu_since(procs, before)}",
     )
 
     warm_up = 20 if quick else 50

@@ -50,7 +50,11 @@ USAGE_EVENT = "model-usage"
 """The SSE event name of usage updates: apart from `SSE_EVENT`, whose every event a reference client answers with
 a refresh of the node and of the pool (a usage update a second would make it a poller)."""
 
-ModelEventType = Literal["model-loading", "model-loaded", "model-load-failed", "model-unloading", "model-unloaded"]
+ModelEventType = Literal[
+    "model-loading", "model-loaded", "model-checked", "model-load-failed", "model-unloading", "model-unloaded"
+]
+"""`model-checked`: a loaded model's health is known or changed (its first check after the load answered, or a
+periodic check's answer differs from the last): `model.healthy` says which."""
 NodeEventType = Literal["node-online", "node-offline"]
 OfflineReason = Literal["heartbeat-lapsed", "stopped", "restarted"]
 OnlineReason = Literal["re-registered"]

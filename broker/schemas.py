@@ -185,6 +185,7 @@ class ModelInfo(Schema):
     path: str
     endpoint: str | None = None
     healthy: bool
+    """The model answered its last check (a one-token generation) or generation."""
     state: ModelState
     context_length: int | None = None
     gpu_layers: int | None = None
@@ -208,6 +209,9 @@ class ModelInfo(Schema):
     """Why it is unloading or was unloaded."""
     backend: str | None = None
     """The backend that runs (or is loading) the model; None if no backend could take it."""
+    checking: bool = False
+    """Loaded, and its first check runs now (one token's time): `healthy` follows with `model-checked`. The head
+    routes to a model once it is healthy; requests that come meanwhile wait for it."""
 
 
 class LoadResult(Schema):

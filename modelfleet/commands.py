@@ -296,6 +296,8 @@ class EventPrinter:
         if isinstance(event, ModelEvent):
             node = self.names.get(event.node, event.node[:12])
             detail = f"  {human_bytes(event.model.size_bytes)}" if event.type == "model-loaded" else ""
+            if event.type == "model-checked":
+                detail = "  healthy" if event.model.healthy else "  did not answer"
             if event.error:
                 detail = f"  error: {event.error}"
             return f"{_clock(event.at)}  {node}  {event.type}  {event.model_id}{detail}"

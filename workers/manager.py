@@ -71,8 +71,9 @@ class Loader(Protocol):
     """What the manager needs from the backends; `workers.backends.Backends` is the real one.
 
     What `load` returns is what a generation's lease hands out (`Lease.model`): to be served, it also implements
-    `workers.inference.backend.InferenceModel`. `check` is called right after `load` and then only under the
-    model's lease, never beside a generation; it should make the model answer (generate a token), cheaply.
+    `workers.inference.backend.InferenceModel`. `check` is called only under the model's lease, never beside a
+    generation (the first time right after `load`, on a thread of its own); it should make the model answer
+    (generate a token), cheaply.
     """
 
     def load(
@@ -99,6 +100,8 @@ class ModelRecord:
     loaded_at: datetime | None = None
     last_used: float = 0.0
     healthy: bool = False
+    checking: bool = False
+    """Its first check (right after the load) is running: `healthy` is not known yet."""
     pinned: bool = False
     error: str | None = None
     measured_bytes: int | None = None
@@ -125,6 +128,7 @@ class ModelRecord:
             path=str(self.path),
             endpoint=self.endpoint if self.state is ModelState.LOADED else None,
             healthy=self.healthy and self.state is ModelState.LOADED,
+            checking=self.checking and self.state is ModelState.LOADED,
             state=self.state,
             context_length=self.context_length,
             gpu_layers=self.gpu_layers,
@@ -265,6 +269,9 @@ class ModelManager:
             with self._lock:
                 record = self._records.get(model_id)
                 reloading = record is not None and record.state is ModelState.LOADED and force_reload
+                if reloading:
+                    assert record is not None
+                    self._wait_checked_locked(record, deadline)
                 if record is None or record.state in (ModelState.FAILED, ModelState.UNLOADED) or reloading:
                     old = record if reloading else None
                     releasing = old.reserved_bytes if old is not None else 0
@@ -381,11 +388,14 @@ class ModelManager:
 
     def _evictable_locked(self, *, exclude: str | None = None) -> list[ModelRecord]:
         """Loaded, unpinned, idle models, least recently used first. Loading, unloading and busy ones (a generation
-        running or queued) are never candidates."""
+        running or queued) are never candidates; one running only its first check is (its unload waits for it)."""
         candidates = [
             r
             for r in self._records.values()
-            if r.state is ModelState.LOADED and not r.pinned and not r.busy and r.model_id != exclude
+            if r.state is ModelState.LOADED
+            and not r.pinned
+            and (not r.busy or (r.checking and r.in_flight == 1 and not r.queued))
+            and r.model_id != exclude
         ]
         return sorted(candidates, key=lambda r: (r.last_used, r.model_id))
 
@@ -441,7 +451,6 @@ class ModelManager:
                 record.path, context_length=record.context_length, gpu_layers=record.gpu_layers, backend=record.backend
             )
             grew = (self._probe() - before) if self._probe else None
-            healthy = self._loader.check(handle)
         except BaseException as exc:
             with self._lock:
                 self._loads_running -= 1
@@ -475,12 +484,56 @@ class ModelManager:
             record.reserved_bytes = max(handle.size_bytes, record.reserved_bytes, record.measured_bytes or 0)
             record.loaded_at = datetime.fromtimestamp(now, UTC)
             record.last_used = now
-            record.healthy = healthy
+            record.healthy, record.checking = False, True
             record.pending = None
             outcome = LoadOutcome(record.info(), round(now - started, 4), already_loaded=False)
             self._emit_locked("model-loaded", record)
+            # Taken before anyone else can: nothing runs on the model before its check, which is what decides
+            # `healthy` (and so whether the head routes to it). An unload waits for the check like for any use.
+            record.in_flight += 1
+            check = Lease(self, record, quiet=True)
+            record.leases.add(check)
         future.set_result(outcome)
+        threading.Thread(target=self._first_check, args=(check,), name="modelfleet-check", daemon=True).start()
         return outcome
+
+    def _wait_checked_locked(self, record: ModelRecord, deadline: float | None) -> None:
+        """Let a just-loaded model's first check end (one token's time) before an unload or reload begins, so its
+        `model-checked` comes before their events; never past `deadline` less `DRAIN_MARGIN`."""
+        while record.checking and record.state is ModelState.LOADED:
+            left = None if deadline is None else deadline - DRAIN_MARGIN - self._clock()
+            if left is not None and left <= 0:
+                return
+            self._changed.wait(left)
+
+    def wait_checked(self, model_id: str, timeout: float | None = None) -> ModelInfo | None:
+        """The model once its first check after the load has ended (at most `timeout` seconds from now)."""
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is not None:
+                self._wait_checked_locked(record, None if timeout is None else self._clock() + DRAIN_MARGIN + timeout)
+            return record.info() if record else None
+
+    def _first_check(self, lease: Lease) -> None:
+        """The check after a load, off the load's answer: a one-token generation costs a forward pass over every
+        weight (80 ms for 400 MB on a small CPU, seconds for a large model), which the caller of a load need not
+        wait for. Its result goes out as `model-checked`, which is what makes the head route to the model."""
+        record = lease._record
+        try:
+            healthy = self._loader.check(lease.model)
+        except Exception:
+            log.exception("the first check of %s failed in the backend", record.model_id)
+            healthy = False
+        finally:
+            lease.release()
+        with self._lock:
+            record.checking = False
+            self._changed.notify_all()
+            if record.state is ModelState.LOADED:
+                record.healthy = record.healthy or healthy  # a generation that ran meanwhile answered too
+                if not record.healthy:
+                    log.warning("model %s is loaded but did not answer its first check", record.model_id)
+                self._emit_locked("model-checked", record)
 
     def unload(self, model_id: str, *, deadline: float | None = None) -> ModelInfo:
         """Unload `model_id`; waits for a load in flight first, but never past `deadline` (a UNIX time), after
@@ -493,6 +546,7 @@ class ModelManager:
                 if record.state is ModelState.FAILED:
                     raise ModelNotLoaded(f"Model {model_id} is not loaded on this node (its last load failed).")
                 if record.state is ModelState.LOADED:
+                    self._wait_checked_locked(record, deadline)
                     future = self._begin_unload_locked(record, UnloadReason.REQUESTED)
                     break
                 assert record.pending is not None
@@ -725,8 +779,10 @@ class ModelManager:
             try:
                 ok = lease.model is not None and self._loader.check(lease.model)
                 with self._lock:
-                    if lease._record.state is ModelState.LOADED:
-                        lease._record.healthy = ok
+                    record = lease._record
+                    if record.state is ModelState.LOADED and record.healthy != ok:
+                        record.healthy = ok
+                        self._emit_locked("model-checked", record)
             finally:
                 lease.release()
 

@@ -119,6 +119,55 @@ def test_without_load_on_demand_an_unloaded_model_is_not_found(server: fakeredis
     asyncio.run(run())
 
 
+def checking(model_id: str = "m") -> ModelInfo:
+    """Loaded, its first check running: not a replica yet."""
+    return model(model_id, healthy=False).model_copy(update={"checking": True})
+
+
+@pytest.mark.parametrize("on_demand", [True, False])
+def test_requests_for_a_model_being_loaded_or_checked_wait_for_it(
+    server: fakeredis.FakeServer, on_demand: bool
+) -> None:
+    """An operator's load is on its way (loading, then checking): requests wait for the replica, whether load
+    on demand is on or off, and none loads it a second time."""
+
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m", state=ModelState.LOADING)])
+
+        async def load(model_id: str) -> None:
+            raise AssertionError("must not load: a node is loading it")
+
+        head = router(server, load, on_demand=on_demand)
+        waiting = [asyncio.create_task(head.route("m")) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        await register(client, A, [checking()])
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in waiting) and head.waiting == 5
+        await register(client, A, [model("m")])
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        assert {a[0].node.fingerprint for a in answers} == {A}
+
+    asyncio.run(run())
+
+
+def test_a_model_that_fails_its_first_check_is_not_waited_for_forever(server: fakeredis.FakeServer) -> None:
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [checking()])
+
+        async def load(model_id: str) -> None:
+            raise AssertionError("load on demand is off")
+
+        waiting = asyncio.create_task(router(server, load, on_demand=False).route("m"))
+        await asyncio.sleep(0.1)
+        await register(client, A, [model("m", healthy=False)])
+        with pytest.raises(ModelNotLoaded, match="no online node serves it healthy"):
+            await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(run())
+
+
 def test_a_model_nobody_has_is_not_found_and_loads_again_later(server: fakeredis.FakeServer) -> None:
     loads: list[str] = []
 

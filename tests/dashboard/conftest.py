@@ -79,7 +79,18 @@ def dash(module_fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Dash:
     b_dir = tmp_path_factory.mktemp("models-b")
     write_tiny_llama(b_dir / "tiny-a.gguf", seed=1)
     write_tiny_llama(b_dir / "tiny-b.gguf", seed=2)
-    a = module_fleet.worker("node-a", a_dir, "--memory-budget", "2GiB", wait=False, MODELFLEET_NODE_TOKEN=NODE_TOKEN)
+    # One event per token: stories260K is so fast that a 16-token answer would otherwise come in two writes, and
+    # the playground's test watches the text grow piece by piece.
+    a = module_fleet.worker(
+        "node-a",
+        a_dir,
+        "--memory-budget",
+        "2GiB",
+        "--stream-interval",
+        "0",
+        wait=False,
+        MODELFLEET_NODE_TOKEN=NODE_TOKEN,
+    )
     # node-b may be frozen (SIGSTOP) for a few seconds and stay online: its unload then times out at the API.
     b = module_fleet.worker(
         "node-b",

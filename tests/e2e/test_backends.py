@@ -217,9 +217,9 @@ def test_every_operation_works_on_both_backends(
         return [(e.type, e.model.backend) for e in events if e.model.backend == backend]
 
     # The load, the force reload (the old copy goes, a new one comes), the unload: each told with its backend.
-    cycle = [("model-loading", backend), ("model-loaded", backend), ("model-unloading", backend)]
-    cycle += [("model-unloaded", backend)]
-    wait_for(lambda: told()[-8:] == cycle * 2, 10, f"the events of every step on {backend}")
+    cycle = [("model-loading", backend), ("model-loaded", backend), ("model-checked", backend)]
+    cycle += [("model-unloading", backend), ("model-unloaded", backend)]
+    wait_for(lambda: told()[-10:] == cycle * 2, 10, f"the events of every step on {backend}")
 
 
 @needs_llama_cpp

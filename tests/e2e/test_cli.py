@@ -233,14 +233,18 @@ def test_events_follows_the_pool_one_line_per_event(api: Api, node: Worker, clea
         assert re.fullmatch(SNAPSHOT_LINE, first)
         assert cli(api, "load", "cli-node", "tiny-a").code == 0
         assert cli(api, "unload", "cli-node", "tiny-a").code == 0
-        lines = [follow.stdout.readline() for _ in range(4)]
+        lines = [follow.stdout.readline() for _ in range(5)]
     finally:
         follow.send_signal(signal.SIGINT)
         out, err = follow.communicate(timeout=10)
     shown = [line.split("  ", 1)[1].rstrip("\n") for line in lines]
     assert shown[0] == "cli-node  model-loading  tiny-a"
     assert re.fullmatch(r"cli-node  model-loaded  tiny-a  \d+\.\d KiB", shown[1])
-    assert shown[2:] == ["cli-node  model-unloading  tiny-a", "cli-node  model-unloaded  tiny-a"]
+    assert shown[2:] == [
+        "cli-node  model-checked  tiny-a  healthy",
+        "cli-node  model-unloading  tiny-a",
+        "cli-node  model-unloaded  tiny-a",
+    ]
     assert follow.returncode == 0 and "Traceback" not in err  # Ctrl-C is how one stops following
     for secret in ALL_SECRETS:
         assert secret not in "".join(lines) + out + err

@@ -321,7 +321,7 @@ def test_async_events(api: Api, node: Worker) -> None:
     seen = asyncio.run(scenario())
     assert isinstance(seen[0].data, Snapshot)
     kinds = [e.data.type for e in seen[1:] if isinstance(e.data, ModelEvent) and e.data.model_id == "tiny-b"]
-    assert kinds == ["model-loading", "model-loaded", "model-unloading", "model-unloaded"]
+    assert kinds == ["model-loading", "model-loaded", "model-checked", "model-unloading", "model-unloaded"]
 
 
 def test_events_resume_across_an_api_restart(fleet: Fleet) -> None:

@@ -183,8 +183,11 @@ def test_load_and_unload_stream_in_order(fleet: Fleet, models_dir: Path, streams
 
     s.wait(done)
     changes = [e for e in s.changes(worker.fingerprint) if e.get("modelId") == "tiny-a"]
-    assert [e["type"] for e in changes] == ["model-loading", "model-loaded", "model-unloading", "model-unloaded"]
-    assert [e["state"] for e in changes] == ["loading", "loaded", "unloading", "unloaded"]
+    kinds = ["model-loading", "model-loaded", "model-checked", "model-unloading", "model-unloaded"]
+    assert [e["type"] for e in changes] == kinds
+    assert [e["state"] for e in changes] == ["loading", "loaded", "loaded", "unloading", "unloaded"]
+    assert [e["model"]["healthy"] for e in changes] == [False, False, True, False, False]
+    assert [e["model"]["checking"] for e in changes] == [False, True, False, False, False]
     assert all(e["node"] == worker.fingerprint and e["at"] for e in changes)
     ids = [as_id(i) for i in s.ids()]
     assert ids == sorted(ids) and len(set(ids)) == len(ids) and ids[0] > as_id(first.id)

@@ -22,7 +22,7 @@ from tests.conftest import (
     require_stories,
     wait_for,
 )
-from workers.gguf_factory import write_endless_model
+from workers.gguf_factory import write_endless_model, write_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,8 @@ def stories_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "lazy").mkdir()
     shutil.copy(require_stories(), root / "lazy" / "stories.gguf")  # loaded by nobody until a prompt asks for it
     write_endless_model(root / "endless.gguf")
+    # Weights enough that its one-token check takes a while after its load has answered (~10 ms a token here).
+    write_tiny_llama(root / "heavy.gguf", pad_to_bytes=60_000_000)
     return root
 
 
@@ -238,6 +240,30 @@ def test_without_load_on_demand_a_model_loaded_nowhere_is_404(module_fleet: Flee
         response = client.post("/v1/completions", json={"model": "tiny-never-loaded", "prompt": STORY})
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_loaded"
+
+
+def test_a_prompt_right_after_a_load_waits_for_the_models_first_check(
+    module_fleet: Fleet, two: tuple[Api, Worker, Worker]
+) -> None:
+    """A load answers before its one-token check; the head routes only to healthy models. A prompt sent the
+    moment the load answers waits for the check instead of answering 404, even with load on demand off."""
+    _, a, _ = two
+    api = module_fleet.api(MODELFLEET_LOAD_ON_DEMAND="false")
+    redis = module_fleet.redis.client()
+    with api.client() as operator, api.client(READ_KEY) as reader:
+        for _ in range(3):
+            loaded = operator.post("/v1/models/load", json={"model_name": "heavy", "node": a.fingerprint})
+            assert loaded.status_code == 200, loaded.text
+            answer = reader.post("/v1/completions", json={"model": "heavy", "prompt": STORY, **GREEDY})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] >= 1
+            unloaded = operator.post("/v1/models/unload", json={"model_name": "heavy"})
+            assert unloaded.status_code == 200, unloaded.text
+    told = [json.loads(fields[b"event"]) for _, fields in redis.xrange(keys.events_stream())]
+    heavy = [e for e in told if e.get("modelId") == "heavy" and e["node"] == a.fingerprint]
+    kinds = ["model-loading", "model-loaded", "model-checked", "model-unloading", "model-unloaded"]
+    assert [e["type"] for e in heavy] == kinds * 3
+    assert [e["model"]["healthy"] for e in heavy if e["type"] == "model-checked"] == [True] * 3
 
 
 def test_modelfleet_run_streams_the_answer(two: tuple[Api, Worker, Worker], module_fleet: Fleet) -> None:

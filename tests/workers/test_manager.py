@@ -76,8 +76,52 @@ def test_load_then_already_loaded() -> None:
     first = manager.load("m", Path("/m.gguf"), context_length=256)
     second = manager.load("m", Path("/m.gguf"))
     assert not first.already_loaded and first.model.state is ModelState.LOADED
-    assert first.model.context_length == 256 and first.model.healthy
+    assert first.model.context_length == 256
     assert second.already_loaded and loader.loads == 1
+    checked = manager.wait_checked("m", timeout=5)
+    assert checked is not None and checked.healthy and not checked.checking
+
+
+def test_a_load_answers_before_its_first_check_which_runs_before_anything_else() -> None:
+    """The check is one token's forward pass over every weight: the load's caller does not wait for it, but no
+    generation runs on the model before it, and `model-checked` tells its answer."""
+    loader = GatedLoader()
+    loader.gate.set()
+    checking = threading.Event()
+    release = threading.Event()
+
+    def check(model: object) -> bool:
+        checking.set()
+        return release.wait(5)
+
+    loader.check = check  # type: ignore[method-assign]
+    seen, hook = recorder()
+    manager = ModelManager(loader, on_change=hook)
+    outcome = manager.load("m", Path("/m.gguf"))
+    assert outcome.model.state is ModelState.LOADED and outcome.model.checking and not outcome.model.healthy
+    assert checking.wait(5)
+    generation, box = in_thread(manager.acquire, "m")
+    time.sleep(0.05)
+    assert "value" not in box and manager.get("m").queued == 1  # type: ignore[union-attr]
+    release.set()
+    generation.join(5)
+    box["value"].release()
+    info = manager.get("m")
+    assert info is not None and info.healthy and not info.checking
+    assert [kind for kind, _, _ in seen] == ["model-loading", "model-loaded", "model-checked"]
+    assert seen[-1][2] == [("m", "loaded")]
+
+
+def test_a_model_that_fails_its_first_check_is_loaded_but_not_healthy() -> None:
+    loader = GatedLoader()
+    loader.gate.set()
+    loader.check = lambda model: False  # type: ignore[method-assign]
+    seen, hook = recorder()
+    manager = ModelManager(loader, on_change=hook)
+    manager.load("m", Path("/m.gguf"))
+    info = manager.wait_checked("m", timeout=5)
+    assert info is not None and info.state is ModelState.LOADED and not info.healthy and not info.checking
+    assert [kind for kind, _, _ in seen] == ["model-loading", "model-loaded", "model-checked"]
 
 
 def test_concurrent_loads_join_one_load() -> None:
@@ -204,10 +248,11 @@ def test_events_in_order_with_the_models_after_each_change() -> None:
     seen, hook = recorder()
     manager = ModelManager(loader, on_change=hook)
     manager.load("m", Path("/m.gguf"))
-    manager.unload("m")
+    manager.unload("m")  # waits for the first check, so that it is announced first
     assert seen == [
         ("model-loading", "loading", [("m", "loading")]),
         ("model-loaded", "loaded", [("m", "loaded")]),
+        ("model-checked", "loaded", [("m", "loaded")]),
         ("model-unloading", "unloading", [("m", "unloading")]),
         ("model-unloaded", "unloaded", []),
     ]
@@ -232,7 +277,13 @@ def test_an_unload_waiting_for_a_load_is_announced_after_it() -> None:
     loader.gate.set()
     load.join(5)
     unload.join(5)
-    assert [kind for kind, _, _ in seen] == ["model-loading", "model-loaded", "model-unloading", "model-unloaded"]
+    assert [kind for kind, _, _ in seen] == [
+        "model-loading",
+        "model-loaded",
+        "model-checked",
+        "model-unloading",
+        "model-unloaded",
+    ]
 
 
 def test_a_failed_load_and_an_eviction_are_announced() -> None:
@@ -249,14 +300,17 @@ def test_a_failed_load_and_an_eviction_are_announced() -> None:
     ]
     loader.fail_with = None
     manager.load("a", Path("/a.gguf"), estimate_bytes=100)
+    manager.wait_checked("a", timeout=5)
     seen.clear()
     manager.load("b", Path("/b.gguf"), estimate_bytes=100, evict=True)
+    manager.wait_checked("b", timeout=5)
     bad = ("bad", "failed")
     assert [(kind, model) for kind, _, model in seen] == [
         ("model-loading", [("a", "loaded"), ("b", "loading"), bad]),
         ("model-unloading", [("a", "unloading"), ("b", "loading"), bad]),
         ("model-unloaded", [("b", "loading"), bad]),
         ("model-loaded", [("b", "loaded"), bad]),
+        ("model-checked", [("b", "loaded"), bad]),
     ]
 
 
@@ -592,7 +646,10 @@ def test_a_forced_reload_announces_the_old_copy_gone_before_the_new_one_loading(
     seen, hook = recorder()
     manager = ModelManager(loader, on_change=hook)
     manager.load("m", Path("/m.gguf"))
+    manager.wait_checked("m", timeout=5)
     seen.clear()
     manager.load("m", Path("/m.gguf"), force_reload=True)
-    assert [kind for kind, _, _ in seen] == ["model-unloading", "model-unloaded", "model-loading", "model-loaded"]
+    manager.wait_checked("m", timeout=5)
+    kinds = ["model-unloading", "model-unloaded", "model-loading", "model-loaded", "model-checked"]
+    assert [kind for kind, _, _ in seen] == kinds
     assert seen[-1][2] == [("m", "loaded")]
