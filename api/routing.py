@@ -94,6 +94,16 @@ def coming(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> bool
     )
 
 
+def listed_loaded(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> bool:
+    """Whether an online node lists `model_id` as loaded (healthy or not)."""
+    return any(
+        model.id == model_id and model.state is ModelState.LOADED
+        for node, models in nodes
+        if node.online
+        for model in models
+    )
+
+
 class NodeView:
     """Every node with its models, as routing needs them on each request, from memory while nothing changed."""
 
@@ -194,6 +204,12 @@ class Router:
         if found:
             return found
         arriving = coming(nodes, model_id)
+        if not arriving:  # the view may predate a load that just answered: Redis has the last word on a miss
+            nodes = await self._directory.with_models()
+            found = replicas(nodes, model_id)
+            if found:
+                return found
+            arriving = coming(nodes, model_id)
         if not arriving and not self._on_demand:
             raise ModelNotLoaded(
                 f"Model {model_id} is not loaded on any online node (loading on demand is off; an operator can "
@@ -228,15 +244,11 @@ class Router:
         else:
             raise _timeout(model_id, self._load_timeout)
         if self._on_demand:
-            return await self._load_once(model_id)
-        raise ModelNotLoaded(
-            f"Model {model_id} was being loaded, but no online node serves it healthy now (loading on demand is "
-            "off; the nodes' logs say why).",
-            model=model_id,
-        )
+            return await self._load_once(model_id, deadline)
+        raise _unhealthy(model_id)
 
-    async def _load_once(self, model_id: str) -> list[Replica]:
-        deadline = time.monotonic() + self._load_timeout
+    async def _load_once(self, model_id: str, deadline: float | None = None) -> list[Replica]:
+        deadline = time.monotonic() + self._load_timeout if deadline is None else deadline
         lock, failed = keys.ondemand_lock(model_id), keys.ondemand_failed(model_id)
         token = uuid.uuid4().hex
         while time.monotonic() < deadline:
@@ -277,12 +289,15 @@ class Router:
                 await renewer
 
     async def _wait_for_replica(self, model_id: str, deadline: float) -> list[Replica]:
-        """The load answered; its node's event publisher updates the node hash a moment later (and the model's
-        first health check may still run)."""
+        """The load answered (the node hash lists the model once a job that changed it has answered), and the
+        model's first check may still run: wait for it to answer, not past a check that failed."""
         while time.monotonic() < deadline:
-            found = await self.replicas(model_id)
+            nodes = await self._directory.with_models()
+            found = replicas(nodes, model_id)
             if found:
                 return found
+            if not coming(nodes, model_id) and listed_loaded(nodes, model_id):
+                raise _unhealthy(model_id)
             await asyncio.sleep(POLL)
         raise _timeout(model_id, self._load_timeout)
 
@@ -290,6 +305,14 @@ class Router:
 def _failure(raw: bytes | str) -> ModelfleetError:
     failure = json.loads(raw)
     return from_code(str(failure["code"]), str(failure["error"]), failure.get("details") or {})
+
+
+def _unhealthy(model_id: str) -> ModelNotLoaded:
+    return ModelNotLoaded(
+        f"Model {model_id} is loaded, but no online node serves it healthy: it did not answer its check (the "
+        "nodes' logs say why; an operator can reload it with force_reload).",
+        model=model_id,
+    )
 
 
 def _timeout(model_id: str, timeout: float) -> JobTimeout:

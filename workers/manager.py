@@ -11,7 +11,8 @@ Generations (see `acquire`): one at a time per loaded model, behind a bounded qu
 holds a `Lease`; using a model refreshes its last use. An unload (explicit, idle, or a `force_reload`'s old copy)
 first refuses new generations and wakes the queued ones with ModelNotLoaded, then waits for the running one up to
 the unload's deadline (less `DRAIN_MARGIN`), then stops it (within one token) and waits until it has: the model is
-never freed under a running generation. Eviction only picks idle models. A model whose keep-alive is set unloads
+never freed under a running generation. Eviction only picks idle models (or one whose only use is its first
+check, which its unload waits for). A model whose keep-alive is set unloads
 itself once unused for that long (`reap_idle`, reason `idle`).
 
 Memory admission: a load reserves its estimate under the registry lock before it starts, so two concurrent
@@ -231,7 +232,8 @@ class ModelManager:
         self._on_usage = on_usage
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        """Notified when a generation ends or a model starts unloading: what queued generations wait on."""
+        """Notified when a generation (or a check) ends or a model starts unloading: what queued generations, and
+        unloads and reloads waiting for a model's first check, wait on."""
         self._records: dict[str, ModelRecord] = {}
         self._probe = memory_probe
         self._loads_begun = 0
@@ -269,9 +271,8 @@ class ModelManager:
             with self._lock:
                 record = self._records.get(model_id)
                 reloading = record is not None and record.state is ModelState.LOADED and force_reload
-                if reloading:
-                    assert record is not None
-                    self._wait_checked_locked(record, deadline)
+                if reloading and record is not None and self._wait_checked_locked(record, deadline):
+                    continue  # another reload or an unload may have come first: look again
                 if record is None or record.state in (ModelState.FAILED, ModelState.UNLOADED) or reloading:
                     old = record if reloading else None
                     releasing = old.reserved_bytes if old is not None else 0
@@ -494,17 +495,24 @@ class ModelManager:
             check = Lease(self, record, quiet=True)
             record.leases.add(check)
         future.set_result(outcome)
-        threading.Thread(target=self._first_check, args=(check,), name="modelfleet-check", daemon=True).start()
+        try:
+            threading.Thread(target=self._first_check, args=(check,), name="modelfleet-check", daemon=True).start()
+        except RuntimeError:  # no thread to be had (a process at its limit): check here rather than never
+            self._first_check(check)
         return outcome
 
-    def _wait_checked_locked(self, record: ModelRecord, deadline: float | None) -> None:
+    def _wait_checked_locked(self, record: ModelRecord, deadline: float | None) -> bool:
         """Let a just-loaded model's first check end (one token's time) before an unload or reload begins, so its
-        `model-checked` comes before their events; never past `deadline` less `DRAIN_MARGIN`."""
+        `model-checked` comes before their events; never past `deadline` less `DRAIN_MARGIN`. Whether it waited:
+        the lock was let go meanwhile, so whatever the caller decided before must be decided again."""
+        waited = False
         while record.checking and record.state is ModelState.LOADED:
             left = None if deadline is None else deadline - DRAIN_MARGIN - self._clock()
             if left is not None and left <= 0:
-                return
+                break
             self._changed.wait(left)
+            waited = True
+        return waited
 
     def wait_checked(self, model_id: str, timeout: float | None = None) -> ModelInfo | None:
         """The model once its first check after the load has ended (at most `timeout` seconds from now)."""
@@ -519,21 +527,23 @@ class ModelManager:
         weight (80 ms for 400 MB on a small CPU, seconds for a large model), which the caller of a load need not
         wait for. Its result goes out as `model-checked`, which is what makes the head route to the model."""
         record = lease._record
+        healthy = False
         try:
             healthy = self._loader.check(lease.model)
         except Exception:
             log.exception("the first check of %s failed in the backend", record.model_id)
-            healthy = False
         finally:
-            lease.release()
-        with self._lock:
-            record.checking = False
-            self._changed.notify_all()
-            if record.state is ModelState.LOADED:
-                record.healthy = record.healthy or healthy  # a generation that ran meanwhile answered too
-                if not record.healthy:
-                    log.warning("model %s is loaded but did not answer its first check", record.model_id)
-                self._emit_locked("model-checked", record)
+            # One locked step: the lease's end, the answer and its event. A generation queued behind the check
+            # starts only after it, so nothing sees the model idle-but-checking (which eviction may pick).
+            with self._lock:
+                lease._released = True
+                self._release_locked(lease, record)
+                record.checking = False
+                if record.state is ModelState.LOADED:
+                    record.healthy = healthy
+                    if not healthy:
+                        log.warning("model %s is loaded but did not answer its first check", record.model_id)
+                    self._emit_locked("model-checked", record)
 
     def unload(self, model_id: str, *, deadline: float | None = None) -> ModelInfo:
         """Unload `model_id`; waits for a load in flight first, but never past `deadline` (a UNIX time), after
@@ -546,7 +556,8 @@ class ModelManager:
                 if record.state is ModelState.FAILED:
                     raise ModelNotLoaded(f"Model {model_id} is not loaded on this node (its last load failed).")
                 if record.state is ModelState.LOADED:
-                    self._wait_checked_locked(record, deadline)
+                    if self._wait_checked_locked(record, deadline):
+                        continue  # another unload, an eviction or a reload may have come first: look again
                     future = self._begin_unload_locked(record, UnloadReason.REQUESTED)
                     break
                 assert record.pending is not None
@@ -676,21 +687,24 @@ class ModelManager:
 
     def _release(self, lease: Lease, record: ModelRecord) -> None:
         with self._lock:
-            record.in_flight -= 1
-            record.leases.discard(lease)
-            record.tokens_generated += lease.tokens
-            if not lease.quiet:
-                self._usage_changed_locked()
-            now = self._clock()
-            if lease.tokens or lease.failed:  # a health check is not a use
-                record.last_used = now
-                took = time.monotonic() - lease.started
-                avg = record.generation_seconds
-                record.generation_seconds = took if not avg else 0.8 * avg + 0.2 * took
-            if record.state is ModelState.LOADED:
-                # A generation that ran is the best health check there is; a failed one marks the model unwell.
-                record.healthy = not lease.failed if (lease.tokens or lease.failed) else record.healthy
-            self._changed.notify_all()
+            self._release_locked(lease, record)
+
+    def _release_locked(self, lease: Lease, record: ModelRecord) -> None:
+        record.in_flight -= 1
+        record.leases.discard(lease)
+        record.tokens_generated += lease.tokens
+        if not lease.quiet:
+            self._usage_changed_locked()
+        now = self._clock()
+        if lease.tokens or lease.failed:  # a health check is not a use
+            record.last_used = now
+            took = time.monotonic() - lease.started
+            avg = record.generation_seconds
+            record.generation_seconds = took if not avg else 0.8 * avg + 0.2 * took
+        if record.state is ModelState.LOADED:
+            # A generation that ran is the best health check there is; a failed one marks the model unwell.
+            record.healthy = not lease.failed if (lease.tokens or lease.failed) else record.healthy
+        self._changed.notify_all()
 
     def reap_idle(self) -> list[str]:
         """Unload every model unused for longer than its keep-alive (reason `idle`); returns their ids."""

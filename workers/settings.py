@@ -16,9 +16,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 DEFAULT_BUDGET_SHARE = 0.75
+"""Without --memory-budget a node may fill this share of the machine's RAM, leaving the rest to the system."""
 DEFAULT_STREAM_INTERVAL = 0.01
 """Seconds between a stream's writes after its first token (`workers.inference.server._stream`)."""
-"""Without --memory-budget a node may fill this share of the machine's RAM, leaving the rest to the system."""
 
 
 def default_memory_budget() -> int:

@@ -162,7 +162,7 @@ def test_a_model_that_fails_its_first_check_is_not_waited_for_forever(server: fa
         waiting = asyncio.create_task(router(server, load, on_demand=False).route("m"))
         await asyncio.sleep(0.1)
         await register(client, A, [model("m", healthy=False)])
-        with pytest.raises(ModelNotLoaded, match="no online node serves it healthy"):
+        with pytest.raises(ModelNotLoaded, match="did not answer its check"):
             await asyncio.wait_for(waiting, 5)
 
     asyncio.run(run())

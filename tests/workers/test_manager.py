@@ -112,6 +112,55 @@ def test_a_load_answers_before_its_first_check_which_runs_before_anything_else()
     assert seen[-1][2] == [("m", "loaded")]
 
 
+def held_check(loader: GatedLoader) -> tuple[threading.Event, threading.Event]:
+    """Make the loader's check wait for the test: (the check has begun, let it end)."""
+    begun, release = threading.Event(), threading.Event()
+
+    def check(model: object) -> bool:
+        begun.set()
+        return release.wait(5)
+
+    loader.check = check  # type: ignore[method-assign]
+    return begun, release
+
+
+@pytest.mark.parametrize("second", ["unload", "reload", "evict"])
+def test_what_comes_during_the_first_check_waits_for_it_then_happens_once(second: str) -> None:
+    """An unload meets another unload, a forced reload or an eviction while the model's first check runs: each
+    waits for the check, then decides again, so the model is unloaded once, never freed twice."""
+    loader = GatedLoader(size=100)
+    loader.gate.set()
+    seen, hook = recorder()
+    manager = ModelManager(loader, memory_budget=100 if second == "evict" else 1000, on_change=hook)
+    begun, release = held_check(loader)
+    manager.load("m", Path("/m.gguf"), estimate_bytes=100)
+    assert begun.wait(5)
+    first, box1 = in_thread(manager.unload, "m")
+    if second == "unload":
+        other, box2 = in_thread(manager.unload, "m")
+    elif second == "reload":
+        other, box2 = in_thread(manager.load, "m", Path("/m.gguf"), estimate_bytes=100, force_reload=True)
+    else:
+        other, box2 = in_thread(manager.load, "n", Path("/n.gguf"), estimate_bytes=100, evict=True)
+    time.sleep(0.1)
+    assert "value" not in box1 and "error" not in box1  # both wait for the check
+    release.set()
+    first.join(5)
+    other.join(5)
+    assert not first.is_alive() and not other.is_alive()
+    # Every copy loaded is either still listed or was freed exactly once: none freed twice, none leaked.
+    assert loader.unloads + len(loaded_ids(manager)) == loader.loads, (seen, box1, box2)
+    assert [kind for kind, _, _ in seen].count("model-unloaded") == loader.unloads
+    if second == "evict":  # eviction may pick a model whose only use is its check (and waits for it)
+        assert box2["value"].evicted == ("m",) and loaded_ids(manager) == ["n"]
+    else:
+        assert [kind for kind, _, _ in seen][:3] == ["model-loading", "model-loaded", "model-checked"]
+    if second == "unload":  # one of them unloaded it, the other joined or found it gone
+        errors = [box["error"] for box in (box1, box2) if "error" in box]
+        assert all(isinstance(error, ModelNotLoaded) for error in errors) and len(errors) <= 1
+    release.set()
+
+
 def test_a_model_that_fails_its_first_check_is_loaded_but_not_healthy() -> None:
     loader = GatedLoader()
     loader.gate.set()
