@@ -160,6 +160,8 @@ class LoadedModel(HeldModel):
 
     def detokenize(self, ids: Sequence[int]) -> bytes:
         llm = self._llm()
+        if len(ids) == 1:  # a generation's every token: no generator, no join
+            return bytes(llm.ctransformers_llm_detokenize(ids[0]))
         return b"".join(llm.ctransformers_llm_detokenize(i) for i in ids)
 
     def cached(self) -> list[int]:

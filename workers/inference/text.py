@@ -93,6 +93,11 @@ class TextGeneration:
                     break
                 self.completion_tokens += 1
                 pending += decoder.decode(self._model.detokenize([token]))
+                if not self.stop:  # the common case, per token: nothing to look for, nothing to hold back
+                    if pending:
+                        yield pending
+                        pending = ""
+                    continue
                 cut = self._find_stop(pending)
                 if cut is not None:
                     self.finish_reason = "stop"
