@@ -134,6 +134,12 @@ class NodeView:
         # shield: one caller going away must not cancel the read the others wait for
         return await asyncio.shield(self._reading[1])
 
+    async def fresh(self) -> list[tuple[NodeInfo, list[ModelInfo]]]:
+        """The nodes as Redis has them now (callers at the same moment share one read), for a miss that the copy
+        in memory may not know of yet; the copy is replaced by it."""
+        self.changed()
+        return await self.nodes()
+
     async def _read(self, version: int) -> list[tuple[NodeInfo, list[ModelInfo]]]:
         at = self._clock()  # a change during the read makes this copy stale at once
         try:
@@ -205,7 +211,7 @@ class Router:
             return found
         arriving = coming(nodes, model_id)
         if not arriving:  # the view may predate a load that just answered: Redis has the last word on a miss
-            nodes = await self._directory.with_models()
+            nodes = await self._view.fresh()
             found = replicas(nodes, model_id)
             if found:
                 return found
@@ -231,21 +237,28 @@ class Router:
 
     async def _arrival(self, model_id: str) -> list[Replica]:
         """Wait for a model that a node is loading or checking (an operator's load, or another head's load on
-        demand) within the load timeout; if it ends up with no healthy replica, load it on demand (when on)."""
+        demand) within the load timeout. If it arrives loaded but unhealthy, its first check failed: say so. If
+        it does not arrive (its load failed, it was unloaded, its node left), load it on demand when that is on."""
         deadline = time.monotonic() + self._load_timeout
-        while time.monotonic() < deadline:
+        while True:
             nodes = await self._directory.with_models()
             found = replicas(nodes, model_id)
             if found:
                 return found
             if not coming(nodes, model_id):
                 break
+            if time.monotonic() >= deadline:
+                raise _timeout(model_id, self._load_timeout)
             await asyncio.sleep(POLL)
-        else:
-            raise _timeout(model_id, self._load_timeout)
+        if listed_loaded(nodes, model_id):
+            raise _unhealthy(model_id)
         if self._on_demand:
             return await self._load_once(model_id, deadline)
-        raise _unhealthy(model_id)
+        raise ModelNotLoaded(
+            f"Model {model_id} was being loaded, but no online node holds it now (loading on demand is off; the "
+            "event stream and the nodes' logs say why).",
+            model=model_id,
+        )
 
     async def _load_once(self, model_id: str, deadline: float | None = None) -> list[Replica]:
         deadline = time.monotonic() + self._load_timeout if deadline is None else deadline
@@ -290,16 +303,23 @@ class Router:
 
     async def _wait_for_replica(self, model_id: str, deadline: float) -> list[Replica]:
         """The load answered (the node hash lists the model once a job that changed it has answered), and the
-        model's first check may still run: wait for it to answer, not past a check that failed."""
-        while time.monotonic() < deadline:
+        model's first check may still run: wait for a healthy replica. A model seen checking that then turns up
+        unhealthy failed that check: no use waiting. One unhealthy for another reason (a generation failed) may
+        be healthy again at its next periodic check: wait for that, within the deadline. Redis is read at least
+        once, however late the load answered."""
+        seen_coming = False
+        while True:
             nodes = await self._directory.with_models()
             found = replicas(nodes, model_id)
             if found:
                 return found
-            if not coming(nodes, model_id) and listed_loaded(nodes, model_id):
+            if coming(nodes, model_id):
+                seen_coming = True
+            elif seen_coming and listed_loaded(nodes, model_id):
                 raise _unhealthy(model_id)
+            if time.monotonic() >= deadline:
+                raise _timeout(model_id, self._load_timeout)
             await asyncio.sleep(POLL)
-        raise _timeout(model_id, self._load_timeout)
 
 
 def _failure(raw: bytes | str) -> ModelfleetError:
@@ -309,8 +329,8 @@ def _failure(raw: bytes | str) -> ModelfleetError:
 
 def _unhealthy(model_id: str) -> ModelNotLoaded:
     return ModelNotLoaded(
-        f"Model {model_id} is loaded, but no online node serves it healthy: it did not answer its check (the "
-        "nodes' logs say why; an operator can reload it with force_reload).",
+        f"Model {model_id} is loaded, but no online node serves it healthy: it did not answer its first check "
+        "(the nodes' logs say why; an operator can reload it with force_reload).",
         model=model_id,
     )
 

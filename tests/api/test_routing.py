@@ -162,8 +162,68 @@ def test_a_model_that_fails_its_first_check_is_not_waited_for_forever(server: fa
         waiting = asyncio.create_task(router(server, load, on_demand=False).route("m"))
         await asyncio.sleep(0.1)
         await register(client, A, [model("m", healthy=False)])
-        with pytest.raises(ModelNotLoaded, match="did not answer its check"):
+        with pytest.raises(ModelNotLoaded, match="did not answer its first check"):
             await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(run())
+
+
+def test_a_model_unhealthy_since_a_failed_generation_is_waited_for_not_refused(server: fakeredis.FakeServer) -> None:
+    """Not a failed first check: its next periodic check may find it well again, so requests wait for that."""
+
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m", healthy=False)])
+
+        async def load(model_id: str) -> None:  # the pool's answer: already loaded there
+            return None
+
+        waiting = asyncio.create_task(router(server, load).route("m"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await register(client, A, [model("m")])
+        assert (await asyncio.wait_for(waiting, 5))[0].node.fingerprint == A
+
+    asyncio.run(run())
+
+
+def test_a_model_whose_load_failed_while_awaited_is_not_found_without_load_on_demand(
+    server: fakeredis.FakeServer,
+) -> None:
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m", state=ModelState.LOADING)])
+
+        async def load(model_id: str) -> None:
+            raise AssertionError("load on demand is off")
+
+        waiting = asyncio.create_task(router(server, load, on_demand=False).route("m"))
+        await asyncio.sleep(0.1)
+        await register(client, A, [model("m", state=ModelState.FAILED, healthy=False)])
+        with pytest.raises(ModelNotLoaded, match="no online node holds it now"):
+            await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(run())
+
+
+def test_a_load_on_demand_that_answers_after_the_deadline_still_finds_its_replica(
+    server: fakeredis.FakeServer,
+) -> None:
+    """The wait for an arriving model used most of the timeout; the load it then makes answers late, with the
+    replica listed: Redis is read once more rather than the load reported as timed out."""
+
+    async def run() -> None:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        await register(client, A, [model("m", state=ModelState.LOADING)])
+
+        async def load(model_id: str) -> None:
+            await asyncio.sleep(0.3)
+            await register(client, A, [model("m")])
+
+        waiting = asyncio.create_task(router(server, load, timeout=0.5).route("m"))
+        await asyncio.sleep(0.4)
+        await register(client, A, [])  # the node's own load went away: the head loads it on demand
+        assert (await asyncio.wait_for(waiting, 5))[0].node.fingerprint == A
 
     asyncio.run(run())
 
