@@ -20,7 +20,10 @@ MAX_MODEL_ID = 128
 class Schema(BaseModel):
     """Base of every wire model: frozen, strict about unknown fields, camelCase on the wire."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+    # Each field's docstring is its description in /openapi.json: what a client reads there is what the code says.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True
+    )
 
     def wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
