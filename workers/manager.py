@@ -180,6 +180,12 @@ class Lease:
             self._released = True
             self._manager._release(self, self._record)
 
+    def release_locked(self) -> None:
+        """`release`, for a caller that holds the manager's lock."""
+        if not self._released:
+            self._released = True
+            self._manager._release_locked(self, self._record)
+
     def __enter__(self) -> "Lease":
         return self
 
@@ -271,7 +277,7 @@ class ModelManager:
             with self._lock:
                 record = self._records.get(model_id)
                 reloading = record is not None and record.state is ModelState.LOADED and force_reload
-                if reloading and record is not None and self._wait_checked_locked(record, deadline):
+                if reloading and record is not None and self._wait_checked_locked(record, _margin(deadline)):
                     continue  # another reload or an unload may have come first: look again
                 if record is None or record.state in (ModelState.FAILED, ModelState.UNLOADED) or reloading:
                     old = record if reloading else None
@@ -501,13 +507,13 @@ class ModelManager:
             self._first_check(check)
         return outcome
 
-    def _wait_checked_locked(self, record: ModelRecord, deadline: float | None) -> bool:
-        """Let a just-loaded model's first check end (one token's time) before an unload or reload begins, so its
-        `model-checked` comes before their events; never past `deadline` less `DRAIN_MARGIN`. Whether it waited:
-        the lock was let go meanwhile, so whatever the caller decided before must be decided again."""
+    def _wait_checked_locked(self, record: ModelRecord, until: float | None) -> bool:
+        """Let a just-loaded model's first check end (one token's time), but not past `until` (the manager's
+        clock): an unload or reload waits so, so that `model-checked` comes before their events. Whether it
+        waited: the lock was let go meanwhile, so whatever the caller decided before must be decided again."""
         waited = False
         while record.checking and record.state is ModelState.LOADED:
-            left = None if deadline is None else deadline - DRAIN_MARGIN - self._clock()
+            left = None if until is None else until - self._clock()
             if left is not None and left <= 0:
                 break
             self._changed.wait(left)
@@ -519,7 +525,7 @@ class ModelManager:
         with self._lock:
             record = self._records.get(model_id)
             if record is not None:
-                self._wait_checked_locked(record, None if timeout is None else self._clock() + DRAIN_MARGIN + timeout)
+                self._wait_checked_locked(record, None if timeout is None else self._clock() + timeout)
             return record.info() if record else None
 
     def _first_check(self, lease: Lease) -> None:
@@ -536,8 +542,7 @@ class ModelManager:
             # One locked step: the lease's end, the answer and its event. A generation queued behind the check
             # starts only after it, so nothing sees the model idle-but-checking (which eviction may pick).
             with self._lock:
-                lease._released = True
-                self._release_locked(lease, record)
+                lease.release_locked()
                 record.checking = False
                 if record.state is ModelState.LOADED:
                     record.healthy = healthy
@@ -556,7 +561,7 @@ class ModelManager:
                 if record.state is ModelState.FAILED:
                     raise ModelNotLoaded(f"Model {model_id} is not loaded on this node (its last load failed).")
                 if record.state is ModelState.LOADED:
-                    if self._wait_checked_locked(record, deadline):
+                    if self._wait_checked_locked(record, _margin(deadline)):
                         continue  # another unload, an eviction or a reload may have come first: look again
                     future = self._begin_unload_locked(record, UnloadReason.REQUESTED)
                     break
@@ -604,7 +609,7 @@ class ModelManager:
         """Wait until no generation runs on `record` (marked unloading, so none starts): up to `deadline` less
         `DRAIN_MARGIN`, then stop the running ones and wait for them to notice (within one token)."""
         with self._lock:
-            until = None if deadline is None else deadline - DRAIN_MARGIN
+            until = _margin(deadline)
             while record.in_flight:
                 left = None if until is None else until - self._clock()
                 if left is not None and left <= 0:
@@ -835,6 +840,11 @@ class ModelManager:
             self._on_change(kind, record.info(), self._models_locked())
         except Exception:
             log.exception("pool event %s for %s could not be queued", kind, record.model_id)
+
+
+def _margin(deadline: float | None) -> float | None:
+    """When work for a caller with `deadline` must end, so that its answer still makes it back."""
+    return None if deadline is None else deadline - DRAIN_MARGIN
 
 
 class GenerationCancelled(Exception):
