@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO, TypeAlias
 
 from broker.events import ModelEvent, NodeEvent, Snapshot, UsageEvent
-from broker.schemas import ModelInfo, NodeInfo
+from broker.schemas import ModelInfo, ModelState, NodeInfo
 from modelfleet.client import (
     Client,
     ModelfleetAPIError,
@@ -157,7 +157,10 @@ def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
 
 
 def _model_row(label: str, model: ModelInfo, now: datetime) -> list[str]:
-    state = model.state.value + (" (pinned)" if model.pinned else "")
+    notes = ["pinned"] if model.pinned else []
+    if model.state is ModelState.LOADED and not model.healthy:  # the head routes to it only once healthy
+        notes.append("checking" if model.checking else "unhealthy")
+    state = model.state.value + (f" ({', '.join(notes)})" if notes else "")
     loaded_for = (now - model.loaded_at).total_seconds() if model.loaded_at else None
     context = str(model.context_length) if model.context_length else "default"
     size, age = human_bytes(model.size_bytes), human_duration(loaded_for)
