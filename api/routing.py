@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -86,22 +86,18 @@ def coming(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> bool
     """Whether an online node is loading `model_id`, or has loaded it and is running its first check: a request
     for it waits for the replica rather than being refused (or loading it a second time)."""
     return any(
-        model.id == model_id
-        and (model.state is ModelState.LOADING or (model.state is ModelState.LOADED and model.checking))
-        for node, models in nodes
-        if node.online
-        for model in models
+        m.state is ModelState.LOADING or (m.state is ModelState.LOADED and m.checking) for m in _held(nodes, model_id)
     )
 
 
 def listed_loaded(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> bool:
     """Whether an online node lists `model_id` as loaded (healthy or not)."""
-    return any(
-        model.id == model_id and model.state is ModelState.LOADED
-        for node, models in nodes
-        if node.online
-        for model in models
-    )
+    return any(m.state is ModelState.LOADED for m in _held(nodes, model_id))
+
+
+def _held(nodes: list[tuple[NodeInfo, list[ModelInfo]]], model_id: str) -> Iterator[ModelInfo]:
+    """`model_id`'s entries on the online nodes, whatever their state."""
+    return (model for node, models in nodes if node.online for model in models if model.id == model_id)
 
 
 class NodeView:
