@@ -1,0 +1,83 @@
+"""The node's event stream, between its generation thread and the event loop, without a model: the first token
+goes out before the generation goes on, and the end of a stream never waits out the stream interval."""
+
+import asyncio
+import threading
+
+import pytest
+
+from broker.openai import CompletionRequest, Usage
+from workers.inference import server
+from workers.inference.channel import Channel
+from workers.inference.runner import Delta, Event, Finished, Started
+from workers.inference.server import _Relay, _stream
+
+BODY = CompletionRequest(model="m", prompt="Once upon a time", stream=True)
+
+
+def test_a_stream_ends_as_soon_as_its_generation_does_however_long_the_interval() -> None:
+    """Writes an hour apart: the first token goes out at once, the rest with the end the moment it comes."""
+
+    async def run() -> list[bytes]:
+        events: Channel[Event] = Channel(asyncio.get_running_loop())
+        first_out = threading.Event()
+
+        def generate() -> None:
+            events.put(Delta("Once"))
+            assert first_out.wait(30)
+            for text in (" upon", " a", " time"):
+                events.put(Delta(text))
+            events.put(Finished("length", Usage.of(4, 4)), last=True)
+
+        producer = threading.Thread(target=generate)
+        producer.start()
+        writes = [w async for w in _stream(BODY, events, lambda: None, 3600, first_out.set)]
+        producer.join()
+        return writes
+
+    writes = asyncio.run(asyncio.wait_for(run(), 30))
+    assert len(writes) == 2
+    assert b'"text":"Once"' in writes[0]
+    assert b'"text":" upon a time"' in writes[1] and b'"finish_reason":"length"' in writes[1]
+    assert writes[1].endswith(b"data: [DONE]\n\n")
+
+
+def test_a_streams_generation_waits_for_its_first_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Started` waits for the first token, both reach the loop together, and the generation goes on only once
+    the stream says its first write is out."""
+    monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
+
+    async def run() -> None:
+        events: Channel[Event] = Channel(asyncio.get_running_loop())
+        relay = _Relay(events, stream=True)
+        relay.emit(Started(prompt_tokens=4))
+        assert events.empty()  # held until the first token
+        generation = threading.Thread(target=relay.emit, args=(Delta("Once"),))
+        generation.start()
+        assert await events.get() == Started(prompt_tokens=4)
+        assert await events.get() == Delta("Once")
+        await asyncio.sleep(0.05)
+        assert generation.is_alive()  # waits for the write (an hour, here)
+        relay.written()
+        await asyncio.to_thread(generation.join, 30)
+        assert not generation.is_alive()
+        relay.emit(Delta(" upon"))  # later tokens never wait
+        assert await events.get() == Delta(" upon")
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_an_unstreamed_answer_is_relayed_as_it_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
+
+    async def run() -> list[Event]:
+        events: Channel[Event] = Channel(asyncio.get_running_loop())
+        relay = _Relay(events, stream=False)
+        relay.emit(Started(prompt_tokens=4))
+        generation = threading.Thread(target=relay.emit, args=(Delta("Once"),))
+        generation.start()
+        await asyncio.to_thread(generation.join, 30)
+        assert not generation.is_alive()  # nothing writes an unstreamed answer's tokens: nothing waits for it
+        return [events.get_nowait(), events.get_nowait()]
+
+    assert asyncio.run(run()) == [Started(prompt_tokens=4), Delta("Once")]
