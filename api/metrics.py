@@ -277,10 +277,11 @@ class Tally:
         self._tail = (self._tail + chunk)[-2048:]
 
     def tokens(self) -> int:
+        # The usage chunk a caller asked for, or the comment a node ends every other stream with.
         found = _USAGE.findall(self._tail)
         if found:
             return int(found[-1])
-        # No usage asked for: one event per token, plus those that carry none.
+        # Neither (an answer cut short): one event per token, plus those that carry none, at most.
         return max(self._events - self._overhead, 0) if self._stream else 0
 
     def done(self, outcome: str) -> None:

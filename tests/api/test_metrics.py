@@ -104,3 +104,18 @@ def test_openmetrics_when_the_scraper_asks_for_it() -> None:
     body, content_type = Metrics().render([], "application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.decode().rstrip().endswith("# EOF")
+
+
+@pytest.mark.parametrize("usage", [False, True])
+def test_a_streams_tokens_per_second_counts_tokens_not_events(usage: bool) -> None:
+    """A node's event may carry several tokens (it batches fast ones): the head counts the tokens from the
+    usage chunk, or from the comment a node ends a stream with when no usage was asked for."""
+    metrics = Metrics()
+    tally = metrics.inference.tally("m", 0.0, stream=True, chat=False)
+    frame = 'data: {"object":"text_completion","choices":[{"text":"%s","index":0}]}\n\n'
+    tally.first((frame % "Once").encode())
+    tally.chunk(((frame % " upon a") + (frame % " time there")).encode())  # 4 tokens in one write
+    end = frame % ""
+    end += 'data: {"choices":[],"usage":{"completion_tokens":7}}\n\n' if usage else ': {"completion_tokens":7}\n\n'
+    tally.chunk((end + "data: [DONE]\n\n").encode())
+    assert tally.tokens() == 7

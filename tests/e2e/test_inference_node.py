@@ -151,6 +151,21 @@ def test_tokens_faster_than_the_stream_interval_go_out_together(module_fleet: Fl
     assert len(each) == tokens == 200
 
 
+def test_a_stream_without_usage_ends_with_its_token_count_as_a_comment(node: Worker) -> None:
+    """Events carry several tokens each, so the head counts a stream's tokens (its tokens per second) from a
+    closing SSE comment, which clients skip; a caller that asked for usage gets the usage chunk instead."""
+    body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 50, "temperature": 0, "stream": True}
+    with node.inference() as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            lines = list(response.iter_lines())
+        with client.stream("POST", "/v1/completions", json=body | {"stream_options": {"include_usage": True}}) as r:
+            with_usage = list(r.iter_lines())
+    comments = [line for line in lines if line.startswith(":")]
+    assert comments == [': {"completion_tokens":50}'], lines[-6:]
+    assert [line for line in lines if line][-1] == "data: [DONE]"
+    assert not [line for line in with_usage if line.startswith(":")]
+
+
 def test_chat_through_the_models_own_template(node: Worker) -> None:
     body: dict[str, Any] = {
         "model": "chatty",

@@ -308,6 +308,10 @@ async def _stream(
             else:
                 usage = CompletionResponse(id=ident, created=created, model=body.model, choices=[])
             closing += sse_data(usage.model_copy(update={"usage": event.usage}))
+        else:
+            # A comment, which clients skip (SSE), for the head's tokens per second: an event can carry several
+            # tokens, so the head cannot count them from the events.
+            closing += b': {"completion_tokens":%d}\n\n' % event.usage.completion_tokens
         return closing + SSE_DONE
 
     try:
