@@ -33,6 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.inflight import InFlight, Lease
 from api.metrics import InferenceMetrics
+from api.node_transport import NodeTransport
 from api.replies import ReplyWaiter
 from api.routing import Replica, Router
 from api.settings import ApiSettings
@@ -65,12 +66,11 @@ class Opened:
 
 def node_http_client(settings: ApiSettings) -> httpx.AsyncClient:
     """The head's one connection pool to every node: no cap on connections (a node's own queue bounds them),
-    kept alive between requests so that a request costs no handshake."""
+    kept alive between requests so that a request costs no handshake, on aiohttp's client (`NodeTransport`)."""
     timeout = httpx.Timeout(
         settings.inference_read_timeout, connect=settings.inference_connect_timeout, pool=settings.load_timeout
     )
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+    return httpx.AsyncClient(timeout=timeout, transport=NodeTransport(keepalive=30), trust_env=False)
 
 
 def node_auth(settings: ApiSettings) -> NodeHeaders:

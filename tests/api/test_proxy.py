@@ -22,6 +22,7 @@ from starlette.routing import Route
 from api.errors import install_error_handlers
 from api.inflight import InFlight
 from api.metrics import Metrics
+from api.node_transport import NodeTransport
 from api.proxy import NodeProxy, ProxyResponse
 from api.replies import ReplyWaiter
 from api.routing import NodeView, Router
@@ -115,7 +116,7 @@ def head(
         waiter = ReplyWaiter(client, tick=liveness_tick, registry_grace=1.0) if liveness_tick else None
         if waiter is not None:
             await waiter.start()
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with httpx.AsyncClient(timeout=30, transport=NodeTransport()) as http:
             auth = lambda replica, authorization: {}  # noqa: E731
             state["proxy"] = NodeProxy(http, inflight, router, metrics.inference, auth, liveness=waiter)
             state["metrics"] = metrics
