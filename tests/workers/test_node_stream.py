@@ -31,8 +31,11 @@ def test_a_stream_ends_as_soon_as_its_generation_does_however_long_the_interval(
 
         producer = threading.Thread(target=generate)
         producer.start()
-        writes = [w async for w in _stream(BODY, events, lambda: None, 3600, first_out.set)]
+        watcher = asyncio.create_task(asyncio.sleep(3600))  # the request's watch of its connection
+        writes = [w async for w in _stream(BODY, events, lambda: None, 3600, first_out.set, watcher)]
         producer.join()
+        await asyncio.sleep(0)
+        assert watcher.cancelled()  # ends with the stream
         return writes
 
     writes = asyncio.run(asyncio.wait_for(run(), 30))
