@@ -46,18 +46,17 @@ def test_a_stream_ends_as_soon_as_its_generation_does_however_long_the_interval(
 
 
 def test_a_streams_generation_waits_for_its_first_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`Started` waits for the first token, both reach the loop together, and the generation goes on only once
-    the stream says its first write is out."""
+    """`Started` goes out at once; after the first token, the generation goes on only once the stream says
+    that token is written; later tokens, and an end, never wait."""
     monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
 
     async def run() -> None:
         events: Channel[Event] = Channel(asyncio.get_running_loop())
         relay = _Relay(events, stream=True)
         relay.emit(Started(prompt_tokens=4))
-        assert events.empty()  # held until the first token
+        assert await events.get() == Started(prompt_tokens=4)
         generation = threading.Thread(target=relay.emit, args=(Delta("Once"),))
         generation.start()
-        assert await events.get() == Started(prompt_tokens=4)
         assert await events.get() == Delta("Once")
         await asyncio.sleep(0.05)
         assert generation.is_alive()  # waits for the write (an hour, here)
@@ -68,6 +67,22 @@ def test_a_streams_generation_waits_for_its_first_write(monkeypatch: pytest.Monk
         assert await events.get() == Delta(" upon")
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_stream_that_ends_before_any_token_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
+
+    async def run() -> list[Event]:
+        events: Channel[Event] = Channel(asyncio.get_running_loop())
+        relay = _Relay(events, stream=True)
+        relay.emit(Started(prompt_tokens=4))
+        generation = threading.Thread(target=relay.emit, args=(Finished("stop", Usage.of(4, 0)),))
+        generation.start()
+        await asyncio.to_thread(generation.join, 30)
+        assert not generation.is_alive()  # nothing was generated: nothing to wait for, the lease goes at once
+        return [events.get_nowait(), events.get_nowait()]
+
+    assert asyncio.run(run()) == [Started(prompt_tokens=4), Finished("stop", Usage.of(4, 0))]
 
 
 def test_an_unstreamed_answer_is_relayed_as_it_comes(monkeypatch: pytest.MonkeyPatch) -> None:

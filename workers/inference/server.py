@@ -180,28 +180,23 @@ FIRST_WRITE_WAIT = 0.05
 class _Relay:
     """The generation thread's `emit`, and what the stream calls once its first write is out (`written`).
 
-    For a stream, `Started` waits for the first token, and both reach the loop in one wake-up; then the
-    generation waits (at most FIRST_WRITE_WAIT) until that first write is out before it makes the next token.
-    A generation that runs on at once takes the GIL back between its native calls while the event loop needs
-    it to start the response: measured on 2 CPUs, the first token of a 200-token answer left the node 2.5 ms
-    later than that of a 1-token answer. Waiting costs the generation the time of one write, once per request.
+    For a stream, the generation waits (at most FIRST_WRITE_WAIT) after its first token until the stream has
+    written it, before it makes the next. A generation that runs on at once takes the GIL back between its
+    native calls while the event loop needs it to write: measured on 2 CPUs, the first token of a 200-token
+    answer left the node 2.5 ms later than that of a 1-token answer. Waiting costs the generation the time of
+    one write, once per request. `Started` goes out as it comes, so a stream's status and headers do not wait
+    for the prompt's evaluation (the head's read timeout runs from them).
     """
 
     def __init__(self, events: Channel[Event], *, stream: bool) -> None:
         self._events = events
-        self._stream = stream
-        self._started: Started | None = None
+        self._first = stream  # a stream's first token is still to come
         self._written = threading.Event()
 
     def emit(self, event: Event) -> None:
-        if self._stream and isinstance(event, Started):
-            self._started = event
-            return
-        started, self._started = self._started, None
-        if started is not None:
-            self._events.put(started)
         self._events.put(event, last=isinstance(event, Finished | Failed))
-        if started is not None:
+        if self._first and isinstance(event, Delta):
+            self._first = False
             self._written.wait(FIRST_WRITE_WAIT)
 
     def written(self) -> None:
