@@ -70,7 +70,7 @@ def node_http_client(settings: ApiSettings) -> httpx.AsyncClient:
     timeout = httpx.Timeout(
         settings.inference_read_timeout, connect=settings.inference_connect_timeout, pool=settings.load_timeout
     )
-    return httpx.AsyncClient(timeout=timeout, transport=NodeTransport(keepalive=30), trust_env=False)
+    return httpx.AsyncClient(timeout=timeout, transport=NodeTransport(), trust_env=False)
 
 
 def node_auth(settings: ApiSettings) -> NodeHeaders:

@@ -5,6 +5,7 @@ its end closes its connection (the node must see its caller leave)."""
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import httpx
 import pytest
 
@@ -167,3 +168,26 @@ def test_a_response_closed_early_closes_its_connection_and_one_read_to_its_end_i
 
     connections, left = asyncio.run(asyncio.wait_for(run(), 30))
     assert connections == [3] and left
+
+
+def test_a_name_that_resolves_slowly_is_a_connect_timeout_of_the_connect_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connect timeout covers the name lookup (a node's endpoint is often a host name), not only the
+    socket's connect: a stalled resolver must not hold a request for the much longer pool or read timeouts."""
+    resolve = aiohttp.TCPConnector._resolve_host
+
+    async def stalled(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(60)
+        return await resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_resolve_host", stalled)
+
+    async def run() -> BaseException:
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(60, connect=0.2, pool=60), transport=NodeTransport()
+        ) as http:
+            with pytest.raises(httpx.TransportError) as caught:
+                await http.post("http://node.invalid:9/v1/completions", content=b"{}")
+        return caught.value
+
+    exc = asyncio.run(asyncio.wait_for(run(), 10))  # not the 60 s of the read or pool timeouts
+    assert type(exc) is httpx.ConnectTimeout, repr(exc)
