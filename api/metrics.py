@@ -230,7 +230,8 @@ class InferenceMetrics:
         )
         self.rate = Histogram(
             "modelfleet_inference_tokens_per_second",
-            "Completion tokens per second of each answer, after its first token for a stream.",
+            "Completion tokens per second of each answer: for a stream, the tokens after the first over the time"
+            " from the first to the last; otherwise, all of them over the whole request.",
             ["model"],
             buckets=RATE_BUCKETS,
             registry=registry,
@@ -262,6 +263,7 @@ class Tally:
         self._started = started
         self._stream = stream
         self._first_at: float | None = None
+        self._last_at = started
         self._events = 0
         self._tail = b""
 
@@ -273,6 +275,7 @@ class Tally:
 
     def chunk(self, chunk: bytes) -> None:
         # Cheap on the hot path: count event starts, keep only the tail, where a usage figure would be.
+        self._last_at = time.perf_counter()
         self._events += chunk.count(b"data: {")
         self._tail = (self._tail + chunk)[-2048:]
 
@@ -289,7 +292,9 @@ class Tally:
         if outcome != "ok" or self._first_at is None:
             return
         tokens = self.tokens()
-        since = self._first_at if self._stream else self._started
-        elapsed = time.perf_counter() - since
-        if tokens > 1 and elapsed > 0:
-            self._metrics.rate.labels(self._model).observe(tokens / elapsed)
+        # A stream's first token is its time to first token's: the rate is of those after it, up to the chunk
+        # that brought the last (not the end of the exchange: releasing the lease is a Redis round trip).
+        counted, since = (tokens - 1, self._first_at) if self._stream else (tokens, self._started)
+        elapsed = self._last_at - since
+        if counted > 0 and elapsed > 0:
+            self._metrics.rate.labels(self._model).observe(counted / elapsed)

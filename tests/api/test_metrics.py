@@ -119,3 +119,23 @@ def test_a_streams_tokens_per_second_counts_tokens_not_events(usage: bool) -> No
     end += 'data: {"choices":[],"usage":{"completion_tokens":7}}\n\n' if usage else ': {"completion_tokens":7}\n\n'
     tally.chunk((end + "data: [DONE]\n\n").encode())
     assert tally.tokens() == 7
+
+
+def test_a_streams_rate_is_of_the_tokens_after_the_first_up_to_the_last_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """7 tokens: the first at t=1 s (its time is the TTFT's), the last in a chunk at t=2 s, and the exchange
+    ended at t=5 s (a slow lease release): 6 tokens in 1 s, not 7 in 4."""
+    clock = iter([1.0, 1.0, 1.5, 2.0])  # the first chunk reads the clock twice: its arrival, and as a chunk
+    monkeypatch.setattr("api.metrics.time.perf_counter", lambda: next(clock))
+    metrics = Metrics()
+    tally = metrics.inference.tally("m", 0.5, stream=True, chat=False)
+    frame = b'data: {"choices":[{"text":"x"}]}\n\n'
+    tally.first(frame)
+    tally.chunk(frame * 3)
+    tally.chunk(frame * 3 + b'data: {"choices":[],"usage":{"completion_tokens":7}}\n\ndata: [DONE]\n\n')
+    monkeypatch.setattr("api.metrics.time.perf_counter", lambda: 5.0)
+    tally.done("ok")
+    rate = metrics.registry.get_sample_value("modelfleet_inference_tokens_per_second_sum", {"model": "m"})
+    ttft = metrics.registry.get_sample_value("modelfleet_inference_time_to_first_token_seconds_sum", {"model": "m"})
+    assert (rate, ttft) == (6.0, 0.5)
