@@ -54,13 +54,15 @@ THREADS = 1
 # The client side, run in processes of their own (`--client ...`).
 
 
-Sample = tuple[float, float, int, float]
+Sample = tuple[float, float, int, float, str]
 """One generation as its caller saw it: (time to first token, tokens per second after the first token, tokens,
-tokens per second from the request to the last token)."""
+tokens per second from the request to the last token, the text that came first)."""
 
 
-def rates(started: float, first_at: float, ended: float, n: int) -> Sample:
-    return first_at - started, (n - 1) / (ended - first_at), n, n / (ended - started)
+def rates(started: float, first_at: float, ended: float, n: int, first_text: str) -> Sample:
+    if n < 2 or not started < first_at < ended:
+        raise RuntimeError(f"not a measurable answer: {n} tokens, first at {first_at}, last at {ended}")
+    return first_at - started, (n - 1) / (ended - first_at), n, n / (ended - started), first_text
 
 
 def in_process(model: object, tokens: int) -> Sample:
@@ -69,15 +71,16 @@ def in_process(model: object, tokens: int) -> Sample:
 
     started = time.perf_counter()
     ids = model.tokenize(PROMPT, add_bos=True)  # type: ignore[attr-defined]
-    first_at, n = 0.0, 0
+    first_at, n, first_text = 0.0, 0, ""
     for token in model.generate(ids, SamplingParams(temperature=0), lambda: False):  # type: ignore[attr-defined]
-        model.detokenize([token])  # type: ignore[attr-defined]
+        text = model.detokenize([token])  # type: ignore[attr-defined]
         n += 1
         if n == 1:
             first_at = time.perf_counter()
+            first_text = text.decode(errors="replace")
         if n >= tokens:
             break
-    return rates(started, first_at, time.perf_counter(), n)
+    return rates(started, first_at, time.perf_counter(), n, first_text)
 
 
 def over_http(client: httpx.Client, model: str, tokens: int) -> Sample:
@@ -88,7 +91,7 @@ def over_http(client: httpx.Client, model: str, tokens: int) -> Sample:
     body = {"model": model, "prompt": PROMPT, "stream": True, "temperature": 0, "max_tokens": tokens}
     body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
-    first_at, ended, n = 0.0, 0.0, 0
+    first_at, ended, n, first_text = 0.0, 0.0, 0, ""
     with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -96,10 +99,11 @@ def over_http(client: httpx.Client, model: str, tokens: int) -> Sample:
                 continue
             if not first_at and '"text":""' not in line:
                 first_at = time.perf_counter()
+                first_text = json.loads(line[6:])["choices"][0]["text"]
             if '"usage":{' in line:
                 ended = time.perf_counter()
                 n = json.loads(line[6:])["usage"]["completion_tokens"]
-    return rates(started, first_at, ended, n)
+    return rates(started, first_at, ended, n, first_text)
 
 
 def client_single(url: str, node_url: str, pairs: int, tokens: int, out: Path, name: str, path: Path) -> None:
@@ -120,6 +124,13 @@ def client_single(url: str, node_url: str, pairs: int, tokens: int, out: Path, n
         for i in range(pairs):
             for kind in kinds[i % 3 :] + kinds[: i % 3]:  # each path goes first, second and third in turn
                 results[kind].append(run[kind]())
+    # "Tokens after the first" is the usage less one: true only if the first event carried the first token
+    # alone, which is the in-process first token's text (greedy: the same every time).
+    alone = {sample[4] for sample in results["in-process"]}
+    for kind in ("head", "node"):
+        firsts = {sample[4] for sample in results[kind]}
+        if firsts != alone:
+            raise RuntimeError(f"the first event {kind} carried {firsts!r}, not the first token alone {alone!r}")
     out.write_text(json.dumps(results))
 
 
@@ -218,8 +229,8 @@ def table(rows: list[list[str]]) -> None:
 
 @dataclass
 class Measured:
-    """What one run measured: per path, per alternated triple (ttft s, tok/s, tokens); per concurrent round and
-    target, the streams' results, the wall time and the API's CPU seconds."""
+    """What one run measured: per path, per alternated triple, a `Sample`; per concurrent round and target, the
+    streams' results, the wall time and the API's CPU seconds."""
 
     single: dict[str, list[list[float]]]
     small: dict[str, list[list[float]]]
