@@ -97,7 +97,7 @@ def over_http(client: httpx.Client, model: str, tokens: int) -> Sample:
         for line in response.iter_lines():
             if not line.startswith("data: {"):
                 continue
-            if not first_at and '"text":""' not in line:
+            if not first_at and '"text":""' not in line and '"choices":[]' not in line:
                 first_at = time.perf_counter()
                 first_text = json.loads(line[6:])["choices"][0]["text"]
             if '"usage":{' in line:

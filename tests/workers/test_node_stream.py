@@ -63,10 +63,29 @@ def test_a_streams_generation_waits_for_its_first_write(monkeypatch: pytest.Monk
         relay.written()
         await asyncio.to_thread(generation.join, 30)
         assert not generation.is_alive()
-        relay.emit(Delta(" upon"))  # later tokens never wait
+        relay.emit(Delta(" upon"))
         assert await events.get() == Delta(" upon")
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_only_the_first_token_waits_even_when_its_write_never_came(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first token's wait gives up after FIRST_WRITE_WAIT; the tokens after it never wait, written or not."""
+
+    async def run() -> None:
+        events: Channel[Event] = Channel(asyncio.get_running_loop())
+        relay = _Relay(events, stream=True)
+        relay.emit(Started(prompt_tokens=4))
+        monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 0.01)
+        await asyncio.to_thread(relay.emit, Delta("Once"))  # waits 10 ms for a write that never comes
+        monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
+        later = threading.Thread(target=relay.emit, args=(Delta(" upon"),))
+        later.start()
+        await asyncio.to_thread(later.join, 30)
+        assert not later.is_alive()
+        assert [events.get_nowait() for _ in range(3)] == [Started(4), Delta("Once"), Delta(" upon")]
+
+    asyncio.run(asyncio.wait_for(run(), 60))
 
 
 def test_a_stream_that_ends_before_any_token_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
