@@ -15,6 +15,15 @@ from workers.inference.server import _Relay, _stream
 BODY = CompletionRequest(model="m", prompt="Once upon a time", stream=True)
 
 
+async def returns_at_once(relay: _Relay, event: Event) -> bool:
+    """Whether `relay.emit(event)`, called on a generation thread of its own, returns without waiting for a write
+    (given 30 s: the tests that call this set an hour's wait)."""
+    generation = threading.Thread(target=relay.emit, args=(event,))
+    generation.start()
+    await asyncio.to_thread(generation.join, 30)
+    return not generation.is_alive()
+
+
 def test_a_stream_ends_as_soon_as_its_generation_does_however_long_the_interval() -> None:
     """Writes an hour apart: the first token goes out at once, the rest with the end the moment it comes."""
 
@@ -79,10 +88,7 @@ def test_only_the_first_token_waits_even_when_its_write_never_came(monkeypatch: 
         monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 0.01)
         await asyncio.to_thread(relay.emit, Delta("Once"))  # waits 10 ms for a write that never comes
         monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
-        later = threading.Thread(target=relay.emit, args=(Delta(" upon"),))
-        later.start()
-        await asyncio.to_thread(later.join, 30)
-        assert not later.is_alive()
+        assert await returns_at_once(relay, Delta(" upon"))
         assert [events.get_nowait() for _ in range(3)] == [Started(4), Delta("Once"), Delta(" upon")]
 
     asyncio.run(asyncio.wait_for(run(), 60))
@@ -95,10 +101,8 @@ def test_a_stream_that_ends_before_any_token_does_not_wait(monkeypatch: pytest.M
         events: Channel[Event] = Channel(asyncio.get_running_loop())
         relay = _Relay(events, stream=True)
         relay.emit(Started(prompt_tokens=4))
-        generation = threading.Thread(target=relay.emit, args=(Finished("stop", Usage.of(4, 0)),))
-        generation.start()
-        await asyncio.to_thread(generation.join, 30)
-        assert not generation.is_alive()  # nothing was generated: nothing to wait for, the lease goes at once
+        # Nothing was generated: nothing to wait for, the lease goes at once.
+        assert await returns_at_once(relay, Finished("stop", Usage.of(4, 0)))
         return [events.get_nowait(), events.get_nowait()]
 
     assert asyncio.run(run()) == [Started(prompt_tokens=4), Finished("stop", Usage.of(4, 0))]
@@ -111,10 +115,8 @@ def test_an_unstreamed_answer_is_relayed_as_it_comes(monkeypatch: pytest.MonkeyP
         events: Channel[Event] = Channel(asyncio.get_running_loop())
         relay = _Relay(events, stream=False)
         relay.emit(Started(prompt_tokens=4))
-        generation = threading.Thread(target=relay.emit, args=(Delta("Once"),))
-        generation.start()
-        await asyncio.to_thread(generation.join, 30)
-        assert not generation.is_alive()  # nothing writes an unstreamed answer's tokens: nothing waits for it
+        # Nothing writes an unstreamed answer's tokens: nothing waits for them.
+        assert await returns_at_once(relay, Delta("Once"))
         return [events.get_nowait(), events.get_nowait()]
 
     assert asyncio.run(run()) == [Started(prompt_tokens=4), Delta("Once")]
