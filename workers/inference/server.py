@@ -200,7 +200,8 @@ class _Relay:
             self._written.wait(FIRST_WRITE_WAIT)
 
     def written(self) -> None:
-        self._written.set()
+        if not self._written.is_set():  # called after every write: only the first one sets it
+            self._written.set()
 
 
 async def _on_disconnect(request: Request, cancel: Callable[[], None]) -> None:
