@@ -45,7 +45,14 @@ def _answers(answer: type, chunk: type) -> dict[int | str, dict[str, Any]]:
     The head's own failures come from the one error table (`api.errors.documented`, in OpenAI's shape); a node's
     answers pass through as they came, so its statuses (429 busy) are listed as well.
     """
-    stream = {"schema": {"type": "string", "description": f"`data: <{chunk.__name__}>` events, then `data: [DONE]`."}}
+    stream = {
+        "schema": {
+            "type": "string",
+            "description": f"`data: <{chunk.__name__}>` events, then `data: [DONE]`. Without"
+            ' `stream_options.include_usage`, an SSE comment `: {"completion_tokens":N}` (which SSE clients'
+            " skip) comes before `data: [DONE]`.",
+        }
+    }
     errors = documented(*_ERRORS, openai=True)
     for status, description in _DESCRIPTIONS.items():
         errors.setdefault(status, {"model": ErrorBody, "description": ""})
