@@ -14,9 +14,10 @@ from api.events import EventRelay, OfflineWatcher
 from api.inflight import InFlight
 from api.jobs import JobClient
 from api.metrics import Metrics
+from api.node_transport import NodeTransport
 from api.openapi import DESCRIPTION, TAGS
 from api.pool import Pool
-from api.proxy import NodeProxy, node_auth, node_http_client
+from api.proxy import NodeProxy, node_auth, node_timeout
 from api.replies import ReplyWaiter
 from api.routes import dashboard, events, health, inference, metrics, models, nodes, session
 from api.routing import NodeView, Router
@@ -79,9 +80,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
             client, directory, view, load, on_demand=settings.load_on_demand, load_timeout=settings.load_timeout
         )
         inflight = InFlight(client, lease=settings.inflight_lease)
-        http = node_http_client(settings)
+        transport = NodeTransport()
         app.state.proxy = NodeProxy(
-            http, inflight, router, app.state.metrics.inference, node_auth(settings), liveness=waiter
+            transport,
+            node_timeout(settings),
+            inflight,
+            router,
+            app.state.metrics.inference,
+            node_auth(settings),
+            liveness=waiter,
         )
         app.state.metrics.watch_inference(router)
         await waiter.start()
@@ -96,7 +103,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await following
             await inflight.stop()
-            await http.aclose()
+            await transport.aclose()
             await watcher.stop()
             await relay.stop()
             await waiter.stop()

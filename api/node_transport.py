@@ -59,9 +59,10 @@ class _Body(httpx.AsyncByteStream):
 
 
 class NodeTransport(httpx.AsyncBaseTransport):
-    """aiohttp under an `httpx.AsyncClient`: HTTP/1.1, no cap on connections, idle ones kept `keepalive` s, no
-    cookies. Of the client's timeouts, `connect` bounds getting a connection, name lookup included (there is
-    no pool to wait for: connections are not capped), and `read` each read; `write` and `pool` are not used.
+    """aiohttp as an httpx transport, which the proxy sends its `httpx.Request`s to directly: HTTP/1.1, no cap
+    on connections, idle ones kept `keepalive` s, no cookies. Of the request's timeouts, `connect` bounds getting
+    a connection, name lookup included (there is no pool to wait for: connections are not capped), and `read`
+    each read; `write` and `pool` are not used.
 
     `keepalive` must stay below the nodes' own (uvicorn's `timeout_keep_alive`, 30 s in `NodeServer`): a
     request sent on a connection the node is closing at that moment fails before its first byte."""

@@ -116,11 +116,15 @@ def head(
         waiter = ReplyWaiter(client, tick=liveness_tick, registry_grace=1.0) if liveness_tick else None
         if waiter is not None:
             await waiter.start()
-        async with httpx.AsyncClient(timeout=30, transport=NodeTransport()) as http:
+        transport = NodeTransport()
+        try:
             auth = lambda replica, authorization: {}  # noqa: E731
-            state["proxy"] = NodeProxy(http, inflight, router, metrics.inference, auth, liveness=waiter)
+            timeout = httpx.Timeout(30)
+            state["proxy"] = NodeProxy(transport, timeout, inflight, router, metrics.inference, auth, liveness=waiter)
             state["metrics"] = metrics
             yield
+        finally:
+            await transport.aclose()
         if waiter is not None:
             await waiter.stop()
 
