@@ -89,6 +89,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             app.state.metrics.inference,
             node_auth(settings),
             liveness=waiter,
+            cooldown=settings.inference_failure_cooldown,
         )
         app.state.metrics.watch_inference(router)
         await waiter.start()

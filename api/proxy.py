@@ -12,6 +12,11 @@ client get the status line and headers: the node's own, with its first chunk rig
 it arrives (`aiter_raw`: nothing re-encoded, nothing buffered). A node that fails after the first byte cannot
 be retried (the client has part of an answer): an event stream gets an OpenAI error event in place of the rest.
 
+A replica that failed before its first byte (or mid-stream) is left out of this process's picks for a while
+(`Cooldown`), so that the requests after it do not each pay the same failure (a connect timeout, say) before
+their retry: outlier ejection, as load balancers do it. A replica that answered 429 is busy, not broken: it
+stays in. When every replica is cooling down, they are tried anyway: a refusal without a try helps nobody.
+
 A node process that dies or is replaced does not always break the connection at once (a frozen machine, a
 network partition: no FIN, no RST). With `liveness` (the API's `ReplyWaiter`), each exchange also watches the
 node's boot id: a replica whose process is gone before the first byte counts as failed (the request goes to
@@ -24,7 +29,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -50,6 +55,49 @@ NodeHeaders = Callable[[Replica, str | None], dict[str, str]]
 """The headers that authenticate the head to a replica's node, given the caller's Authorization header."""
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a replica gave nothing worth passing on before its first byte."""
+
+    reason: str
+    busy: bool = False
+    """It answered 429: its queue is full, nothing is wrong with it."""
+
+
+class Cooldown:
+    """Replicas that failed lately, left out of this API process's picks: `base` seconds after a failure,
+    doubling with each failure in a row up to `cap`; an answer ends it. `base` 0 turns it off."""
+
+    def __init__(self, base: float, *, cap: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.base = base
+        self.cap = max(cap, base)
+        self._clock = clock
+        self._cooling: dict[str, tuple[float, int]] = {}  # fingerprint -> (until, failures in a row)
+
+    def failed(self, fingerprint: str) -> float:
+        """Count a failure of the replica on this node; the seconds it is now left out for."""
+        if self.base <= 0:
+            return 0.0
+        _, failures = self._cooling.get(fingerprint, (0.0, 0))
+        seconds = min(self.cap, self.base * 2 ** min(failures, 16))
+        self._cooling[fingerprint] = (self._clock() + seconds, failures + 1)
+        return seconds
+
+    def answered(self, fingerprint: str) -> None:
+        self._cooling.pop(fingerprint, None)
+
+    def cooling(self, fingerprint: str) -> bool:
+        entry = self._cooling.get(fingerprint)
+        return entry is not None and entry[0] > self._clock()
+
+    def usable(self, fingerprints: list[str]) -> list[str]:
+        """The nodes among `fingerprints` not cooling down; all of them if every one is."""
+        if not self._cooling:
+            return fingerprints
+        ready = [fp for fp in fingerprints if not self.cooling(fp)]
+        return ready or fingerprints
+
+
 @dataclass
 class Opened:
     """An upstream answer whose first chunk has arrived."""
@@ -60,7 +108,6 @@ class Opened:
     chunks: AsyncIterator[bytes]
     """The rest of the body, after `first`."""
     first: bytes
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def node_timeout(settings: ApiSettings) -> httpx.Timeout:
@@ -96,8 +143,10 @@ class NodeProxy:
         auth: NodeHeaders,
         *,
         liveness: ReplyWaiter | None = None,
+        cooldown: float = 5.0,
     ) -> None:
         self.transport = transport
+        self.cooldown = Cooldown(cooldown)
         self._timeout = {"timeout": timeout.as_dict()}
         self.inflight = inflight
         self.router = router
@@ -122,9 +171,9 @@ class NodeProxy:
         remaining = {r.node.fingerprint: r for r in replicas}
         failures: list[str] = []
         for attempt in range(2):
-            candidates = list(remaining)
+            candidates = self.cooldown.usable(list(remaining))
             random.shuffle(candidates)  # ties between equally loaded nodes spread
-            lease, counts = await self.inflight.acquire(candidates)
+            lease, _ = await self.inflight.acquire(candidates)
             replica = remaining.pop(lease.node)
             last = attempt == 1 or not remaining
             try:
@@ -133,20 +182,33 @@ class NodeProxy:
                 await _shielded(self.inflight.release(lease))
                 raise
             if isinstance(opened, Opened):
-                opened.counts = counts
+                status = opened.response.status_code
+                if status < 500:
+                    self.cooldown.answered(lease.node)
+                elif status in RETRY_STATUSES:  # the last try's failure, passed on as it came
+                    self.failed(replica, f"it answered HTTP {status}")
                 return opened
-            failures.append(opened)
+            failures.append(opened.reason)
             await self.inflight.release(lease)
+            if not opened.busy:
+                self.failed(replica, opened.reason)
             if last:
                 break
-            log.warning("retrying %s on another replica: %s", model_id, opened)
+            log.warning("retrying %s on another replica: %s", model_id, opened.reason)
         raise NodeUnavailable(
             f"No replica of model {model_id} could answer: {'; '.join(failures)}.", model=model_id, attempts=failures
         )
 
+    def failed(self, replica: Replica, why: str) -> None:
+        """Leave a replica that failed out of the next picks for a while (`Cooldown`)."""
+        seconds = self.cooldown.failed(replica.node.fingerprint)
+        if seconds:
+            node = replica.node
+            log.warning("node %s (%s) is left out of routing for %g s: %s", node.name, node.fingerprint, seconds, why)
+
     async def _try(
         self, replica: Replica, lease: Lease, path: str, body: bytes, authorization: str | None, *, last: bool
-    ) -> Opened | str:
+    ) -> Opened | Failure:
         """An Opened, or why this replica failed before its first byte (its process gone included)."""
         watch = self.watch(replica)
         if watch is None:
@@ -167,11 +229,11 @@ class NodeProxy:
         if attempt.done() and not attempt.cancelled() and isinstance(opened := attempt.result(), Opened):
             await _shielded(opened.response.aclose())
         lost = watch.exception() if not watch.cancelled() else None
-        return f"node {replica.node.name} ({replica.node.fingerprint}) went away before answering: {lost}"
+        return Failure(f"node {replica.node.name} ({replica.node.fingerprint}) went away before answering: {lost}")
 
     async def _first(
         self, replica: Replica, lease: Lease, path: str, body: bytes, authorization: str | None, *, last: bool
-    ) -> Opened | str:
+    ) -> Opened | Failure:
         headers = {"content-type": "application/json", **self._auth(replica, authorization)}
         # Straight to the transport: an httpx client's layers (auth flow, redirects, cookies, event hooks) have
         # nothing to do for a node, and cost the head about 0.1 ms of CPU a request.
@@ -192,11 +254,11 @@ class NodeProxy:
                     where,
                     response.status_code,
                 )
-                return f"{where} refused the head's node token (HTTP {response.status_code})"
+                return Failure(f"{where} refused the head's node token (HTTP {response.status_code})")
             if response.status_code in RETRY_STATUSES and not last:
                 await response.aread()
                 await response.aclose()
-                return f"{where} answered HTTP {response.status_code}"
+                return Failure(f"{where} answered HTTP {response.status_code}", busy=response.status_code == 429)
             chunks = response.aiter_raw()
             first = b""
             async for chunk in chunks:
@@ -207,7 +269,7 @@ class NodeProxy:
         except httpx.TransportError as exc:
             if response is not None:
                 await _shielded(response.aclose())
-            return f"{where} failed before answering ({type(exc).__name__})"
+            return Failure(f"{where} failed before answering ({type(exc).__name__})")
         except BaseException:
             if response is not None:
                 await _shielded(response.aclose())
@@ -355,6 +417,7 @@ class ProxyResponse(Response):
                     raise
                 task.uncancel()
                 outcome = "node_lost_mid_stream"
+                self._proxy.failed(opened.replica, "it went away mid-stream")
                 node = opened.replica.node
                 log.warning("node %s went away mid-stream for %s: %s", node.name, self._model, lost[0])
                 if response.headers.get("content-type", "").startswith(SSE):
@@ -363,6 +426,7 @@ class ProxyResponse(Response):
                     await send({"type": "http.response.body", "body": event, "more_body": True})
             except httpx.TransportError as exc:
                 outcome = "node_failed_mid_stream"
+                self._proxy.failed(opened.replica, f"it failed mid-stream ({type(exc).__name__})")
                 node = opened.replica.node
                 log.warning("node %s failed mid-stream for %s: %s", node.name, self._model, type(exc).__name__)
                 if response.headers.get("content-type", "").startswith(SSE):

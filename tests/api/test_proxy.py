@@ -23,7 +23,7 @@ from api.errors import install_error_handlers
 from api.inflight import InFlight
 from api.metrics import Metrics
 from api.node_transport import NodeTransport
-from api.proxy import NodeProxy, ProxyResponse
+from api.proxy import Cooldown, NodeProxy, ProxyResponse
 from api.replies import ReplyWaiter
 from api.routing import NodeView, Router
 from broker import keys
@@ -49,6 +49,9 @@ class Upstream:
             body = await request.json()
             if self.mode == "500":
                 return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": "x"}}, 500)
+            if self.mode == "429":
+                error = {"error": {"message": "busy", "type": "rate_limit_error", "code": "model_busy"}}
+                return JSONResponse(error, 429, headers={"retry-after": "1"})
             if self.mode == "404":
                 return JSONResponse({"error": {"message": "no", "type": "not_found_error", "code": "y"}}, 404)
             if not body.get("stream"):
@@ -92,6 +95,7 @@ def head(
     *,
     liveness_tick: float | None = None,
     busy: tuple[str, ...] = (),
+    cooldown: float = 5.0,
 ) -> tuple[Starlette, dict[str, object]]:
     """The head's proxy route, its nodes registered in Redis (at the URL `redis`) with `upstreams` as their
     endpoints; with `liveness_tick`, watching node processes as the API does; `busy` nodes hold a lease already
@@ -120,7 +124,9 @@ def head(
         try:
             auth = lambda replica, authorization: {}  # noqa: E731
             timeout = httpx.Timeout(30)
-            state["proxy"] = NodeProxy(transport, timeout, inflight, router, metrics.inference, auth, liveness=waiter)
+            state["proxy"] = NodeProxy(
+                transport, timeout, inflight, router, metrics.inference, auth, liveness=waiter, cooldown=cooldown
+            )
             state["metrics"] = metrics
             yield
         finally:
@@ -184,19 +190,47 @@ def test_a_client_that_disconnects_closes_the_node_stream_at_once(redis: str) ->
             assert node.open_streams == 0
 
 
-def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: str) -> None:
+def test_a_node_failing_before_its_first_byte_is_retried_on_the_other_and_left_out_a_while(redis: str) -> None:
     broken, good = Upstream(mode="500"), Upstream()
-    # Another API process's request on the good node: the broken one, less loaded, is always tried first.
+    # Another API process's request on the good node: the broken one, less loaded, is picked first while it counts.
     SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
     with serve(broken.app()) as broken_url, serve(good.app()) as good_url:
-        app, _ = head(redis, {A: broken_url, B: good_url})
+        app, _ = head(redis, {A: broken_url, B: good_url}, cooldown=1.0)
         with serve(app) as url:
             for _ in range(3):
                 response = httpx.post(url + "/v1/completions", json={"stream": True})
                 assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
                 assert response.text.endswith("data: [DONE]\n\n")
-    assert broken.requests == 3 and good.requests == 3
+            # Tried once: the requests after its failure went straight to the good one.
+            assert broken.requests == 1 and good.requests == 3
+            time.sleep(1.1)  # its cooldown over, it is picked (and fails) again, then for twice as long
+            assert httpx.post(url + "/v1/completions", json={"stream": True}).headers["x-modelfleet-node"] == B
+            assert broken.requests == 2 and good.requests == 4
     assert inflight_total(redis) == 1  # only the other process's
+
+
+def test_a_busy_node_is_not_left_out(redis: str) -> None:
+    busy, good = Upstream(mode="429"), Upstream()
+    SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
+    with serve(busy.app()) as busy_url, serve(good.app()) as good_url:
+        app, _ = head(redis, {A: busy_url, B: good_url})
+        with serve(app) as url:
+            for _ in range(3):
+                response = httpx.post(url + "/v1/completions", json={"stream": True})
+                assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
+    assert busy.requests == 3  # a full queue is no fault: each request asks it first again
+
+
+def test_replicas_all_cooling_down_are_still_tried(redis: str) -> None:
+    one, two = Upstream(mode="500"), Upstream(mode="500")
+    with serve(one.app()) as one_url, serve(two.app()) as two_url:
+        app, _ = head(redis, {A: one_url, B: two_url})
+        with serve(app) as url:
+            for _ in range(2):
+                response = httpx.post(url + "/v1/completions", json={"stream": False})
+                # Both failed on the first request; the second still tries them rather than refusing unasked.
+                assert response.status_code == 500
+    assert one.requests + two.requests == 4
 
 
 def test_an_unreachable_node_is_retried_and_two_failures_answer_503(redis: str) -> None:
@@ -236,6 +270,7 @@ def test_a_node_failing_mid_stream_ends_it_with_an_error_event(redis: str) -> No
     assert response.status_code == 200 and len(events) == 4 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "node_error"
     assert inflight_total(redis) == 0
+    assert state["proxy"].cooldown.cooling(A)  # type: ignore[attr-defined]
     metrics = state["metrics"]
     assert (
         metrics.registry.get_sample_value(  # type: ignore[attr-defined]
@@ -263,3 +298,17 @@ def test_streams_are_spread_over_the_replicas(redis: str) -> None:
 
             served = asyncio.run(run())
     assert sorted(served.count(fp) for fp in (A, B)) == [5, 5]
+
+
+def test_cooldown_doubles_while_failures_go_on_and_an_answer_ends_it() -> None:
+    now = [100.0]
+    cooldown = Cooldown(2.0, cap=10.0, clock=lambda: now[0])
+    assert [cooldown.failed(A) for _ in range(4)] == [2.0, 4.0, 8.0, 10.0]
+    assert cooldown.usable([A, B]) == [B] and cooldown.usable([A]) == [A]  # alone, it is still tried
+    now[0] += 10.5
+    assert cooldown.usable([A, B]) == [A, B]
+    assert cooldown.failed(A) == 10.0  # the run of failures goes on until an answer
+    cooldown.answered(A)
+    assert not cooldown.cooling(A) and cooldown.failed(A) == 2.0
+    off = Cooldown(0.0)
+    assert off.failed(A) == 0.0 and not off.cooling(A)
