@@ -5,10 +5,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from api.deps import security_schemes
 from api.errors import install_error_handlers
 from api.events import EventRelay, OfflineWatcher
 from api.inflight import InFlight
@@ -122,6 +124,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
         static_url="/docs/assets",
         swagger_ui_parameters={"persistAuthorization": True},
     )
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # the routes declare their schemes by name (`api.deps.secured`)
+            default_openapi().setdefault("components", {})["securitySchemes"] = security_schemes()
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.keyring = keyring
     app.state.metrics = Metrics()

@@ -11,9 +11,7 @@ only carries them): GPU clusters are often air-gapped, and a CDN-hosted page wou
 
 from typing import Any
 
-from fastapi import Depends
-
-from api.deps import authorized
+from api.deps import secured
 from api.errors import documented
 from broker import errors as e
 from broker.operations import Op, Scope
@@ -41,10 +39,15 @@ def auth_errors(scope: Scope) -> tuple[type[e.ModelfleetError], ...]:
     return (e.Unauthenticated,) if scope is Scope.READ else (e.Unauthenticated, e.Forbidden)
 
 
-def guarded(scope: Scope, *errors: type[e.ModelfleetError], streaming: bool = False) -> dict[str, Any]:
+def guarded(
+    scope: Scope,
+    *errors: type[e.ModelfleetError],
+    streaming: bool = False,
+    openapi_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Route options for a route that needs a key of `scope`, reads Redis and can answer `errors`."""
     return {
-        "dependencies": [Depends(authorized(scope))],
+        **secured(scope, openapi_extra),
         "responses": documented(*auth_errors(scope), e.BrokerUnavailable, *errors, streaming=streaming),
     }
 

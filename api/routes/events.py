@@ -106,8 +106,14 @@ STREAM = {
     response_class=EventStreamResponse,
     status_code=200,  # FastAPI cannot read it off a response class whose __init__ has no status_code
     summary="Follow the pool's changes",
-    **guarded(KeyScope.READ, e.InvalidRequest, e.NodeNotFound, e.ShuttingDown, streaming=True),
-    openapi_extra={"responses": {"200": STREAM}},
+    **guarded(
+        KeyScope.READ,
+        e.InvalidRequest,
+        e.NodeNotFound,
+        e.ShuttingDown,
+        streaming=True,
+        openapi_extra={"responses": {"200": STREAM}},
+    ),
 )
 async def events(
     relay: Relay,

@@ -11,9 +11,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from api.deps import Proxy, Reader
+from api.deps import Proxy, secured
 from api.errors import documented
 from api.proxy import NodeProxy, ProxyResponse
+from broker.auth import Scope
 from broker.errors import (
     BrokerUnavailable,
     Forbidden,
@@ -100,9 +101,10 @@ async def _proxied(
     "/completions",
     response_model=CompletionResponse,
     responses=_answers(CompletionResponse, CompletionResponse),
+    **secured(Scope.READ),
     summary="Continue a prompt on a node that has the model",
 )
-async def completions(body: CompletionRequest, request: Request, _: Reader, proxy: Proxy) -> ProxyResponse:
+async def completions(body: CompletionRequest, request: Request, proxy: Proxy) -> ProxyResponse:
     """OpenAI's completions API: the prompt runs on the least busy node where the model is loaded (loaded on
     demand if it is loaded nowhere), as JSON or, with `stream: true`, as Server-Sent Events."""
     return await _proxied(proxy, body, request, "/v1/completions")
@@ -112,9 +114,10 @@ async def completions(body: CompletionRequest, request: Request, _: Reader, prox
     "/chat/completions",
     response_model=ChatCompletionResponse,
     responses=_answers(ChatCompletionResponse, ChatCompletionChunk),
+    **secured(Scope.READ),
     summary="Answer a conversation on a node that has the model",
 )
-async def chat_completions(body: ChatCompletionRequest, request: Request, _: Reader, proxy: Proxy) -> ProxyResponse:
+async def chat_completions(body: ChatCompletionRequest, request: Request, proxy: Proxy) -> ProxyResponse:
     """OpenAI's chat completions API, rendered with the model's chat template: routed, loaded on demand and
     streamed as `/v1/completions` is."""
     return await _proxied(proxy, body, request, "/v1/chat/completions")

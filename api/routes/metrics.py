@@ -20,8 +20,11 @@ _EXPOSITION = {"schema": {"type": "string"}}
     "/metrics",
     response_class=Response,
     summary="Scrape the fleet's metrics",
-    **guarded(Scope.READ, e.InvalidRequest),
-    openapi_extra={"responses": {"200": {"content": {TEXT: _EXPOSITION, OPENMETRICS: _EXPOSITION}}}},
+    **guarded(
+        Scope.READ,
+        e.InvalidRequest,
+        openapi_extra={"responses": {"200": {"content": {TEXT: _EXPOSITION, OPENMETRICS: _EXPOSITION}}}},
+    ),
 )
 async def metrics(
     directory: Directory,
