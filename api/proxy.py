@@ -12,10 +12,12 @@ client get the status line and headers: the node's own, with its first chunk rig
 it arrives (`aiter_raw`: nothing re-encoded, nothing buffered). A node that fails after the first byte cannot
 be retried (the client has part of an answer): an event stream gets an OpenAI error event in place of the rest.
 
-A replica that failed before its first byte (or mid-stream) is left out of this process's picks for a while
-(`Cooldown`), so that the requests after it do not each pay the same failure (a connect timeout, say) before
-their retry: outlier ejection, as load balancers do it. A replica that answered 429 is busy, not broken: it
-stays in. When every replica is cooling down, they are tried anyway: a refusal without a try helps nobody.
+A replica that could not be reached, broke or went away (before its first byte, or mid-stream) is left out of
+this process's picks for a while (`Cooldown`), so that the requests after it do not each pay the same failure
+(a connect timeout, say) before their retry: outlier ejection, as load balancers do it. Then one request tries
+it while the others keep away. An answer, even 429 or a 5xx, is no such failure: the node is up, and the
+health checks of its models speak for them. When every replica is left out, they are tried anyway: a refusal
+without a try helps nobody.
 
 A node process that dies or is replaced does not always break the connection at once (a frozen machine, a
 network partition: no FIN, no RST). With `liveness` (the API's `ReplyWaiter`), each exchange also watches the
@@ -60,42 +62,80 @@ class Failure:
     """Why a replica gave nothing worth passing on before its first byte."""
 
     reason: str
-    busy: bool = False
-    """It answered 429: its queue is full, nothing is wrong with it."""
+    broken: bool = True
+    """It could not be reached, broke, went away or refused the head: left out of routing for a while
+    (`Cooldown`). An answer (429 busy, a 5xx) is not: the node is up, and its own health checks speak for its
+    models."""
+
+
+@dataclass
+class _Ejection:
+    until: float
+    failures: int
+    """Failures in a row, trials after a cooldown included."""
+    trial: bool = False
+    """A request is on its way to it after its cooldown: the others keep away until it is answered."""
 
 
 class Cooldown:
-    """Replicas that failed lately, left out of this API process's picks: `base` seconds after a failure,
-    doubling with each failure in a row up to `cap`; an answer ends it. `base` 0 turns it off."""
+    """Replicas that could not be reached, broke or went away lately, left out of this API process's picks:
+    `base` seconds after a failure, doubling with each failure in a row up to `cap`. Once that time is over, one
+    request goes to it as a trial while the others still keep away; its answer ends the ejection, its failure
+    starts a longer one. Failures of requests that were under way when it was left out count once. `base` 0
+    turns it off."""
 
     def __init__(self, base: float, *, cap: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.base = base
-        self.cap = max(cap, base)
+        self.cap = cap
         self._clock = clock
-        self._cooling: dict[str, tuple[float, int]] = {}  # fingerprint -> (until, failures in a row)
+        self._out: dict[str, _Ejection] = {}  # node fingerprint -> its ejection
 
     def failed(self, fingerprint: str) -> float:
-        """Count a failure of the replica on this node; the seconds it is now left out for."""
+        """Count a failure of the replica on this node; the seconds it is left out for from now (0: it already
+        was, or this is off)."""
         if self.base <= 0:
             return 0.0
-        _, failures = self._cooling.get(fingerprint, (0.0, 0))
+        now = self._clock()
+        out = self._out.get(fingerprint)
+        if out is not None and out.until > now:
+            return 0.0  # a request sent before it was left out: the same failure, told again
+        failures = out.failures if out is not None else 0
         seconds = min(self.cap, self.base * 2 ** min(failures, 16))
-        self._cooling[fingerprint] = (self._clock() + seconds, failures + 1)
+        self._out[fingerprint] = _Ejection(now + seconds, failures + 1)
         return seconds
 
     def answered(self, fingerprint: str) -> None:
-        self._cooling.pop(fingerprint, None)
+        self._out.pop(fingerprint, None)
 
     def cooling(self, fingerprint: str) -> bool:
-        entry = self._cooling.get(fingerprint)
-        return entry is not None and entry[0] > self._clock()
+        """Whether the replica on this node is left out now (its cooldown, or another request's trial)."""
+        out = self._out.get(fingerprint)
+        return out is not None and (out.trial or out.until > self._clock())
 
-    def usable(self, fingerprints: list[str]) -> list[str]:
-        """The nodes among `fingerprints` not cooling down; all of them if every one is."""
-        if not self._cooling:
-            return fingerprints
-        ready = [fp for fp in fingerprints if not self.cooling(fp)]
-        return ready or fingerprints
+    def usable(self, fingerprints: list[str]) -> tuple[list[str], list[str]]:
+        """The nodes among `fingerprints` a request may go to (all of them if every one is left out), and those
+        among them whose cooldown is over: the request is their trial, and the others keep away until `tried`."""
+        if not self._out:
+            return fingerprints, []
+        now = self._clock()
+        ready: list[str] = []
+        trials: list[str] = []
+        for fp in fingerprints:
+            out = self._out.get(fp)
+            if out is None:
+                ready.append(fp)
+            elif out.until <= now and not out.trial:
+                out.trial = True
+                ready.append(fp)
+                trials.append(fp)
+        return (ready, trials) if ready else (fingerprints, [])
+
+    def tried(self, *fingerprints: str) -> None:
+        """The trial of these nodes ended, however (one whose caller left leaves the next request to try)."""
+        for fp in fingerprints:
+            out = self._out.get(fp)
+            if out is not None:
+                out.trial = False
 
 
 @dataclass
@@ -171,26 +211,32 @@ class NodeProxy:
         remaining = {r.node.fingerprint: r for r in replicas}
         failures: list[str] = []
         for attempt in range(2):
-            candidates = self.cooldown.usable(list(remaining))
+            candidates, trials = self.cooldown.usable(list(remaining))
             random.shuffle(candidates)  # ties between equally loaded nodes spread
-            lease, _ = await self.inflight.acquire(candidates)
+            try:
+                lease, _ = await self.inflight.acquire(candidates)
+            except BaseException:
+                self.cooldown.tried(*trials)
+                raise
+            self.cooldown.tried(*(fp for fp in trials if fp != lease.node))  # not this request's to try
             replica = remaining.pop(lease.node)
-            last = attempt == 1 or not remaining
+            # The last try passes on what the node answers; so is one whose alternatives are all left out.
+            last = attempt == 1 or not remaining or all(self.cooldown.cooling(fp) for fp in remaining)
             try:
                 opened = await self._try(replica, lease, path, body, authorization, last=last)
             except BaseException:
                 await _shielded(self.inflight.release(lease))
                 raise
+            finally:
+                if lease.node in trials:
+                    self.cooldown.tried(lease.node)
             if isinstance(opened, Opened):
-                status = opened.response.status_code
-                if status < 500:
+                if opened.response.status_code < 500:
                     self.cooldown.answered(lease.node)
-                elif status in RETRY_STATUSES:  # the last try's failure, passed on as it came
-                    self.failed(replica, f"it answered HTTP {status}")
                 return opened
             failures.append(opened.reason)
             await self.inflight.release(lease)
-            if not opened.busy:
+            if opened.broken:
                 self.failed(replica, opened.reason)
             if last:
                 break
@@ -233,7 +279,7 @@ class NodeProxy:
         # Straight to the transport: an httpx client's layers (auth flow, redirects, cookies, event hooks) have
         # nothing to do for a node, and cost the head about 0.1 ms of CPU a request.
         url = replica.endpoint + path
-        request = httpx.Request("POST", url, content=body, headers=headers, extensions=self._timeout)
+        request = httpx.Request("POST", url, content=body, headers=headers, extensions=dict(self._timeout))
         where = f"node {replica.node.name} ({replica.node.fingerprint})"
         response: httpx.Response | None = None
         try:
@@ -253,7 +299,7 @@ class NodeProxy:
             if response.status_code in RETRY_STATUSES and not last:
                 await response.aread()
                 await response.aclose()
-                return Failure(f"{where} answered HTTP {response.status_code}", busy=response.status_code == 429)
+                return Failure(f"{where} answered HTTP {response.status_code}", broken=False)
             chunks = response.aiter_raw()
             first = b""
             async for chunk in chunks:
@@ -280,6 +326,7 @@ class _OnLoss:
         self._task = task
         self._watch = watch
         self._active = True
+        self._settled = False
         self.error: BaseException | None = None
         watch.add_done_callback(self._fire)
 
@@ -294,11 +341,17 @@ class _OnLoss:
         pending besides (the caller left as well) makes it False, and that one goes on."""
         if self.error is None:
             return False
+        self._settled = True
         return self._task.uncancel() == 0
 
     def stop(self) -> None:
         self._active = False
         self._watch.remove_done_callback(self._fire)
+        if self.error is not None and not self._settled:
+            # The cancellation was delivered and swallowed on the way (a cleanup under `_shielded`): take its
+            # count back, or the task's next loss would be taken for its caller's own cancellation.
+            self._settled = True
+            self._task.uncancel()
 
     def __str__(self) -> str:
         return str(self.error)

@@ -30,9 +30,10 @@ class ApiSettings(KeyedSettings):
     inference_connect_timeout: float = Field(default=5.0, gt=0)
     inference_read_timeout: float = Field(default=300.0, gt=0)
     """Seconds a node may stay silent in the middle of an answer (or before its first byte) before it has failed."""
-    inference_failure_cooldown: float = Field(default=5.0, ge=0)
-    """Seconds a replica that failed (before answering, or mid-stream) is left out of this API process's routing,
-    doubling with each failure in a row up to a minute; 0 turns this off."""
+    inference_failure_cooldown: float = Field(default=5.0, ge=0, le=60)
+    """Seconds a replica that could not be reached, broke or went away (before answering, or mid-stream) is left
+    out of this API process's routing, doubling with each failure in a row up to a minute; then one request tries
+    it. 0 turns this off."""
     inflight_lease: float = Field(default=30.0, ge=1)
     """Seconds the requests in flight of an API process that died keep counting against their nodes."""
     session_ttl: float = Field(default=12 * 3600.0, gt=0)

@@ -5,6 +5,7 @@ uvicorn, the in-flight leases and node hashes live in a real redis-server."""
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -190,22 +191,83 @@ def test_a_client_that_disconnects_closes_the_node_stream_at_once(redis: str) ->
             assert node.open_streams == 0
 
 
-def test_a_node_failing_before_its_first_byte_is_retried_on_the_other_and_left_out_a_while(redis: str) -> None:
+def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: str) -> None:
     broken, good = Upstream(mode="500"), Upstream()
-    # Another API process's request on the good node: the broken one, less loaded, is picked first while it counts.
+    # Another API process's request on the good node: the broken one, less loaded, is always tried first.
     SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
     with serve(broken.app()) as broken_url, serve(good.app()) as good_url:
-        app, _ = head(redis, {A: broken_url, B: good_url}, cooldown=1.0)
+        app, _ = head(redis, {A: broken_url, B: good_url})
         with serve(app) as url:
             for _ in range(3):
                 response = httpx.post(url + "/v1/completions", json={"stream": True})
                 assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
                 assert response.text.endswith("data: [DONE]\n\n")
-            # Tried once: the requests after its failure went straight to the good one.
-            assert broken.requests == 1 and good.requests == 3
-            time.sleep(1.1)  # its cooldown over, it is picked (and fails) again, then for twice as long
-            assert httpx.post(url + "/v1/completions", json={"stream": True}).headers["x-modelfleet-node"] == B
-            assert broken.requests == 2 and good.requests == 4
+    # A 500 is an answer: the node is up (its models' checks speak for them), so it is not left out.
+    assert broken.requests == 3 and good.requests == 3
+    assert inflight_total(redis) == 1  # only the other process's
+
+
+@dataclass
+class Slammer:
+    """A node's endpoint that accepts connections and closes them at once, counting them: broken under HTTP."""
+
+    accepted: int = 0
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[str]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        running = True
+
+        def run() -> None:
+            while running:
+                try:
+                    connection, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                self.accepted += 1
+                connection.close()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            running = False
+            thread.join(5)
+            listener.close()
+
+
+def burst(url: str, n: int) -> list[str]:
+    """`n` streamed requests at once: the node each was answered by."""
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def one() -> str:
+                response = await client.post("/v1/completions", json={"stream": True})
+                assert response.status_code == 200
+                return response.headers["x-modelfleet-node"]
+
+            return await asyncio.gather(*(one() for _ in range(n)))
+
+    return asyncio.run(run())
+
+
+def test_a_broken_node_is_left_out_then_tried_by_one_request(redis: str) -> None:
+    broken, good = Slammer(), Upstream()
+    SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
+    with broken.serve() as broken_url, serve(good.app()) as good_url:
+        app, state = head(redis, {A: broken_url, B: good_url}, cooldown=2.0)
+        with serve(app) as url:
+            cooldown = state["proxy"].cooldown  # type: ignore[attr-defined]
+            assert burst(url, 1) == [B] and broken.accepted == 1 and cooldown.cooling(A)
+            # Left out: the requests after it go straight to the good one.
+            assert burst(url, 3) == [B] * 3 and broken.accepted == 1
+            wait_for(lambda: not cooldown.cooling(A), 5, "the cooldown to end")
+            # Its time over, one request of a burst tries it (and fails over); the others keep away meanwhile.
+            assert burst(url, 4) == [B] * 4 and broken.accepted == 2
+            assert cooldown.cooling(A)  # and it is out again
     assert inflight_total(redis) == 1  # only the other process's
 
 
@@ -221,16 +283,17 @@ def test_a_busy_node_is_not_left_out(redis: str) -> None:
     assert busy.requests == 3  # a full queue is no fault: each request asks it first again
 
 
-def test_replicas_all_cooling_down_are_still_tried(redis: str) -> None:
-    one, two = Upstream(mode="500"), Upstream(mode="500")
-    with serve(one.app()) as one_url, serve(two.app()) as two_url:
+def test_replicas_all_left_out_are_still_tried(redis: str) -> None:
+    one, two = Slammer(), Slammer()
+    with one.serve() as one_url, two.serve() as two_url:
         app, _ = head(redis, {A: one_url, B: two_url})
         with serve(app) as url:
-            for _ in range(2):
-                response = httpx.post(url + "/v1/completions", json={"stream": False})
-                # Both failed on the first request; the second still tries them rather than refusing unasked.
-                assert response.status_code == 500
-    assert one.requests + two.requests == 4
+            first = httpx.post(url + "/v1/completions", json={"stream": False})
+            assert first.status_code == 503 and one.accepted + two.accepted == 2
+            # Both left out: the next request still tries one (rather than refusing unasked), and only one.
+            second = httpx.post(url + "/v1/completions", json={"stream": False})
+            assert second.status_code == 503 and one.accepted + two.accepted == 3
+    assert second.json()["error"]["code"] == "node_unavailable"
 
 
 def test_an_unreachable_node_is_retried_and_two_failures_answer_503(redis: str) -> None:
@@ -303,12 +366,22 @@ def test_streams_are_spread_over_the_replicas(redis: str) -> None:
 def test_cooldown_doubles_while_failures_go_on_and_an_answer_ends_it() -> None:
     now = [100.0]
     cooldown = Cooldown(2.0, cap=10.0, clock=lambda: now[0])
-    assert [cooldown.failed(A) for _ in range(4)] == [2.0, 4.0, 8.0, 10.0]
-    assert cooldown.usable([A, B]) == [B] and cooldown.usable([A]) == [A]  # alone, it is still tried
+    assert cooldown.failed(A) == 2.0
+    assert cooldown.failed(A) == 0.0  # requests under way when it was left out: the same failure
+    assert cooldown.usable([A, B]) == ([B], []) and cooldown.usable([A]) == ([A], [])  # alone, still tried
+    seconds = []
+    for _ in range(3):  # each trial after a cooldown fails: twice as long each time, up to the cap
+        now[0] += 10.5
+        assert cooldown.usable([A, B]) == ([A, B], [A])  # this request is its trial
+        assert cooldown.usable([A, B]) == ([B], [])  # one trial at a time
+        seconds.append(cooldown.failed(A))
+        cooldown.tried(A)
+    assert seconds == [4.0, 8.0, 10.0]
     now[0] += 10.5
-    assert cooldown.usable([A, B]) == [A, B]
-    assert cooldown.failed(A) == 10.0  # the run of failures goes on until an answer
+    assert cooldown.usable([A, B]) == ([A, B], [A])
+    cooldown.tried(A)  # a trial that ended with no verdict (its caller left): the next request tries
+    assert cooldown.usable([A, B]) == ([A, B], [A])
     cooldown.answered(A)
-    assert not cooldown.cooling(A) and cooldown.failed(A) == 2.0
+    assert not cooldown.cooling(A) and cooldown.failed(A) == 2.0  # an answer ended the run of failures
     off = Cooldown(0.0)
     assert off.failed(A) == 0.0 and not off.cooling(A)

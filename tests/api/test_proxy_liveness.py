@@ -4,18 +4,21 @@ request retried on another replica. Real uvicorn servers as the nodes' endpoints
 redis-server."""
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 from redis import Redis as SyncRedis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from api.proxy import _OnLoss
 from broker import keys
 from tests.api.test_proxy import Upstream, head, serve
 from tests.api.test_routing import A, B
@@ -79,3 +82,57 @@ def test_a_node_gone_before_its_first_byte_is_retried_on_another_replica(redis: 
     assert response.status_code == 200, response.text
     assert response.headers["x-modelfleet-node"] == B
     assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_a_loss_is_told_apart_from_the_callers_own_cancellation() -> None:
+    """`_OnLoss`'s bookkeeping of the task's cancellations, on the event loop alone."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def lost_node() -> "asyncio.Future[None]":
+            watch: asyncio.Future[None] = loop.create_future()
+            watch.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" warning
+            return watch
+
+        # The loss cancels a wait: taken back, and told as the loss.
+        watch = lost_node()
+        loss = _OnLoss(watch)
+        loop.call_later(0.01, watch.set_exception, RuntimeError("node gone"))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        assert loss.took_effect() and str(loss) == "node gone"
+        loss.stop()
+        assert task.cancelling() == 0
+
+        # Its cancellation swallowed by a cleanup on the way (as `_shielded` does): none is left counted.
+        watch = lost_node()
+        loss = _OnLoss(watch)
+        with contextlib.suppress(asyncio.CancelledError):
+            watch.set_exception(RuntimeError("node gone"))
+            await asyncio.sleep(5)
+        loss.stop()
+        assert task.cancelling() == 0
+
+        # The caller leaves at the same moment: its cancellation goes on.
+        watch = lost_node()
+        loss = _OnLoss(watch)
+        watch.set_exception(RuntimeError("node gone"))
+        loop.call_soon(task.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        assert not loss.took_effect()
+        loss.stop()
+        assert task.uncancel() == 0  # the caller's, left for its own handler
+
+        # A callback already scheduled when the watch stopped cancels nothing later.
+        watch = lost_node()
+        loss = _OnLoss(watch)
+        watch.set_exception(RuntimeError("node gone"))
+        loss.stop()
+        await asyncio.sleep(0.01)
+        assert task.cancelling() == 0
+
+    asyncio.run(run())
