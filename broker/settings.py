@@ -15,6 +15,10 @@ STATE_FILE = STATE_DIR / "keys"
 """What `up` writes for the commands run beside it: read as a dotenv file, below the environment."""
 
 
+MIN_SECRET_LENGTH = 16
+"""Below this, a key is warned about at start-up: guessable by whoever can reach the API."""
+
+
 class BrokerSettings(BaseSettings):
     """How to reach Redis, and the timing of the liveness protocol.
 
@@ -40,6 +44,19 @@ class BrokerSettings(BaseSettings):
     node_token: SecretStr | None = None
     """The bearer the head sends to the nodes' inference endpoints (they accept it beside the fleet's API keys);
     set the same value on the head and every node. Never stored in Redis."""
+
+    def short_secrets(self) -> list[str]:
+        """A warning for each of the process's keys (and its node token) shorter than MIN_SECRET_LENGTH: where
+        it is set and how long it is, never the key itself."""
+        found: list[tuple[str, SecretStr]] = [("MODELFLEET_NODE_TOKEN", self.node_token)] if self.node_token else []
+        for name in ("operator_keys", "api_keys"):
+            found += [(f"MODELFLEET_{name.upper()}", key) for key in getattr(self, name, [])]
+        return [
+            f"{where} holds a key of {len(key.get_secret_value())} characters: a key that short can be guessed; use "
+            f"at least {MIN_SECRET_LENGTH} random ones (python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            for where, key in found
+            if len(key.get_secret_value()) < MIN_SECRET_LENGTH
+        ]
 
     @field_validator("redis_url")
     @classmethod

@@ -45,6 +45,11 @@ def _secrets_of(settings: BrokerSettings) -> list[str]:
     return found
 
 
+def _warn_short_secrets(settings: BrokerSettings) -> None:
+    for warning in settings.short_secrets():
+        logging.getLogger("modelfleet").warning(warning)
+
+
 def _environment_keys() -> list[str]:
     """API keys in this process's environment, masked in its log even where its settings did not take them: a key a
     caller sends as a model id would otherwise reach the worker's log in the text of the job's reply."""
@@ -60,6 +65,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     try:
         settings = ApiSettings(**_given(args, "host", "port", "redis_url"))
         configure_logging(_secrets_of(settings))
+        _warn_short_secrets(settings)
         app = create_app(settings)
     except ValidationError as exc:
         return _settings_error(exc)
@@ -91,6 +97,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         return _settings_error(exc)
     configure_logging(_secrets_of(settings) + _environment_keys())
+    _warn_short_secrets(settings)
     return run_worker(settings)
 
 

@@ -28,3 +28,13 @@ def test_the_node_still_splits_its_preload_and_processes_without_keys_have_none(
     monkeypatch.setenv("MODELFLEET_OPERATOR_KEYS", "op-SECRET-1")
     assert WorkerSettings().preload == ["tiny-a", "org/nested"]
     assert not hasattr(BrokerSettings(), "operator_keys")  # Flower's settings, say: no keys
+
+
+@pytest.mark.parametrize("kind", [ApiSettings, WorkerSettings])
+def test_short_keys_are_warned_about_by_where_and_length_never_shown(kind: type[KeyedSettings]) -> None:
+    settings = kind(operator_keys=["op-SECRET-1"], api_keys=["ro-SECRET-long-enough-1"], node_token="nt-SECRET")
+    warnings = settings.short_secrets()
+    assert [w.split(" holds")[0] for w in warnings] == ["MODELFLEET_NODE_TOKEN", "MODELFLEET_OPERATOR_KEYS"]
+    assert "9 characters" in warnings[0] and "11 characters" in warnings[1]
+    assert not any("SECRET" in w for w in warnings)
+    assert kind(operator_keys=["x" * 16]).short_secrets() == []
