@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ from tests.conftest import (
     Api,
     Fleet,
     Worker,
+    free_port,
     modelfleet_command,
     require_stories,
     wait_for,
@@ -205,6 +207,41 @@ def test_a_node_failing_before_the_first_byte_is_retried_on_the_other(
                 break
         assert "retrying stories260K on another replica" in api.log()
         assert doomed.fingerprint not in served
+
+
+def test_a_node_whose_endpoint_cannot_be_reached_is_left_out_after_one_failure(
+    module_fleet: Fleet, stories_dir: Path, two: tuple[Api, Worker, Worker]
+) -> None:
+    api, a, b = two
+    # A wrong --advertise-url: the node beats and answers its jobs, and its models pass their checks (they run in
+    # the node), but nothing answers at the address it gave. The head learns that from one failed request.
+    lost = module_fleet.worker("inf-misadvertised", stories_dir, "--advertise-url", f"http://127.0.0.1:{free_port()}")
+    # Another API process's requests on the good nodes: the idle one is always picked first while it is in.
+    redis = module_fleet.redis.client()
+    other = {f"other-api:{i}": int(time.time() * 1000) + 600_000 for i in range(3)}
+    for worker in (a, b):
+        redis.zadd(keys.inflight(worker.fingerprint), other)
+    try:
+        with api.client() as client:
+            load = client.post("/v1/models/load", json={"model_name": "stories260K", "node": lost.fingerprint})
+            assert load.status_code == 200, load.text
+        with api.client(READ_KEY) as client:
+            wait_for(lambda: lost.fingerprint in _replicas(client, "stories260K"), 20, "the third replica")
+            served = []
+            for _ in range(12):  # well within the 5 s it is left out for
+                response = client.post("/v1/completions", json={"model": "stories260K", "prompt": STORY, **GREEDY})
+                assert response.status_code == 200, response.text
+                served.append(response.headers["x-modelfleet-node"])
+        assert lost.fingerprint not in served
+        log = api.log()
+        where = f"node inf-misadvertised ({lost.fingerprint})"
+        assert log.count(f"{where} is left out of routing for 5 s") == 1
+        # Tried once: the requests after the first failure went straight to the good replicas.
+        assert log.count(f"retrying stories260K on another replica: {where} failed before answering") == 1
+    finally:
+        for worker in (a, b):
+            redis.zrem(keys.inflight(worker.fingerprint), *other)
+        lost.stop()
 
 
 def test_fifty_first_requests_over_two_apis_load_once(module_fleet: Fleet, two: tuple[Api, Worker, Worker]) -> None:
