@@ -10,7 +10,8 @@ Three kinds of series:
   online node its models by state and its memory budget and use, as its last heartbeat reported them, and the
   inference requests in flight to it from every API process (`api.inflight`);
 - inference (`InferenceMetrics`), recorded by the proxy: requests by model and outcome, time to first token and
-  tokens per second per model, this API's requests in flight and waiting for a load on demand.
+  tokens per second per model, this API's requests in flight and waiting for a load on demand, and the nodes it
+  left out of its routing after a failure.
 
 A Prometheus collector is synchronous and the registry is read with async Redis calls, so the route reads the
 directory first and hands the snapshot to the collector just before generating; both happen without an await
@@ -242,6 +243,13 @@ class InferenceMetrics:
         self.waiting = Gauge(
             "modelfleet_inference_waiting",
             "Requests this API holds until their model is loaded on demand (its queue).",
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "modelfleet_inference_ejections",
+            "Times this API left a node out of its routing because it could not be reached, broke or went away"
+            " (MODELFLEET_INFERENCE_FAILURE_COOLDOWN), by node fingerprint.",
+            ["node"],
             registry=registry,
         )
 

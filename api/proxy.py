@@ -249,6 +249,7 @@ class NodeProxy:
         """Leave a replica that failed out of the next picks for a while (`Cooldown`)."""
         seconds = self.cooldown.failed(replica.node.fingerprint)
         if seconds:
+            self.metrics.ejections.labels(replica.node.fingerprint).inc()
             node = replica.node
             log.warning("node %s (%s) is left out of routing for %g s: %s", node.name, node.fingerprint, seconds, why)
 

@@ -238,6 +238,9 @@ def test_a_node_whose_endpoint_cannot_be_reached_is_left_out_after_one_failure(
         assert log.count(f"{where} is left out of routing for 5 s") == 1
         # Tried once: the requests after the first failure went straight to the good replicas.
         assert log.count(f"retrying stories260K on another replica: {where} failed before answering") == 1
+        with api.client(READ_KEY) as client:
+            metrics = client.get("/metrics").text
+        assert f'modelfleet_inference_ejections_total{{node="{lost.fingerprint}"}} 1.0' in metrics
     finally:
         for worker in (a, b):
             redis.zrem(keys.inflight(worker.fingerprint), *other)
