@@ -191,17 +191,31 @@ def test_a_client_that_disconnects_closes_the_node_stream_at_once(redis: str) ->
             assert node.open_streams == 0
 
 
-def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: str) -> None:
-    broken, good = Upstream(mode="500"), Upstream()
-    # Another API process's request on the good node: the broken one, less loaded, is always tried first.
-    SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
-    with serve(broken.app()) as broken_url, serve(good.app()) as good_url:
-        app, _ = head(redis, {A: broken_url, B: good_url})
+def other_api_on(redis: str, *fingerprints: str) -> None:
+    """A request of another API process in flight on each node: the others, less loaded, are picked first."""
+    client = SyncRedis.from_url(redis)
+    for fp in fingerprints:
+        client.zadd(keys.inflight(fp), {"other-api:1": int(time.time() * 1000) + 600_000})
+
+
+def three_answered_by_b(redis: str, first: Upstream) -> tuple[list[httpx.Response], Upstream]:
+    """Three streamed requests, `first` serving node A (picked first: B is busier) and a good node B; each one's
+    answer, all of them B's, and B's upstream."""
+    good = Upstream()
+    other_api_on(redis, B)
+    with serve(first.app()) as first_url, serve(good.app()) as good_url:
+        app, _ = head(redis, {A: first_url, B: good_url})
         with serve(app) as url:
-            for _ in range(3):
-                response = httpx.post(url + "/v1/completions", json={"stream": True})
-                assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
-                assert response.text.endswith("data: [DONE]\n\n")
+            responses = [httpx.post(url + "/v1/completions", json={"stream": True}) for _ in range(3)]
+    for response in responses:
+        assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
+    return responses, good
+
+
+def test_a_node_failing_before_its_first_byte_is_retried_on_the_other(redis: str) -> None:
+    broken = Upstream(mode="500")
+    responses, good = three_answered_by_b(redis, broken)
+    assert all(response.text.endswith("data: [DONE]\n\n") for response in responses)
     # A 500 is an answer: the node is up (its models' checks speak for them), so it is not left out.
     assert broken.requests == 3 and good.requests == 3
     assert inflight_total(redis) == 1  # only the other process's
@@ -256,7 +270,7 @@ def burst(url: str, n: int) -> list[str]:
 
 def test_a_broken_node_is_left_out_then_tried_by_one_request(redis: str) -> None:
     broken, good = Slammer(), Upstream()
-    SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
+    other_api_on(redis, B)
     with broken.serve() as broken_url, serve(good.app()) as good_url:
         app, state = head(redis, {A: broken_url, B: good_url}, cooldown=2.0)
         with serve(app) as url:
@@ -272,14 +286,8 @@ def test_a_broken_node_is_left_out_then_tried_by_one_request(redis: str) -> None
 
 
 def test_a_busy_node_is_not_left_out(redis: str) -> None:
-    busy, good = Upstream(mode="429"), Upstream()
-    SyncRedis.from_url(redis).zadd(keys.inflight(B), {"other-api:1": int(time.time() * 1000) + 600_000})
-    with serve(busy.app()) as busy_url, serve(good.app()) as good_url:
-        app, _ = head(redis, {A: busy_url, B: good_url})
-        with serve(app) as url:
-            for _ in range(3):
-                response = httpx.post(url + "/v1/completions", json={"stream": True})
-                assert response.status_code == 200 and response.headers["x-modelfleet-node"] == B
+    busy = Upstream(mode="429")
+    three_answered_by_b(redis, busy)
     assert busy.requests == 3  # a full queue is no fault: each request asks it first again
 
 

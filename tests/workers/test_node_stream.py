@@ -94,29 +94,26 @@ def test_only_the_first_token_waits_even_when_its_write_never_came(monkeypatch: 
     asyncio.run(asyncio.wait_for(run(), 60))
 
 
-def test_a_stream_that_ends_before_any_token_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("stream", "event"),
+    [
+        # A stream that ends before any token: nothing was generated, nothing to wait for, the lease goes at once.
+        (True, Finished("stop", Usage.of(4, 0))),
+        # An unstreamed answer: nothing writes its tokens, so nothing waits for them.
+        (False, Delta("Once")),
+    ],
+    ids=["a stream that ends before any token", "an unstreamed answer"],
+)
+def test_nothing_waits_for_a_write_that_will_not_come(
+    monkeypatch: pytest.MonkeyPatch, stream: bool, event: Event
+) -> None:
     monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
 
     async def run() -> list[Event]:
         events: Channel[Event] = Channel(asyncio.get_running_loop())
-        relay = _Relay(events, stream=True)
+        relay = _Relay(events, stream=stream)
         relay.emit(Started(prompt_tokens=4))
-        # Nothing was generated: nothing to wait for, the lease goes at once.
-        assert await returns_at_once(relay, Finished("stop", Usage.of(4, 0)))
+        assert await returns_at_once(relay, event)
         return [events.get_nowait(), events.get_nowait()]
 
-    assert asyncio.run(run()) == [Started(prompt_tokens=4), Finished("stop", Usage.of(4, 0))]
-
-
-def test_an_unstreamed_answer_is_relayed_as_it_comes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "FIRST_WRITE_WAIT", 3600)
-
-    async def run() -> list[Event]:
-        events: Channel[Event] = Channel(asyncio.get_running_loop())
-        relay = _Relay(events, stream=False)
-        relay.emit(Started(prompt_tokens=4))
-        # Nothing writes an unstreamed answer's tokens: nothing waits for them.
-        assert await returns_at_once(relay, Delta("Once"))
-        return [events.get_nowait(), events.get_nowait()]
-
-    assert asyncio.run(run()) == [Started(prompt_tokens=4), Delta("Once")]
+    assert asyncio.run(run()) == [Started(prompt_tokens=4), event]
