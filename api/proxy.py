@@ -61,11 +61,21 @@ NodeHeaders = Callable[[Replica, str | None], dict[str, str]]
 class Failure:
     """Why a replica gave nothing worth passing on before its first byte."""
 
-    reason: str
+    replica: Replica
+    what: str
+    """What happened, without the node's name (`reason` has it)."""
     broken: bool = True
     """It could not be reached, broke, went away or refused the head: left out of routing for a while
     (`Cooldown`). An answer (429 busy, a 5xx) is not: the node is up, and its own health checks speak for its
     models."""
+
+    @property
+    def reason(self) -> str:
+        return f"{_named(self.replica)} {self.what}"
+
+
+def _named(replica: Replica) -> str:
+    return f"node {replica.node.name} ({replica.node.fingerprint})"
 
 
 @dataclass
@@ -237,7 +247,7 @@ class NodeProxy:
             failures.append(opened.reason)
             await self.inflight.release(lease)
             if opened.broken:
-                self.failed(replica, opened.reason)
+                self.failed(replica, opened.what)
             if last:
                 break
             log.warning("retrying %s on another replica: %s", model_id, opened.reason)
@@ -245,13 +255,12 @@ class NodeProxy:
             f"No replica of model {model_id} could answer: {'; '.join(failures)}.", model=model_id, attempts=failures
         )
 
-    def failed(self, replica: Replica, why: str) -> None:
-        """Leave a replica that failed out of the next picks for a while (`Cooldown`)."""
+    def failed(self, replica: Replica, what: str) -> None:
+        """Leave a replica that `what` happened to out of the next picks for a while (`Cooldown`)."""
         seconds = self.cooldown.failed(replica.node.fingerprint)
         if seconds:
             self.metrics.ejections.labels(replica.node.fingerprint).inc()
-            node = replica.node
-            log.warning("node %s (%s) is left out of routing for %g s: %s", node.name, node.fingerprint, seconds, why)
+            log.warning("%s %s: left out of routing for %g s", _named(replica), what, seconds)
 
     async def _try(
         self, replica: Replica, lease: Lease, path: str, body: bytes, authorization: str | None, *, last: bool
@@ -268,7 +277,7 @@ class NodeProxy:
         except asyncio.CancelledError:
             if not lost.took_effect():
                 raise
-            return Failure(f"node {replica.node.name} ({replica.node.fingerprint}) went away before answering: {lost}")
+            return Failure(replica, f"went away before answering: {lost}")
         finally:
             lost.stop()
             self.unwatch(watch)
@@ -281,7 +290,6 @@ class NodeProxy:
         # nothing to do for a node, and cost the head about 0.1 ms of CPU a request.
         url = replica.endpoint + path
         request = httpx.Request("POST", url, content=body, headers=headers, extensions=dict(self._timeout))
-        where = f"node {replica.node.name} ({replica.node.fingerprint})"
         response: httpx.Response | None = None
         try:
             response = await self.transport.handle_async_request(request)
@@ -293,14 +301,14 @@ class NodeProxy:
                 log.warning(
                     "%s refused the head's credentials (HTTP %d): give the head and every node the same "
                     "MODELFLEET_NODE_TOKEN",
-                    where,
+                    _named(replica),
                     response.status_code,
                 )
-                return Failure(f"{where} refused the head's node token (HTTP {response.status_code})")
+                return Failure(replica, f"refused the head's node token (HTTP {response.status_code})")
             if response.status_code in RETRY_STATUSES and not last:
                 await response.aread()
                 await response.aclose()
-                return Failure(f"{where} answered HTTP {response.status_code}", broken=False)
+                return Failure(replica, f"answered HTTP {response.status_code}", broken=False)
             chunks = response.aiter_raw()
             first = b""
             async for chunk in chunks:
@@ -311,7 +319,7 @@ class NodeProxy:
         except httpx.TransportError as exc:
             if response is not None:
                 await _shielded(response.aclose())
-            return Failure(f"{where} failed before answering ({type(exc).__name__})")
+            return Failure(replica, f"failed before answering ({type(exc).__name__})")
         except BaseException:
             if response is not None:
                 await _shielded(response.aclose())
@@ -489,7 +497,7 @@ class ProxyResponse(Response):
                 if lost is None or not lost.took_effect():
                     raise
                 outcome = "node_lost_mid_stream"
-                self._proxy.failed(opened.replica, "it went away mid-stream")
+                self._proxy.failed(opened.replica, "went away mid-stream")
                 node = opened.replica.node
                 log.warning("node %s went away mid-stream for %s: %s", node.name, self._model, lost)
                 if response.headers.get("content-type", "").startswith(SSE):
@@ -498,7 +506,7 @@ class ProxyResponse(Response):
                     await send({"type": "http.response.body", "body": event, "more_body": True})
             except httpx.TransportError as exc:
                 outcome = "node_failed_mid_stream"
-                self._proxy.failed(opened.replica, f"it failed mid-stream ({type(exc).__name__})")
+                self._proxy.failed(opened.replica, f"failed mid-stream ({type(exc).__name__})")
                 node = opened.replica.node
                 log.warning("node %s failed mid-stream for %s: %s", node.name, self._model, type(exc).__name__)
                 if response.headers.get("content-type", "").startswith(SSE):

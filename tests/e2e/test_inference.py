@@ -235,7 +235,7 @@ def test_a_node_whose_endpoint_cannot_be_reached_is_left_out_after_one_failure(
         assert lost.fingerprint not in served
         log = api.log()
         where = f"node inf-misadvertised ({lost.fingerprint})"
-        assert log.count(f"{where} is left out of routing for 5 s") == 1
+        assert log.count(f"{where} failed before answering (ConnectError): left out of routing for 5 s") == 1
         # Tried once: the requests after the first failure went straight to the good replicas.
         assert log.count(f"retrying stories260K on another replica: {where} failed before answering") == 1
         with api.client(READ_KEY) as client:
