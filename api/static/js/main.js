@@ -91,6 +91,7 @@ const actions = {
     p.mode = form.get("mode");
     p.prompt = form.get("prompt");
     p.maxTokens = Number(form.get("maxTokens")) || 64;
+    p.temperature = form.get("temperature"); // blank: not sent, so the default (1, as OpenAI's)
     if (!p.model) return;
     p.output = "";
     p.sent = { mode: p.mode, prompt: p.prompt }; // a completion continues the prompt: show it before the answer
@@ -101,6 +102,7 @@ const actions = {
     controller = new AbortController();
     const chat = p.mode === "chat";
     const body = { model: p.model, max_tokens: p.maxTokens, stream: true };
+    if (p.temperature !== "") body.temperature = Number(p.temperature);
     if (chat) body.messages = [{ role: "user", content: p.prompt }];
     else body.prompt = p.prompt;
     const started = performance.now();

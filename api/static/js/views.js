@@ -11,7 +11,7 @@ export const ui = {
   confirmUnloadAll: null, // the fingerprint whose unload-all waits for confirmation
   signInError: null,
   signingIn: false,
-  playground: { model: "", mode: "completion", prompt: "Once upon a time", maxTokens: 64, output: "", running: false, error: null, stats: null },
+  playground: { model: "", mode: "completion", prompt: "Once upon a time", maxTokens: 64, temperature: "", output: "", running: false, error: null, stats: null },
 };
 
 const READ_ONLY = "Read-only key: sign in with an operator key to load or unload models.";
@@ -347,6 +347,7 @@ function playgroundView(actions) {
             <option value="chat" ?selected=${p.mode === "chat"}>/v1/chat/completions</option>
           </select></label>
         <label>Max tokens <input name="maxTokens" type="number" min="1" max="4096" .value=${String(p.maxTokens)} ?disabled=${p.running} /></label>
+        <label>Temperature <input name="temperature" type="number" min="0" max="2" step="0.05" placeholder="1" title="0 always picks the likeliest token: the same prompt gets the same answer." .value=${p.temperature} ?disabled=${p.running} /></label>
       </div>
       <label for="pg-prompt">Prompt</label>
       <textarea id="pg-prompt" name="prompt" rows="4" data-testid="pg-prompt" .value=${p.prompt} ?disabled=${p.running}></textarea>
