@@ -122,6 +122,21 @@ def test_unload_drops_the_handle(loader: CTransformersLoader, tiny: Path) -> Non
     assert not loader.check(model)
 
 
+@pytest.mark.parametrize(("context", "healthy"), [(1, False), (2, False), (3, True)])
+def test_a_context_too_small_for_any_prompt_is_not_healthy(
+    loader: CTransformersLoader, stories: Path, context: int, healthy: bool
+) -> None:
+    """BOS, one letter and one token to answer with: the least a prompt needs. With less, the check says the model
+    does not answer, without evaluating past its context (which ctransformers would do, warning on stderr)."""
+    model = loader.load(stories, context_length=context, gpu_layers=None)
+    try:
+        assert model.context_length == context
+        assert loader.check(model) is healthy
+        assert len(model.cached()) <= context
+    finally:
+        loader.unload(model)
+
+
 def test_stories260k_tells_a_story(loader: CTransformersLoader, stories: Path) -> None:
     model = loader.load(stories, context_length=None, gpu_layers=None)
     assert model.handle is not None

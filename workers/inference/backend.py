@@ -101,7 +101,9 @@ def answers(model: InferenceModel) -> bool:
     """
     try:
         ids = model.cached() or model.tokenize("a", add_bos=True)
-        if not ids:
+        if not ids or len(ids) + 1 > model.context_length:
+            # A context with no room for a letter and one token answers no prompt; asking anyway would evaluate
+            # past it (ctransformers only prints a warning, and writes beyond its cache).
             return False
         tokens = model.generate(ids, SamplingParams(temperature=0), lambda: False)
         try:
