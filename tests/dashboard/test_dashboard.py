@@ -145,6 +145,36 @@ def test_a_refused_unload_is_rolled_back_with_its_error(dash: Dash, new_page, tm
     expect(row).to_have_count(0)
 
 
+def test_a_model_that_fails_its_health_check_says_it_is_not_answering(dash: Dash, new_page, tmp_path: Path) -> None:
+    """stories260K loaded with a one-token context loads, then fails its health check (no prompt fits): its row
+    says that no prompts go to it. Loaded again as usual, it answers its check and the row says nothing more."""
+    fp = dash.a.fingerprint
+    with dash.api.client() as client:
+        body = {"modelId": "stories260K", "contextLength": 1, "backend": "ctransformers"}
+        response = client.post(f"/api/v1/nodes/{fp}/models/load", json=body)
+        assert response.status_code == 200, response.text
+    page = new_page()
+    sign_in(page, dash.api)
+    row = model_row(page, "node-a", "stories260K")
+    expect(row).to_have_attribute("data-state", "loaded")
+    expect(row.get_by_test_id("health")).to_contain_text("Not answering: it failed its health check")
+    shoot(page, tmp_path / "not-answering.png")
+
+    unload_everything(dash)
+    expect(row).to_have_count(0)
+    api_load(dash, fp, "stories260K")
+
+    def healthy() -> bool:
+        with dash.api.client() as client:
+            listed = client.get(f"/api/v1/nodes/{fp}/models").json()["data"]
+        return any(m["id"] == "stories260K" and m["healthy"] for m in listed)
+
+    wait_for(healthy, 30, "the reloaded model to answer its check")
+    expect(row).to_have_attribute("data-state", "loaded")
+    expect(row.get_by_test_id("health")).to_have_count(0)
+    unload_everything(dash)
+
+
 def test_a_file_the_backend_refuses_shows_failed_with_its_reason(dash: Dash, new_page, tmp_path: Path) -> None:
     page = new_page(800, 900)
     sign_in(page, dash.api)

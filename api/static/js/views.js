@@ -179,6 +179,16 @@ function noticeView(notice, dismiss) {
   </div>`;
 }
 
+// A loaded model takes prompts once it answers its health check (right after the load, then periodically).
+function healthView(m) {
+  if (m.state !== "loaded") return nothing;
+  if (m.checking) return html`<div class="muted health" data-testid="health">checking…</div>`;
+  if (m.healthy === false) {
+    return html`<div class="reason health" data-testid="health" title="Unload it and load it again; with a larger context if its context is tiny.">Not answering: it failed its health check, so no prompts go to it.</div>`;
+  }
+  return nothing;
+}
+
 function modelTable(node, models, reason) {
   const fp = node.fingerprint;
   return html`<table class="models">
@@ -193,6 +203,7 @@ function modelTable(node, models, reason) {
           <td>
             <span class="state ${m.state}" data-testid="state">${m.state}</span>
             ${m.state === "failed" && m.error ? html`<div class="reason" data-testid="reason">${m.error}</div>` : nothing}
+            ${healthView(m)}
           </td>
           <td>${bytes(m.sizeBytes)}</td>
           <td>${m.contextLength ?? "–"}</td>
