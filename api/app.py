@@ -27,6 +27,7 @@ from api.schemas import PoolLoadRequest
 from api.sender import TaskSender
 from api.sessions import SessionStore
 from api.settings import ApiSettings
+from api.wrong_keys import WrongKeys
 from broker import __version__
 from broker.auth import KeyRing
 from broker.celery_app import make_celery
@@ -134,6 +135,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.keyring = keyring
+    app.state.wrong_keys = WrongKeys(settings.wrong_key_limit, settings.wrong_key_window)
     app.state.metrics = Metrics()
     install_error_handlers(app)
     events.quiet_cut_streams()

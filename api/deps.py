@@ -20,6 +20,7 @@ from api.pool import Pool
 from api.proxy import NodeProxy
 from api.sessions import COOKIE, CSRF_HEADER, Session, SessionStore
 from api.settings import ApiSettings
+from api.wrong_keys import WrongKeys
 from broker.auth import KeyRing, Scope
 from broker.errors import Forbidden, Unauthenticated
 from broker.registry import NodeDirectory
@@ -85,11 +86,27 @@ async def current_session(request: Request) -> Session | None:
     return await sessions.get(session_id)
 
 
+def client_address(request: Request) -> str:
+    """The caller's address (a trusted proxy's client's, with uvicorn's FORWARDED_ALLOW_IPS)."""
+    client = request.scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 async def _authorize(request: Request, needed: Scope) -> Scope:
-    keyring: KeyRing = _state(request).keyring
+    state = _state(request)
+    keyring: KeyRing = state.keyring
     header = request.headers.get("authorization")
-    if header is not None or COOKIE not in request.cookies:
-        return keyring.authorize(header, needed)
+    if header is not None:
+        wrong_keys: WrongKeys = state.wrong_keys
+        address = client_address(request)
+        wrong_keys.check(address)
+        try:
+            return keyring.authorize(header, needed)
+        except Unauthenticated:
+            wrong_keys.wrong(address)
+            raise
+    if COOKIE not in request.cookies:
+        return keyring.authorize(header, needed)  # no key at all: says how to send one
     session = await current_session(request)
     if session is None:
         raise Unauthenticated("Your dashboard session has ended; sign in again.")

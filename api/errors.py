@@ -76,6 +76,10 @@ def documented(
             described["model"] = OpenAIErrorBody if openai else ErrorBody
         if status == 401:
             described["headers"] = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
+        if any(cls is e.TooManyWrongKeys for cls in classes):
+            described["headers"] = {
+                "Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}
+            }
         responses[status] = described
     return responses
 
@@ -104,6 +108,8 @@ async def _modelfleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.ModelfleetError)
     status = status_of(exc, openai=request.url.path in OPENAI_PATHS)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, e.TooManyWrongKeys):
+        headers = {"Retry-After": str(exc.details["retry_after"])}
     return _answer(request, status, exc.code, exc.message, exc.details, headers)
 
 

@@ -36,7 +36,8 @@ for loads and unloads. Every error answers
 
 
 def auth_errors(scope: Scope) -> tuple[type[e.ModelfleetError], ...]:
-    return (e.Unauthenticated,) if scope is Scope.READ else (e.Unauthenticated, e.Forbidden)
+    keys = (e.Unauthenticated, e.TooManyWrongKeys)
+    return keys if scope is Scope.READ else (*keys, e.Forbidden)
 
 
 def guarded(

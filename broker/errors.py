@@ -7,7 +7,8 @@
     │   └── ChatTemplateError     the model's chat template failed on (or refused) these messages
     ├── AuthError
     │   ├── Unauthenticated       missing or wrong key
-    │   └── Forbidden             a read-only key asked for a change
+    │   ├── Forbidden             a read-only key asked for a change
+    │   └── TooManyWrongKeys      this address sent too many wrong keys lately; retry after `retry_after` s
     ├── NodeNotFound              fingerprint never registered
     ├── NodeUnavailable
     │   ├── NodeOffline           heartbeat lapsed before the request
@@ -94,6 +95,13 @@ class Forbidden(AuthError):
     """The key is valid but its scope does not allow this operation."""
 
     code = "forbidden"
+
+
+class TooManyWrongKeys(AuthError):
+    """This address sent too many wrong keys lately: no key from it is checked for now; `details.retry_after`
+    says when to try again."""
+
+    code = "too_many_wrong_keys"
 
 
 class NodeNotFound(ModelfleetError):

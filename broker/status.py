@@ -13,6 +13,7 @@ STATUS: dict[type[e.ModelfleetError], int] = {
     e.InvalidRequest: 422,
     e.Unauthenticated: 401,
     e.Forbidden: 403,
+    e.TooManyWrongKeys: 429,
     e.NodeNotFound: 404,
     e.NodeUnavailable: 503,
     e.BrokerUnavailable: 503,

@@ -26,6 +26,7 @@ from broker.errors import (
     ModelFileNotFound,
     NodeError,
     NodeUnavailable,
+    TooManyWrongKeys,
     Unauthenticated,
 )
 from broker.openai import (
@@ -66,6 +67,7 @@ _ERRORS = (  # the head's own, and a node's passed through
     ModelBusy,
     GenerationFailed,
     Unauthenticated,
+    TooManyWrongKeys,
     Forbidden,  # a signed-in page's request without its CSRF token
     NodeUnavailable,
     BrokerUnavailable,

@@ -12,16 +12,17 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.alias_generators import to_camel
 
-from api.deps import CurrentSession, Sessions, Settings
+from api.deps import CurrentSession, Sessions, Settings, client_address
 from api.errors import documented
 from api.sessions import COOKIE, CSRF_HEADER, Session
+from api.wrong_keys import WrongKeys
 from broker.auth import Scope
-from broker.errors import BrokerUnavailable, Forbidden, InvalidRequest, Unauthenticated
+from broker.errors import BrokerUnavailable, Forbidden, InvalidRequest, TooManyWrongKeys, Unauthenticated
 
 log = logging.getLogger("modelfleet.api")
 
 router = APIRouter(prefix="/api/v1/session", tags=["session"])
-AUTH_ERRORS = documented(Unauthenticated, Forbidden, InvalidRequest, BrokerUnavailable)
+AUTH_ERRORS = documented(Unauthenticated, Forbidden, TooManyWrongKeys, InvalidRequest, BrokerUnavailable)
 
 
 class SignIn(BaseModel):
@@ -70,8 +71,12 @@ async def sign_in(
     """Sign in with an API key: sets the session cookie and answers the session's scope and CSRF token."""
     if not _same_origin(request):
         raise Forbidden("Sign-in is only accepted from the dashboard's own page.")
+    wrong_keys: WrongKeys = request.app.state.wrong_keys
+    address = client_address(request)
+    wrong_keys.check(address)
     created = await sessions.create(body.key.get_secret_value())
     if created is None:
+        wrong_keys.wrong(address)
         raise Unauthenticated("Invalid API key.")
     session_id, session = created
     response.set_cookie(
