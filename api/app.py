@@ -27,12 +27,12 @@ from api.schemas import PoolLoadRequest
 from api.sender import TaskSender
 from api.sessions import SessionStore
 from api.settings import ApiSettings
-from api.wrong_keys import WrongKeys
 from broker import __version__
 from broker.auth import KeyRing
 from broker.celery_app import make_celery
 from broker.events import AsyncEventBus
 from broker.registry import NodeDirectory
+from broker.wrong_keys import WrongKeys
 
 log = logging.getLogger("modelfleet.api")
 

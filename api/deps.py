@@ -20,10 +20,10 @@ from api.pool import Pool
 from api.proxy import NodeProxy
 from api.sessions import COOKIE, CSRF_HEADER, Session, SessionStore
 from api.settings import ApiSettings
-from api.wrong_keys import WrongKeys
 from broker.auth import KeyRing, Scope
 from broker.errors import Forbidden, Unauthenticated
 from broker.registry import NodeDirectory
+from broker.wrong_keys import WrongKeys, client_address
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Declared in the OpenAPI schema (two alternative schemes, `secured`); the checks below read the raw header and
@@ -86,25 +86,13 @@ async def current_session(request: Request) -> Session | None:
     return await sessions.get(session_id)
 
 
-def client_address(request: Request) -> str:
-    """The caller's address (a trusted proxy's client's, with uvicorn's FORWARDED_ALLOW_IPS)."""
-    client = request.scope.get("client")
-    return str(client[0]) if client else "unknown"
-
-
 async def _authorize(request: Request, needed: Scope) -> Scope:
     state = _state(request)
     keyring: KeyRing = state.keyring
     header = request.headers.get("authorization")
     if header is not None:
         wrong_keys: WrongKeys = state.wrong_keys
-        address = client_address(request)
-        wrong_keys.check(address)
-        try:
-            return keyring.authorize(header, needed)
-        except Unauthenticated:
-            wrong_keys.wrong(address)
-            raise
+        return wrong_keys.authorize(keyring, header, needed, client_address(request.scope))
     if COOKIE not in request.cookies:
         return keyring.authorize(header, needed)  # no key at all: says how to send one
     session = await current_session(request)

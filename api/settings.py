@@ -36,12 +36,6 @@ class ApiSettings(KeyedSettings):
     it. 0 turns this off."""
     inflight_lease: float = Field(default=30.0, ge=1)
     """Seconds the requests in flight of an API process that died keep counting against their nodes."""
-    wrong_key_limit: int = Field(default=20, ge=0, le=1_000_000)
-    """Wrong API keys an address may send (a bearer header or a dashboard sign-in) before this API process stops
-    checking its keys for a while: it may go on at `wrong_key_limit` per `wrong_key_window` (`api.wrong_keys`).
-    0 turns this off."""
-    wrong_key_window: float = Field(default=60.0, gt=0, le=86_400)
-    """Seconds over which `wrong_key_limit` wrong keys are allowed again."""
     session_ttl: float = Field(default=12 * 3600.0, gt=0)
     """Seconds a dashboard session may sit idle before it ends (each request renews it)."""
 

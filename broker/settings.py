@@ -94,6 +94,12 @@ class KeyedSettings(BrokerSettings):
     api_keys: SecretList = Field(default_factory=list)
     """Read-only keys (`MODELFLEET_API_KEYS=a,b`)."""
 
+    wrong_key_limit: int = Field(default=20, ge=0, le=1_000_000)
+    """Wrong keys an address may send (bearer headers, dashboard sign-ins) before keys new to it are refused for
+    a while: then one more every `wrong_key_window / wrong_key_limit` s (`broker.wrong_keys`). 0 turns this off."""
+    wrong_key_window: float = Field(default=60.0, gt=0, le=86_400)
+    """Seconds over which `wrong_key_limit` wrong keys are forgiven."""
+
     _split_keys = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)
 
 

@@ -18,6 +18,7 @@ from broker.errors import ModelfleetError
 from broker.events import EventBus
 from broker.registry import LostNodeOwnership, NodeRegistrar
 from broker.schemas import LoadJob, ModelFile, NodeInfo
+from broker.wrong_keys import WrongKeys
 from workers.events import NodeEvents
 from workers.identity import fingerprint, load_or_create_node_key
 
@@ -240,7 +241,15 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
     registrar = NodeRegistrar(client, info, interval=settings.heartbeat_interval, ttl=settings.heartbeat_ttl)
     server = None
     if sock is not None:
-        server = NodeServer(create_node_app(manager, keyring, stream_interval=settings.stream_interval), sock)
+        server = NodeServer(
+            create_node_app(
+                manager,
+                keyring,
+                stream_interval=settings.stream_interval,
+                wrong_keys=WrongKeys(settings.wrong_key_limit, settings.wrong_key_window),
+            ),
+            sock,
+        )
     return NodeRuntime(settings, service, registrar, client, events, outbox, server)
 
 

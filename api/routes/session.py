@@ -12,17 +12,18 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.alias_generators import to_camel
 
-from api.deps import CurrentSession, Sessions, Settings, client_address
+from api.deps import CurrentSession, Sessions, Settings
 from api.errors import documented
 from api.sessions import COOKIE, CSRF_HEADER, Session
-from api.wrong_keys import WrongKeys
 from broker.auth import Scope
 from broker.errors import BrokerUnavailable, Forbidden, InvalidRequest, TooManyWrongKeys, Unauthenticated
+from broker.wrong_keys import WrongKeys, client_address
 
 log = logging.getLogger("modelfleet.api")
 
 router = APIRouter(prefix="/api/v1/session", tags=["session"])
-AUTH_ERRORS = documented(Unauthenticated, Forbidden, TooManyWrongKeys, InvalidRequest, BrokerUnavailable)
+AUTH_ERRORS = documented(Unauthenticated, Forbidden, InvalidRequest, BrokerUnavailable)
+SIGN_IN_ERRORS = documented(Unauthenticated, Forbidden, TooManyWrongKeys, InvalidRequest, BrokerUnavailable)
 
 
 class SignIn(BaseModel):
@@ -64,7 +65,7 @@ def _same_origin(request: Request) -> bool:
     return origin in (f"http://{host}", f"https://{host}")
 
 
-@router.post("", responses=AUTH_ERRORS, summary="Sign in to the dashboard")
+@router.post("", responses=SIGN_IN_ERRORS, summary="Sign in to the dashboard")
 async def sign_in(
     body: SignIn, request: Request, response: Response, sessions: Sessions, settings: Settings
 ) -> SessionInfo:
@@ -72,11 +73,14 @@ async def sign_in(
     if not _same_origin(request):
         raise Forbidden("Sign-in is only accepted from the dashboard's own page.")
     wrong_keys: WrongKeys = request.app.state.wrong_keys
-    address = client_address(request)
-    wrong_keys.check(address)
-    created = await sessions.create(body.key.get_secret_value())
-    if created is None:
-        wrong_keys.wrong(address)
+    key = body.key.get_secret_value()
+    # Judged before a session exists: a key right but new to an address that sent too many wrong ones gets none.
+    if request.app.state.keyring.identify(key) is None:
+        wrong_keys.wrong(client_address(request.scope))
+        raise Unauthenticated("Invalid API key.")
+    wrong_keys.right(client_address(request.scope), key)
+    created = await sessions.create(key)
+    if created is None:  # not reached: the key was right just above, and nothing awaited since
         raise Unauthenticated("Invalid API key.")
     session_id, session = created
     response.set_cookie(

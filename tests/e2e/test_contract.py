@@ -29,7 +29,7 @@ def node(module_fleet: Fleet, models_dir: Path) -> Worker:
 @pytest.fixture(scope="module")
 def api(module_fleet: Fleet, node: Worker) -> Api:
     # The fuzzer signs in with hundreds of made-up keys: counted as wrong keys, they would soon have every request
-    # of its run answered 429 (`api.wrong_keys`, tested in tests/e2e/test_wrong_keys.py).
+    # of its run answered 429 (`broker.wrong_keys`, tested in tests/e2e/test_wrong_keys.py).
     return module_fleet.api(MODELFLEET_LOAD_ON_DEMAND="false", MODELFLEET_WRONG_KEY_LIMIT="0")
 
 

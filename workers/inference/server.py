@@ -51,6 +51,7 @@ from broker.openai import (
     sse_data,
 )
 from broker.status import status_of
+from broker.wrong_keys import WrongKeys, client_address
 from workers.inference.channel import Channel
 from workers.inference.runner import Delta, Event, Failed, Finished, InferenceRequest, InferenceRunner, Started
 from workers.inference.threads import ThreadCache
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 def error_response(error: e.ModelfleetError) -> JSONResponse:
     status = status_of(error, openai=True)  # every route of the node is in OpenAI's shape
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-    if isinstance(error, e.ModelBusy):
+    if isinstance(error, e.ModelBusy | e.TooManyWrongKeys):
         headers["Retry-After"] = str(error.details.get("retry_after", 1))
     body = error_body(status, error.code, error.message)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -76,23 +77,29 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "No key, or not one of the fleet's"),
         (404, "The model is not loaded on this node"),
         (422, "The body does not match the schema"),
-        (429, "The model's queue is full; retry after Retry-After seconds"),
+        (429, "The model's queue is full, or this address sent too many wrong keys; retry after Retry-After s"),
     ]
 }
 
 
 def create_node_app(
-    manager: ModelManager, keyring: KeyRing, *, stream_interval: float = DEFAULT_STREAM_INTERVAL
+    manager: ModelManager,
+    keyring: KeyRing,
+    *,
+    stream_interval: float = DEFAULT_STREAM_INTERVAL,
+    wrong_keys: WrongKeys | None = None,
 ) -> FastAPI:
-    """The endpoint of one node's models; `stream_interval` as in `_stream`."""
+    """The endpoint of one node's models; `stream_interval` as in `_stream`; `wrong_keys` as the head's (20 in 60 s
+    by default)."""
     runner = InferenceRunner(manager)
     threads = ThreadCache("modelfleet-generate")
+    guard = wrong_keys if wrong_keys is not None else WrongKeys(20, 60.0)
     app = FastAPI(title="modelfleet node", version=__version__, docs_url=None, redoc_url=None)
 
-    async def authorize(authorization: Annotated[str | None, Header()] = None) -> Scope:
+    async def authorize(request: Request, authorization: Annotated[str | None, Header()] = None) -> Scope:
         # A coroutine although it never waits: FastAPI would run a plain `def` in its thread pool, a thread hop
         # per request.
-        return keyring.authorize(authorization, Scope.READ)
+        return guard.authorize(keyring, authorization, Scope.READ, client_address(request.scope))
 
     Caller = Annotated[Scope, Depends(authorize)]
 
