@@ -305,6 +305,23 @@ class NodeProxy:
                     response.status_code,
                 )
                 return Failure(replica, f"refused the head's node token (HTTP {response.status_code})")
+            if response.status_code == 429:
+                # Busy (its queue is full) or, said in the body, refusing keys new to the head's address because
+                # too many wrong ones came from there (`broker.wrong_keys`): the head's token, not the caller's.
+                answer = await response.aread()
+                if b'"too_many_wrong_keys"' in answer:
+                    await response.aclose()
+                    log.warning(
+                        "%s refuses the head's node token for now: too many wrong keys came from the head's "
+                        "address (HTTP 429); something there is guessing keys at that node",
+                        _named(replica),
+                    )
+                    why = "too many wrong keys came from the head's address"
+                    return Failure(replica, f"refused the head's node token for now ({why})")
+                if not last:
+                    await response.aclose()
+                    return Failure(replica, "answered HTTP 429", broken=False)
+                return Opened(replica, lease, response, _nothing(), answer)
             if response.status_code in RETRY_STATUSES and not last:
                 await response.aread()
                 await response.aclose()
@@ -324,6 +341,12 @@ class NodeProxy:
             if response is not None:
                 await _shielded(response.aclose())
             raise
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    """The rest of an answer read whole."""
+    return
+    yield
 
 
 class _OnLoss:

@@ -8,7 +8,7 @@
     ├── AuthError
     │   ├── Unauthenticated       missing or wrong key
     │   ├── Forbidden             a read-only key asked for a change
-    │   └── TooManyWrongKeys      this address sent too many wrong keys lately; retry after `retry_after` s
+    │   └── TooManyWrongKeys      too many wrong keys from this address: keys new to it wait `retry_after` s
     ├── NodeNotFound              fingerprint never registered
     ├── NodeUnavailable
     │   ├── NodeOffline           heartbeat lapsed before the request
@@ -98,8 +98,8 @@ class Forbidden(AuthError):
 
 
 class TooManyWrongKeys(AuthError):
-    """This address sent too many wrong keys lately: no key from it is checked for now; `details.retry_after`
-    says when to try again."""
+    """This address sent too many wrong keys lately: a key it has not used before is not accepted for now (right
+    or wrong); `details.retry_after` says when it may try again."""
 
     code = "too_many_wrong_keys"
 

@@ -5,6 +5,7 @@ uvicorn, the in-flight leases and node hashes live in a real redis-server."""
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 import uvicorn
 from redis import Redis as SyncRedis
@@ -53,6 +55,10 @@ class Upstream:
             if self.mode == "429":
                 error = {"error": {"message": "busy", "type": "rate_limit_error", "code": "model_busy"}}
                 return JSONResponse(error, 429, headers={"retry-after": "1"})
+            if self.mode == "locked":  # refusing keys new to the head's address (`broker.wrong_keys`)
+                error = {"error": {"message": "Too many wrong keys", "type": "rate_limit_error"}}
+                error["error"]["code"] = "too_many_wrong_keys"
+                return JSONResponse(error, 429, headers={"retry-after": "3"})
             if self.mode == "404":
                 return JSONResponse({"error": {"message": "no", "type": "not_found_error", "code": "y"}}, 404)
             if not body.get("stream"):
@@ -289,6 +295,37 @@ def test_a_busy_node_is_not_left_out(redis: str) -> None:
     busy = Upstream(mode="429")
     three_answered_by_b(redis, busy)
     assert busy.requests == 3  # a full queue is no fault: each request asks it first again
+
+
+def test_a_node_that_refuses_the_heads_token_for_wrong_keys_is_left_out_and_never_blamed_on_the_caller(
+    redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node answering 429 `too_many_wrong_keys` refuses the head's own token (something at the head's address
+    guessed keys there): like a 401, the operator is told, the node is left out, and the caller's request goes
+    elsewhere, or is answered 503, never the node's 429 about a key the caller did not send."""
+    locked = Upstream(mode="locked")
+    with caplog.at_level(logging.WARNING, logger="api.proxy"):
+        three_answered_by_b(redis, locked)
+    assert locked.requests == 1  # left out after the first
+    assert any("refuses the head's node token for now" in r.getMessage() for r in caplog.records)
+    alone = Upstream(mode="locked")
+    with serve(alone.app()) as alone_url:
+        app, _ = head(redis, {A: alone_url})
+        with serve(app) as url:
+            response = httpx.post(url + "/v1/completions", json={"stream": True})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "node_unavailable"
+    assert "refused the head's node token for now" in response.json()["error"]["message"]
+
+
+def test_a_busy_node_alone_passes_its_429_on(redis: str) -> None:
+    busy = Upstream(mode="429")
+    with serve(busy.app()) as busy_url:
+        app, _ = head(redis, {A: busy_url})
+        with serve(app) as url:
+            response = httpx.post(url + "/v1/completions", json={"stream": True})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "model_busy"
+    assert inflight_total(redis) == 0
 
 
 def test_replicas_all_left_out_are_still_tried(redis: str) -> None:

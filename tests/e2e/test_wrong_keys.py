@@ -70,9 +70,9 @@ def test_a_nodes_endpoint_counts_wrong_keys_too(fleet: Fleet, tmp_path: Path) ->
     with node.inference(NODE_TOKEN) as head:  # the head's token, right from this address before the guessing
         assert head.get("/v1/models").status_code == 200
         with node.inference(None) as guesser:
-            for i in range(20):
-                guess = guesser.get("/v1/models", headers={"Authorization": f"Bearer guess-{i}"})
-                assert guess.status_code == 401
+            for i in range(20):  # naming another address for each: a node takes no proxy's word for it
+                headers = {"Authorization": f"Bearer guess-{i}", "X-Forwarded-For": f"10.9.0.{i}"}
+                assert guesser.get("/v1/models", headers=headers).status_code == 401
             refused = guesser.get("/v1/models", headers={"Authorization": f"Bearer {READ_KEY}"})
             assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
             assert refused.json()["error"]["code"] == "too_many_wrong_keys"  # OpenAI's shape, as every node error

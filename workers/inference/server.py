@@ -444,6 +444,9 @@ class NodeServer:
             lifespan="off",
             timeout_keep_alive=30,
             timeout_graceful_shutdown=3,
+            # A node's callers reach it directly (the head, clients): no proxy names their address for them, and
+            # uvicorn's default would let any local process name one in X-Forwarded-For (`broker.wrong_keys`).
+            proxy_headers=False,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="modelfleet-inference", daemon=True)
