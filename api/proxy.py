@@ -313,7 +313,8 @@ class NodeProxy:
                     await response.aclose()
                     log.warning(
                         "%s refuses the head's node token for now: too many wrong keys came from the head's "
-                        "address (HTTP 429); something there is guessing keys at that node",
+                        "address (HTTP 429): the head's own, if its MODELFLEET_NODE_TOKEN differs from the node's, "
+                        "or something else there guessing keys at that node",
                         _named(replica),
                     )
                     why = "too many wrong keys came from the head's address"
