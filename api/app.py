@@ -135,8 +135,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.keyring = keyring
-    app.state.wrong_keys = WrongKeys(settings.wrong_key_limit, settings.wrong_key_window)
     app.state.metrics = Metrics()
+    counted = app.state.metrics.keys.labels
+    app.state.wrong_keys = WrongKeys(
+        settings.wrong_key_limit, settings.wrong_key_window, counted=lambda outcome: counted(outcome).inc()
+    )
     install_error_handlers(app)
     events.quiet_cut_streams()
     app.include_router(health.router)

@@ -166,6 +166,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.keys = Counter(
+            "modelfleet_wrong_keys",
+            "Keys this API process answered 401 (outcome wrong), or 429 unjudged because their address had sent too "
+            "many wrong ones lately (outcome refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.fleet = FleetCollector()
         self.registry.register(self.fleet)
         self.inference = InferenceMetrics(self.registry)

@@ -59,8 +59,18 @@ def address_group(address: str) -> str:
 
 
 class WrongKeys:
-    def __init__(self, limit: int, window: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        counted: Callable[[str], None] | None = None,
+    ) -> None:
+        """`counted("wrong")` for each wrong key answered as such (even with `limit` 0), `counted("refused")` for
+        each key refused unjudged: for metrics."""
         self.limit = limit
+        self._counted = counted or (lambda outcome: None)
         self.window = window
         self._rate = limit / window  # wrong keys forgiven per second
         self._clock = clock
@@ -90,6 +100,7 @@ class WrongKeys:
         """A wrong key from `address`: counted, or TooManyWrongKeys raised if the address is refused now (a
         refusal is not counted: the bucket refills at its pace whatever the address sends meanwhile)."""
         if self.limit <= 0:
+            self._counted("wrong")
             return
         group = address_group(address)
         bucket = self._buckets.get(group)
@@ -97,6 +108,7 @@ class WrongKeys:
         allowed = self._allowed(bucket, now)
         if allowed < 1:
             raise self._refusal(allowed)
+        self._counted("wrong")
         allowed -= 1
         logged = bucket[2] if bucket is not None else -math.inf
         if allowed < 1 and now - logged >= self.window:  # once a window while it goes on
@@ -133,6 +145,7 @@ class WrongKeys:
             self._forget_trusted(now)
 
     def _refusal(self, allowed: float) -> TooManyWrongKeys:
+        self._counted("refused")
         retry = max(1, math.ceil((1 - allowed) / self._rate))
         return TooManyWrongKeys(
             f"Too many wrong keys from this address ({self.limit} in {self.window:g} s): a key it has not used "

@@ -112,3 +112,15 @@ def test_memory_is_bounded_however_many_addresses_guess(monkeypatch: pytest.Monk
     assert len(keys._buckets) <= 100 and len(keys._trusted) <= 100
     # The newest are kept: the last guesser is still refused.
     assert guess(keys, "10.0.3.249", 1) == ["retry 3600"]
+
+
+def test_every_answer_is_counted_for_the_metrics() -> None:
+    seen: list[str] = []
+    keys = WrongKeys(2, 60, clock=Clock(), counted=seen.append)
+    assert guess(keys, "10.0.0.9", 3) == [401, 401, "retry 30"]
+    assert answer(keys, "10.0.0.9", "read-key-0123456789") == "retry 30"
+    assert answer(keys, "10.0.0.8", "read-key-0123456789") == 200
+    assert seen == ["wrong", "wrong", "refused", "refused"]
+    off: list[str] = []
+    assert guess(WrongKeys(0, 60, counted=off.append), "10.0.0.9", 3) == [401] * 3
+    assert off == ["wrong"] * 3  # counted even when nothing is refused

@@ -46,6 +46,9 @@ def test_twenty_wrong_keys_and_keys_new_to_the_address_are_refused_at_the_head(f
 
         # The key that was right from here before goes on working, and so does another address.
         assert colleague.get("/api/v1/nodes").status_code == 200
+        metrics = colleague.get("/metrics").text
+        assert 'modelfleet_wrong_keys_total{outcome="wrong"} 20.0' in metrics
+        assert 'modelfleet_wrong_keys_total{outcome="refused"} 3.0' in metrics
         with from_address(api.url, "127.0.0.2", OPERATOR_KEY) as neighbour:
             assert neighbour.get("/api/v1/nodes").status_code == 200
 
