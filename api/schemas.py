@@ -5,7 +5,7 @@ The node-addressed bodies are camelCase, as remote-model-control.txt defines the
 Their limits are the job's own (`broker.schemas` types), so a body the API accepts is a job a node accepts.
 """
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from broker.schemas import BackendName, ContextLength, GpuLayers, KeepAlive, ModelId, ModelPath, Schema
 
@@ -41,13 +41,13 @@ class PoolLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: ModelId
-    force_reload: bool = False
+    force_reload: StrictBool = False
     """Reload the model afresh even where it is loaded."""
     node: str | None = Field(default=None, min_length=1, max_length=64)
     """A fingerprint: load there instead of where placement would."""
-    evict: bool = False
+    evict: StrictBool = False
     """If the model fits nowhere, unload least recently used, unpinned models to make room."""
-    pin: bool = False
+    pin: StrictBool = False
     """Never evict this model (it can still be unloaded explicitly)."""
     keep_alive: KeepAlive | None = None
     """Seconds the model may stay unused before it unloads itself (0: never; absent: the node's default)."""

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from broker.schemas import ModelId, ModelInfo
 
@@ -25,12 +25,34 @@ MAX_STOP_LENGTH = 256
 FinishReason = Literal["stop", "length"]
 
 
+def unicode_text(value: Any) -> Any:
+    """`value` (a text, a list of texts or parts, anything else as it is) if all its text is valid Unicode.
+
+    JSON can spell half of a UTF-16 surrogate pair (`"\\ud83d"`), which Python's `json` reads as a string holding
+    no character: refused here, before it reaches a tokenizer, which would fail to encode it (and the node would
+    count the model as broken)."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for text in texts:
+        text = text.text if isinstance(text, TextPart) else text
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = text[exc.start : exc.end].encode("unicode_escape").decode()
+            raise ValueError(f"not valid Unicode text: it holds {bad}, half of a surrogate pair") from None
+    return value
+
+
 class _Request(BaseModel):
+    """Numbers and booleans are strict, as OpenAI's own API is: `"stream": "yes"` or `"max_tokens": true` is a
+    400, not a stream or one token. A JSON integer is still a number (`"temperature": 1`)."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
     """Send one more chunk before `data: [DONE]`, with empty `choices` and the request's `usage`."""
 
 
@@ -38,17 +60,17 @@ class _Sampling(_Request):
     """What both kinds of request share."""
 
     model: ModelId
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
     """0 is greedy: always the most likely token (same answer every time)."""
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    top_p: float | None = Field(default=None, gt=0, le=1, strict=True)
+    seed: int | None = Field(default=None, strict=True)
     stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None = None
-    n: int | None = Field(default=None, ge=1)
-    stream: bool | None = False
+    n: int | None = Field(default=None, ge=1, strict=True)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, strict=True)
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     user: str | None = None
@@ -60,7 +82,7 @@ class _Sampling(_Request):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
         if isinstance(value, str) and not 0 < len(value) <= MAX_STOP_LENGTH:
             raise ValueError(f"a stop sequence has 1 to {MAX_STOP_LENGTH} characters")
-        return value
+        return unicode_text(value)
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -90,9 +112,11 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[str] | list[int]
     """Text, a list holding one text, or token ids of the model's own vocabulary."""
-    echo: bool | None = False
+    echo: StrictBool | None = False
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, strict=True)
+
+    _unicode = field_validator("prompt", "suffix")(unicode_text)
 
     def unsupported(self) -> str | None:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
@@ -118,6 +142,8 @@ class ChatMessage(_Request):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    _unicode = field_validator("content", "name")(unicode_text)
+
     @property
     def text(self) -> str:
         if self.content is None:
@@ -131,7 +157,7 @@ class ChatCompletionRequest(_Sampling):
     """`POST /v1/chat/completions`: answer a conversation, rendered through the model's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     """OpenAI's newer name for `max_tokens`; the smaller wins when both are given."""
 
     @property

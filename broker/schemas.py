@@ -95,11 +95,13 @@ BackendName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 """A backend's name ("ctransformers", "llama-cpp"); which ones exist is the node's business, not the contract's."""
 
 
-# The limits of a load's options, shared by the job and by every request model that carries them.
+# The limits of a load's options, shared by the job and by every request model that carries them. Strict: a JSON
+# `true` or `"12"` is refused, not read as 1 or 12 (a keepAlive of `true` would unload the model a second later).
+# A JSON integer is still a number of seconds.
 ModelPath = Annotated[str, Field(min_length=1, max_length=4096)]
-ContextLength = Annotated[int, Field(ge=1, le=1 << 20)]
-GpuLayers = Annotated[int, Field(ge=-1, le=10_000)]
-KeepAlive = Annotated[float, Field(ge=0, le=365 * 86400)]
+ContextLength = Annotated[int, Field(ge=1, le=1 << 20, strict=True)]
+GpuLayers = Annotated[int, Field(ge=-1, le=10_000, strict=True)]
+KeepAlive = Annotated[float, Field(ge=0, le=365 * 86400, strict=True)]
 
 
 class ModelState(StrEnum):

@@ -66,6 +66,36 @@ def test_a_malformed_body_gets_a_sentence_a_person_can_act_on(
         assert op.get(f"/api/v1/nodes/{node.fingerprint}/models").json()["data"] == []  # nothing changed
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        # JSON of the wrong type is refused, not coerced: `true` would be a keep-alive of 1 s (the model gone a
+        # second later) or a context of 1 token; "yes" would force a reload.
+        ("/api/v1/nodes/{fp}/models/load", {"modelId": "tiny-a", "keepAlive": True}, "keepAlive"),
+        ("/api/v1/nodes/{fp}/models/load", {"modelId": "tiny-a", "contextLength": True}, "contextLength"),
+        ("/api/v1/nodes/{fp}/models/load", {"modelId": "tiny-a", "contextLength": "12"}, "contextLength"),
+        ("/api/v1/nodes/{fp}/models/load", {"modelId": "tiny-a", "gpuLayers": 1.5}, "gpuLayers"),
+        ("/v1/models/load", {"model_name": "tiny-a", "node": "{fp}", "force_reload": "yes"}, "force_reload"),
+        ("/v1/models/load", {"model_name": "tiny-a", "node": "{fp}", "pin": "on"}, "pin"),
+        ("/v1/models/load", {"model_name": "tiny-a", "node": "{fp}", "keep_alive": True}, "keep_alive"),
+        ("/v1/completions", {"model": "tiny-a", "prompt": "Once", "stream": "yes"}, "stream"),
+        ("/v1/completions", {"model": "tiny-a", "prompt": "Once", "max_tokens": True}, "max_tokens"),
+        ("/v1/completions", {"model": "tiny-a", "prompt": "Once", "temperature": "0"}, "temperature"),
+    ],
+)
+def test_a_value_of_the_wrong_json_type_is_refused_and_changes_nothing(
+    api: Api, node: Worker, path: str, body: dict[str, object], field: str
+) -> None:
+    fp = node.fingerprint
+    body = {k: (v.replace("{fp}", fp) if isinstance(v, str) else v) for k, v in body.items()}
+    with api.client(OPERATOR_KEY) as op:
+        answer = op.post(path.replace("{fp}", fp), json=body)
+        assert answer.status_code == 422, answer.text
+        text = answer.text
+        assert field in text and ("invalid_request" in text), text
+        assert op.get(f"/api/v1/nodes/{fp}/models").json()["data"] == []  # nothing loaded
+
+
 def _schemathesis(api: Api, key: str, examples: int, tmp: Path) -> int:
     """Run `st run` against the live API with `key`; fail on any finding. Returns the cases it generated."""
     st = shutil.which("st") or str(Path(sys.executable).with_name("st"))

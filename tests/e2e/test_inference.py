@@ -89,6 +89,35 @@ def test_stories_continue_through_the_head_streamed_and_not(two: tuple[Api, Work
         assert "".join(e["choices"][0]["text"] for e in _events(text)) == answer["choices"][0]["text"]
 
 
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/completions", b'{"model": "stories260K", "prompt": "Once \\ud83d upon", "max_tokens": 3}'),
+        ("/v1/chat/completions", b'{"model": "stories260K", "messages": [{"role": "user", "content": "\\ud83d"}]}'),
+    ],
+    ids=["completion", "chat"],
+)
+def test_half_a_surrogate_pair_is_refused_and_no_model_is_counted_broken(
+    two: tuple[Api, Worker, Worker], path: str, raw: bytes
+) -> None:
+    """JSON can spell a lone UTF-16 surrogate, which no tokenizer can encode: a clear 422 at the head and at a
+    node, and both replicas stay healthy (the node used to answer 502 generation_failed and mark the model
+    unhealthy, and the head retried it on the other replica, marking that one too)."""
+    api, a, _ = two
+    headers = {"Content-Type": "application/json"}
+    with api.client(READ_KEY) as client, a.inference(READ_KEY) as node:
+        for answer in (client.post(path, content=raw, headers=headers), node.post(path, content=raw, headers=headers)):
+            assert answer.status_code == 422, answer.text
+            assert "not valid Unicode text: it holds \\ud83d" in answer.json()["error"]["message"]
+        listed = client.get("/v1/models").json()["data"]
+        [stories] = [e for e in listed if e["id"] == "stories260K"]
+        assert len(stories["loaded_on"]) == 2  # both replicas still served: none was counted broken
+        for worker in two[1:]:
+            listed = client.get(f"/api/v1/nodes/{worker.fingerprint}/models").json()["data"]
+            [model] = [m for m in listed if m["id"] == "stories260K"]
+            assert model["healthy"] is True
+
+
 def test_openai_python_works_unchanged_against_the_head(two: tuple[Api, Worker, Worker]) -> None:
     api, _, _ = two
     client = openai.OpenAI(base_url=api.url + "/v1", api_key=READ_KEY, max_retries=0)
