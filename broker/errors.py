@@ -98,8 +98,7 @@ class Forbidden(AuthError):
 
 
 class TooManyWrongKeys(AuthError):
-    """This address sent too many wrong keys lately: a key it has not used before is not accepted for now (right
-    or wrong); `details.retry_after` says when it may try again."""
+    """Too many wrong keys from this address lately: a key new to it waits `details.retry_after` seconds."""
 
     code = "too_many_wrong_keys"
 

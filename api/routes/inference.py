@@ -81,7 +81,7 @@ _DESCRIPTIONS = {
     404: "The model is on no online node (or not loaded, with load on demand off).",
     409: "The model fits on no node.",
     422: "The body does not match the schema (OpenAI's shape, `param` names the first field).",
-    429: "Every replica's queue is full; retry after `Retry-After`.",
+    429: "Every replica's queue is full, or this address sent too many wrong keys lately; retry after `Retry-After`.",
     502: "A node answered something unusable.",
     503: "No replica could answer (each failed before its first byte), or Redis is unreachable.",
     504: "The load on demand did not finish within the load timeout.",
