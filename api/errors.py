@@ -28,7 +28,7 @@ from broker import errors as e
 from broker.answers import ErrorBody
 from broker.openai import ErrorBody as OpenAIErrorBody
 from broker.openai import error_body as openai_error
-from broker.status import STATUS, status_of
+from broker.status import STATUS, error_headers, status_of
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def documented(
             described["model"] = OpenAIErrorBody if openai else ErrorBody
         if status == 401:
             described["headers"] = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
-        if any(cls is e.TooManyWrongKeys for cls in classes):
+        if status == 429:  # every 429 says when to come back (`error_headers`)
             described["headers"] = {
                 "Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}
             }
@@ -107,10 +107,7 @@ def _answer(
 async def _modelfleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.ModelfleetError)
     status = status_of(exc, openai=request.url.path in OPENAI_PATHS)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if isinstance(exc, e.TooManyWrongKeys):
-        headers = {"Retry-After": str(exc.details["retry_after"])}
-    return _answer(request, status, exc.code, exc.message, exc.details, headers)
+    return _answer(request, status, exc.code, exc.message, exc.details, error_headers(exc, status))
 
 
 def _describe(err: dict[str, Any]) -> str:

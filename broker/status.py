@@ -39,3 +39,12 @@ def status_of(error: e.ModelfleetError | type[e.ModelfleetError], *, openai: boo
     cls = error if isinstance(error, type) else type(error)
     status = next((STATUS[parent] for parent in cls.__mro__ if parent in STATUS), 500)
     return 400 if openai and status == 422 else status
+
+
+def error_headers(error: e.ModelfleetError, status: int) -> dict[str, str]:
+    """The headers an error's answer carries, on every server: how to authenticate with a 401, and when to come
+    back with a `retry_after` (a full queue, too many wrong keys)."""
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if "retry_after" in error.details:
+        headers["Retry-After"] = str(error.details["retry_after"])
+    return headers

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from api.app import create_app
 from api.settings import ApiSettings
 from broker.auth import KeyRing
+from broker.wrong_keys import WrongKeys
 from workers.backend import CTransformersLoader
 from workers.inference.server import create_node_app
 from workers.manager import ModelManager
@@ -52,5 +53,7 @@ def test_the_heads_handlers_and_dependencies_never_hop_to_a_thread() -> None:
 
 
 def test_a_nodes_handlers_and_dependencies_never_hop_to_a_thread() -> None:
-    app = create_node_app(ModelManager(CTransformersLoader(threads=1)), KeyRing([SecretStr("k")], []))
+    app = create_node_app(
+        ModelManager(CTransformersLoader(threads=1)), KeyRing([SecretStr("k")], []), wrong_keys=WrongKeys(20, 60)
+    )
     assert _blocking(app) == []

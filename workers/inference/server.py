@@ -50,7 +50,7 @@ from broker.openai import (
     error_body,
     sse_data,
 )
-from broker.status import status_of
+from broker.status import error_headers, status_of
 from broker.wrong_keys import WrongKeys, client_address
 from workers.inference.channel import Channel
 from workers.inference.runner import Delta, Event, Failed, Finished, InferenceRequest, InferenceRunner, Started
@@ -63,11 +63,8 @@ log = logging.getLogger(__name__)
 
 def error_response(error: e.ModelfleetError) -> JSONResponse:
     status = status_of(error, openai=True)  # every route of the node is in OpenAI's shape
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-    if isinstance(error, e.ModelBusy | e.TooManyWrongKeys):
-        headers["Retry-After"] = str(error.details.get("retry_after", 1))
     body = error_body(status, error.code, error.message)
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(body.model_dump(), status_code=status, headers=error_headers(error, status))
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -86,20 +83,19 @@ def create_node_app(
     manager: ModelManager,
     keyring: KeyRing,
     *,
+    wrong_keys: WrongKeys,
     stream_interval: float = DEFAULT_STREAM_INTERVAL,
-    wrong_keys: WrongKeys | None = None,
 ) -> FastAPI:
-    """The endpoint of one node's models; `stream_interval` as in `_stream`; `wrong_keys` as the head's (20 in 60 s
-    by default)."""
+    """The endpoint of one node's models; `wrong_keys` counts its callers' wrong keys; `stream_interval` as in
+    `_stream`."""
     runner = InferenceRunner(manager)
     threads = ThreadCache("modelfleet-generate")
-    guard = wrong_keys if wrong_keys is not None else WrongKeys(20, 60.0)
     app = FastAPI(title="modelfleet node", version=__version__, docs_url=None, redoc_url=None)
 
     async def authorize(request: Request, authorization: Annotated[str | None, Header()] = None) -> Scope:
         # A coroutine although it never waits: FastAPI would run a plain `def` in its thread pool, a thread hop
         # per request.
-        return guard.authorize(keyring, authorization, Scope.READ, client_address(request.scope))
+        return wrong_keys.authorize(keyring, authorization, Scope.READ, client_address(request.scope))
 
     Caller = Annotated[Scope, Depends(authorize)]
 
