@@ -45,8 +45,9 @@ def unicode_text(value: Any) -> Any:
 
 
 class _Request(BaseModel):
-    """Numbers and booleans are strict, as OpenAI's own API is: `"stream": "yes"` or `"max_tokens": true` is a
-    400, not a stream or one token. A JSON integer is still a number (`"temperature": 1`)."""
+    """Numbers and booleans are strict, as OpenAI's own API is: `"stream": "yes"` or `"max_tokens": true` is
+    refused (422, as every body off the schema), not a stream or one token. A JSON integer is still a number
+    (`"temperature": 1`)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
