@@ -5,9 +5,10 @@ object for the task's LPUSH and another for its `task-sent` event's PUBLISH, two
 loaded machine, plus a hop to a thread so as not to block the loop). Here `send_task` runs as usual, with every
 option the API gives it, but through a producer on a kombu channel that keeps the Redis commands kombu would run
 (`_put`: the LPUSH onto the queue's list, `_put_fanout`: the PUBLISH of the event on its topic) instead of
-running them. What crosses Redis is therefore byte for byte kombu's message and Celery's event (a test compares
-them with a plain `send_task`'s); the API then runs both commands in one pipeline on its asyncio client: one
-round trip, no thread, no client object per send.
+running them. What crosses Redis is therefore kombu's message and Celery's event (a test compares them with a
+plain `send_task`'s); the API then runs both commands in one pipeline on its asyncio client: one round trip, no
+thread, no client object per send. After a task's first send, its messages are filled in from a template of
+that send, checked against `send_task` first (`api.message_template`), instead of built by `send_task` anew.
 
 A send may be guarded: its commands run in one Lua call that first checks that a key holds a value (the node's
 alive key, its boot id), and run nothing if it does not. A job is then never queued for a node that went
@@ -30,9 +31,8 @@ from celery import Celery
 from kombu import Connection, Producer
 from kombu.utils.json import dumps
 
+from api.message_template import Command, MessageTemplate
 from broker.backoff import Backoff
-
-Command = tuple[str, tuple[Any, ...]]
 
 # KEYS[1]: the guard key; KEYS[2..]: the lists the commands push to (declared, not read). ARGV[1]: the value the
 # guard key must hold; ARGV[2..]: the commands, three items each: 'lpush' or 'publish', its key or channel, payload.
@@ -83,6 +83,7 @@ class TaskSender:
         self._producer: Producer | None = None
         self._lock = threading.Lock()
         self._guarded = client.register_script(_GUARDED)
+        self._templates: dict[str, MessageTemplate | None] = {}
 
     async def send(
         self,
@@ -124,9 +125,24 @@ class TaskSender:
         await pipe.execute()
         return True
 
-    def commands(self, task: str, **options: Any) -> list[Command]:
-        """The Redis commands that send the task: what `send_task(task, **options)` would run (no I/O once the
-        channel is open)."""
+    def commands(
+        self, task: str, *, kwargs: dict[str, Any], queue: str, task_id: str, expires: datetime
+    ) -> list[Command]:
+        """The Redis commands that send the task: what `send_task` would run (no I/O once the channel is open),
+        filled in from the task's message template where it has one (`api.message_template`)."""
+        self._open()
+        if task not in self._templates:
+            self._templates[task] = MessageTemplate.take(self._celery, self._send_task, task)
+        template = self._templates[task]
+        filled = None
+        if template is not None:
+            filled = template.fill(kwargs=kwargs, queue=queue, task_id=task_id, expires=expires)
+        if filled is None:
+            filled = self._send_task(task, kwargs=kwargs, queue=queue, task_id=task_id, expires=expires)
+        return filled
+
+    def _send_task(self, task: str, **options: Any) -> list[Command]:
+        """What `send_task(task, **options)` runs, collected."""
         producer = self._open()
         channel = producer.channel
         channel.commands = []

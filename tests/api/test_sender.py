@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from celery import signals
 
+from api.message_template import MessageTemplate
 from api.sender import TaskSender
 from broker.celery_app import make_celery
 from broker.settings import BrokerSettings
@@ -107,4 +109,97 @@ def test_a_guarded_send_queues_only_while_the_guard_key_holds_its_value(server: 
     assert client.llen(queue) == 0
     assert asyncio.run(send(("alive", "boot-2"))) is True
     assert client.llen(queue) == 1
+    celery.close()
+
+
+def send_both(celery: Any, server: RedisServer, **options: Any) -> tuple[Any, Any]:
+    """What `send_task` writes for `options`, then what a TaskSender writes for them, each as `sent` reads it."""
+    client = server.client()
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*celeryev*")
+    pubsub.get_message(timeout=1)
+    celery.send_task("modelfleet.list", ignore_result=True, **options)
+    theirs = sent(client, options["queue"], pubsub)
+
+    async def ours() -> list[Any]:
+        async_client = aioredis.Redis.from_url(server.url)
+        sender = TaskSender(celery, async_client)
+        seen = []
+        try:
+            for _ in range(2):  # the first send takes the task's template, the second uses it
+                await sender.send("modelfleet.list", **options)
+                seen.append(sent(client, options["queue"], pubsub))
+        finally:
+            sender.close()
+            await async_client.aclose()
+        return seen
+
+    first, second = asyncio.run(ours())
+    assert first == second
+    return theirs, second
+
+
+def options(**changes: Any) -> dict[str, Any]:
+    return {
+        "kwargs": {"job": {"deadline": time.time() + 30, "modelPath": "/m/é.gguf", "contextLength": None}},
+        "queue": "modelfleet.node." + uuid.uuid4().hex,
+        "task_id": uuid.uuid4().hex,
+        "expires": datetime.fromtimestamp(time.time() + 30, UTC),
+    } | changes
+
+
+def test_a_template_fills_in_what_send_task_writes(server: RedisServer) -> None:
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    sends: list[str] = []
+
+    def send(task: str, **options: Any) -> list[Any]:
+        sends.append(task)
+        sender = TaskSender(celery, aioredis.Redis.from_url(server.url))
+        return sender._send_task(task, **options)
+
+    template = MessageTemplate.take(celery, send, "modelfleet.list")
+    assert template is not None and sends == ["modelfleet.list"] * 2, "one send to take it, one to check it"
+    probe = options()
+    filled = template.fill(**probe)
+    assert filled is not None
+    theirs = send("modelfleet.list", **probe)
+    assert [comparable(args[1].encode()) for _, args in filled] == [comparable(args[1].encode()) for _, args in theirs]
+    theirs_sent, ours_sent = send_both(celery, server, **options())
+    assert ours_sent == theirs_sent
+    celery.close()
+
+
+def test_send_task_sends_while_a_publish_signal_has_a_receiver(server: RedisServer) -> None:
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    heard: list[str] = []
+
+    def receiver(headers: dict[str, Any], **_: Any) -> None:
+        heard.append(headers["id"])
+
+    signals.before_task_publish.connect(receiver)
+    try:
+        probe = options()
+        theirs, ours = send_both(celery, server, **probe)
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    assert ours == theirs
+    assert heard.count(probe["task_id"]) == 3, "Celery's own send, then both of the sender's"
+    celery.close()
+
+
+def test_an_expired_send_goes_through_send_task(server: RedisServer) -> None:
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    theirs, ours = send_both(celery, server, **options(expires=datetime.fromtimestamp(time.time() - 5, UTC)))
+    assert ours == theirs
+    celery.close()
+
+
+def test_a_celery_whose_message_the_template_cannot_reproduce_sends_through_send_task(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    celery.conf.task_protocol = 1  # Celery's old message: its body a dict, not (args, kwargs, embed)
+    theirs, ours = send_both(celery, server, **options())
+    assert ours == theirs and isinstance(ours[0]["body"], dict)
+    assert "sending modelfleet.list through Celery's send_task" in caplog.text
     celery.close()
