@@ -76,7 +76,7 @@ class JobClient:
         deadline = time.time() + timeout
         job = op.job(deadline=deadline, **job_fields)
         job_id = uuid.uuid4().hex
-        future = self._waiter.expect(job_id, node.fingerprint, node.name, node.boot_id, op.result)
+        future = self._waiter.expect(job_id, node.fingerprint, node.name, node.boot_id, op.reply)
         try:
             if not await self._send(op.task, job, job_id, node, deadline):
                 if not last:
@@ -119,7 +119,7 @@ class JobClient:
                 started = await self._abandon(job_id, deadline, unless_started_by=successor)
                 if successor is not None and started == successor:
                     # The new process took the job from the node's queue itself: its reply will come.
-                    future = self._waiter.expect(job_id, node.fingerprint, node.name, successor, op.result)
+                    future = self._waiter.expect(job_id, node.fingerprint, node.name, successor, op.reply)
                     continue
                 raise _outcome(lost, op.title, started) from None
 

@@ -50,8 +50,8 @@ class _Pending:
     """When the node's alive key and registration were first seen gone together (Redis lost the registry)."""
     job: bool = True
     """A job awaiting its reply; else a `watch` of the node process alone."""
-    result: type[BaseModel] = BaseModel
-    """The model of the job's result (its operation's `Op.result`)."""
+    reply: type[Reply[Any]] = Reply[BaseModel]
+    """The model of the job's reply (its operation's `Op.reply`)."""
 
 
 class ReplyWaiter:
@@ -67,12 +67,12 @@ class ReplyWaiter:
         self.subscribed = asyncio.Event()
 
     def expect(
-        self, job_id: str, fingerprint: str, name: str, boot: str, result: type[BaseModel]
+        self, job_id: str, fingerprint: str, name: str, boot: str, reply: type[Reply[Any]]
     ) -> "asyncio.Future[Reply[Any]]":
-        """A future for the job's reply, sent to the node process `boot` (its boot id); its result, if it
-        succeeds, is a `result` model."""
+        """A future for the job's reply, sent to the node process `boot` (its boot id), read as a `reply` model
+        (its operation's `Op.reply`)."""
         future: asyncio.Future[Reply[Any]] = asyncio.get_running_loop().create_future()
-        self._pending[job_id] = _Pending(fingerprint, name, boot, future, result=result)
+        self._pending[job_id] = _Pending(fingerprint, name, boot, future, reply=reply)
         return future
 
     def forget(self, job_id: str) -> None:
@@ -122,7 +122,7 @@ class ReplyWaiter:
         if item is None or not item.job or item.future.done():
             return
         try:
-            reply = read_lenient(Reply[item.result], raw)  # type: ignore[name-defined]
+            reply = read_lenient(item.reply, raw)
         except (ValidationError, ValueError):
             log.warning("node %s sent a reply this API cannot read", item.fingerprint)
             item.future.set_exception(

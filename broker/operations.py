@@ -10,6 +10,7 @@ Adding an operation: declare its job and result models in `broker.schemas`, an `
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Generic, TypeVar
 
 from pydantic import BaseModel
@@ -26,6 +27,7 @@ from broker.schemas import (
     ModelList,
     NodeCatalog,
     Operation,
+    Reply,
     UnloadAllJob,
     UnloadAllResult,
     UnloadJob,
@@ -59,6 +61,13 @@ class Op(Generic[J, R]):
         """Whether the job may change the node's models (an operator's job): its node publishes the change before
         it replies."""
         return self.scope is Scope.OPERATOR
+
+    @cached_property
+    def reply(self) -> "type[Reply[R]]":
+        """The model of this operation's reply, `Reply[result]`, made once. Pydantic keeps a parametrized model
+        only weakly: made afresh in a function, it lives until a garbage collection, and the next reply paid
+        milliseconds to make it again (8% of an API's lists did, under load)."""
+        return Reply[self.result]  # type: ignore[name-defined]
 
     @property
     def task(self) -> str:

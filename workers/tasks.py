@@ -159,7 +159,7 @@ def _reply(
         result = compute()
         if result is None:
             return None
-        return Reply[op.result](job_id=job_id, node=runtime.fingerprint, result=result)  # type: ignore[name-defined]
+        return op.reply(job_id=job_id, node=runtime.fingerprint, result=result)
     except _Redelivered:
         raise
     except ValidationError as exc:
@@ -170,7 +170,7 @@ def _reply(
         log.exception("job %s (%s) failed unexpectedly", job_id, task.name)
         error = InternalError(f"The node failed: {type(exc).__name__}.")
     info = ErrorInfo(code=error.code, error=error.message, details=error.details)
-    return Reply[op.result](job_id=job_id, node=runtime.fingerprint, error=info)  # type: ignore[name-defined]
+    return op.reply(job_id=job_id, node=runtime.fingerprint, error=info)
 
 
 def _finish(
