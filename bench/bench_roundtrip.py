@@ -6,8 +6,10 @@ Starts its own redis-server (with a password, as `modelfleet up` does), one `mod
   list, one at a time  `GET /api/v1/nodes/{fp}/models` from one client process on one keep-alive connection,
                        against the same list job sent straight to the node's queue with a plain Celery client
                        (`send_task` with Celery's defaults, as any Celery client sends it) and its reply read
-                       off the reply channel, from another client process. Rounds alternate which side goes
-                       first; the figure is the ratio of the p50s (p99s in the detail).
+                       off the reply channel, from another client process. The goal's client is httpx; the
+                       same GETs from Python's `http.client` are measured in the same rounds and shown beside
+                       it, to tell the API's share from httpx's own CPU (0.5-0.9 ms a request here). Rounds
+                       rotate which side goes first; each figure is the ratio of the p50s (p99s in the detail).
   500 at once          500 `GET .../models` at one instant from 4 client processes (125 connections each)
                        against 500 bare Celery list jobs sent at that instant from 4 client processes (125 each,
                        back to back); a sample is one answer's time since the instant. The figure is the ratio
@@ -30,7 +32,7 @@ from pathlib import Path
 import redis
 
 from bench.clients import Client, merge
-from bench.figures import Figure, alternate, ratio_at_most, run_alone
+from bench.figures import Figure, alternate, ratio_at_most, rotate, run_alone, shown
 from bench.harness import Processes, fleet_env, modelfleet_command, start_api, start_redis, wait_until
 from broker import keys
 from workers.gguf_factory import write_tiny_llama
@@ -78,35 +80,53 @@ def _checked(answer: dict) -> dict:  # type: ignore[type-arg]
     return answer
 
 
-def sequential(fleet: Fleet, rounds: int, per_round: int) -> Figure:
+def sequential(fleet: Fleet, rounds: int, per_round: int) -> list[Figure]:
     api_client, celery_client = fleet.clients[0], fleet.clients[1]
-    api_client.run(op="get", path=fleet.path, n=20)  # warm-up, both sides
+    api_client.run(op="get", path=fleet.path, n=20)  # warm-up, every side
+    api_client.run(op="get_lean", path=fleet.path, n=20)
     celery_client.run(op="list", fp=fleet.fp, n=20)
-    cpu = {"api client": 0.0, "celery client": 0.0, "api": 0.0}
+    cpu = {side: 0.0 for side in ("httpx", "http.client", "celery")}
+    api_cpu = {side: 0.0 for side in ("httpx", "http.client")}
     lost = duplicates = 0
 
-    def ours() -> list[float]:
+    def through_api(op: str, side: str) -> list[float]:
         before = fleet.cpu()["api"]
-        answer = _checked(api_client.run(op="get", path=fleet.path, n=per_round))
-        cpu["api"] += fleet.cpu()["api"] - before
-        cpu["api client"] += answer["cpu"]
+        answer = _checked(api_client.run(op=op, path=fleet.path, n=per_round))
+        api_cpu[side] += fleet.cpu()["api"] - before
+        cpu[side] += answer["cpu"]
         return list(answer["samples"])
 
     def baseline() -> list[float]:
         nonlocal lost, duplicates
         answer = celery_client.run(op="list", fp=fleet.fp, n=per_round)
-        cpu["celery client"] += answer["cpu"]
+        cpu["celery"] += answer["cpu"]
         lost += answer["lost"]
         duplicates += answer["duplicates"]
         return list(answer["samples"])
 
-    mine, theirs = alternate(rounds, ours, baseline)
-    figure = ratio_at_most("GET /api/v1/nodes/{fp}/models / bare Celery list, p50", mine, theirs, 1.3)
-    api, api_client, celery_client = (cpu[k] * 1000 for k in ("api", "api client", "celery client"))
-    per = f"CPU per request: API {api / len(mine):.2f} ms, its client {api_client / len(mine):.2f} ms;"
-    per += f" Celery client {celery_client / len(theirs):.2f} ms"
-    detail = f"{figure.detail}; {per}; Celery replies lost {lost}, duplicated {duplicates}"
-    return Figure(figure.name, figure.goal, figure.value, figure.unit, figure.holds and not lost, detail)
+    sides = {
+        "httpx": lambda: through_api("get", "httpx"),
+        "http.client": lambda: through_api("get_lean", "http.client"),
+        "celery": baseline,
+    }
+    samples = rotate(rounds, sides)
+    theirs = samples["celery"]
+    celery = f"Celery client {cpu['celery'] * 1000 / len(theirs):.2f} ms"
+    found = []
+    for side, name in (
+        ("httpx", "GET /api/v1/nodes/{fp}/models / bare Celery list, p50"),
+        ("http.client", "the same GET from Python's http.client (one keep-alive connection) / bare Celery list, p50"),
+    ):
+        mine = samples[side]
+        figure = ratio_at_most(name, mine, theirs, 1.3)
+        per = f"CPU per request: API {api_cpu[side] * 1000 / len(mine):.2f} ms, its client"
+        per += f" {cpu[side] * 1000 / len(mine):.2f} ms; {celery}"
+        detail = f"{figure.detail}; {per}; Celery replies lost {lost}, duplicated {duplicates}"
+        if side == "httpx":
+            found.append(Figure(figure.name, figure.goal, figure.value, figure.unit, figure.holds and not lost, detail))
+        else:
+            found.append(shown(figure.name, figure.value, figure.unit, detail))
+    return found
 
 
 def burst(fleet: Fleet, rounds: int, size: int) -> Figure:
@@ -153,7 +173,7 @@ def figures(quick: bool) -> list[Figure]:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ExitStack() as stack:
         fleet = Fleet(stack, BURST_CLIENTS)
-        found = [sequential(fleet, rounds=4 if quick else 10, per_round=50 if quick else 150)]
+        found = sequential(fleet, rounds=3 if quick else 9, per_round=50 if quick else 150)
         found.append(burst(fleet, rounds=2 if quick else 4, size=500))
         fleet.procs.check_alive()
     return found

@@ -7,7 +7,9 @@ from the same kind of process, each side paying its own client's CPU, reported a
 
 Commands (each answers `{"samples": [seconds...], "errors": [text...], "cpu": seconds, ...}`):
 
-  get        `n` GETs of `path` one after the other; a sample is one request's time
+  get        `n` GETs of `path` one after the other (httpx); a sample is one request's time
+  get_lean   the same with Python's `http.client` on one keep-alive connection: what the HTTP round trip
+             costs with a client that does little besides it (as curl), to tell httpx's CPU from the API's
   list       `n` list jobs to node `fp` sent with Celery one after the other (`send_task` as a plain Celery
              client sends it), each awaited on the reply channel; a sample is one round trip
   get_burst  at wall time `at`, `n` GETs of `path` at once (one connection each); a sample is one answer's
@@ -19,6 +21,7 @@ Replies are checked: a job answered twice (`duplicates`) or not at all (`lost`) 
 """
 
 import asyncio
+import http.client
 import json
 import subprocess
 import sys
@@ -168,6 +171,26 @@ def _sequential_gets(http: httpx.Client, path: str, n: int) -> dict[str, Any]:
     return {"samples": samples, "errors": errors, "last": response.json() if response.status_code == 200 else None}
 
 
+def _sequential_gets_lean(api_url: str, key: str, path: str, n: int) -> dict[str, Any]:
+    url = httpx.URL(api_url)
+    connection = http.client.HTTPConnection(url.host, url.port, timeout=60)
+    headers = {"Authorization": f"Bearer {key}"}
+    samples, errors = [], []
+    try:
+        for _ in range(n):
+            started = time.perf_counter()
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            if response.status == 200:
+                samples.append(time.perf_counter() - started)
+            else:
+                errors.append(f"HTTP {response.status}: {body[:200]!r}")
+    finally:
+        connection.close()
+    return {"samples": samples, "errors": errors}
+
+
 def _burst_gets(api_url: str, key: str, path: str, n: int, at: float) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
@@ -205,6 +228,8 @@ def main() -> None:
         op = command["op"]
         if op == "get":
             answer = _sequential_gets(http, command["path"], command["n"])
+        elif op == "get_lean":
+            answer = _sequential_gets_lean(api_url, key, command["path"], command["n"])
         elif op == "list":
             answer = celery.sequential(command["fp"], command["n"])
         elif op == "get_burst":

@@ -85,6 +85,18 @@ def alternate(
     return mine, theirs
 
 
+def rotate(rounds: int, sides: dict[str, Callable[[], list[float]]]) -> dict[str, list[float]]:
+    """Run every side `rounds` times, each round starting one side further on (each side goes first, second...
+    in turn), and pool each side's samples."""
+    order = list(sides)
+    pooled: dict[str, list[float]] = {side: [] for side in order}
+    for round_ in range(rounds):
+        start = round_ % len(order)
+        for side in order[start:] + order[:start]:
+            pooled[side] += sides[side]()
+    return pooled
+
+
 def table(figures: list[Figure]) -> str:
     """The figures as a Markdown table (what bench/README.md holds)."""
     lines = ["| figure | goal | now | verdict | detail |", "|---|---|---|---|---|"]
