@@ -34,6 +34,8 @@ LILY = ", there was a little girl named Lily"
 # The chat template writes the last message as a bare prompt, so the real model continues it as it would a
 # completion: the answer is known. It also shows the template's own variables (bos_token) at work.
 TEMPLATE = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+# A template that runs 10^10 empty steps before it writes anything: for as long as it loops, the model is busy.
+LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,7 @@ def node(module_fleet: Fleet, api: Api, tmp_path_factory: pytest.TempPathFactory
     models = tmp_path_factory.mktemp("inference-models")
     (models / "stories260K.gguf").write_bytes(stories.read_bytes())
     write_with_chat_template(stories, models / "chatty.gguf", TEMPLATE)
+    write_with_chat_template(stories, models / "loopy.gguf", LOOP + TEMPLATE)
     write_endless_model(models / "slow.gguf")
     worker = module_fleet.worker(
         "infer", models, "--preload", "stories260K,chatty", "--max-queue", "1", "--threads", "1", "--keep-alive", "3600"
@@ -277,6 +280,30 @@ def test_a_client_that_disconnects_frees_the_model_at_once(node: Worker) -> None
         response2 = client.post("/v1/completions", json={"model": "slow", "prompt": "Go", "max_tokens": 1})
         assert response2.status_code == 200
         assert model(client, "slow")["tokensGenerated"] == tokens + 1  # the abandoned one stopped for good
+
+
+def test_a_template_that_never_ends_is_stopped_and_frees_its_model(node: Worker, api: Api) -> None:
+    with api.client() as operator:
+        response = operator.post(f"/api/v1/nodes/{node.fingerprint}/models/load", json={"modelId": "loopy"})
+        assert response.status_code == 200, response.text
+    chat = {"model": "loopy", "messages": [{"role": "user", "content": "Once upon a time"}], "temperature": 0}
+    with node.inference() as client:
+        wait_for(lambda: model(client, "loopy")["healthy"], 30, "loopy's health check")
+        response = client.post("/v1/chat/completions", json=chat)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "chat_template_error"
+        assert "did not finish within" in response.json()["error"]["message"]
+        assert model(client, "loopy")["inFlight"] == 0
+        body = {"model": "loopy", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0}
+        answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"].startswith(LILY)
+        # A caller that leaves while the template still renders frees the model as soon as the watchdog looks.
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chat/completions", json=chat, timeout=0.5)
+        wait_for(lambda: model(client, "loopy")["inFlight"] == 0, 1.0, "the render to stop")
+    with api.client() as operator:
+        response = operator.post(f"/api/v1/nodes/{node.fingerprint}/models/unload", json={"modelId": "loopy"})
+        assert response.status_code == 200, response.text
 
 
 def test_a_full_queue_answers_429_with_retry_after(node: Worker) -> None:

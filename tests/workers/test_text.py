@@ -1,5 +1,7 @@
 """The generic text layer and chat templates, driven by a scripted model (no backend needed)."""
 
+import threading
+import time
 from collections.abc import Callable, Generator, Sequence
 
 import pytest
@@ -7,8 +9,9 @@ import pytest
 from broker.errors import ChatTemplateError, ContextLengthExceeded
 from broker.openai import ChatMessage
 from workers.inference.backend import InferenceModel, SamplingParams
-from workers.inference.chat import PLAIN_STOP, render_chat
+from workers.inference.chat import PLAIN_STOP, RENDER_LIMIT, render_chat
 from workers.inference.text import TextGeneration, token_budget
+from workers.inference.watchdog import POLL, Interrupted, interruptible
 
 
 class ScriptedModel:
@@ -147,3 +150,48 @@ def test_the_template_runs_in_a_sandbox() -> None:
         render_chat(messages(("user", "x")), template="{% do messages.append(1) %}")
     with pytest.raises(ChatTemplateError):
         render_chat(messages(("user", "x")), template="{% for %}")
+
+
+LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}never"
+
+
+def test_a_template_that_never_ends_is_stopped_after_the_render_limit() -> None:
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="did not finish within"):
+        render_chat(messages(("user", "x")), template=LOOP)
+    assert time.monotonic() - started < RENDER_LIMIT + 2
+
+
+def test_a_render_stops_once_its_request_is_cancelled() -> None:
+    cancelled = threading.Event()
+    threading.Timer(0.2, cancelled.set).start()
+    with pytest.raises(Interrupted) as stopped:
+        render_chat(messages(("user", "x")), template=LOOP, stopped=cancelled.is_set)
+    assert stopped.value.why == "stopped"
+
+
+@pytest.mark.parametrize("template", ["{{ 'x' * 100000000 }}", "{{ [0] * 100000000 }}", "{{ 9 ** 100000000 }}"])
+def test_one_operation_cannot_build_something_huge(template: str) -> None:
+    with pytest.raises(ChatTemplateError, match="SecurityError"):
+        render_chat(messages(("user", "x")), template=template)
+
+
+def test_small_products_and_powers_still_render() -> None:
+    assert render_chat(messages(("user", "ab")), template="{{ messages[0]['content'] * 2 }}{{ 2 ** 10 }}").text == (
+        "abab1024"
+    )
+
+
+def test_an_interruption_never_outlives_its_block() -> None:
+    """A block that ends just as its limit passes: the exception is raised in it, or taken back, never later."""
+    for _ in range(30):
+        try:
+            with interruptible(0.0):
+                deadline = time.monotonic() + POLL * 1.2
+                while time.monotonic() < deadline:
+                    pass
+        except Interrupted:
+            pass
+        spin = time.monotonic() + 0.002
+        while time.monotonic() < spin:  # an exception still pending would go off here
+            pass

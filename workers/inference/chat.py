@@ -5,20 +5,32 @@ The template comes from the model file, so it is untrusted code: it is rendered 
 variables and helpers that Hugging Face templates expect (`messages`, `add_generation_prompt`, `bos_token`,
 `eos_token`, `raise_exception`, `strftime_now`).
 
+Untrusted code may also never end, or build a string the size of the memory: a render stops after
+RENDER_LIMIT seconds, or as soon as its request is cancelled (`workers.inference.watchdog`), and one operation
+may not build more than MAX_BUILT characters or items (`*`) or a number past MAX_POWER bits (`**`).
+
 A model without a template gets `PLAIN_TEMPLATE`, which writes each message as `Role: content` on its own
 line and ends with `Assistant:`; its answers stop at `PLAIN_STOP` (the model starting the user's next turn).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from broker.errors import ChatTemplateError
 from broker.openai import ChatMessage
+from workers.inference.watchdog import Interrupted, interruptible
+
+RENDER_LIMIT = 2.0
+"""Seconds a chat template may take to render (real ones take well under a millisecond)."""
+MAX_BUILT = 1 << 20
+"""Characters (or items) one `*` in a template may build."""
+MAX_POWER = 4096
+"""Bits one `**` in a template may build."""
 
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{{ message.role | capitalize }}: {{ message.content }}{{ '\\n' }}{% endfor %}"
@@ -43,21 +55,51 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja2's immutable sandbox, with `*` and `**` bounded: each is one native call that no watchdog stops."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_BUILT:
+                    raise SecurityError(f"the template builds more than {MAX_BUILT} characters at once")
+        powers = operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1
+        if powers and right > 0 and right * abs(left).bit_length() > MAX_POWER:
+            raise SecurityError(f"the template computes a number of more than {MAX_POWER} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _Sandbox(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
 _ENV.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
 
 
 def render_chat(
-    messages: Sequence[ChatMessage], *, template: str | None, bos_token: str = "", eos_token: str = ""
+    messages: Sequence[ChatMessage],
+    *,
+    template: str | None,
+    bos_token: str = "",
+    eos_token: str = "",
+    stopped: Callable[[], bool] = lambda: False,
 ) -> ChatPrompt:
-    """Render `messages` for the model; raises ChatTemplateError if the template fails or refuses them."""
+    """Render `messages` for the model; raises ChatTemplateError if the template fails, refuses them or takes
+    more than RENDER_LIMIT seconds, and `Interrupted` if `stopped()` turns true while it renders."""
     source = template if template else PLAIN_TEMPLATE
     plain = not template
     payload: list[dict[str, Any]] = [{"role": m.role, "content": m.text} for m in messages]
+    compiled = _compile(source)
     try:
-        text = _compile(source).render(
-            messages=payload, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
-        )
+        with interruptible(RENDER_LIMIT, stopped):
+            text = compiled.render(
+                messages=payload, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
+            )
+    except Interrupted as exc:
+        if exc.why == "stopped":
+            raise
+        raise ChatTemplateError(
+            f"The model's chat template did not finish within {RENDER_LIMIT:g} s (a loop without end?)."
+        ) from None
     except ChatTemplateError:
         raise
     except jinja2.TemplateError as exc:

@@ -15,6 +15,7 @@ from broker.openai import ChatCompletionRequest, CompletionRequest, FinishReason
 from workers.inference.backend import InferenceModel, SamplingParams
 from workers.inference.chat import render_chat
 from workers.inference.text import COMPLETION_DEFAULT_MAX_TOKENS, TextGeneration, token_budget
+from workers.inference.watchdog import Interrupted
 from workers.manager import GenerationCancelled, Lease, ModelManager
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class InferenceRunner:
         model: InferenceModel = lease.model
         generation: TextGeneration | None = None
         try:
-            prompt = self._prompt(model, request)
+            prompt = self._prompt(model, request, stopped=lambda: cancelled.is_set() or lease.stopped)
             generation = TextGeneration(
                 model,
                 prompt.ids,
@@ -107,6 +108,8 @@ class InferenceRunner:
                 emit(Delta(text))
         except ModelfleetError as exc:
             return Failed(exc)
+        except Interrupted:  # the chat template was still rendering
+            return self._stopped(request, cancelled)
         except Exception as exc:
             lease.failed = True
             log.exception("generation on %s failed", request.model)
@@ -115,17 +118,25 @@ class InferenceRunner:
             if generation is not None:
                 lease.tokens = generation.completion_tokens
         if generation.finish_reason == "cancelled":
-            if cancelled.is_set():
-                return Failed(CallerLeft("The caller left."))
-            return Failed(ModelNotLoaded(f"Model {request.model} was unloaded from this node during the generation."))
+            return self._stopped(request, cancelled)
         assert generation.finish_reason is not None
         return Finished(generation.finish_reason, Usage.of(generation.prompt_tokens, generation.completion_tokens))
 
     @staticmethod
-    def _prompt(model: InferenceModel, request: InferenceRequest) -> Prompt:
+    def _stopped(request: InferenceRequest, cancelled: threading.Event) -> Failed:
+        if cancelled.is_set():
+            return Failed(CallerLeft("The caller left."))
+        return Failed(ModelNotLoaded(f"Model {request.model} was unloaded from this node during the generation."))
+
+    @staticmethod
+    def _prompt(model: InferenceModel, request: InferenceRequest, *, stopped: Callable[[], bool]) -> Prompt:
         if isinstance(request, ChatCompletionRequest):
             chat = render_chat(
-                request.messages, template=model.chat_template, bos_token=model.bos_token, eos_token=model.eos_token
+                request.messages,
+                template=model.chat_template,
+                bos_token=model.bos_token,
+                eos_token=model.eos_token,
+                stopped=stopped,
             )
             ids = model.tokenize(chat.text, add_bos=True)
             stop = chat.stop + request.stop_sequences
