@@ -28,7 +28,7 @@ from pathlib import Path
 from ctransformers import LLM, Config
 from ctransformers.lib import find_library
 
-from broker.errors import InvalidModelFile
+from broker.errors import InvalidModelFile, InvalidRequest
 from workers.backend_rules import ctransformers_problem
 from workers.gguf_header import read_token_texts
 from workers.gguf_info import GGUFInfo, kv_cache_bytes, read_gguf_info
@@ -137,8 +137,15 @@ def safe_tokenize(llm: LLM, text: str, *, add_bos: bool = True) -> list[int]:
     """Tokenize `text` like `llm.tokenize`, with a buffer that is big enough for any text.
 
     Each UTF-8 byte costs at most three tokens (a space becomes the three bytes of "▁"). The leading "▁" that
-    llama.cpp adds and BOS cost at most four more.
+    llama.cpp adds and BOS cost at most four more. ctransformers reads the text as a C string, so it would end
+    the prompt at its first NUL character without a word: such a text is refused instead.
     """
+    if "\x00" in text:
+        raise InvalidRequest(
+            f"The prompt holds a NUL character (U+0000) at position {text.index(chr(0))}, which the ctransformers "
+            "backend cannot read (it would end the prompt there): remove it, or load the model with the "
+            "llama-cpp backend."
+        )
     raw = text.encode()
     buffer = (ctypes.c_int * (3 * len(raw) + 4))()
     n_tokens = llm.ctransformers_llm_tokenize(raw, add_bos, buffer)

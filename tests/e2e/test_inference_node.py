@@ -306,6 +306,16 @@ def test_a_template_that_never_ends_is_stopped_and_frees_its_model(node: Worker,
         assert response.status_code == 200, response.text
 
 
+def test_a_prompt_with_a_nul_character_is_refused_by_the_ctransformers_backend(node: Worker) -> None:
+    with node.inference() as client:
+        completion = {"model": "stories260K", "prompt": "Once\u0000 upon a time", "max_tokens": 3}
+        chat = {"model": "chatty", "messages": [{"role": "user", "content": "Once\u0000 upon a time"}]}
+        for path, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+            response = client.post(path, json=body)
+            assert response.status_code == 400, response.text
+            assert "NUL character" in response.json()["error"]["message"]
+
+
 def test_a_full_queue_answers_429_with_retry_after(node: Worker) -> None:
     outcome: dict[str, int] = {}
 

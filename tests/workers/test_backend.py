@@ -9,6 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
+from broker.errors import InvalidRequest
 from workers.backend import (
     CTRANSFORMERS_DEFAULT_CONTEXT,
     CTransformersLoader,
@@ -300,3 +301,12 @@ def test_an_explicit_cpu_build_loads(tmp_path: Path) -> None:
         write_tiny_llama(tmp_path / "m.gguf"), context_length=64, gpu_layers=None
     )
     assert model.context_length == 64
+
+
+def test_a_nul_character_is_refused_not_cut_at(loader: CTransformersLoader, stories: Path) -> None:
+    """ctransformers reads the prompt as a C string: "Once\\0 upon" was tokenized as "Once" alone."""
+    model = loader.load(stories, context_length=None, gpu_layers=None)
+    with pytest.raises(InvalidRequest, match=r"NUL character \(U\+0000\) at position 4"):
+        model.tokenize("Once\x00 upon a time", add_bos=True)
+    assert model.tokenize("Once upon a time", add_bos=True) == safe_tokenize(model.handle, "Once upon a time")
+    loader.unload(model)
