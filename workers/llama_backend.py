@@ -107,7 +107,7 @@ class LlamaCppModel(HeldModel):
         try:
             if not self._evaluate_prompt(llm, ids, cancelled):
                 return
-            llm.set_seed(params.seed if params.seed is not None else _random_seed())
+            llm.set_seed(_seed(params.seed))
             greedy = params.temperature <= 0
             tokens = llm.generate(
                 ids,
@@ -155,10 +155,13 @@ class LlamaCppModel(HeldModel):
         return True
 
 
-def _random_seed() -> int:
-    import random
+def _seed(seed: int | None) -> int:
+    """llama.cpp's seed for a request's: any integer (OpenAI's are 64-bit), drawn into 31 bits as the ctransformers
+    backend draws its own. Given as is, llama.cpp kept its low 32 bits (5 and 2**64 + 5 sampled alike) and took
+    0xFFFFFFFF (and so -1) for "pick a random seed", so those seeds did not repeat."""
+    import random  # sampling, not secrets
 
-    return random.randrange(1 << 31)  # sampling, not secrets
+    return random.Random(seed).randrange(1 << 31) if seed is not None else random.randrange(1 << 31)
 
 
 def _vocab(llm: Any) -> Any:

@@ -137,6 +137,31 @@ def test_stories260k_continues_as_on_ctransformers(backend: LlamaCppBackend) -> 
         backend.unload(model)
 
 
+def test_any_seed_repeats_and_far_apart_seeds_differ(backend: LlamaCppBackend) -> None:
+    """llama.cpp keeps 32 bits of a seed and reads 0xFFFFFFFF as "random": -1 and 2**32 - 1 did not repeat, and
+    5 and 2**64 + 5 sampled the same."""
+    if not STORIES.is_file():
+        pytest.skip(f"the shared model {STORIES} is absent")
+    model = backend.load(STORIES, context_length=None, gpu_layers=None)
+
+    def sampled(seed: int) -> list[int]:
+        tokens = model.generate(model.tokenize("Once upon a time", add_bos=True), SamplingParams(1.5, 1.0, seed), no)
+        out = [t for _, t in zip(range(24), tokens, strict=False)]
+        tokens.close()
+        return out
+
+    try:
+        for seed in (-1, 2**32 - 1, 2**63, 0):
+            assert sampled(seed) == sampled(seed), seed
+        assert sampled(5) != sampled(2**64 + 5)
+    finally:
+        backend.unload(model)
+
+
+def no() -> bool:
+    return False
+
+
 def test_a_file_llama_cpp_refuses_fails_with_its_reason(backend: LlamaCppBackend, tmp_path: Path) -> None:
     headless = write_headless_llama(tmp_path / "headless.gguf")
     with pytest.raises(ModelLoadFailed, match=r"could not load headless\.gguf as a 'llama' model: .+") as excinfo:
