@@ -103,8 +103,6 @@ class _Sampling(_Request):
             return "presence_penalty and frequency_penalty are not supported; leave them out or at 0."
         if self.logit_bias:
             return "logit_bias is not supported."
-        if self.logprobs not in (None, False, 0):
-            return "logprobs are not supported."
         return None
 
 
@@ -128,6 +126,8 @@ class CompletionRequest(_Sampling):
             return "suffix (insertion) is not supported."
         if self.best_of is not None and self.best_of > 1:
             return "best_of is not supported."
+        if self.logprobs is not None and self.logprobs is not False:  # 0 asks for the chosen tokens' logprobs
+            return "logprobs are not supported; leave them out."
         return super().unsupported()
 
 
@@ -160,6 +160,30 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     """OpenAI's newer name for `max_tokens`; the smaller wins when both are given."""
+    top_logprobs: Any = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: Any = None
+
+    def unsupported(self) -> str | None:
+        """Besides what both kinds refuse: what would change the answer in a way no backend here can (tool
+        calls, JSON output, logprobs). Accepted as OpenAI's defaults: tools with `tool_choice` "none", a
+        `response_format` of type "text", `logprobs` false."""
+        if self.tools and self.tool_choice != "none":
+            return "tools are not supported: the model answers in text only; leave tools out or send tool_choice none."
+        if self.functions and self.function_call != "none":
+            return "functions are not supported: the model answers in text only; leave functions out."
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice is not supported: no tool is called here."
+        if self.function_call not in (None, "none", "auto"):
+            return "function_call is not supported: no function is called here."
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            return "response_format is not supported: answers are free text; leave it out or send type text."
+        if self.logprobs not in (None, False) or self.top_logprobs not in (None, 0):
+            return "logprobs are not supported; leave logprobs and top_logprobs out."
+        return super().unsupported()
 
     @property
     def token_limit(self) -> int | None:

@@ -26,6 +26,7 @@ def test_a_minimal_request_and_the_options_clients_send_anyway() -> None:
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"logprobs": 3}, "logprobs"),
+        ({"logprobs": 0}, "logprobs"),  # OpenAI's legacy completions: the chosen tokens' logprobs
         ({"echo": True}, "echo"),
         ({"prompt": ["a", "b"]}, "2 prompts"),
     ],
@@ -34,6 +35,46 @@ def test_what_no_backend_does_is_refused_by_name(extra: dict[str, object], words
     request = CompletionRequest.model_validate({"model": "m", "prompt": "p"} | extra)
     problem = request.unsupported()
     assert problem is not None and words in problem
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"tools": [TOOL]}, "tools"),
+        ({"tools": [TOOL], "tool_choice": "required"}, "tools"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"functions": [TOOL["function"]], "function_call": {"name": "f"}}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "logprobs"),
+    ],
+)
+def test_chat_options_that_would_change_the_answer_are_refused_by_name(extra: dict[str, object], words: str) -> None:
+    """Each was answered 200 with ordinary text, as if a tool call, JSON or logprobs were impossible to ask for."""
+    request = ChatCompletionRequest.model_validate(CHAT | extra)
+    problem = request.unsupported()
+    assert problem is not None and words in problem
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [TOOL], "tool_choice": "none"},
+        {"tool_choice": "auto"},
+        {"response_format": {"type": "text"}},
+        {"logprobs": False, "top_logprobs": 0},
+        {"functions": [], "function_call": "none"},
+    ],
+)
+def test_chat_options_at_openais_defaults_are_accepted(extra: dict[str, object]) -> None:
+    request = ChatCompletionRequest.model_validate(CHAT | extra)
+    assert request.unsupported() is None
 
 
 @pytest.mark.parametrize(
