@@ -2,9 +2,11 @@
 
 {"success": false, "error": "<a sentence a person can act on>", "code": "<stable code>", "details": {...}}
 
-(`broker.answers.ErrorBody`), except on the OpenAI-compatible inference routes (`OPENAI_PATHS`), where the same
-failures take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`broker.openai.ErrorBody`),
-which openai-python reads.
+(`broker.answers.ErrorBody`), except where only openai-python calls (`speaks_openai`: inference, one model's
+entry, any other path under `/v1` but the pool's routes of model-loading.txt), where the same failures take
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`broker.openai.ErrorBody`), which openai-python
+reads. `GET /v1/models` is both openai-python's `models.list` and the pool's listing: it keeps the API's shape,
+which the pool's clients read (openai-python still raises the right exception for its status).
 
 The statuses come from one table, `broker.status`, which the nodes' inference endpoints answer by too; the same
 table documents the routes: `documented(...)` turns the errors a route can answer into its OpenAPI `responses`,
@@ -32,7 +34,16 @@ from broker.status import STATUS, error_headers, status_of
 
 log = logging.getLogger(__name__)
 
-OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+POOL_ROUTES = frozenset(
+    {"/v1/models", "/v1/models/status", "/v1/models/load", "/v1/models/unload", "/v1/models/unload-all"}
+)
+"""The pool's routes under `/v1` (model-loading.txt): they answer errors in the API's shape."""
+
+
+def speaks_openai(path: str) -> bool:
+    """Whether errors at `path` take OpenAI's shape: everything under `/v1` but the pool's routes (completions,
+    chat, `models.retrieve`, and any path openai-python has and the head does not, as a 404)."""
+    return path.startswith("/v1/") and path not in POOL_ROUTES
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -97,7 +108,7 @@ def _answer(
     param: str | None = None,
 ) -> JSONResponse:
     """The error in the shape the route's clients read."""
-    if request.url.path in OPENAI_PATHS:
+    if speaks_openai(request.url.path):
         body = openai_error(status, code, message, param).model_dump(mode="json")
     else:
         body = error_body(code, message, details)
@@ -106,7 +117,7 @@ def _answer(
 
 async def _modelfleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.ModelfleetError)
-    status = status_of(exc, openai=request.url.path in OPENAI_PATHS)
+    status = status_of(exc, openai=speaks_openai(request.url.path))
     return _answer(request, status, exc.code, exc.message, exc.details, error_headers(exc, status))
 
 
@@ -158,7 +169,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             return _answer(request, 422, "invalid_request", f"Invalid request: {sentence}.", details, param="body")
     problems = [{"field": _describe(err).split(":")[0], "message": _describe(err)} for err in exc.errors()]
     message = "; ".join(p["message"] for p in problems[:5]) or "Invalid request."
-    if request.url.path in OPENAI_PATHS:  # as the nodes answer it: 422, OpenAI's shape, the first field named
+    if speaks_openai(request.url.path):  # as the nodes answer it: 422, OpenAI's shape, the first field named
         return _answer(request, 422, "invalid_request", message, param=problems[0]["field"] if problems else None)
     return JSONResponse(error_body("invalid_request", message, {"errors": problems}), status_code=422)
 

@@ -44,12 +44,14 @@ def guarded(
     scope: Scope,
     *errors: type[e.ModelfleetError],
     streaming: bool = False,
+    openai: bool = False,
     openapi_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Route options for a route that needs a key of `scope`, reads Redis and can answer `errors`."""
+    """Route options for a route that needs a key of `scope`, reads Redis and can answer `errors` (in OpenAI's
+    shape with `openai`: a route `api.errors.speaks_openai` names)."""
     return {
         **secured(scope, openapi_extra),
-        "responses": documented(*auth_errors(scope), e.BrokerUnavailable, *errors, streaming=streaming),
+        "responses": documented(*auth_errors(scope), e.BrokerUnavailable, *errors, streaming=streaming, openai=openai),
     }
 
 

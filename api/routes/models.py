@@ -5,12 +5,15 @@ model. Bodies and answers are snake_case, as in that document (the node-addresse
 Each route's scope is that of the operation it sends to the nodes (`broker.operations`).
 """
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from api.deps import Fleet
 from api.openapi import JOB_ERRORS, guarded
 from api.schemas import PoolLoadRequest, PoolUnloadRequest
-from broker.answers import PoolLoadResult, PoolModelList, PoolStatus, PoolUnloadAllResult, PoolUnloadResult
+from broker import errors as e
+from broker.answers import PoolLoadResult, PoolModel, PoolModelList, PoolStatus, PoolUnloadAllResult, PoolUnloadResult
 from broker.operations import CATALOG, LIST, LOAD, UNLOAD, UNLOAD_ALL
 
 router = APIRouter(prefix="/v1/models", tags=["pool"])
@@ -66,3 +69,23 @@ async def unload_model(body: PoolUnloadRequest, pool: Fleet) -> PoolUnloadResult
 async def unload_all(pool: Fleet) -> PoolUnloadAllResult:
     """Unload every model on every node; `partial` if a live node failed (its failures are in `errors`)."""
     return await pool.unload_all()
+
+
+ModelId = Annotated[str, Path(description="A model's id, as `GET /v1/models` lists it (it may hold slashes).")]
+
+
+@router.get(
+    "/{model_id:path}",
+    response_model=PoolModel,
+    summary="Show one model",
+    **guarded(CATALOG.scope, e.InvalidRequest, e.ModelFileNotFound, openai=True),
+)
+async def get_model(model_id: ModelId, pool: Fleet) -> PoolModel:
+    """One model's entry of `GET /v1/models` (what openai-python's `models.retrieve` reads); errors in OpenAI's
+    shape. `status`, `load`, `unload` and `unload-all` are the pool's own routes, not model ids here."""
+    for entry in (await pool.models()).data:
+        if entry.id == model_id:
+            return entry
+    raise e.ModelFileNotFound(
+        f"No online node has a model {model_id!r}; GET /v1/models lists the fleet's models.", model=model_id
+    )

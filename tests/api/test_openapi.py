@@ -69,6 +69,7 @@ def test_every_route_is_in_the_schema(schema: dict[str, Any]) -> None:
         ("/api/v1/nodes/{fingerprint}/catalog", "get"),
         ("/v1/models", "get"),
         ("/v1/models/status", "get"),
+        ("/v1/models/{model_id}", "get"),
         *OPERATOR,
         *SESSION,
         *INFERENCE,
@@ -131,7 +132,7 @@ def test_every_error_status_answers_the_error_body(schema: dict[str, Any]) -> No
         for status, response in op["responses"].items():
             if int(status) < 400 or (path, status) == ("/healthz", "503"):
                 continue
-            ref = OPENAI_ERROR_REF if (path, method) in INFERENCE else ERROR_REF
+            ref = OPENAI_ERROR_REF if (path, method) in {*INFERENCE, ("/v1/models/{model_id}", "get")} else ERROR_REF
             assert response["content"]["application/json"]["schema"] == {"$ref": ref}, (path, status)
             assert "`" in response["description"], (path, status)  # names its codes
 

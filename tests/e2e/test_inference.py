@@ -154,8 +154,20 @@ def test_openai_python_works_unchanged_against_the_head(two: tuple[Api, Worker, 
     assert missing.value.code == "model_file_not_found"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="stories260K", prompt=STORY, n=2)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError):  # the pool's listing: the API's error shape
         openai.OpenAI(base_url=api.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.AuthenticationError) as unauthenticated:
+        openai.OpenAI(base_url=api.url + "/v1", api_key="wrong", max_retries=0).models.retrieve("stories260K")
+    assert unauthenticated.value.code == "unauthenticated" and "key" in unauthenticated.value.message
+
+    assert client.models.retrieve("stories260K").loaded_on == listed["stories260K"].loaded_on  # type: ignore[attr-defined]
+    assert client.models.retrieve("lazy/stories").id == "lazy/stories"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("no-such-model")
+    assert unknown.value.code == "model_file_not_found" and "no-such-model" in unknown.value.message
+    with pytest.raises(openai.NotFoundError) as elsewhere:  # a route of OpenAI's that the head does not have
+        client.embeddings.create(model="stories260K", input="x")
+    assert elsewhere.value.body is not None and "message" in elsewhere.value.body  # type: ignore[operator]
 
 
 def test_two_nodes_share_twenty_concurrent_streams(two: tuple[Api, Worker, Worker]) -> None:
