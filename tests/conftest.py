@@ -320,6 +320,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     outside = tmp_path_factory.mktemp("outside")
     write_tiny_llama(outside / "secret.gguf")
     (root / "escape.gguf").symlink_to(outside / "secret.gguf")
+    # A symlink to itself: its resolve() raised RuntimeError, which killed the node's heartbeat thread.
+    (root / "loop.gguf").symlink_to(root / "loop.gguf")
     if STORIES.exists():
         shutil.copy(STORIES, root / "stories260K.gguf")  # a symlink would resolve outside the models dir
     return root

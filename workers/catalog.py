@@ -76,7 +76,7 @@ class FileCatalog:
             if not real.is_relative_to(self.root) or not real.is_file():
                 return None
             stat = real.stat()
-        except (InvalidModelId, OSError):
+        except (InvalidModelId, OSError, RuntimeError):  # Python 3.11's resolve() raises RuntimeError on a loop
             return None
         seen.add(str(real))
         plan = self._plan_cached(real, stat.st_size, stat.st_mtime_ns)

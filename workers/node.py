@@ -168,6 +168,9 @@ class NodeRuntime:
             self.events.online("re-registered" if beat.reregistered else None)
 
     def _heartbeat_loop(self) -> None:
+        """Beat, unload idle models and check health until stopped. Nothing but the loss of the node ends it: a
+        thread that died of one bad beat (a symlink loop in the models directory did it) left the node offline
+        for good while the process kept taking jobs, and a successor then ran beside it."""
         interval = self.settings.heartbeat_interval
         next_health = time.monotonic() + self.settings.health_interval
         while not self._stop.wait(interval):
@@ -180,10 +183,16 @@ class NodeRuntime:
             except redis.RedisError as exc:
                 self._beat_failed = True
                 log.warning("heartbeat failed: %s; retrying", type(exc).__name__)
-            self.service.manager.reap_idle()
-            if time.monotonic() >= next_health:
-                self.service.manager.check_health(fresh_within=self.settings.health_interval)
-                next_health = time.monotonic() + self.settings.health_interval
+            except Exception:
+                self._beat_failed = True
+                log.exception("heartbeat failed; retrying")
+            try:
+                self.service.manager.reap_idle()
+                if time.monotonic() >= next_health:
+                    self.service.manager.check_health(fresh_within=self.settings.health_interval)
+                    next_health = time.monotonic() + self.settings.health_interval
+            except Exception:
+                log.exception("unloading idle models or checking health failed; retrying")
 
 
 def build_runtime(settings: WorkerSettings) -> NodeRuntime:

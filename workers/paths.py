@@ -17,7 +17,10 @@ def resolve_model_path(models_dir: Path, model_id: str, model_path: str | None) 
         given = Path(model_path)
         candidate = given if given.is_absolute() else root / given
         shown = model_path
-    real = candidate.resolve()
+    try:
+        real = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError up to Python 3.12, OSError after
+        raise ModelFileNotFound(f"Model file {shown!r} cannot be reached: {exc}.", path=str(candidate)) from None
     if not real.is_relative_to(root):
         raise PathOutsideModelsDir(
             f"Model path {shown!r} resolves outside this node's models directory; only files inside it can be loaded.",

@@ -1,6 +1,7 @@
 """The node-addressed API against a real fleet: every row of the error table that needs no fault injection,
 and the success bodies remote-model-control.txt promises. (Faults: test_faults.py; fleets: test_fleet.py.)"""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,6 +152,9 @@ def test_missing_file_and_not_loaded_are_404_with_node_codes(op: httpx.Client, n
     assert "no-such-model.gguf" in missing.json()["error"]
     not_loaded = op.post(models_url(node, "unload"), json={"modelId": "tiny-a"})
     assert not_loaded.status_code == 404 and not_loaded.json()["code"] == "model_not_loaded"
+    loop = op.post(models_url(node, "load"), json={"modelId": "loop"})  # a symlink to itself
+    assert loop.status_code == 404 and loop.json()["code"] == "model_file_not_found", loop.text
+    assert "cannot be reached" in loop.json()["error"]
 
 
 def test_unloadable_file_is_422_and_recorded_as_failed(op: httpx.Client, node: Worker) -> None:
@@ -210,3 +214,26 @@ def test_unknown_route_and_method_answer_json(api: Api) -> None:
         assert missing.status_code == 404 and missing.json()["success"] is False
         wrong = client.delete("/api/v1/nodes")
         assert wrong.status_code == 405 and wrong.json()["success"] is False
+
+
+def test_a_symlink_loop_in_the_models_dir_does_not_stop_the_heartbeat(
+    op: httpx.Client, node: Worker, models_dir: Path
+) -> None:
+    """A link to itself made while the node runs: its resolve() raised RuntimeError in the heartbeat's scan of
+    the models directory, which ended the heartbeat thread; the node went offline for good while it still took
+    jobs. (`loop.gguf`, there from the start, broke the first scan instead, and the node's files went unlisted.)"""
+    link = models_dir / "late-loop.gguf"
+    link.symlink_to(link)
+    try:
+        beats = set()
+        deadline = time.monotonic() + 15
+        while len(beats) < 4 and time.monotonic() < deadline:  # the default beat is every 2 s
+            info = op.get(f"/api/v1/nodes/{node.fingerprint}").json()
+            assert info["online"], info
+            beats.add(info["lastHeartbeat"])
+            time.sleep(0.5)
+        assert len(beats) >= 4, "the node stopped beating"
+        files = {f["id"] for f in op.get(f"/api/v1/nodes/{node.fingerprint}/catalog").json()["files"]}
+        assert "tiny-a" in files and "late-loop" not in files and "loop" not in files
+    finally:
+        link.unlink()

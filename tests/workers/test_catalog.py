@@ -43,6 +43,7 @@ def test_lists_unreadable_files_with_their_problem_and_leaves_out_escapes_and_ba
     (root / "escape.gguf").symlink_to(outside / "secret.gguf")
     (root / "linked-dir").symlink_to(outside, target_is_directory=True)
     (root / "alias.gguf").symlink_to(root / "good.gguf")  # inside: loadable, so listed
+    (root / "loop.gguf").symlink_to(root / "loop.gguf")  # resolve() raises RuntimeError on Python 3.11
     write_not_gguf(root / "text.gguf")
     write_truncated_gguf(root / "cut.gguf")
     write_tiny_llama(root / "a..b.gguf")  # no load could name it: ".." is refused in a model id
