@@ -3,28 +3,59 @@
 import hashlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 KEY_FILE = "node.key"
 
 
+KEY_BYTES = 32
+
+
 def load_or_create_node_key(state_dir: Path) -> bytes:
-    """The node's secret key, created (mode 0600) on first start and reused on every restart."""
+    """The node's secret key, created (mode 0600) on first start and reused on every restart.
+
+    The file appears whole or not at all: the key is written and synced to a file of its own, then linked into
+    place (a link, unlike a rename, fails if another process linked theirs first; theirs is then used). Written
+    in place, a full disk or a crash left an empty file, read back as the empty key: every node with such a file
+    had the same fingerprint and took over the others' records. A key file that is not exactly one key is
+    refused, with its path."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / KEY_FILE
     try:
-        return bytes.fromhex(path.read_text().strip())
+        return _read(path)
     except FileNotFoundError:
         pass
-    except ValueError as exc:
-        raise ValueError(f"{path} is not a modelfleet node key; move it away to give this node a new identity") from exc
-    key = secrets.token_bytes(32)
+    key = secrets.token_bytes(KEY_BYTES)
+    fd, temporary = tempfile.mkstemp(dir=state_dir, prefix=f".{KEY_FILE}.")  # mode 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first: use theirs
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key.hex() + "\n")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key.hex() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:  # another process created it first: use theirs
+            return _read(path)
+    finally:
+        os.unlink(temporary)
+    directory = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return key
+
+
+def _read(path: Path) -> bytes:
+    text = path.read_text().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        what = "is empty" if not text else "is not a modelfleet node key"
+        raise ValueError(f"{path} {what}; move it away to give this node a new identity")
     return key
 
 
