@@ -125,6 +125,8 @@ class UnloadReason(StrEnum):
     """Unused for longer than its keep-alive."""
     RELOADED = "reloaded"
     """Replaced by a fresh copy (`force_reload`)."""
+    FILE_CHANGED = "file-changed"
+    """Its file was written over in place while it was loaded (its mapped weights could no longer be read)."""
     NODE_RESTARTED = "node-restarted"
     """Held by a node process that is gone: announced by the node's next process, which starts with none."""
 

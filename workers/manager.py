@@ -26,6 +26,7 @@ new model loads. If evicting every candidate would still not make room, nothing 
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -87,6 +88,18 @@ class Loader(Protocol):
     def check(self, model: Any) -> bool: ...
 
 
+FileStamp = tuple[int, int, int, int]
+"""A file's device, inode, size and modification time (ns)."""
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass
 class ModelRecord:
     """Everything the node knows about one model."""
@@ -115,6 +128,8 @@ class ModelRecord:
     generation_seconds: float = 0.0
     """A moving average of how long one generation holds the model: the `retry_after` of a full queue."""
     backend: str | None = None
+    file_stamp: "FileStamp | None" = None
+    """The file as it was when the load began (`file_stamp`)."""
     handle: Loaded | None = field(default=None, repr=False)
     pending: "Future[Any] | None" = field(default=None, repr=False)
     leases: "set[Lease]" = field(default_factory=set, repr=False)
@@ -122,6 +137,17 @@ class ModelRecord:
     @property
     def busy(self) -> bool:
         return bool(self.in_flight or self.queued)
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether the file this loaded model maps was written over in place since the load. Its weights are
+        memory-mapped: pages cut off by a shorter file raise SIGBUS when read, which kills the node with every
+        model in it (`cp` over a loaded model did, at its next health check), and a longer one holds other
+        weights. A file replaced by a rename is another inode; the model keeps the old one, intact."""
+        if self.file_stamp is None:
+            return False
+        now = file_stamp(self.path)
+        return now is not None and now[:2] == self.file_stamp[:2] and now[2:] != self.file_stamp[2:]
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -453,6 +479,7 @@ class ModelManager:
             self._loads_running += 1
             ticket, alone_at_start = self._loads_begun, self._loads_running == 1
         before = self._probe() if self._probe else 0
+        stamp = file_stamp(record.path)
         try:
             handle = self._loader.load(
                 record.path, context_length=record.context_length, gpu_layers=record.gpu_layers, backend=record.backend
@@ -483,6 +510,7 @@ class ModelManager:
             record.measured_bytes = grew if alone and grew is not None and grew >= 0 else None
             now = self._clock()
             record.handle = handle
+            record.file_stamp = stamp
             record.state = ModelState.LOADED
             record.context_length = handle.context_length
             record.gpu_layers = handle.gpu_layers if handle.gpu_layers is not None else record.gpu_layers
@@ -683,6 +711,12 @@ class ModelManager:
             raise ModelNotLoaded(
                 f"Model {model_id} is {doing.get(record.state, 'not loaded')} on this node.", state=record.state.value
             )
+        if record.rewritten:  # no generation may read its pages: the heartbeat unloads it (`reap_idle`)
+            raise ModelNotLoaded(
+                f"Model {model_id}'s file was written over on disk since it was loaded, so it is being unloaded; "
+                "load it again. (Replace a loaded model's file by renaming a new one over it, never in place.)",
+                state=record.state.value,
+            )
         return record
 
     def wake(self) -> None:
@@ -712,25 +746,26 @@ class ModelManager:
         self._changed.notify_all()
 
     def reap_idle(self) -> list[str]:
-        """Unload every model unused for longer than its keep-alive (reason `idle`); returns their ids."""
+        """Unload every model unused for longer than its keep-alive (reason `idle`), and every idle model whose
+        file was written over in place (reason `file-changed`, before anything reads its pages); returns their
+        ids."""
         now = self._clock()
         with self._lock:
-            idle = [
-                r
-                for r in self._records.values()
-                if r.state is ModelState.LOADED
-                and r.keep_alive is not None
-                and not r.busy
-                and now - r.last_used >= r.keep_alive
-            ]
+            loaded = [r for r in self._records.values() if r.state is ModelState.LOADED and not r.busy]
+            idle = [r for r in loaded if r.keep_alive is not None and now - r.last_used >= r.keep_alive]
+            rewritten = [r for r in loaded if r.model_id not in {i.model_id for i in idle} and r.rewritten]
             futures = [(r, self._begin_unload_locked(r, UnloadReason.IDLE)) for r in idle]
+            futures += [(r, self._begin_unload_locked(r, UnloadReason.FILE_CHANGED)) for r in rewritten]
         for record, future in futures:
-            log.info(
-                "unloading %s: unused for %.0fs (keep-alive %.0fs)",
-                record.model_id,
-                now - record.last_used,
-                record.keep_alive or 0,
-            )
+            if record.unload_reason is UnloadReason.FILE_CHANGED:
+                log.warning("unloading %s: its file %s was written over while loaded", record.model_id, record.path)
+            else:
+                log.info(
+                    "unloading %s: unused for %.0fs (keep-alive %.0fs)",
+                    record.model_id,
+                    now - record.last_used,
+                    record.keep_alive or 0,
+                )
             self._unload_quietly(record, future)
         return [r.model_id for r, _ in futures]
 
@@ -789,7 +824,9 @@ class ModelManager:
             ids = [
                 r.model_id
                 for r in self._records.values()
-                if r.state is ModelState.LOADED and not (r.healthy and now - r.last_used < fresh_within)
+                if r.state is ModelState.LOADED
+                and not (r.healthy and now - r.last_used < fresh_within)
+                and not r.rewritten  # its pages may be gone: the heartbeat unloads it
             ]
         for model_id in ids:
             lease = self.try_acquire(model_id)

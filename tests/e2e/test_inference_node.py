@@ -316,6 +316,30 @@ def test_a_prompt_with_a_nul_character_is_refused_by_the_ctransformers_backend(n
             assert "NUL character" in response.json()["error"]["message"]
 
 
+def test_a_model_whose_file_is_written_over_is_unloaded_and_the_node_lives(node: Worker, api: Api) -> None:
+    """`cp` over a loaded model's file rewrites it in place, under the model's mapped weights: the next read of
+    a page past the new end (a prompt, or the health check) killed the worker with SIGBUS, and every model with
+    it."""
+    doomed = node.models_dir / "doomed.gguf"
+    doomed.write_bytes(require_stories().read_bytes())
+    with api.client() as operator:
+        response = operator.post(f"/api/v1/nodes/{node.fingerprint}/models/load", json={"modelId": "doomed"})
+        assert response.status_code == 200, response.text
+    body = {"model": "doomed", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+    with node.inference() as client:
+        wait_for(lambda: model(client, "doomed")["healthy"], 30, "doomed's health check")
+        with open(doomed, "wb") as file:  # what cp does: the same inode, truncated, then written
+            file.write(b"GGUF")
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 404, response.text
+        assert "written over on disk" in response.json()["error"]["message"]
+        wait_for(lambda: "doomed" not in {m["id"] for m in models(client)}, 10, "the model to be unloaded")
+        still = client.post("/v1/completions", json=body | {"model": "stories260K", "max_tokens": 5})
+        assert still.status_code == 200, still.text
+    assert node.alive(), "the worker died"
+    doomed.unlink()
+
+
 def test_a_full_queue_answers_429_with_retry_after(node: Worker) -> None:
     outcome: dict[str, int] = {}
 

@@ -157,6 +157,30 @@ def test_an_idle_model_unloads_after_its_keep_alive(loader: GatedLoader) -> None
     assert ("model-unloaded", "idle") in reasons
 
 
+def test_a_model_whose_file_is_written_over_is_served_no_more_and_unloaded(loader: GatedLoader, tmp_path: Path) -> None:
+    """Its weights are mapped from the file: `cp` over a loaded model cut the pages off, and the next read of them
+    (its health check) killed the node with SIGBUS. A file replaced by a rename leaves the model its own."""
+    reasons: list[object] = []
+    manager = ModelManager(loader, on_change=lambda kind, info, _: reasons.append((kind, info.unload_reason)))
+    for name in ("copied", "renamed"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"GGUF" + bytes(1000))
+        manager.load(name, tmp_path / f"{name}.gguf")
+    wait_for(lambda: not manager.get("copied").checking, 5, "the first checks")  # type: ignore[union-attr]
+    (tmp_path / "new.gguf").write_bytes(b"GGUF" + bytes(10))
+    (tmp_path / "new.gguf").replace(tmp_path / "renamed.gguf")
+    with open(tmp_path / "copied.gguf", "wb") as file:  # what cp does: the same inode, truncated and written
+        file.write(b"GGUF" + bytes(10))
+    with pytest.raises(ModelNotLoaded, match="written over on disk"):
+        manager.acquire("copied")
+    manager.acquire("renamed").release()
+    checks = loader.checks
+    manager.check_health()
+    assert loader.checks == checks + 1, "only the renamed one is checked: the other's pages are not read"
+    assert manager.reap_idle() == ["copied"]
+    assert manager.get("copied") is None and ("model-unloaded", "file-changed") in reasons
+    assert manager.get("renamed") is not None
+
+
 def test_the_node_default_keep_alive_and_zero_for_never(loader: GatedLoader) -> None:
     manager = ModelManager(loader, keep_alive=300)
     manager.load("a", Path("/a.gguf"))

@@ -32,6 +32,7 @@ class GatedLoader:
         self.started = threading.Event()
         self.loads = 0
         self.unloads = 0
+        self.checks = 0
         self.fail_with: Exception | None = None
 
     def load(
@@ -48,6 +49,7 @@ class GatedLoader:
         self.unloads += 1
 
     def check(self, model: FakeModel) -> bool:
+        self.checks += 1
         return True
 
 
