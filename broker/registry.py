@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from pydantic import TypeAdapter, ValidationError
 
 from broker import keys
-from broker.errors import DuplicateNode, LostNodeOwnership, NodeNotFound
+from broker.errors import DuplicateNode, LostNodeOwnership, NodeNotFound, NodeUnavailable
 from broker.schemas import MemoryInfo, ModelFile, ModelInfo, ModelState, NodeCatalog, NodeInfo, read_lenient
 
 log = logging.getLogger(__name__)
@@ -281,13 +281,21 @@ def _heartbeat(beat_raw: bytes | None, now: datetime, *, live: bool) -> dict[str
     return update
 
 
+REGISTRY_GRACE = 10.0
+"""Seconds after `NodeDirectory.get` last saw a node online during which its vanished registration means that
+Redis lost it (503, retry) rather than that there is no such node (404)."""
+
+
 class NodeDirectory:
     """The API's side: read-only, async views of every registered node."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = client
+        self._clock = clock
         self._boots: dict[str, NodeInfo] = {}
         """Each node's record as `get` last read it while it was online (for `live`)."""
+        self._seen: dict[str, float] = {}
+        """When `get` last read each node online (the clock's time)."""
 
     async def fingerprints(self) -> list[str]:
         members = await self._redis.smembers(keys.nodes_set())
@@ -331,10 +339,22 @@ class NodeDirectory:
         nodes = await self.many([fingerprint]) if is_fingerprint(fingerprint) else []
         if not nodes:
             self._boots.pop(fingerprint, None)
+            seen = self._seen.get(fingerprint)
+            if seen is not None and self._clock() - seen < REGISTRY_GRACE:
+                # A registration never goes away by itself: Redis lost it (restarted without persistence,
+                # flushed, failed over), and the node registers again at its next heartbeat.
+                raise NodeUnavailable(
+                    f"Node {fingerprint} was online {self._clock() - seen:.0f} s ago, and its registration is gone "
+                    "from Redis (restarted or flushed?); nodes register again within a heartbeat: retry.",
+                    node=fingerprint,
+                    retry_after=2,
+                )
+            self._seen.pop(fingerprint, None)
             raise NodeNotFound(f"No node with fingerprint {fingerprint[:64]!r} is registered.")
         node = nodes[0]
         if node.online:
             self._boots[fingerprint] = node
+            self._seen[fingerprint] = self._clock()
         else:
             self._boots.pop(fingerprint, None)
         return node

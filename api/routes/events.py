@@ -110,6 +110,7 @@ STREAM = {
         KeyScope.READ,
         e.InvalidRequest,
         e.NodeNotFound,
+        e.NodeUnavailable,
         e.ShuttingDown,
         streaming=True,
         openapi_extra={"responses": {"200": STREAM}},

@@ -32,7 +32,7 @@ async def list_nodes(directory: Directory) -> NodeList:
     "/{fingerprint}",
     response_model=NodeInfo,
     summary="Show one node",
-    **guarded(Scope.READ, e.InvalidRequest, e.NodeNotFound),
+    **guarded(Scope.READ, e.InvalidRequest, e.NodeNotFound, e.NodeUnavailable),
 )
 async def get_node(fingerprint: Fingerprint, directory: Directory) -> NodeInfo:
     """One node's registration and last heartbeat."""

@@ -7,8 +7,16 @@ import fakeredis
 import pytest
 
 from broker import keys
-from broker.errors import NodeNotFound
-from broker.registry import Beat, DuplicateNode, LostNodeOwnership, NodeDirectory, NodeRegistrar, is_fingerprint
+from broker.errors import NodeNotFound, NodeUnavailable
+from broker.registry import (
+    REGISTRY_GRACE,
+    Beat,
+    DuplicateNode,
+    LostNodeOwnership,
+    NodeDirectory,
+    NodeRegistrar,
+    is_fingerprint,
+)
 from broker.schemas import MemoryInfo, ModelFile, ModelState, NodeInfo
 from tests.conftest import node_info
 
@@ -82,6 +90,30 @@ def test_directory_reports_online_offline_and_stats(server: fakeredis.FakeServer
     assert one.online and one.models_loaded == 3 and one.memory_used_bytes == 10 and one.rss_bytes == 20
     node.release()
     assert not asyncio.run(read())[1].online
+
+
+def test_a_node_seen_online_whose_registration_vanished_is_503_for_a_while(server: fakeredis.FakeServer) -> None:
+    """Redis restarted without its data: the node registers again at its next heartbeat. Until then, a node seen
+    online a moment ago is unavailable (retry), not unknown (404, which clients read as for good)."""
+    node = registrar(server)
+    node.claim()
+    now = [100.0]
+    directory = NodeDirectory(fakeredis.FakeAsyncRedis(server=server), clock=lambda: now[0])
+
+    async def get() -> NodeInfo:
+        return await directory.get(FP)
+
+    assert asyncio.run(get()).online
+    fakeredis.FakeRedis(server=server).flushall()
+    now[0] += REGISTRY_GRACE - 1
+    with pytest.raises(NodeUnavailable) as lost:
+        asyncio.run(get())
+    assert lost.value.details["retry_after"] > 0 and "registration is gone" in lost.value.message
+    now[0] += 2
+    with pytest.raises(NodeNotFound):
+        asyncio.run(get())
+    with pytest.raises(NodeNotFound):  # never seen: unknown at once
+        asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get("cd" * 16))
 
 
 def test_fingerprint_shape() -> None:
