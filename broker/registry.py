@@ -47,7 +47,7 @@ _FILE_LIST: TypeAdapter[list[ModelFile]] = TypeAdapter(list[ModelFile])
 
 # Refresh the alive key only while it is still ours; re-take it if it lapsed (a long GC pause, say, or Redis
 # lost it). Then re-register if this boot's registration is missing. KEYS: alive, node hash, nodes set.
-# ARGV: boot id, TTL ms, fingerprint, registration JSON, consuming ('1' once the consumer takes jobs).
+# ARGV: boot id, TTL ms, fingerprint, registration JSON, consuming ('1' while the consumer takes jobs, else '0').
 # Returns 0 (another boot holds the key), else 1 (refreshed) or 2 (re-taken), plus 2 if it re-registered.
 _REFRESH = """
 local current = redis.call('GET', KEYS[1])
@@ -66,8 +66,11 @@ if redis.call('HGET', KEYS[2], 'boot') ~= ARGV[1] or redis.call('SISMEMBER', KEY
   redis.call('HSET', KEYS[2], 'registration', ARGV[4], 'boot', ARGV[1])
   outcome = outcome + 2
 end
-if ARGV[5] == '1' and redis.call('HGET', KEYS[2], 'consuming') ~= ARGV[1] then
+local consuming = redis.call('HGET', KEYS[2], 'consuming')
+if ARGV[5] == '1' and consuming ~= ARGV[1] then
   redis.call('HSET', KEYS[2], 'consuming', ARGV[1])
+elseif ARGV[5] == '0' and consuming == ARGV[1] then
+  redis.call('HDEL', KEYS[2], 'consuming')
 end
 return outcome
 """
@@ -194,10 +197,18 @@ class NodeRegistrar:
         self._redis.hset(keys.node_info(self.fingerprint), "heartbeat", json.dumps(beat))
         return Beat(retaken=outcome in (2, 4), reregistered=outcome >= 3)
 
-    def mark_consuming(self) -> None:
-        """Say that this boot's Celery consumer is taking jobs (online alone means registered and beating)."""
-        self._consuming = True
-        self._redis.hset(keys.node_info(self.fingerprint), "consuming", self.info.boot_id)
+    def mark_consuming(self, consuming: bool = True) -> None:
+        """Say whether this boot's Celery consumer is taking jobs (online alone means registered and beating):
+        at once if Redis answers, else at the next beat that reaches it. Only this boot's mark is cleared."""
+        self._consuming = consuming
+        node = keys.node_info(self.fingerprint)
+        try:
+            if consuming:
+                self._redis.hset(node, "consuming", self.info.boot_id)
+            elif self._redis.hget(node, "consuming") == self.info.boot_id.encode():
+                self._redis.hdel(node, "consuming")
+        except redis.RedisError:  # the consumer stops because Redis went away: the next beat says it
+            pass
 
     def release(self) -> None:
         """Mark the node offline at once on a clean stop (only if the alive key is still ours)."""

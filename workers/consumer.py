@@ -9,9 +9,9 @@ nothing the sender chose freely. Selected with `worker_consumer` (`broker.celery
 
 import hashlib
 import logging
-from typing import Any
+from typing import Any, Protocol
 
-from celery import signals
+from celery import bootsteps, signals
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 
@@ -56,3 +56,30 @@ class QuietConsumer(Consumer):
         log.error("refused an invalid task message (%s): %s", type(exc).__name__, _describe(message))
         message.reject_log_error(log, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+
+class _Marks(Protocol):
+    def mark_consuming(self, consuming: bool = True) -> None: ...
+
+
+def consuming_step(registrar: _Marks) -> type[bootsteps.StartStopStep]:
+    """A step of the consumer's blueprint that tells the registry whether this process takes jobs.
+
+    Celery starts the consumer's steps once its broker connection is up and stops them all when that
+    connection fails, then starts them again after it reconnects (with a backoff that grows to 30 s). Marked
+    once at `worker_ready`, a node showed `consuming` through that whole gap after a Redis outage, while a job
+    sent to it waited for the reconnect."""
+
+    class Consuming(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def start(self, parent: Any) -> None:
+            registrar.mark_consuming(True)
+
+        def stop(self, parent: Any) -> None:
+            registrar.mark_consuming(False)
+
+        def shutdown(self, parent: Any) -> None:
+            registrar.mark_consuming(False)
+
+    return Consuming

@@ -10,11 +10,11 @@ import logging
 import time
 
 import redis
-from celery.signals import worker_ready
 
 from broker.backoff import Backoff
 from broker.celery_app import make_celery
 from broker.errors import ModelfleetError, RedisRefused
+from workers.consumer import consuming_step
 from workers.node import NodeRuntime, build_runtime
 from workers.settings import WorkerSettings
 from workers.tasks import install, register_tasks
@@ -86,7 +86,7 @@ def run_worker(settings: WorkerSettings) -> int:
         "--loglevel=INFO",
     ]
 
-    worker_ready.connect(lambda **_: runtime.registrar.mark_consuming(), weak=False)
+    app.steps["consumer"].add(consuming_step(runtime.registrar))
     try:
         app.worker_main(argv)
     except SystemExit as exc:

@@ -169,6 +169,24 @@ def test_consuming_belongs_to_the_boot_that_said_it(server: fakeredis.FakeServer
     assert read().online and not read().consuming
 
 
+def test_a_consumer_that_stops_clears_its_mark_and_no_other_boots(server: fakeredis.FakeServer) -> None:
+    node = registrar(server)
+    node.claim()
+    client = fakeredis.FakeRedis(server=server)
+    node.mark_consuming()
+    node.mark_consuming(False)
+    assert client.hget(keys.node_info(FP), "consuming") is None
+    node.mark_consuming()
+    client.flushall()  # Redis lost everything while the consumer was down; it came back before the consumer did
+    node._consuming = False  # what mark_consuming(False) leaves when Redis cannot be reached
+    node.beat({})
+    assert client.hget(keys.node_info(FP), "consuming") is None
+    client.hset(keys.node_info(FP), "consuming", "another-boot")
+    node.mark_consuming(False)
+    node.beat({})
+    assert client.hget(keys.node_info(FP), "consuming") == b"another-boot", "only this boot's mark is cleared"
+
+
 def test_a_beat_re_registers_a_node_whose_records_redis_lost(server: fakeredis.FakeServer) -> None:
     node = registrar(server)
     node.claim()

@@ -85,6 +85,32 @@ def test_fleet_is_whole_again_after_redis_loses_or_keeps_its_data(
     follower.stop()
 
 
+@pytest.mark.parametrize("own_redis", [True], indirect=True)
+def test_a_node_is_not_listed_consuming_while_its_consumer_reconnects(
+    own_fleet: Fleet, own_redis: OwnRedis, models_dir: Path
+) -> None:
+    """Celery's consumer reconnects with a backoff that grows (2 s, 4 s, 6 s...) while the heartbeat is back
+    within 2 s: the node was listed consuming through that gap, and a job sent in it waited for the consumer."""
+    worker = own_fleet.worker("reconnecting", models_dir)
+    client = Client(own_fleet.api().url, OPERATOR_KEY, job_timeout=60)
+    wait_for(lambda: node_ok(client, worker), 20, "the node to consume")
+    own_redis.kill()
+    time.sleep(7)  # the consumer's second retry, 2 + 4 s after the loss, fails too: its third is 6 s later
+    own_redis.start()
+    states = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not node_ok(client, worker):
+        try:
+            node = client.node(worker.fingerprint)
+            states.append((node.online, node.consuming))
+        except Exception:
+            pass
+        time.sleep(0.1)
+    assert node_ok(client, worker), f"the consumer never came back: {states[-5:]}"
+    assert (True, False) in states, "online again before its consumer took jobs, yet never listed as not consuming"
+    assert client.node_models(worker.fingerprint) == [], "a list is answered once it is consuming again"
+
+
 def _last_id(server: OwnRedis) -> str | None:
     last = server.client().xrevrange(keys.events_stream(), count=1)
     return last[0][0].decode() if last else None
