@@ -60,10 +60,12 @@ def plan_load(model_id: str, views: list[NodeView], *, evict: bool) -> list[Cand
         return [Candidate(v, m.path) for v, m in holders]
     having = [(v, f) for v in views if (f := v.file(model_id)) is not None]
     if not having:
-        raise ModelFileNotFound(
-            f"No online node has a model file for {model_id} ({model_id}.gguf in its models directory).",
-            model=model_id,
+        hint = (
+            f"model ids leave out the .gguf: try {model_id.removesuffix('.gguf')!r}"
+            if model_id.endswith(".gguf")
+            else f"{model_id}.gguf in its models directory"
         )
+        raise ModelFileNotFound(f"No online node has a model file for {model_id} ({hint}).", model=model_id)
     # Nodes with a backend for the file first; if none has one, a load still goes out and fails with the reason.
     having = [(v, f) for v, f in having if f.backend is not None] or having
     fits = [(v, f) for v, f in having if _need(f) <= v.room(evict=False)]

@@ -102,10 +102,13 @@ def test_no_fit_names_the_best_candidate_and_the_shortfall() -> None:
 
 
 def test_model_nowhere_is_not_found() -> None:
-    with pytest.raises(ModelFileNotFound):
+    with pytest.raises(ModelFileNotFound, match=r"ghost\.gguf in its models directory"):
         plan_load("ghost", [view("a", free=100, files={"m": 1})], evict=False)
     with pytest.raises(ModelFileNotFound):
         plan_load("ghost", [], evict=False)
+    with pytest.raises(ModelFileNotFound, match=r"leave out the \.gguf: try 'm'") as named:  # not m.gguf.gguf
+        plan_load("m.gguf", [view("a", free=100, files={"m": 1})], evict=False)
+    assert ".gguf.gguf" not in named.value.message
 
 
 def test_a_node_refusal_gets_the_pool_figures() -> None:
