@@ -534,8 +534,11 @@ class ProxyResponse(Response):
                 node = opened.replica.node
                 log.warning("node %s failed mid-stream for %s: %s", node.name, self._model, type(exc).__name__)
                 if response.headers.get("content-type", "").startswith(SSE):
-                    message = f"Node {node.name} ({node.fingerprint}) failed while answering; the answer is cut short."
-                    event = error_event(message, "node_error")
+                    message = (
+                        f"Node {node.name} ({node.fingerprint})'s connection broke while it answered (its process "
+                        "stopped or restarted?); the answer is cut short."
+                    )
+                    event = error_event(message, NodeUnavailable.code)
                     await send({"type": "http.response.body", "body": event, "more_body": True})
             finally:
                 if lost is not None:

@@ -15,7 +15,7 @@
     │   ├── NodeWentOffline       heartbeat lapsed while the job waited or ran
     │   └── NodeRestarted         a new process (boot id) took the node over while the job waited or ran
     ├── BrokerUnavailable         Redis cannot be reached
-    ├── ShuttingDown              this API process is stopping; another (or its restart) will answer
+    ├── ShuttingDown              this process (an API, or a node) is stopping; another (or its restart) answers
     ├── JobTimeout                no reply within the operation's timeout
     ├── NodeError                 raised on a node, passed through by the API
     │   ├── ModelFileNotFound
@@ -140,7 +140,7 @@ class BrokerUnavailable(ModelfleetError):
 
 
 class ShuttingDown(ModelfleetError):
-    """This API process is stopping and takes no new streams; reconnect (to it once restarted, or another)."""
+    """This process is stopping (an API: no new event streams; a node: no generations); try another or later."""
 
     code = "shutting_down"
 

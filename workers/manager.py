@@ -45,6 +45,7 @@ from broker.errors import (
     ModelfleetError,
     ModelLoadFailed,
     ModelNotLoaded,
+    ShuttingDown,
 )
 from broker.schemas import MemoryInfo, ModelInfo, ModelState, UnloadReason
 
@@ -270,6 +271,21 @@ class ModelManager:
         self._probe = memory_probe
         self._loads_begun = 0
         self._loads_running = 0
+        self.closing = False
+        """Set by `close`: the process is stopping, and no generation runs or starts any more."""
+
+    def close(self) -> None:
+        """The process is stopping: stop every running generation (within one token), send queued ones away and
+        take no new one (each ends with ShuttingDown, which the head retries on another replica before the first
+        byte, and sends as the stream's error event after it). Without this, a stop let streams run until the
+        HTTP server's grace ran out and then cut them, logging a CancelledError for each."""
+        with self._lock:
+            self.closing = True
+            for record in self._records.values():
+                for lease in record.leases:
+                    if not lease.quiet:  # a health check ends by itself within a token
+                        lease.stop()
+            self._changed.notify_all()
 
     @property
     def memory_budget(self) -> int | None:
@@ -660,6 +676,8 @@ class ModelManager:
         waits (set it, then call `wake()`).
         """
         with self._lock:
+            if self.closing:
+                raise ShuttingDown("This node is shutting down; the head sends the request to another replica.")
             record = self._servable_locked(model_id)
             if record.in_flight:
                 if record.queued >= self._max_queue:
@@ -675,6 +693,10 @@ class ModelManager:
                     while record.in_flight and record.state is ModelState.LOADED:
                         if cancelled is not None and cancelled.is_set():
                             raise GenerationCancelled(model_id)
+                        if self.closing:
+                            raise ShuttingDown(
+                                "This node is shutting down; the head sends the request to another replica."
+                            )
                         self._changed.wait()
                 finally:
                     record.queued -= 1

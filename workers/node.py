@@ -133,6 +133,7 @@ class NodeRuntime:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.service.manager.close()  # running streams end now with an error event, not cut at the grace
         if self.server is not None:
             self.server.stop()
         # node-offline (stopped) goes out before the alive key does: an API noticing the key gone first would

@@ -376,7 +376,7 @@ def test_a_node_failing_mid_stream_ends_it_with_an_error_event(redis: str) -> No
     events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
     # Two tokens, the error event, then [DONE]: the stream ends as a node ends a failed one.
     assert response.status_code == 200 and len(events) == 4 and events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["code"] == "node_error"
+    assert json.loads(events[-2])["error"]["code"] == "node_unavailable"
     assert inflight_total(redis) == 0
     assert state["proxy"].cooldown.cooling(A)  # type: ignore[attr-defined]
     metrics = state["metrics"]

@@ -6,7 +6,9 @@ full queue, unload during a stream.
 """
 
 import json
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -427,3 +429,23 @@ def test_a_node_without_keys_serves_no_endpoint(module_fleet: Fleet, node: Worke
     with pytest.raises(AssertionError, match="no inference endpoint"):
         _ = worker.endpoint
     assert "serves no inference endpoint" in worker.log()
+
+
+def test_a_stopping_node_ends_its_streams_with_an_error_event_at_once(module_fleet: Fleet, node: Worker) -> None:
+    """SIGTERM while a stream ran: the stream went on until the HTTP server's grace (3 s) ran out, then was cut
+    without an error event, and the node logged a CancelledError for it."""
+    worker = module_fleet.worker("stopping", node.models_dir, "--preload", "slow", "--threads", "1")
+    with worker.inference() as client:
+        wait_for(lambda: "slow" in loaded(client), 60, "the preloaded model")
+        with slow_stream(client, max_tokens=400) as response:  # its preload's context: 512 tokens
+            assert response.status_code == 200, response.read()
+            events = sse(response)
+            assert isinstance(next(events), dict)
+            worker.signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            rest = list(events)
+    assert time.monotonic() - stopped < 2.5, "the stream ran on until the grace ran out"
+    assert rest[-1] == "[DONE]" and isinstance(rest[-2], dict), rest[-3:]
+    assert rest[-2]["error"]["code"] == "shutting_down"
+    worker.wait(30)
+    assert "Exception in ASGI application" not in worker.log() and "CancelledError" not in worker.log()

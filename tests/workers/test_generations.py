@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import ModelBusy, ModelNotLoaded
+from broker.errors import ModelBusy, ModelNotLoaded, ShuttingDown
 from broker.schemas import ModelInfo, ModelState
 from tests.conftest import wait_for
 from tests.workers.test_manager import GatedLoader, in_thread
@@ -179,6 +179,20 @@ def test_a_model_whose_file_is_written_over_is_served_no_more_and_unloaded(loade
     assert manager.reap_idle() == ["copied"]
     assert manager.get("copied") is None and ("model-unloaded", "file-changed") in reasons
     assert manager.get("renamed") is not None
+
+
+def test_closing_stops_running_generations_and_sends_queued_and_new_ones_away(loader: GatedLoader) -> None:
+    manager = loaded(ModelManager(loader), "m")
+    running = manager.acquire("m")
+    queued, box = in_thread(manager.acquire, "m")
+    wait_for(lambda: manager.get("m").queued == 1, 5, "the second to queue")  # type: ignore[union-attr]
+    manager.close()
+    queued.join(5)
+    assert isinstance(box.get("error"), ShuttingDown)
+    assert running.stopped, "a running generation is told to stop (it ends within one token)"
+    running.release()
+    with pytest.raises(ShuttingDown):
+        manager.acquire("m")
 
 
 def test_the_node_default_keep_alive_and_zero_for_never(loader: GatedLoader) -> None:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.errors import GenerationFailed, InvalidRequest, ModelfleetError, ModelNotLoaded
+from broker.errors import GenerationFailed, InvalidRequest, ModelfleetError, ModelNotLoaded, ShuttingDown
 from broker.openai import ChatCompletionRequest, CompletionRequest, FinishReason, Usage
 from workers.inference.backend import InferenceModel, SamplingParams
 from workers.inference.chat import render_chat
@@ -109,7 +109,7 @@ class InferenceRunner:
         except ModelfleetError as exc:
             return Failed(exc)
         except Interrupted:  # the chat template was still rendering
-            return self._stopped(request, cancelled)
+            return self._stopped(request, cancelled, lease)
         except Exception as exc:
             lease.failed = True
             log.exception("generation on %s failed", request.model)
@@ -118,14 +118,16 @@ class InferenceRunner:
             if generation is not None:
                 lease.tokens = generation.completion_tokens
         if generation.finish_reason == "cancelled":
-            return self._stopped(request, cancelled)
+            return self._stopped(request, cancelled, lease)
         assert generation.finish_reason is not None
         return Finished(generation.finish_reason, Usage.of(generation.prompt_tokens, generation.completion_tokens))
 
-    @staticmethod
-    def _stopped(request: InferenceRequest, cancelled: threading.Event) -> Failed:
+    def _stopped(self, request: InferenceRequest, cancelled: threading.Event, lease: Lease) -> Failed:
+        """Why a generation was stopped: its caller left, the node is stopping, or its model was unloaded."""
         if cancelled.is_set():
             return Failed(CallerLeft("The caller left."))
+        if self._manager.closing:
+            return Failed(ShuttingDown(f"The node stopped during the generation of {request.model}."))
         return Failed(ModelNotLoaded(f"Model {request.model} was unloaded from this node during the generation."))
 
     @staticmethod
