@@ -64,7 +64,8 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
     """0 is greedy: always the most likely token (same answer every time)."""
-    top_p: float | None = Field(default=None, gt=0, le=1, strict=True)
+    top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
+    """0 keeps only the most likely token: greedy, as temperature 0."""
     seed: int | None = Field(default=None, strict=True)
     stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None = None
     n: int | None = Field(default=None, ge=1, strict=True)
@@ -96,7 +97,10 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def unsupported(self) -> str | None:
-        """Why this request asks for something no backend here does, or None. A sentence for a 400."""
+        """Why this request asks for something no backend here does (or OpenAI refuses too), or None. A sentence
+        for a 400."""
+        if self.stream_options is not None and not self.stream:
+            return "stream_options is only allowed with stream: true."
         if self.n is not None and self.n > 1:
             return f"n={self.n} is not supported: each request generates one choice; send {self.n} requests."
         if self.presence_penalty or self.frequency_penalty:
@@ -109,8 +113,9 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: continue a prompt."""
 
-    prompt: str | list[str] | list[int]
-    """Text, a list holding one text, or token ids of the model's own vocabulary."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text or a list holding one text. Token ids (a list of them, or a list of such lists, as OpenAI takes them)
+    pass the schema and are refused as unsupported (400)."""
     echo: StrictBool | None = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, strict=True)
@@ -118,7 +123,9 @@ class CompletionRequest(_Sampling):
     _unicode = field_validator("prompt", "suffix")(unicode_text)
 
     def unsupported(self) -> str | None:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], str):
+            return "token-id prompts are not supported: send the prompt as text."
+        if isinstance(self.prompt, list) and len(self.prompt) > 1:
             return f"a list of {len(self.prompt)} prompts is not supported: send one prompt per request."
         if self.echo:
             return "echo is not supported."

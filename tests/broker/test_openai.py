@@ -29,6 +29,9 @@ def test_a_minimal_request_and_the_options_clients_send_anyway() -> None:
         ({"logprobs": 0}, "logprobs"),  # OpenAI's legacy completions: the chosen tokens' logprobs
         ({"echo": True}, "echo"),
         ({"prompt": ["a", "b"]}, "2 prompts"),
+        ({"prompt": [1, 2, 3]}, "token-id prompts"),
+        ({"prompt": [[1, 2, 3]]}, "token-id prompts"),  # OpenAI's array of token arrays: 400, not 422
+        ({"stream_options": {"include_usage": True}}, "only allowed with stream"),
     ],
 )
 def test_what_no_backend_does_is_refused_by_name(extra: dict[str, object], words: str) -> None:
@@ -81,7 +84,9 @@ def test_chat_options_at_openais_defaults_are_accepted(extra: dict[str, object])
     "bad",
     [
         {"temperature": 2.5},
-        {"top_p": 0},
+        {"top_p": -0.1},
+        {"top_p": 1.5},
+        {"prompt": [[1, 2], "a"]},
         {"max_tokens": 0},
         {"stop": ["a", "b", "c", "d", "e"]},
         {"stop": ""},

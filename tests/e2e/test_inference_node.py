@@ -102,6 +102,17 @@ def test_completion_continues_the_story(node: Worker) -> None:
     assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}  # BOS + 4 words
 
 
+def test_top_p_zero_is_greedy_and_token_id_prompts_are_400(node: Worker) -> None:
+    with node.inference() as client:
+        body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 1.5, "top_p": 0}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"].startswith(LILY)
+        for prompt in ([1, 2, 3], [[1, 2, 3]]):
+            refused = client.post("/v1/completions", json=body | {"prompt": prompt})
+            assert refused.status_code == 400 and "token-id" in refused.json()["error"]["message"], refused.text
+
+
 def test_streamed_completion_with_usage_and_stop(node: Worker) -> None:
     body = {
         "model": "stories260K",

@@ -96,8 +96,8 @@ class InferenceRunner:
                 max_tokens=prompt.max_tokens,
                 stop=prompt.stop,
                 params=SamplingParams(
-                    temperature=1.0 if request.temperature is None else request.temperature,
-                    top_p=1.0 if request.top_p is None else request.top_p,
+                    temperature=_temperature(request),
+                    top_p=request.top_p or 1.0,  # 0 is greedy (the temperature above): nothing left to cut
                     seed=request.seed,
                 ),
                 cancelled=lambda: cancelled.is_set() or lease.stopped,
@@ -146,10 +146,18 @@ class InferenceRunner:
         else:
             prompt = request.prompt
             if isinstance(prompt, list):
-                if prompt and not isinstance(prompt[0], str):
+                if prompt and not isinstance(prompt[0], str):  # `unsupported` refuses them first
                     raise InvalidRequest("Token-id prompts are not supported: send the prompt as text.")
                 prompt = str(prompt[0]) if prompt else ""
             ids = model.tokenize(prompt, add_bos=True)
             stop = request.stop_sequences
             limit = request.max_tokens if request.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         return Prompt(ids=ids, stop=stop, max_tokens=token_budget(len(ids), limit, model.context_length))
+
+
+def _temperature(request: InferenceRequest) -> float:
+    """The request's temperature: OpenAI's default 1, and 0 (greedy) when `top_p` is 0, which keeps only the most
+    likely token."""
+    if request.top_p == 0:
+        return 0.0
+    return 1.0 if request.temperature is None else request.temperature
