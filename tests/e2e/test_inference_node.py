@@ -257,6 +257,8 @@ def test_errors_have_openais_shape(
     error = response.json()["error"]
     assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
     assert all(w in error["message"] for w in words), error["message"]
+    if status == 422:  # the first field named, as the head names it
+        assert error["param"] == words[0], error
 
 
 def test_the_node_lists_its_endpoint_and_use_per_model(node: Worker, api: Api) -> None:

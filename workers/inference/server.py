@@ -372,11 +372,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        problems = []
+        problems, fields = [], []
         for err in exc.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            fields.append(where or "body")
             problems.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
-        body = error_body(422, "invalid_request", "; ".join(problems) or "Invalid request.")
+        # `param` names the first field, as the head's answer does (OpenAI's own 400s name it there too).
+        message = "; ".join(problems) or "Invalid request."
+        body = error_body(422, "invalid_request", message, fields[0] if fields else None)
         return JSONResponse(body.model_dump(), status_code=422)
 
     async def http_error(request: Request, exc: Exception) -> Response:
