@@ -21,13 +21,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import errors as e
 from broker.answers import ErrorBody
+from broker.connection import redis_problem
 from broker.openai import ErrorBody as OpenAIErrorBody
 from broker.openai import error_body as openai_error
 from broker.status import STATUS, error_headers, status_of
@@ -190,11 +191,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis unavailable while serving %s %s: %s", request.method, request.url.path, type(exc).__name__)
-    if isinstance(exc, AuthenticationError):
-        message = "Redis refused the API's credentials; the operator must fix MODELFLEET_REDIS_URL."
-    else:
-        message = "Redis, which carries every job, cannot be reached; try again shortly."
-    return _answer(request, 503, "broker_unavailable", message)
+    return _answer(request, 503, "broker_unavailable", f"{redis_problem(exc)}; try again shortly.")
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -15,6 +15,7 @@ from api.replies import ReplyWaiter
 from api.sender import TaskSender
 from api.settings import ApiSettings
 from broker import keys
+from broker.connection import redis_problem
 from broker.errors import (
     BrokerUnavailable,
     JobTimeout,
@@ -135,7 +136,7 @@ class JobClient:
                 guard=(keys.node_alive(node.fingerprint), node.boot_id),
             )
         except (RedisError, OSError, OperationalError) as exc:
-            raise BrokerUnavailable("The job could not be queued: Redis is unreachable.") from exc
+            raise BrokerUnavailable(f"The job could not be queued: {redis_problem(exc)}.") from exc
 
     async def _abandon(self, job_id: str, deadline: float, *, unless_started_by: str | None = None) -> str | None:
         """Cancel the job so a node that gets it late skips it (on top of its `expires`); returns the boot id that

@@ -185,3 +185,15 @@ def _host_port(item: str) -> tuple[str, int]:
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("each sentinel must be given as host:port")
     return host.strip("[]"), int(port)
+
+
+def redis_problem(exc: BaseException) -> str:
+    """What went wrong with Redis, as a clause for an error message (never the server's own words, which may
+    quote a key or a value): refused credentials, out of memory, a read-only replica, or unreachable."""
+    if isinstance(exc, redis.AuthenticationError):
+        return "Redis refused the credentials; the operator must fix MODELFLEET_REDIS_URL"
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "Redis is out of memory (maxmemory) and refuses writes; the operator must free memory or raise it"
+    if isinstance(exc, redis.ReadOnlyError):
+        return "Redis is a read-only replica (a failover under way?)"
+    return "Redis, which carries every job, cannot be reached"

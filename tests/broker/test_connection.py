@@ -1,9 +1,11 @@
 """Parsing the Redis URL forms (`broker.connection`); the real Sentinel is in tests/faults/test_sentinel.py."""
 
 import pytest
+import redis
 
-from broker.connection import parse_redis_url
+from broker.connection import parse_redis_url, redis_problem
 from broker.settings import BrokerSettings
+from tests.conftest import RedisServer
 
 
 def test_a_plain_url_is_one_server() -> None:
@@ -40,3 +42,18 @@ def test_malformed_sentinel_urls_are_refused_without_echoing_them(url: str) -> N
     with pytest.raises(ValueError) as caught:
         BrokerSettings(redis_url=url)  # type: ignore[arg-type]
     assert "pw" not in str(caught.value).replace("password", "")
+
+
+def test_a_redis_failure_is_told_by_its_kind_never_by_the_servers_words(redis_server: RedisServer) -> None:
+    """A full Redis answered every write with "Redis is unreachable" while /healthz said reachable."""
+    client = redis_server.client()
+    client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.ResponseError) as full:
+            client.set("secret-key-name", "x" * 1000)
+    finally:
+        client.config_set("maxmemory", 0)
+    assert "out of memory" in redis_problem(full.value) and "secret" not in redis_problem(full.value)
+    assert "credentials" in redis_problem(redis.AuthenticationError("WRONGPASS"))
+    assert "read-only replica" in redis_problem(redis.ReadOnlyError("READONLY You can't write against a replica."))
+    assert "cannot be reached" in redis_problem(redis.ConnectionError("Connection refused"))
