@@ -11,7 +11,7 @@ from broker.openai import ChatMessage
 from workers.inference.backend import InferenceModel, SamplingParams
 from workers.inference.chat import PLAIN_STOP, RENDER_LIMIT, render_chat
 from workers.inference.text import TextGeneration, token_budget
-from workers.inference.watchdog import POLL, Interrupted, interruptible
+from workers.inference.watchdog import POLL, REFIRE, Interrupted, interruptible
 
 
 class ScriptedModel:
@@ -162,6 +162,23 @@ def test_a_template_that_never_ends_is_stopped_after_the_render_limit() -> None:
     assert time.monotonic() - started < RENDER_LIMIT + 2
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "",
+        "{% if j > i %}{% endif %}",  # Jinja rewrote the traceback of an interruption here, and failed (TypeError)
+        "{{ nope is sequence }}",  # its test catches Exception around a __len__ call: a plain one was swallowed
+    ],
+)
+def test_any_loop_is_stopped_as_a_template_error(body: str) -> None:
+    template = "{% for i in range(100000) %}{% for j in range(100000) %}" + body + "{% endfor %}{% endfor %}"
+    for _ in range(8):
+        started = time.monotonic()
+        with pytest.raises(ChatTemplateError, match=r"did not finish within 0\.05 s"):
+            render_chat(messages(("user", "x")), template=template, limit=0.05)
+        assert time.monotonic() - started < 0.05 + POLL + REFIRE + 0.5
+
+
 def test_a_render_stops_once_its_request_is_cancelled() -> None:
     cancelled = threading.Event()
     threading.Timer(0.2, cancelled.set).start()
@@ -170,16 +187,28 @@ def test_a_render_stops_once_its_request_is_cancelled() -> None:
     assert stopped.value.why == "stopped"
 
 
-@pytest.mark.parametrize("template", ["{{ 'x' * 100000000 }}", "{{ [0] * 100000000 }}", "{{ 9 ** 100000000 }}"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' * 100000000 }}",
+        "{{ [0] * 100000000 }}",
+        "{{ 9 ** 100000000 }}",
+        "{{ '%0300000000d' % 1 }}",
+        "{{ '{:0300000000d}'.format(1) }}",
+        "{{ '%0300000000d' | format(1) }}",
+        "{{ 'x' | center(300000000) }}",
+        "{{ 'x' | indent(300000000, true) }}",
+    ],
+)
 def test_one_operation_cannot_build_something_huge(template: str) -> None:
     with pytest.raises(ChatTemplateError, match="SecurityError"):
         render_chat(messages(("user", "x")), template=template)
 
 
-def test_small_products_and_powers_still_render() -> None:
-    assert render_chat(messages(("user", "ab")), template="{{ messages[0]['content'] * 2 }}{{ 2 ** 10 }}").text == (
-        "abab1024"
-    )
+def test_small_products_powers_and_widths_still_render() -> None:
+    template = "{{ messages[0]['content'] * 2 }}{{ 2 ** 10 }}{{ '%03d' % 7 }}"
+    template += "{{ '{:>4}'.format('a') }}{{ 'b' | center(3) }}"
+    assert render_chat(messages(("user", "ab")), template=template).text == "abab1024007   a b "
 
 
 def test_an_interruption_never_outlives_its_block() -> None:

@@ -5,20 +5,25 @@ The template comes from the model file, so it is untrusted code: it is rendered 
 variables and helpers that Hugging Face templates expect (`messages`, `add_generation_prompt`, `bos_token`,
 `eos_token`, `raise_exception`, `strftime_now`).
 
-Untrusted code may also never end, or build a string the size of the memory: a render stops after
-RENDER_LIMIT seconds, or as soon as its request is cancelled (`workers.inference.watchdog`), and one operation
-may not build more than MAX_BUILT characters or items (`*`) or a number past MAX_POWER bits (`**`).
+Untrusted code may also never end: a render stops after RENDER_LIMIT seconds, or as soon as its request is
+cancelled (`workers.inference.watchdog`). The single operations that build a huge value in one native call,
+which no watchdog stops, are bounded: `*` to MAX_BUILT characters or items, `**` to MAX_POWER bits, and field
+widths (`%`, `str.format`, the `format`, `center` and `indent` filters) to MAX_BUILT. A template can still
+grow a string by doubling it in a loop (`{% set s = s ~ s %}`) faster than the render limit: a model file is
+trusted with the node's memory as its weights are.
 
 A model without a template gets `PLAIN_TEMPLATE`, which writes each message as `Role: content` on its own
 line and ends with `Assistant:`; its answers stop at `PLAIN_STOP` (the model starting the user's next turn).
 """
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
 import jinja2
+import jinja2.filters
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from broker.errors import ChatTemplateError
@@ -55,12 +60,49 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja2's immutable sandbox, with `*` and `**` bounded: each is one native call that no watchdog stops."""
+_NUMBER = re.compile(r"\d{7,}")
 
-    intercepted_binops = frozenset({"*", "**"})
+
+def _check_widths(fmt: Any) -> None:
+    """Refuse a format string that asks for a field MAX_BUILT characters wide or more."""
+    if isinstance(fmt, str) and any(int(n) >= MAX_BUILT for n in _NUMBER.findall(fmt)):
+        raise SecurityError(f"the template formats a field of {MAX_BUILT} characters or more")
+
+
+def _check_width(width: Any) -> None:
+    if isinstance(width, int) and width >= MAX_BUILT:
+        raise SecurityError(f"the template asks for a width of {MAX_BUILT} characters or more")
+
+
+def _center(value: str, width: int = 80) -> str:
+    _check_width(width)
+    return jinja2.filters.do_center(value, width)
+
+
+def _indent(value: str, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    _check_width(width)
+    return jinja2.filters.do_indent(value, width, first, blank)
+
+
+def _format(value: str, *args: Any, **kwargs: Any) -> str:
+    _check_widths(value)
+    return jinja2.filters.do_format(value, *args, **kwargs)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja2's immutable sandbox, with the operations that build a huge value in one native call bounded."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_widths(getattr(value, "__self__", None))
+        return wrapped
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%":
+            _check_widths(left)
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_BUILT:
@@ -72,6 +114,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 _ENV = _Sandbox(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+_ENV.filters.update(center=_center, indent=_indent, format=_format)
 _ENV.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
 
 
@@ -82,6 +125,7 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     stopped: Callable[[], bool] = lambda: False,
+    limit: float = RENDER_LIMIT,
 ) -> ChatPrompt:
     """Render `messages` for the model; raises ChatTemplateError if the template fails, refuses them or takes
     more than RENDER_LIMIT seconds, and `Interrupted` if `stopped()` turns true while it renders."""
@@ -90,7 +134,7 @@ def render_chat(
     payload: list[dict[str, Any]] = [{"role": m.role, "content": m.text} for m in messages]
     compiled = _compile(source)
     try:
-        with interruptible(RENDER_LIMIT, stopped):
+        with interruptible(limit, stopped):
             text = compiled.render(
                 messages=payload, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token
             )
@@ -98,7 +142,7 @@ def render_chat(
         if exc.why == "stopped":
             raise
         raise ChatTemplateError(
-            f"The model's chat template did not finish within {RENDER_LIMIT:g} s (a loop without end?)."
+            f"The model's chat template did not finish within {limit:g} s (a loop without end?)."
         ) from None
     except ChatTemplateError:
         raise

@@ -7,8 +7,12 @@ held the model forever: every later request for it queued behind, an unload time
 stop. `interruptible` raises `Interrupted` in its thread, through CPython's asynchronous exceptions
 (`PyThreadState_SetAsyncExc`, checked between bytecodes), once the block has run for `limit` seconds or
 `stopped()` turns true: one watchdog thread per process looks at every watched block every POLL seconds.
-A single native call (one huge string operation) is not interrupted until it returns: `workers.inference.chat`
-bounds those itself.
+
+`Interrupted` is a BaseException, as KeyboardInterrupt is: library code's `except Exception` (Jinja's own, or
+a test such as `is sequence` calling `__len__`) neither swallows it nor rewrites its traceback. Once fired, it
+fires again every REFIRE seconds until the block is left, in case something swallowed it all the same; the
+block's exit takes back any that is still pending. A single native call (one huge string operation) is not
+interrupted until it returns: `workers.inference.chat` bounds the ones it can.
 """
 
 import ctypes
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 
 POLL = 0.05
 """Seconds between the watchdog's looks: how late past its limit (or its cancellation) a block stops."""
+REFIRE = 1.0
+"""Seconds after which a block that is still running is interrupted again."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """The watched block ran past its limit, or was stopped."""
 
     def __init__(self, why: str = "") -> None:
@@ -35,7 +41,8 @@ class _Watch:
     thread: int
     deadline: float
     stopped: Callable[[], bool]
-    fired: bool = False
+    fired: float | None = None
+    """When it last fired (the clock's time)."""
     timed_out: bool = False
 
 
@@ -52,10 +59,10 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._run, name="modelfleet-watchdog", daemon=True)
                 self._thread.start()
 
-    def remove(self, watch: _Watch, *, raised: bool) -> None:
+    def remove(self, watch: _Watch) -> None:
         with self._lock:
             self._watched.discard(watch)
-            if watch.fired and not raised:  # fired as the block ended: take the pending exception back
+            if watch.fired is not None:  # one may still be pending (fired as the block ended): take it back
                 _set_async_exc(watch.thread, None)
 
     def _run(self) -> None:
@@ -63,11 +70,15 @@ class _Watchdog:
             time.sleep(POLL)
             now = time.monotonic()
             with self._lock:
-                for watch in list(self._watched):
+                for watch in self._watched:
+                    if watch.fired is not None:
+                        if now - watch.fired >= REFIRE:  # still running: whatever caught it, again
+                            watch.fired = now
+                            _set_async_exc(watch.thread, Interrupted)
+                        continue
                     timed_out = now >= watch.deadline
                     if timed_out or watch.stopped():
-                        watch.fired, watch.timed_out = True, timed_out
-                        self._watched.discard(watch)
+                        watch.fired, watch.timed_out = now, timed_out
                         _set_async_exc(watch.thread, Interrupted)
 
 
@@ -84,11 +95,14 @@ def interruptible(limit: float, stopped: Callable[[], bool] = lambda: False) -> 
     "timeout") or `stopped()` returns true (`why` "stopped")."""
     watch = _Watch(threading.get_ident(), time.monotonic() + limit, stopped)
     _WATCHDOG.add(watch)
-    raised = False
+    failure: BaseException | None = None
     try:
         yield
-    except Interrupted:
-        raised = True
-        raise Interrupted("timeout" if watch.timed_out else "stopped") from None
+    except BaseException as exc:  # whatever the interruption became on its way out (or any other failure)
+        failure = exc
     finally:
-        _WATCHDOG.remove(watch, raised=raised)
+        _WATCHDOG.remove(watch)
+    if watch.fired is not None:
+        raise Interrupted("timeout" if watch.timed_out else "stopped") from None
+    if failure is not None:
+        raise failure
