@@ -188,9 +188,23 @@ def test_send_task_sends_while_a_publish_signal_has_a_receiver(server: RedisServ
 
 
 def test_an_expired_send_goes_through_send_task(server: RedisServer) -> None:
+    """Celery sets an expired send's expiration to 0 (and warns); a template filled in with it would say -5000."""
     celery = make_celery(BrokerSettings(redis_url=server.url))
     theirs, ours = send_both(celery, server, **options(expires=datetime.fromtimestamp(time.time() - 5, UTC)))
     assert ours == theirs
+
+    async def expiration() -> str:
+        sender = TaskSender(celery, aioredis.Redis.from_url(server.url))
+        try:
+            sender.commands("modelfleet.list", **options())  # the template is taken
+            assert sender._templates["modelfleet.list"] is not None
+            expired = options(expires=datetime.fromtimestamp(time.time() - 5, UTC))
+            [(_, (_, payload)), *_] = sender.commands("modelfleet.list", **expired)
+            return str(json.loads(payload)["properties"]["expiration"])
+        finally:
+            sender.close()
+
+    assert asyncio.run(expiration()) == "0"
     celery.close()
 
 
