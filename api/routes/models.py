@@ -8,6 +8,7 @@ Each route's scope is that of the operation it sends to the nodes (`broker.opera
 from typing import Annotated
 
 from fastapi import APIRouter, Path
+from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import Fleet
 from api.openapi import JOB_ERRORS, guarded
@@ -74,8 +75,24 @@ async def unload_all(pool: Fleet) -> PoolUnloadAllResult:
 ModelId = Annotated[str, Path(description="A model's id, as `GET /v1/models` lists it (it may hold slashes).")]
 
 
+class _ModelPath(Convertor[str]):
+    """A model id in a path: one character or more, slashes included (Starlette's `path` also takes none, and
+    `/v1/models/` then was a model called "" instead of a redirect to the listing)."""
+
+    regex = ".+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("model_path", _ModelPath())
+
+
 @router.get(
-    "/{model_id:path}",
+    "/{model_id:model_path}",
     response_model=PoolModel,
     summary="Show one model",
     **guarded(CATALOG.scope, e.InvalidRequest, e.ModelFileNotFound, openai=True),

@@ -162,6 +162,9 @@ def test_openai_python_works_unchanged_against_the_head(two: tuple[Api, Worker, 
 
     assert client.models.retrieve("stories260K").loaded_on == listed["stories260K"].loaded_on  # type: ignore[attr-defined]
     assert client.models.retrieve("lazy/stories").id == "lazy/stories"
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {READ_KEY}"}) as http:
+        slash = http.get("/v1/models/")  # the listing, not a model called ""
+        assert slash.status_code == 307 and slash.headers["location"].endswith("/v1/models"), slash.text
     with pytest.raises(openai.NotFoundError) as unknown:
         client.models.retrieve("no-such-model")
     assert unknown.value.code == "model_file_not_found" and "no-such-model" in unknown.value.message
