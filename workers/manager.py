@@ -675,6 +675,13 @@ class ModelManager:
         `retry_after` seconds) if its queue is full, and GenerationCancelled if `cancelled` is set while this
         waits (set it, then call `wake()`).
         """
+        known = self._records.get(model_id)  # the file's stat, outside the lock (a slow disk stalls no one else)
+        if known is not None and known.rewritten:  # no generation may read its pages: `reap_idle` unloads it
+            raise ModelNotLoaded(
+                f"Model {model_id}'s file was written over on disk since it was loaded, so it is being unloaded; "
+                "load it again. (Replace a loaded model's file by renaming a new one over it, never in place.)",
+                state=known.state.value,
+            )
         with self._lock:
             if self.closing:
                 raise ShuttingDown("This node is shutting down; the head sends the request to another replica.")
@@ -703,6 +710,8 @@ class ModelManager:
                     self._usage_changed_locked()
                 if cancelled is not None and cancelled.is_set():
                     raise GenerationCancelled(model_id)
+                if self.closing:  # the running one ended because the node is stopping: not this one's turn
+                    raise ShuttingDown("This node is shutting down; the head sends the request to another replica.")
                 record = self._servable_locked(model_id, record)
             record.in_flight += 1
             record.last_used = self._clock()
@@ -732,12 +741,6 @@ class ModelManager:
             doing = {ModelState.LOADING: "still loading", ModelState.UNLOADING: "being unloaded"}
             raise ModelNotLoaded(
                 f"Model {model_id} is {doing.get(record.state, 'not loaded')} on this node.", state=record.state.value
-            )
-        if record.rewritten:  # no generation may read its pages: the heartbeat unloads it (`reap_idle`)
-            raise ModelNotLoaded(
-                f"Model {model_id}'s file was written over on disk since it was loaded, so it is being unloaded; "
-                "load it again. (Replace a loaded model's file by renaming a new one over it, never in place.)",
-                state=record.state.value,
             )
         return record
 
