@@ -1,5 +1,6 @@
 """A node's identity: a random key kept in its state directory, and the fingerprint derived from it."""
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -37,14 +38,30 @@ def load_or_create_node_key(state_dir: Path) -> bytes:
             os.link(temporary, path)
         except FileExistsError:  # another process created it first: use theirs
             return _read(path)
+        except OSError:  # a filesystem without hard links (some FUSE and SMB mounts): create it in place, synced
+            _create(path, key)
+            return _read(path)  # ours, or that of a process that was first
     finally:
         os.unlink(temporary)
-    directory = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with contextlib.suppress(OSError):  # where a directory can be synced: the new name survives a crash
+        directory = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     return key
+
+
+def _create(path: Path, key: bytes) -> None:
+    """Write the key file in place, unless it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another process's: the caller reads it
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.hex() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _read(path: Path) -> bytes:

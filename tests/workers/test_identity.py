@@ -32,3 +32,13 @@ def test_a_key_file_that_is_not_one_key_is_refused(tmp_path: Path, content: str,
     (tmp_path / KEY_FILE).write_text(content)
     with pytest.raises(ValueError, match=words):
         load_or_create_node_key(tmp_path)
+
+
+def test_without_hard_links_the_key_is_written_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(*_: object) -> None:
+        raise PermissionError("operation not permitted")  # what some FUSE and SMB mounts answer
+
+    monkeypatch.setattr("workers.identity.os.link", no_links)
+    key = load_or_create_node_key(tmp_path / "state")
+    assert load_or_create_node_key(tmp_path / "state") == key and len(key) == KEY_BYTES
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [KEY_FILE]
