@@ -69,8 +69,8 @@ class MessageTemplate:
         try:
             template = cls._parse(celery, send(task, **probe), probe["queue"])
             problem = template.check(send, task) if template is not None else "its commands are not LPUSH+PUBLISH"
-        except (KeyError, TypeError, ValueError) as exc:
-            template, problem = None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # whatever this Celery does differently: it keeps sending through send_task
+            template, problem = None, f"failed ({type(exc).__name__}: {exc})"
         if problem is not None:
             log.warning("sending %s through Celery's send_task: its message template %s", task, problem)
             return None
@@ -101,8 +101,7 @@ class MessageTemplate:
         left = (expires - self.celery.now()).total_seconds()
         if left < 0:
             return None
-        maxsize, levels = self.celery.amqp.kwargsrepr_maxsize, self.celery.conf.task_repr_maxlevels
-        kwargsrepr = saferepr(kwargs, maxsize, maxlevels=levels)
+        kwargsrepr = self._kwargsrepr(kwargs)
         at = expires.isoformat()
         template = self.message
         headers = template["headers"] | {"id": task_id, "root_id": task_id, "expires": at, "kwargsrepr": kwargsrepr}
@@ -134,6 +133,12 @@ class MessageTemplate:
             }
             commands.append(("publish", (self.event_topic, dumps(envelope))))
         return commands
+
+    def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
+        """The kwargs' repr as this Celery's `as_task_v2` writes it (`task_repr_maxlevels` came with 5.5)."""
+        maxsize = self.celery.amqp.kwargsrepr_maxsize
+        levels = getattr(self.celery.conf, "task_repr_maxlevels", None)
+        return saferepr(kwargs, maxsize) if levels is None else saferepr(kwargs, maxsize, maxlevels=levels)
 
     def check(self, send: Send, task: str) -> str | None:
         """What differs between this template's commands for a new send and `send_task`'s, or None if nothing

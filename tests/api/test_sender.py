@@ -217,3 +217,20 @@ def test_a_celery_whose_message_the_template_cannot_reproduce_sends_through_send
     assert ours == theirs and isinstance(ours[0]["body"], dict)
     assert "sending modelfleet.list through Celery's send_task" in caplog.text
     celery.close()
+
+
+def test_a_template_that_fails_in_any_way_leaves_sending_to_send_task(
+    server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery 5.4 has no task_repr_maxlevels: reading it raised AttributeError out of the template's check, and
+    every job answered 500 until the template learned the older name (found by CI's lowest-versions pass)."""
+
+    def broken(self: MessageTemplate, **_: Any) -> None:
+        raise AttributeError("'Settings' object has no attribute 'something_new'")
+
+    monkeypatch.setattr(MessageTemplate, "fill", broken)
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    theirs, ours = send_both(celery, server, **options())
+    assert ours == theirs
+    assert "sending modelfleet.list through Celery's send_task" in caplog.text and "AttributeError" in caplog.text
+    celery.close()

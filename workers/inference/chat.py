@@ -94,11 +94,19 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"*", "**", "%"})
 
+    # `str.format` and `format_map` calls: Jinja 3.1.5 and later wrap them when they are looked up
+    # (`wrap_str_format`), earlier releases when they are called (`call`, which gets the bound method).
+
     def wrap_str_format(self, value: Any) -> Any:
         wrapped = super().wrap_str_format(value)
         if wrapped is not None:
             _check_widths(getattr(value, "__self__", None))
         return wrapped
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(__obj, "__name__", None) in ("format", "format_map"):
+            _check_widths(getattr(__obj, "__self__", None))
+        return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "%":
