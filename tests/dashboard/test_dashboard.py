@@ -19,7 +19,7 @@ from playwright.sync_api import Page, Route, expect
 from broker import keys
 from tests.conftest import ALL_SECRETS, OPERATOR_KEY, READ_KEY, park, thaw, wait_for
 from tests.dashboard.conftest import NODE_TOKEN, UNLOAD_TIMEOUT, Dash, model_row, node_card, shoot, sign_in
-from workers.gguf_factory import write_truncated_gguf
+from workers.gguf_factory import write_tiny_llama, write_truncated_gguf
 
 
 def seen(page: Page) -> list[str]:
@@ -120,6 +120,24 @@ def test_unload_is_optimistic(dash: Dash, new_page, tmp_path: Path) -> None:
     expect(node_card(page, "node-b").get_by_test_id("notice")).to_contain_text("Unloaded tiny-a")
     expect(row).to_have_count(0)
     expect(node_card(page, "node-b").get_by_test_id("operating")).to_have_count(0)
+
+
+def test_the_event_log_says_why_a_model_left(dash: Dash, new_page, tmp_path: Path) -> None:
+    """A model unloaded by the node itself (its file written over, here) left the page with no word of why."""
+    doomed = dash.b.models_dir / "doomed.gguf"
+    write_tiny_llama(doomed)
+    try:
+        api_load(dash, dash.b.fingerprint, "doomed")
+        page = new_page()
+        sign_in(page, dash.api)
+        row = model_row(page, "node-b", "doomed")
+        expect(row).to_have_attribute("data-state", "loaded")
+        write_truncated_gguf(doomed)  # in place, as cp does: the node unloads it at its next heartbeat
+        expect(row).to_have_count(0, timeout=15_000)
+        expect(page.get_by_test_id("event-log")).to_contain_text("doomed (file changed)")
+        shoot(page, tmp_path / "file-changed.png")
+    finally:
+        doomed.unlink()
 
 
 def test_a_refused_unload_is_rolled_back_with_its_error(dash: Dash, new_page, tmp_path: Path) -> None:

@@ -348,7 +348,9 @@ function onChange(e) {
   const name = state.nodes[fp]?.name ?? event.name ?? fp.slice(0, 8);
   if (event.type.startsWith("model-")) {
     applyModel(fp, event.model);
-    const reason = event.error ? `: ${event.error}` : "";
+    // why a model left: an operator's unload, its keep-alive, an eviction, its file written over...
+    const gone = event.type.startsWith("model-unload") && event.model?.unloadReason;
+    const reason = event.error ? `: ${event.error}` : gone ? ` (${event.model.unloadReason.replaceAll("-", " ")})` : "";
     record({ id: e.lastEventId, at: event.at, type: event.type, node: fp, name, text: `${event.modelId}${reason}` });
     fetchRemoteModels(fp);
   } else {
