@@ -186,7 +186,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         details = {"errors": [{"field": "body", "message": sentence}]}
         return _answer(request, 422, "invalid_request", f"Invalid request: {sentence}.", details, param="body")
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _answer(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
+    # Starlette's own words for a path or method no route has say nothing a person can act on
+    route = f"{request.method} {request.url.path[:100]!r}"
+    message = {
+        "Not Found": f"No route answers {route}; /docs lists this API's routes.",
+        "Method Not Allowed": f"{route}: this path takes other methods (the Allow header lists them).",
+    }.get(str(exc.detail), str(exc.detail))
+    return _answer(request, exc.status_code, code, message, headers=exc.headers)
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:

@@ -30,8 +30,10 @@ Control which AI models are loaded on a fleet of GPU nodes.
 
 Every route but `/healthz` and the dashboard's sign-in needs `Authorization: Bearer <key>` (the **Authorize**
 button) or the dashboard's session cookie: a read-only key for everything that changes nothing, an operator key
-for loads and unloads. Every error answers
-`{"success": false, "error": "<what to do>", "code": "<stable code>", "details": {...}}`.
+for loads and unloads. Errors answer
+`{"success": false, "error": "<what to do>", "code": "<stable code>", "details": {...}}`, except under `/v1`
+outside the pool's routes (inference, one model's entry), where they take OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, which openai-python reads.
 """
 
 

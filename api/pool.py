@@ -139,7 +139,7 @@ class Pool:
         survey = await self.survey()
         views = survey.views()
         if not views:
-            raise NodeUnavailable("No node is online to load the model on.", unreachable=survey.unreachable())
+            raise NodeUnavailable(f"No node is online to load {model} on.", unreachable=survey.unreachable())
         if serving:
             endpoints = {n.fingerprint for n in survey.nodes if n.endpoint}
             views = [view for view in views if view.fingerprint in endpoints]

@@ -171,6 +171,7 @@ def test_openai_python_works_unchanged_against_the_head(two: tuple[Api, Worker, 
     with pytest.raises(openai.NotFoundError) as elsewhere:  # a route of OpenAI's that the head does not have
         client.embeddings.create(model="stories260K", input="x")
     assert elsewhere.value.body is not None and "message" in elsewhere.value.body  # type: ignore[operator]
+    assert "No route answers POST '/v1/embeddings'" in elsewhere.value.message
 
 
 def test_two_nodes_share_twenty_concurrent_streams(two: tuple[Api, Worker, Worker]) -> None:
