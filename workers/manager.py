@@ -89,6 +89,10 @@ class Loader(Protocol):
     def check(self, model: Any) -> bool: ...
 
 
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("This node is shutting down; the head sends the request to another replica.")
+
+
 FileStamp = tuple[int, int, int, int]
 """A file's device, inode, size and modification time (ns)."""
 
@@ -684,7 +688,7 @@ class ModelManager:
             )
         with self._lock:
             if self.closing:
-                raise ShuttingDown("This node is shutting down; the head sends the request to another replica.")
+                raise _shutting_down()
             record = self._servable_locked(model_id)
             if record.in_flight:
                 if record.queued >= self._max_queue:
@@ -701,9 +705,7 @@ class ModelManager:
                         if cancelled is not None and cancelled.is_set():
                             raise GenerationCancelled(model_id)
                         if self.closing:
-                            raise ShuttingDown(
-                                "This node is shutting down; the head sends the request to another replica."
-                            )
+                            raise _shutting_down()
                         self._changed.wait()
                 finally:
                     record.queued -= 1
@@ -711,7 +713,7 @@ class ModelManager:
                 if cancelled is not None and cancelled.is_set():
                     raise GenerationCancelled(model_id)
                 if self.closing:  # the running one ended because the node is stopping: not this one's turn
-                    raise ShuttingDown("This node is shutting down; the head sends the request to another replica.")
+                    raise _shutting_down()
                 record = self._servable_locked(model_id, record)
             record.in_flight += 1
             record.last_used = self._clock()
@@ -770,15 +772,24 @@ class ModelManager:
             record.healthy = not lease.failed if (lease.tokens or lease.failed) else record.healthy
         self._changed.notify_all()
 
+    def _rewritten(self) -> set[str]:
+        """The loaded models whose file was written over in place; the files are looked at outside the lock, so
+        that a slow filesystem holds up no request."""
+        with self._lock:
+            loaded = [r for r in self._records.values() if r.state is ModelState.LOADED]
+        return {r.model_id for r in loaded if r.rewritten}
+
     def reap_idle(self) -> list[str]:
         """Unload every model unused for longer than its keep-alive (reason `idle`), and every idle model whose
         file was written over in place (reason `file-changed`, before anything reads its pages); returns their
         ids."""
+        rewritten_ids = self._rewritten()
         now = self._clock()
         with self._lock:
             loaded = [r for r in self._records.values() if r.state is ModelState.LOADED and not r.busy]
             idle = [r for r in loaded if r.keep_alive is not None and now - r.last_used >= r.keep_alive]
-            rewritten = [r for r in loaded if r.model_id not in {i.model_id for i in idle} and r.rewritten]
+            idle_ids = {r.model_id for r in idle}
+            rewritten = [r for r in loaded if r.model_id in rewritten_ids and r.model_id not in idle_ids]
             futures = [(r, self._begin_unload_locked(r, UnloadReason.IDLE)) for r in idle]
             futures += [(r, self._begin_unload_locked(r, UnloadReason.FILE_CHANGED)) for r in rewritten]
         for record, future in futures:
@@ -844,6 +855,7 @@ class ModelManager:
         """Ask the backend about every idle loaded model, under its lease (never beside a generation); `healthy`
         reflects the last answer. A busy model is skipped, and so is one that generated within `fresh_within`
         seconds: its generations say whether it answers."""
+        rewritten = self._rewritten()  # their pages may be gone: the heartbeat unloads them, nothing reads them
         now = self._clock()
         with self._lock:
             ids = [
@@ -851,7 +863,7 @@ class ModelManager:
                 for r in self._records.values()
                 if r.state is ModelState.LOADED
                 and not (r.healthy and now - r.last_used < fresh_within)
-                and not r.rewritten  # its pages may be gone: the heartbeat unloads it
+                and r.model_id not in rewritten
             ]
         for model_id in ids:
             lease = self.try_acquire(model_id)
