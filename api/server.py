@@ -54,12 +54,21 @@ def listening_socket(config: uvicorn.Config, *, dead_peer_after: float) -> socke
     return sock
 
 
-def serve(app: FastAPI, *, host: str, port: int, graceful_timeout: float | None, ping_interval: float) -> None:
+def serve(
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    graceful_timeout: float | None,
+    ping_interval: float,
+    access_log: bool = False,
+) -> None:
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         timeout_graceful_shutdown=int(graceful_timeout) if graceful_timeout is not None else None,
+        access_log=access_log,
         log_config=None,  # our root handler, with its secret mask, formats uvicorn's records too
     )
     sock = listening_socket(config, dead_peer_after=max(2 * ping_interval, 5.0))

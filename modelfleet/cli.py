@@ -78,6 +78,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         port=settings.port,
         graceful_timeout=args.graceful_timeout,
         ping_interval=settings.sse_ping_interval,
+        access_log=settings.access_log,
     )
     return 0
 

@@ -70,7 +70,7 @@ def test_leak_check_finds_a_planted_secret() -> None:
 
 def test_no_secret_in_any_log_or_answer(fleet: Fleet, models_dir: Path) -> None:
     worker = fleet.worker("secrets-node", models_dir)
-    api = fleet.api()
+    api = fleet.api(MODELFLEET_ACCESS_LOG="true")  # the request lines too, secrets in URLs and all
     rec = Recorder()
     fp = worker.fingerprint
     models = f"/api/v1/nodes/{fp}/models"
@@ -128,6 +128,13 @@ def test_no_secret_in_any_log_or_answer(fleet: Fleet, models_dir: Path) -> None:
         others = [s for s in ALL_SECRETS if s not in exchange.sent()]
         assert not leaked(exchange.response, others), f"{exchange.request!r} -> {exchange.response!r}"
         assert not UNMASKED_URL.search(exchange.response)
+
+
+def test_the_access_log_is_off_unless_asked_for(fleet: Fleet) -> None:
+    quiet = fleet.api()  # it answered /healthz to come up
+    assert httpx.get(quiet.url + "/api/v1/nodes").status_code == 401
+    fleet.stop()
+    assert "HTTP/1.1" not in quiet.log() and " started" in quiet.log().lower()
 
 
 def test_up_never_shows_environment_keys_or_its_redis_password(tmp_path: Path) -> None:
