@@ -4,6 +4,7 @@ message and its `task-sent` event alike (a worker consuming it is tested end to 
 import asyncio
 import base64
 import json
+import random
 import time
 import uuid
 from datetime import UTC, datetime
@@ -13,10 +14,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from celery import signals
+from celery.utils.saferepr import saferepr
 
-from api.message_template import MessageTemplate
+from api.message_template import SAFEREPR_LEVELS, MessageTemplate, plain_saferepr
 from api.sender import TaskSender
 from broker.celery_app import make_celery
+from broker.operations import OPERATIONS
 from broker.settings import BrokerSettings
 from tests.conftest import RedisServer
 
@@ -234,3 +237,44 @@ def test_a_template_that_fails_in_any_way_leaves_sending_to_send_task(
     assert ours == theirs
     assert "sending modelfleet.list through Celery's send_task" in caplog.text and "AttributeError" in caplog.text
     celery.close()
+
+
+def _value(rng: random.Random, depth: int) -> object:
+    """A value as jobs' kwargs hold them, nested up to `depth`, with the strings `saferepr` treats apart."""
+    roll = rng.random()
+    if depth > 0 and roll < 0.3:
+        return {rng.choice(WORDS): _value(rng, depth - 1) for _ in range(rng.randrange(4))}
+    if depth > 0 and roll < 0.45:
+        return [_value(rng, depth - 1) for _ in range(rng.randrange(4))]
+    return rng.choice([rng.choice(WORDS), rng.randrange(-(10**12), 10**12), rng.uniform(-1e6, 1e18), True, False, None])
+
+
+WORDS = ["job", "deadline", "model_id", "it's", "a\\b", "new\nline", "tab\t", "ünïcode", "", "'", '"', "x" * 300]
+
+
+def test_the_plain_kwargs_repr_is_celerys_saferepr() -> None:
+    rng = random.Random(20261207)
+    compared = 0
+    for _ in range(3000):
+        value = {"job": _value(rng, 5)}
+        maxlen = rng.choice([None, 1024, 200, 40])
+        levels = rng.choice([3, 2, 5, 0])
+        fast = plain_saferepr(value, maxlen, levels)
+        if fast is not None:
+            assert fast == saferepr(value, maxlen, maxlevels=levels), (value, maxlen, levels)
+            compared += 1
+    assert compared > 1500, "most generated values must take the fast way"
+    # What it leaves to saferepr: other types, other keys, and anything saferepr would cut.
+    assert plain_saferepr({"job": (1, 2)}, 1024, 3) is None
+    assert plain_saferepr({1: "a"}, 1024, 3) is None
+    assert plain_saferepr({"job": "x" * 2000}, 1024, 3) is None
+
+
+def test_every_operations_job_takes_the_plain_repr() -> None:
+    celery = make_celery(BrokerSettings())
+    maxsize = celery.amqp.kwargsrepr_maxsize
+    for op in OPERATIONS:
+        fields = {"model_id": "org/tiny-a", "model_path": "org/tiny-a.gguf", "context_length": 2048, "pin": True}
+        job = op.job(deadline=time.time() + 30, **{k: v for k, v in fields.items() if k in op.job.model_fields})
+        kwargs = {"job": job.wire()}
+        assert plain_saferepr(kwargs, maxsize, SAFEREPR_LEVELS) == saferepr(kwargs, maxsize), op.name
