@@ -182,10 +182,10 @@ def plain_saferepr(value: object, maxlen: int | None, maxlevels: int) -> str | N
     for its truncation. A test holds the two equal over generated values."""
     parts: list[str] = []
 
-    def walk(item: object, level: int) -> bool:
+    def walk(item: Any, level: int) -> bool:
         kind = type(item)
         if kind is str:
-            parts.append("'" + item.replace("'", "\\'") + "'")  # type: ignore[attr-defined]
+            parts.append("'" + item.replace("'", "\\'") + "'")
         elif kind is int or kind is float or kind is bool or item is None:
             parts.append(str(item))
         elif kind is dict or kind is list:
@@ -194,7 +194,7 @@ def plain_saferepr(value: object, maxlen: int | None, maxlevels: int) -> str | N
                 return True
             if kind is dict:
                 parts.append("{")
-                for i, (key, child) in enumerate(item.items()):  # type: ignore[attr-defined]
+                for i, (key, child) in enumerate(item.items()):
                     if i:
                         parts.append(", ")
                     if type(key) is not str:
@@ -205,7 +205,7 @@ def plain_saferepr(value: object, maxlen: int | None, maxlevels: int) -> str | N
                 parts.append("}")
             else:
                 parts.append("[")
-                for i, child in enumerate(item):  # type: ignore[attr-defined]
+                for i, child in enumerate(item):
                     if i:
                         parts.append(", ")
                     if not walk(child, level + 1):
