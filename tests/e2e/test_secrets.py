@@ -141,7 +141,7 @@ def test_up_never_shows_environment_keys_or_its_redis_password(tmp_path: Path) -
     op_key = "envop-SECRET-" + secrets.token_hex(12)
     ro_key = "envro-SECRET-" + secrets.token_hex(12)
     port = free_port()
-    env = {"MODELFLEET_OPERATOR_KEYS": op_key, "MODELFLEET_API_KEYS": ro_key}
+    env = {"MODELFLEET_OPERATOR_KEYS": op_key, "MODELFLEET_API_KEYS": ro_key, "MODELFLEET_ACCESS_LOG": "true"}
     up = Up(tmp_path / "run", ["--port", str(port)], env).start()
     try:
         banner = up.wait_banner()
