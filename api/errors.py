@@ -41,10 +41,18 @@ POOL_ROUTES = frozenset(
 """The pool's routes under `/v1` (model-loading.txt): they answer errors in the API's shape."""
 
 
-def speaks_openai(path: str) -> bool:
-    """Whether errors at `path` take OpenAI's shape: everything under `/v1` but the pool's routes (completions,
-    chat, `models.retrieve`, and any path openai-python has and the head does not, as a 404)."""
-    return path.startswith("/v1/") and path not in POOL_ROUTES
+POOL_ACTIONS = frozenset({"/v1/models/load", "/v1/models/unload", "/v1/models/unload-all"})
+"""The pool's POST routes: a GET of one asks for a model of that name (openai-python's `models.retrieve`)."""
+
+
+def speaks_openai(path: str, method: str) -> bool:
+    """Whether errors of `method` at `path` take OpenAI's shape: everything under `/v1` but the pool's routes
+    (completions, chat, `models.retrieve`, and any path openai-python has and the head does not, as a 404)."""
+    if not path.startswith("/v1/"):
+        return False
+    if path in POOL_ACTIONS and method in ("GET", "HEAD"):
+        return True  # `models.retrieve("load")`: a model id, whose 404 openai-python must be able to read
+    return path not in POOL_ROUTES
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -109,7 +117,7 @@ def _answer(
     param: str | None = None,
 ) -> JSONResponse:
     """The error in the shape the route's clients read."""
-    if speaks_openai(request.url.path):
+    if speaks_openai(request.url.path, request.method):
         body = openai_error(status, code, message, param).model_dump(mode="json")
     else:
         body = error_body(code, message, details)
@@ -118,7 +126,7 @@ def _answer(
 
 async def _modelfleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.ModelfleetError)
-    status = status_of(exc, openai=speaks_openai(request.url.path))
+    status = status_of(exc, openai=speaks_openai(request.url.path, request.method))
     return _answer(request, status, exc.code, exc.message, exc.details, error_headers(exc, status))
 
 
@@ -170,7 +178,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             return _answer(request, 422, "invalid_request", f"Invalid request: {sentence}.", details, param="body")
     problems = [{"field": _describe(err).split(":")[0], "message": _describe(err)} for err in exc.errors()]
     message = "; ".join(p["message"] for p in problems[:5]) or "Invalid request."
-    if speaks_openai(request.url.path):  # as the nodes answer it: 422, OpenAI's shape, the first field named
+    if speaks_openai(
+        request.url.path, request.method
+    ):  # as the nodes answer it: 422, OpenAI's shape, the first field named
         return _answer(request, 422, "invalid_request", message, param=problems[0]["field"] if problems else None)
     return JSONResponse(error_body("invalid_request", message, {"errors": problems}), status_code=422)
 

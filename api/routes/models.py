@@ -5,18 +5,16 @@ model. Bodies and answers are snake_case, as in that document (the node-addresse
 Each route's scope is that of the operation it sends to the nodes (`broker.operations`).
 """
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import Fleet
 from api.openapi import JOB_ERRORS, guarded
 from api.schemas import PoolLoadRequest, PoolUnloadRequest
 from broker import errors as e
 from broker.answers import (
-    ErrorBody,
     PoolLoadResult,
     PoolModel,
     PoolModelList,
@@ -101,30 +99,24 @@ register_url_convertor("model_path", _ModelPath())
 
 
 ACTIONS = frozenset({"load", "unload", "unload-all"})
-"""The pool's POST routes under `/v1/models/`: a GET of one is answered 405, unless a model has that name."""
+"""The pool's POST routes under `/v1/models/`: a GET of one is a model id, whose 404 says which route it met."""
 
 
-def _get_model_options() -> dict[str, Any]:
-    options = guarded(CATALOG.scope, e.InvalidRequest, e.ModelFileNotFound, openai=True)
-    options["responses"][405] = {  # the pool's own routes answer it, in their shape (`api.errors.POOL_ROUTES`)
-        "model": ErrorBody,
-        "description": "`method_not_allowed`: `load`, `unload` and `unload-all` take POST (the `Allow` header says"
-        " so), when no model has that name; in the pool routes' error shape, not OpenAI's.",
-        "headers": {"Allow": {"description": "`POST`", "schema": {"type": "string"}}},
-    }
-    return options
-
-
-@router.get("/{model_id:model_path}", response_model=PoolModel, summary="Show one model", **_get_model_options())
+@router.get(
+    "/{model_id:model_path}",
+    response_model=PoolModel,
+    summary="Show one model",
+    **guarded(CATALOG.scope, e.InvalidRequest, e.ModelFileNotFound, openai=True),
+)
 async def get_model(model_id: ModelId, pool: Fleet) -> PoolModel:
     """One model's entry of `GET /v1/models` (what openai-python's `models.retrieve` reads); errors in OpenAI's
-    shape. `status` is the pool's own route, not a model id here; `load`, `unload` and `unload-all` are model ids
-    only when a model has that name, else they answer 405 (those routes take POST)."""
+    shape. `status` is the pool's own route, not a model id here; `load`, `unload` and `unload-all` are model
+    ids for a GET (openai-python's `models.retrieve("load")` must get its NotFoundError, not a 405), and their
+    404 names the POST route of that name."""
     for entry in (await pool.models()).data:
         if entry.id == model_id:
             return entry
-    if model_id in ACTIONS:
-        raise StarletteHTTPException(405, "Method Not Allowed", headers={"Allow": "POST"})
+    route = f" (POST /v1/models/{model_id} is the pool's route of that name)" if model_id in ACTIONS else ""
     raise e.ModelFileNotFound(
-        f"No online node has a model {model_id!r}; GET /v1/models lists the fleet's models.", model=model_id
+        f"No online node has a model {model_id!r}{route}; GET /v1/models lists the fleet's models.", model=model_id
     )
