@@ -18,6 +18,7 @@ from broker.registry import (
     is_fingerprint,
 )
 from broker.schemas import MemoryInfo, ModelFile, ModelState, NodeInfo
+from tests.broker.conftest import Run
 from tests.conftest import node_info
 
 FP = "ab" * 16
@@ -92,7 +93,9 @@ def test_directory_reports_online_offline_and_stats(server: fakeredis.FakeServer
     assert not asyncio.run(read())[1].online
 
 
-def test_a_node_seen_online_whose_registration_vanished_is_503_for_a_while(server: fakeredis.FakeServer) -> None:
+def test_a_node_seen_online_whose_registration_vanished_is_503_for_a_while(
+    server: fakeredis.FakeServer, run: Run
+) -> None:
     """Redis restarted without its data: the node registers again at its next heartbeat. Until then, a node seen
     online a moment ago is unavailable (retry), not unknown (404, which clients read as for good)."""
     node = registrar(server)
@@ -103,17 +106,17 @@ def test_a_node_seen_online_whose_registration_vanished_is_503_for_a_while(serve
     async def get() -> NodeInfo:
         return await directory.get(FP)
 
-    assert asyncio.run(get()).online
+    assert run(get()).online
     fakeredis.FakeRedis(server=server).flushall()
     now[0] += REGISTRY_GRACE - 1
     with pytest.raises(NodeUnavailable) as lost:
-        asyncio.run(get())
+        run(get())
     assert lost.value.details["retry_after"] > 0 and "registration is gone" in lost.value.message
     now[0] += 2
     with pytest.raises(NodeNotFound):
-        asyncio.run(get())
+        run(get())
     with pytest.raises(NodeNotFound):  # never seen: unknown at once
-        asyncio.run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get("cd" * 16))
+        run(NodeDirectory(fakeredis.FakeAsyncRedis(server=server)).get("cd" * 16))
 
 
 def test_fingerprint_shape() -> None:
@@ -220,11 +223,13 @@ def test_an_offline_node_shows_when_it_last_beat_but_no_live_figures(server: fak
     assert (offline.models_loaded, offline.model_states, offline.memory_used_bytes, offline.rss_bytes) == (0, {}, 0, 0)
 
 
-def test_published_files_and_memory_make_the_catalog_until_the_next_registration(server: fakeredis.FakeServer) -> None:
+def test_published_files_and_memory_make_the_catalog_until_the_next_registration(
+    server: fakeredis.FakeServer, run: Run
+) -> None:
     node = registrar(server)
     node.claim()
     directory = NodeDirectory(fakeredis.FakeAsyncRedis(server=server))
-    [(_, catalog)] = asyncio.run(directory.with_catalogs())
+    [(_, catalog)] = run(directory.with_catalogs())
     assert catalog is None, "nothing published yet: the API must ask the node"
 
     file = ModelFile(id="m", path="/models/m.gguf", size_bytes=10, estimate_bytes=20, backend="ctransformers")
@@ -232,36 +237,38 @@ def test_published_files_and_memory_make_the_catalog_until_the_next_registration
     node.publish_memory(MemoryInfo(budget_bytes=100, used_bytes=20, free_bytes=80, evictable_bytes=20))
     client = fakeredis.FakeRedis(server=server)
     client.hset(keys.node_info(FP), "models", json.dumps([{"id": "m", "state": "loaded", "future": 1}]))
-    [(_, catalog)] = asyncio.run(directory.with_catalogs())
+    [(_, catalog)] = run(directory.with_catalogs())
     assert catalog is not None and catalog.files == [file] and catalog.memory.free_bytes == 80
     assert catalog.models == [], "a model list this version cannot read is shown as none"
 
     client.hset(keys.node_info(FP), "memory", "{broken")
-    assert asyncio.run(directory.with_catalogs())[0][1] is None
+    assert run(directory.with_catalogs())[0][1] is None
 
     node.publish_memory(MemoryInfo(budget_bytes=100, used_bytes=0, free_bytes=100, evictable_bytes=0))
     registrar(server).claim(wait=0.5, holder_gone=lambda _: True)  # a new process of the same node
     assert not client.hexists(keys.node_info(FP), "files") and not client.hexists(keys.node_info(FP), "memory")
 
 
-def test_live_keeps_an_online_boot_s_record_until_get_reads_the_node_again(server: fakeredis.FakeServer) -> None:
+def test_live_keeps_an_online_boot_s_record_until_get_reads_the_node_again(
+    server: fakeredis.FakeServer, run: Run
+) -> None:
     first = registrar(server, ttl=5)
     first.claim()
     client = fakeredis.FakeRedis(server=server)
     directory = NodeDirectory(fakeredis.FakeAsyncRedis(server=server))
-    seen = asyncio.run(directory.live(FP))
+    seen = run(directory.live(FP))
     assert seen.online and seen.boot_id == first.info.boot_id
     # Kept without a read: a job sent with it is guarded by its boot id (api.sender), not by this record.
     client.hset(keys.node_info(FP), "registration", json.dumps(first.info.wire() | {"name": "renamed"}))
     client.delete(keys.node_alive(FP))
-    assert asyncio.run(directory.live(FP)) is seen
+    assert run(directory.live(FP)) is seen
     # A full read replaces it; an offline node is not kept.
-    assert not asyncio.run(directory.get(FP)).online
-    assert asyncio.run(directory.live(FP)).name == "renamed"
+    assert not run(directory.get(FP)).online
+    assert run(directory.live(FP)).name == "renamed"
 
     second = registrar(server, ttl=5)  # a new process of the node: another boot id
     second.claim()
-    assert asyncio.run(directory.live(FP)).boot_id == second.info.boot_id != first.info.boot_id
-    assert asyncio.run(directory.live(FP)) is asyncio.run(directory.live(FP))
+    assert run(directory.live(FP)).boot_id == second.info.boot_id != first.info.boot_id
+    assert run(directory.live(FP)) is run(directory.live(FP))
     with pytest.raises(NodeNotFound):
-        asyncio.run(directory.live("not-a-fingerprint"))
+        run(directory.live("not-a-fingerprint"))
