@@ -68,6 +68,8 @@ def test_fleet_is_whole_again_after_redis_loses_or_keeps_its_data(
         assert proc.alive(), f"{proc.name} exited"
     node = client.node(worker.fingerprint)
     assert node.boot_id == boot and node.pid == worker.pid, "no process was restarted"
+    # The consumer's reconnection says it lost and found Redis, without Celery's warning about a setting to come.
+    assert "CPendingDeprecationWarning" not in worker.log()
 
     # The follower is current again, with nothing missed or repeated since its last snapshot.
     wait_for(lambda: follower.seen[-1].id == _last_id(own_redis), WHOLE_BOUND, "the follower to catch up")
