@@ -56,7 +56,7 @@ def check_model_id(value: str) -> str:
     """
     reason = _model_id_problem(value)
     if reason:
-        raise InvalidModelId(f"Invalid modelId {value[:40]!r}: {reason}.")
+        raise InvalidModelId(f"Invalid model id {value[:40]!r}: {reason}.")
     return value
 
 

@@ -264,6 +264,8 @@ def test_not_found_unknown_node_and_not_loaded(op: httpx.Client, alpha: Worker) 
     for body in ({}, {"model_name": "../x"}, {"model_name": "s1", "surprise": 1}):
         bad = op.post("/v1/models/load", json=body)
         assert bad.status_code == 422 and bad.json()["code"] == "invalid_request", body
+    traversal = op.post("/v1/models/load", json={"model_name": "../x"}).json()["error"]
+    assert traversal.startswith("model_name: Invalid model id '../x'"), traversal  # this route's own field name
 
 
 def test_unload_reaches_every_node_that_holds_the_model(op: httpx.Client, alpha: Worker, beta: Worker) -> None:
