@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path
 from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import Fleet
+from api.errors import POOL_ACTIONS
 from api.openapi import JOB_ERRORS, guarded
 from api.schemas import PoolLoadRequest, PoolUnloadRequest
 from broker import errors as e
@@ -98,10 +99,6 @@ class _ModelPath(Convertor[str]):
 register_url_convertor("model_path", _ModelPath())
 
 
-ACTIONS = frozenset({"load", "unload", "unload-all"})
-"""The pool's POST routes under `/v1/models/`: a GET of one is a model id, whose 404 says which route it met."""
-
-
 @router.get(
     "/{model_id:model_path}",
     response_model=PoolModel,
@@ -110,13 +107,13 @@ ACTIONS = frozenset({"load", "unload", "unload-all"})
 )
 async def get_model(model_id: ModelId, pool: Fleet) -> PoolModel:
     """One model's entry of `GET /v1/models` (what openai-python's `models.retrieve` reads); errors in OpenAI's
-    shape. `status` is the pool's own route, not a model id here; `load`, `unload` and `unload-all` are model
-    ids for a GET (openai-python's `models.retrieve("load")` must get its NotFoundError, not a 405), and their
-    404 names the POST route of that name."""
+    shape. `status` is the pool's own route, not a model id here. A GET of `load`, `unload` or `unload-all` asks
+    for a model of that name; when there is none, the 404 names the pool's POST route."""
     for entry in (await pool.models()).data:
         if entry.id == model_id:
             return entry
-    route = f" (POST /v1/models/{model_id} is the pool's route of that name)" if model_id in ACTIONS else ""
+    path = f"{router.prefix}/{model_id}"
+    route = f" (POST {path} is the pool's route of that name)" if path in POOL_ACTIONS else ""
     raise e.ModelFileNotFound(
         f"No online node has a model {model_id!r}{route}; GET /v1/models lists the fleet's models.", model=model_id
     )
