@@ -178,9 +178,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             return _answer(request, 422, "invalid_request", f"Invalid request: {sentence}.", details, param="body")
     problems = [{"field": _describe(err).split(":")[0], "message": _describe(err)} for err in exc.errors()]
     message = "; ".join(p["message"] for p in problems[:5]) or "Invalid request."
-    if speaks_openai(
-        request.url.path, request.method
-    ):  # as the nodes answer it: 422, OpenAI's shape, the first field named
+    # Where clients read OpenAI's shape, as the nodes answer it: 422, the first field named.
+    if speaks_openai(request.url.path, request.method):
         return _answer(request, 422, "invalid_request", message, param=problems[0]["field"] if problems else None)
     return JSONResponse(error_body("invalid_request", message, {"errors": problems}), status_code=422)
 

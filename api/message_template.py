@@ -68,7 +68,7 @@ class MessageTemplate:
     event_topic: str | None
     event_envelope: dict[str, Any] | None
     event: dict[str, Any] | None
-    repr_limits: tuple[int, int | None]
+    repr_limits: tuple[int, int]
     """The kwargs repr's size and depth as this Celery writes them (`task_repr_maxlevels` came with 5.5),
     read once: a Celery configuration read costs microseconds a send."""
 
@@ -102,7 +102,8 @@ class MessageTemplate:
             topic, raw = events[0]
             envelope = json.loads(raw)
             event = _decode(envelope["body"])
-        limits = (celery.amqp.kwargsrepr_maxsize, getattr(celery.conf, "task_repr_maxlevels", None))
+        levels = getattr(celery.conf, "task_repr_maxlevels", None)
+        limits = (celery.amqp.kwargsrepr_maxsize, SAFEREPR_LEVELS if levels is None else levels)
         return cls(celery, message, embed, topic, envelope, event, limits)
 
     def fill(self, *, kwargs: dict[str, Any], queue: str, task_id: str, expires: datetime) -> list[Command] | None:
@@ -154,7 +155,6 @@ class MessageTemplate:
     def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
         """The kwargs' repr as this Celery's `as_task_v2` writes it."""
         maxsize, levels = self.repr_limits
-        levels = SAFEREPR_LEVELS if levels is None else levels
         fast = plain_saferepr(kwargs, maxsize, levels)
         return fast if fast is not None else saferepr(kwargs, maxsize, maxlevels=levels)
 
@@ -188,8 +188,8 @@ def plain_saferepr(value: object, maxlen: int | None, maxlevels: int) -> str | N
     """What Celery's `saferepr(value, maxlen, maxlevels)` returns, for a value made of dicts and lists of strings,
     numbers, booleans and None that it would not truncate; None for anything else (let `saferepr` do it).
 
-    `saferepr` walks its value through generators, a token at a time: about 60 us for a job's kwargs, the largest
-    share of the API's CPU per sent job. The rules followed are its own: a string in single quotes with only
+    `saferepr` walks its value through generators, a token at a time: 23 us for a list job's kwargs, 69 us for a
+    load job's, where this takes 4-6 us. The rules followed are its own: a string in single quotes with only
     its single quotes escaped, a number as `str` gives it, None as `repr` does, and a container at depth
     `maxlevels` (the outermost at 0) as `{...}` or `[...]`. An answer as long as `maxlen` or longer is left to it,
     for its truncation. A test holds the two equal over generated values."""
