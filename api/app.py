@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from api.deps import security_schemes
 from api.errors import install_error_handlers
 from api.events import EventRelay, OfflineWatcher
+from api.fastlane import FastLane
 from api.inflight import InFlight
 from api.jobs import JobClient
 from api.metrics import Metrics
@@ -37,7 +38,8 @@ from broker.wrong_keys import WrongKeys
 log = logging.getLogger("modelfleet.api")
 
 
-def create_app(settings: ApiSettings) -> FastAPI:
+def create_app(settings: ApiSettings, *, fast_lane: bool = True) -> FastAPI:
+    """The head; `fast_lane=False` leaves every route to FastAPI (the tests compare the two)."""
     keyring = KeyRing(settings.operator_keys, settings.api_keys)
     if not len(keyring):
         raise ValueError("no API keys configured: set MODELFLEET_OPERATOR_KEYS (and MODELFLEET_API_KEYS)")
@@ -150,4 +152,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(inference.router)
     app.include_router(session.router)
     dashboard.install(app)
+    if fast_lane:
+        app.add_middleware(FastLane)
     return app

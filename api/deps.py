@@ -86,7 +86,9 @@ async def current_session(request: Request) -> Session | None:
     return await sessions.get(session_id)
 
 
-async def _authorize(request: Request, needed: Scope) -> Scope:
+async def authorize(request: Request, needed: Scope) -> Scope:
+    """The scope of the request's key (or session), if it is at least `needed`; else raise Unauthenticated or
+    Forbidden (the dependency of `authorized`, and `api.fastlane`'s check)."""
     state = _state(request)
     keyring: KeyRing = state.keyring
     header = request.headers.get("authorization")
@@ -109,10 +111,10 @@ async def _authorize(request: Request, needed: Scope) -> Scope:
 def authorized(scope: Scope) -> Callable[..., Awaitable[Scope]]:
     """The dependency that admits a key (or session) of at least `scope` (an operation's `Op.scope`). The two
     schemes are declared in the schema by `secured`, not as sub-dependencies: FastAPI would run both on every
-    request for nothing (they read the same header and cookie as `_authorize`), about 40 us each time."""
+    request for nothing (they read the same header and cookie as `authorize`), about 40 us each time."""
 
     async def check(request: Request) -> Scope:
-        return await _authorize(request, scope)
+        return await authorize(request, scope)
 
     check.__name__ = f"require_{scope.name.lower()}"
     return check

@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -245,6 +245,16 @@ class AnswerUnexpected:
                 raise
             response = await _unexpected(Request(scope), exc)
             await response(scope, receive, send)
+
+
+async def answer_exception(request: Request, exc: Exception) -> Response:
+    """The answer the app gives `exc` when a route raises it: its registered handler's (looked up along the
+    exception's classes, as Starlette does), or `internal_error` (`api.fastlane`, which runs beneath them)."""
+    handlers = request.app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return await handlers[cls](request, exc)
+    return await _unexpected(request, exc)
 
 
 def install_error_handlers(app: Starlette) -> None:

@@ -10,11 +10,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from api.deps import Directory, Jobs
+from api.jobs import JobClient
 from api.openapi import guarded, job_route
 from api.schemas import NodeLoadRequest, NodeUnloadRequest
 from broker import errors as e
 from broker.answers import NodeList
 from broker.operations import CATALOG, LIST, LOAD, UNLOAD, UNLOAD_ALL, Scope
+from broker.registry import NodeDirectory
 from broker.schemas import LoadResult, ModelList, NodeCatalog, NodeInfo, UnloadAllResult, UnloadResult
 
 router = APIRouter(prefix="/api/v1/nodes", tags=["nodes"])
@@ -39,9 +41,18 @@ async def get_node(fingerprint: Fingerprint, directory: Directory) -> NodeInfo:
     return await directory.get(fingerprint)
 
 
-@router.get("/{fingerprint}/models", summary="List a node's models", **job_route(LIST))
+MODELS = "/{fingerprint}/models"
+"""A node's models, under the router's prefix (`api.fastlane` answers its GET beneath FastAPI)."""
+
+
+@router.get(MODELS, summary="List a node's models", **job_route(LIST))
 async def list_models(fingerprint: Fingerprint, directory: Directory, jobs: Jobs) -> ModelList:
     """The models on one node, in every state (`loading`, `loaded`, `unloading`, `failed`)."""
+    return await node_models(fingerprint, directory, jobs)
+
+
+async def node_models(fingerprint: str, directory: NodeDirectory, jobs: JobClient) -> ModelList:
+    """The list job on the node, as `list_models` and `api.fastlane` both run it."""
     return await jobs.run(await directory.live(fingerprint), LIST)
 
 
