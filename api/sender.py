@@ -6,9 +6,10 @@ loaded machine, plus a hop to a thread so as not to block the loop). Here `send_
 option the API gives it, but through a producer on a kombu channel that keeps the Redis commands kombu would run
 (`_put`: the LPUSH onto the queue's list, `_put_fanout`: the PUBLISH of the event on its topic) instead of
 running them. What crosses Redis is therefore kombu's message and Celery's event (a test compares them with a
-plain `send_task`'s); the API then runs both commands in one pipeline on its asyncio client: one round trip, no
-thread, no client object per send. After a task's first send, its messages are filled in from a template of
-that send, checked against `send_task` first (`api.message_template`), instead of built by `send_task` anew.
+plain `send_task`'s); the API then runs both commands in one round trip on one connection that the sends of
+every request share, pipelined (`api.redis_line.RedisLine`): no thread, no client object per send. After a
+task's first send, its messages are filled in from a template of that send, checked against `send_task` first
+(`api.message_template`), instead of built by `send_task` anew.
 
 A send may be guarded: its commands run in one Lua call that first checks that a key holds a value (the node's
 alive key, its boot id), and run nothing if it does not. A job is then never queued for a node that went
@@ -20,6 +21,7 @@ declared (`declare=[]`): a node declares its own queue when its consumer starts,
 queue's name whether or not a binding exists.
 """
 
+import hashlib
 import threading
 from datetime import datetime
 from typing import Any
@@ -30,8 +32,10 @@ import redis.asyncio as aioredis
 from celery import Celery
 from kombu import Connection, Producer
 from kombu.utils.json import dumps
+from redis.exceptions import NoScriptError
 
 from api.message_template import Command, MessageTemplate
+from api.redis_line import RedisLine
 from broker.backoff import Backoff
 
 # KEYS[1]: the guard key; KEYS[2..]: the lists the commands push to (declared, not read). ARGV[1]: the value the
@@ -42,6 +46,8 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 for i = 2, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 return 1
 """
+
+_GUARDED_SHA = hashlib.sha1(_GUARDED.encode(), usedforsecurity=False).hexdigest()
 
 SEND_ATTEMPTS = 3
 """Tries of one send when Redis drops the connection (what the API's old `send_task` retry policy allowed)."""
@@ -76,13 +82,12 @@ def _collecting_transport(celery: Celery) -> type:
 class TaskSender:
     """Sends Celery tasks as `Celery.send_task` would, in one pipelined round trip on an asyncio client."""
 
-    def __init__(self, celery: Celery, client: aioredis.Redis) -> None:
+    def __init__(self, celery: Celery, client: aioredis.Redis, *, timeout: float = 20.0) -> None:
         self._celery = celery
-        self._redis = client
+        self._line = RedisLine(client, timeout=timeout)
         self._connection: Connection | None = None
         self._producer: Producer | None = None
         self._lock = threading.Lock()
-        self._guarded = client.register_script(_GUARDED)
         self._templates: dict[str, MessageTemplate | None] = {}
 
     async def send(
@@ -113,17 +118,20 @@ class TaskSender:
         raise AssertionError("unreachable")
 
     async def _run(self, commands: list[Command], guard: tuple[str, str] | None) -> bool:
-        if guard is not None:
-            if any(name not in ("lpush", "publish") for name, _ in commands):
-                raise ValueError(f"a guarded send runs only LPUSH and PUBLISH, not {[n for n, _ in commands]}")
-            pushed = [args[0] for name, args in commands if name == "lpush"]
-            argv = [guard[1], *(item for name, args in commands for item in (name, *args))]
-            return bool(await self._guarded(keys=[guard[0], *pushed], args=argv))
-        pipe = self._redis.pipeline(transaction=False)
-        for name, args in commands:
-            getattr(pipe, name)(*args)
-        await pipe.execute()
-        return True
+        if guard is None:
+            for name, args in commands:
+                await self._line.call(name, *args)
+            return True
+        if any(name not in ("lpush", "publish") for name, _ in commands):
+            raise ValueError(f"a guarded send runs only LPUSH and PUBLISH, not {[n for n, _ in commands]}")
+        pushed = [args[0] for name, args in commands if name == "lpush"]
+        keys = [guard[0], *pushed]
+        argv = [guard[1], *(item for name, args in commands for item in (name, *args))]
+        try:
+            ran = await self._line.call("EVALSHA", _GUARDED_SHA, len(keys), *keys, *argv)
+        except NoScriptError:  # Redis restarted, or its scripts were flushed: EVAL caches it again
+            ran = await self._line.call("EVAL", _GUARDED, len(keys), *keys, *argv)
+        return bool(ran)
 
     def commands(
         self, task: str, *, kwargs: dict[str, Any], queue: str, task_id: str, expires: datetime
@@ -162,5 +170,6 @@ class TaskSender:
             return self._producer
 
     def close(self) -> None:
+        self._line.close()
         if self._connection is not None:
             self._connection.release()

@@ -1,4 +1,5 @@
-"""Routing and load on demand against fakeredis: replicas from the node hashes, one load however many ask."""
+"""Routing and load on demand against fakeredis (the view following pool events: a real redis-server): replicas
+from the node hashes, one load however many ask."""
 
 import asyncio
 import json
@@ -6,6 +7,7 @@ from datetime import UTC, datetime
 
 import fakeredis
 import pytest
+import redis.asyncio as aioredis
 
 from api.routing import NodeView, Router, replicas
 from broker import keys
@@ -29,7 +31,9 @@ def model(model_id: str = "m", state: ModelState = ModelState.LOADED, healthy: b
     )
 
 
-async def register(client: fakeredis.FakeAsyncRedis, fp: str, models: list[ModelInfo], online: bool = True) -> None:
+async def register(
+    client: fakeredis.FakeAsyncRedis | aioredis.Redis, fp: str, models: list[ModelInfo], online: bool = True
+) -> None:
     info = node_info(fp, name=fp[:4])
     await client.sadd(keys.nodes_set(), fp)
     await client.hset(keys.node_info(fp), "registration", info.model_dump_json(by_alias=True))
@@ -325,14 +329,18 @@ def test_a_request_after_a_change_does_not_wait_for_a_read_begun_before_it(serve
     asyncio.run(run())
 
 
-def test_a_pool_event_marks_the_view_stale(server: fakeredis.FakeServer) -> None:
+def test_a_pool_event_marks_the_view_stale(redis: str) -> None:
+    """Over a real redis-server: the view follows the events channel on a connection of `api.redis_line`'s."""
+
     async def run() -> None:
-        client = await with_model(server)
+        client = aioredis.Redis.from_url(redis)
+        await register(client, A, [model("m")])
         view = NodeView(NodeDirectory(client))
         following = asyncio.create_task(view.follow(client))
         await asyncio.wait_for(view.subscribed.wait(), 5)
         assert replicas(await view.nodes(), "m")
         await register(client, A, [])
+        assert replicas(await view.nodes(), "m")  # from memory: no event yet
         await client.publish(keys.events_channel(), "1-0\n{}")  # what a node's publish sends with the change
         for _ in range(100):
             if not replicas(await view.nodes(), "m"):
@@ -340,5 +348,6 @@ def test_a_pool_event_marks_the_view_stale(server: fakeredis.FakeServer) -> None
             await asyncio.sleep(0.01)
         assert not replicas(await view.nodes(), "m")
         following.cancel()
+        await client.aclose()
 
     asyncio.run(run())
