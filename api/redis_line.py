@@ -12,11 +12,12 @@ to our protocol, which parses with hiredis as redis-py does and turns error repl
 classes (`NoScriptError`, `ReadOnlyError`, `OutOfMemoryError`...), so callers handle the same errors as before.
 
 - `RedisLine`: commands from any number of coroutines pipelined on one connection, their replies matched in
-  order. A lost connection fails every command waiting on it with redis-py's `ConnectionError`, a reply later
-  than `timeout` with its `TimeoutError` (the connection is then dropped: what it carries is unknown); the next
-  command connects again. Through Sentinel, a `READONLY` reply (a failover demoted the master) is a
-  `ConnectionError` that drops the connection, as in redis-py, so that a retry reaches the new master.
-- `Subscription`: one channel's messages handed to a callback as they are parsed, no task in between.
+  order. A lost connection fails every command waiting on it with redis-py's `ConnectionError`; a command not
+  answered in time fails with its `TimeoutError` (its reply, if it comes, is skipped), and if nothing at all
+  came back meanwhile the connection is dropped as dead; the next command connects again. Through Sentinel, a
+  `READONLY` reply (a failover demoted the master) is a `ConnectionError` that drops the connection, as in
+  redis-py, so that a retry reaches the new master.
+- `api.subscription.follow`: one channel's messages handed to a callback as they are parsed, no task between.
 """
 
 import asyncio
@@ -48,15 +49,26 @@ class Attached:
         self.transport.close()
 
 
+NOT_ENOUGH_DATA = object()
+"""What `reader().gets()` returns while no reply is complete (hiredis' default, False, is also RESP3's false)."""
+
+
 def reader() -> hiredis.Reader:
     """A RESP parser giving errors as redis-py gives them (`redis._parsers.hiredis` sets hiredis up this way)."""
-    return hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+    return hiredis.Reader(
+        protocolError=InvalidResponse, replyError=BaseParser.parse_error, notEnoughData=NOT_ENOUGH_DATA
+    )
 
 
 async def attach(client: aioredis.Redis, protocol: asyncio.Protocol) -> Attached:
     """A new connection of `client`'s pool, past redis-py's handshake, its transport handed to `protocol`."""
     connection = client.connection_pool.make_connection()
-    await connection.connect()
+    try:
+        await connection.connect()
+    except BaseException:  # cancelled or failed half-way (during AUTH, say): close what was opened
+        if connection._writer is not None:
+            connection._writer.close()
+        raise
     streams = (connection._reader, connection._writer)
     writer = streams[1]
     if writer is None:
@@ -73,10 +85,13 @@ class _LineProtocol(asyncio.Protocol):
         self._line = line
         self._reader = reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.received = 0
+        """Reads so far: a command that times out while others were answered leaves a connection that works."""
 
     def data_received(self, data: bytes) -> None:
+        self.received += 1
         self._reader.feed(data)
-        while (reply := self._reader.gets()) is not False:
+        while (reply := self._reader.gets()) is not NOT_ENOUGH_DATA:
             if not self.waiting:  # a reply nobody asked for: the connection is out of step
                 self._line.drop(self)
                 return
@@ -115,35 +130,50 @@ class RedisLine:
         self._attached: Attached | None = None
         self._protocol: _LineProtocol | None = None
         self._opening: asyncio.Future[None] | None = None
+        self._closed = False
 
-    async def call(self, *args: Any) -> Any:
-        """The reply to one command; raises redis-py's errors."""
+    async def call(self, *args: Any, timeout: float | None = None) -> Any:
+        """The reply to one command, within `timeout` seconds (and the line's own); raises redis-py's errors."""
         if self._attached is None:
             await self._open()
         attached, protocol = self._attached, self._protocol
-        assert attached is not None and protocol is not None
+        if attached is None or protocol is None:
+            raise RedisConnectionError("Connection to Redis lost as it opened")
+        packed = attached.pack(*args)  # before its place in line: a command that cannot be packed takes none
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         protocol.waiting.append(future)
-        attached.write(*args)
         try:
-            return await asyncio.wait_for(future, self._timeout)
+            attached.transport.writelines(packed)
+        except BaseException:
+            protocol.waiting.pop()  # nothing was sent: no reply will come for it
+            raise
+        limit = self._timeout if timeout is None else max(0.0, min(timeout, self._timeout))
+        heard = protocol.received
+        try:
+            return await asyncio.wait_for(future, limit)
         except TimeoutError:
-            self.drop(protocol)
-            raise RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s") from None
+            if protocol.received == heard:  # nothing at all came back meanwhile: the connection is dead or stuck
+                self.drop(protocol)
+            raise RedisTimeoutError(f"Redis did not answer within {limit:g} s") from None
 
     async def _open(self) -> None:
-        if self._opening is None:  # callers at the same moment share one connect
-            self._opening = asyncio.ensure_future(self._connect())
+        """Connect, sharing one connect with the callers of the same moment (a cancelled caller leaves it going
+        for the others; a finished one, whatever its outcome, is not reused: the line is not attached)."""
         opening = self._opening
-        try:
-            await asyncio.shield(opening)
-        finally:
-            if self._opening is opening and opening.done():
-                self._opening = None
+        if opening is None or opening.done():
+            opening = self._opening = asyncio.ensure_future(self._connect())
+            opening.add_done_callback(_retrieved)
+        await asyncio.shield(opening)
 
     async def _connect(self) -> None:
         protocol = _LineProtocol(self)
-        attached = await asyncio.wait_for(attach(self._client, protocol), self._timeout)
+        try:
+            attached = await asyncio.wait_for(attach(self._client, protocol), self._timeout)
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis did not take a connection within {self._timeout:g} s") from None
+        if self._closed:  # closed while connecting (the process stopping)
+            attached.close()
+            raise RedisConnectionError("The connection to Redis was closed")
         self._attached, self._protocol = attached, protocol
 
     def drop(self, protocol: _LineProtocol) -> None:
@@ -158,5 +188,13 @@ class RedisLine:
         protocol.fail(RedisConnectionError(f"Connection to Redis lost{f': {exc}' if exc else ''}"))
 
     def close(self) -> None:
+        self._closed = True
         if self._protocol is not None:
             self.drop(self._protocol)
+
+
+def _retrieved(future: "asyncio.Future[None]") -> None:
+    """Read a finished connect's error, so that asyncio does not log it as never retrieved when every caller
+    that awaited it was cancelled (its callers got it, or will retry)."""
+    if not future.cancelled():
+        future.exception()

@@ -21,8 +21,10 @@ declared (`declare=[]`): a node declares its own queue when its consumer starts,
 queue's name whether or not a binding exists.
 """
 
+import asyncio
 import hashlib
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +50,10 @@ return 1
 """
 
 _GUARDED_SHA = hashlib.sha1(_GUARDED.encode(), usedforsecurity=False).hexdigest()
+
+MIN_SEND_TIMEOUT = 1.0
+"""Seconds a send may wait for Redis's answer when its job's deadline is nearer (or past: it is sent all the same,
+and a node skips it as expired)."""
 
 SEND_ATTEMPTS = 3
 """Tries of one send when Redis drops the connection (what the API's old `send_task` retry policy allowed)."""
@@ -101,26 +107,29 @@ class TaskSender:
         guard: tuple[str, str] | None = None,
     ) -> bool:
         """Queue the task (and its `task-sent` event, if events are on); with `guard` (key, value), only if the
-        key holds the value. Whether it was queued; raises redis' errors."""
+        key holds the value. Whether it was queued; raises redis' errors, TimeoutError once `expires` has passed
+        without an answer (`MIN_SEND_TIMEOUT` at least; the job, if it was queued, expires before a node runs it)."""
         if self._producer is None:
             await anyio.to_thread.run_sync(self._open)
         commands = self.commands(task, kwargs=kwargs, queue=queue, task_id=task_id, expires=expires)
         backoff = Backoff(0.1, 0.5)
+        deadline = expires.timestamp()
         for attempt in range(SEND_ATTEMPTS):
             try:
-                return await self._run(commands, guard)
-            except (redis.ConnectionError, redis.TimeoutError):
+                return await self._run(commands, guard, max(deadline - time.time(), MIN_SEND_TIMEOUT))
+            except redis.ConnectionError:
                 # A connection Redis dropped (it restarted, failed over) fails once and is discarded; like
-                # kombu's publish retry, try again on a fresh one.
+                # kombu's publish retry, try again on a fresh one. The job may have been queued before the
+                # connection went: a node runs a job id once (`broker.replies.start_job`), so a second copy is
+                # skipped.
                 if attempt + 1 == SEND_ATTEMPTS:
                     raise
                 await backoff.asleep()
         raise AssertionError("unreachable")
 
-    async def _run(self, commands: list[Command], guard: tuple[str, str] | None) -> bool:
-        if guard is None:
-            for name, args in commands:
-                await self._line.call(name, *args)
+    async def _run(self, commands: list[Command], guard: tuple[str, str] | None, timeout: float) -> bool:
+        if guard is None:  # pipelined: written in order before any reply is awaited
+            await asyncio.gather(*(self._line.call(name, *args, timeout=timeout) for name, args in commands))
             return True
         if any(name not in ("lpush", "publish") for name, _ in commands):
             raise ValueError(f"a guarded send runs only LPUSH and PUBLISH, not {[n for n, _ in commands]}")
@@ -128,9 +137,9 @@ class TaskSender:
         keys = [guard[0], *pushed]
         argv = [guard[1], *(item for name, args in commands for item in (name, *args))]
         try:
-            ran = await self._line.call("EVALSHA", _GUARDED_SHA, len(keys), *keys, *argv)
+            ran = await self._line.call("EVALSHA", _GUARDED_SHA, len(keys), *keys, *argv, timeout=timeout)
         except NoScriptError:  # Redis restarted, or its scripts were flushed: EVAL caches it again
-            ran = await self._line.call("EVAL", _GUARDED, len(keys), *keys, *argv)
+            ran = await self._line.call("EVAL", _GUARDED, len(keys), *keys, *argv, timeout=timeout)
         return bool(ran)
 
     def commands(

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from api.redis_line import Attached, attach, reader
+from api.redis_line import NOT_ENOUGH_DATA, Attached, attach, reader
 from broker.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class _Subscription(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         self.pinged = False
-        while (reply := self._reader.gets()) is not False:
+        while (reply := self._reader.gets()) is not NOT_ENOUGH_DATA:
             if isinstance(reply, RedisError):  # NOAUTH, NOPERM...: this subscription cannot go on
                 self._end(reply)
                 return
@@ -110,8 +110,10 @@ async def follow(
             log.warning("%s subscription lost (%s); resubscribing in %.1fs", what, type(exc).__name__, delay)
             await asyncio.sleep(delay)
         finally:
+            for future in (subscription.confirmed, subscription.closed):
+                if not future.done():
+                    future.cancel()  # before the close below, whose connection_lost would fail it unread
+                elif not future.cancelled():
+                    future.exception()  # retrieved: asyncio must not log it as forgotten
             if attached is not None:
                 attached.close()
-            for future in (subscription.confirmed, subscription.closed):
-                if future.done() and not future.cancelled():
-                    future.exception()  # retrieved: asyncio must not log it as forgotten

@@ -4,6 +4,8 @@ silent, and a subscription that resubscribes and catches up by itself."""
 
 import asyncio
 import contextlib
+import gc
+import logging
 import subprocess
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.redis_line import RedisLine
@@ -264,6 +266,69 @@ def test_the_line_and_a_subscription_work_over_a_unix_socket_and_tls(other_trans
             await line.call("PUBLISH", "ch", "over " + other_transport.split(":", 1)[0])
             await until(lambda: len(got) == 1)
         assert got[0] in (b"over unix", b"over rediss")
+        line.close()
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_command_that_cannot_be_packed_takes_no_place_in_line(server: RedisServer) -> None:
+    async def test(client: aioredis.Redis) -> None:
+        line = RedisLine(client, timeout=2)
+        with pytest.raises(DataError):
+            await line.call("SET", "k", None)  # refused before anything is sent
+        assert await asyncio.gather(line.call("ECHO", "a"), line.call("ECHO", "b")) == [b"a", b"b"]
+        line.close()
+
+    run(test, server)
+
+
+def test_a_connect_whose_caller_was_cancelled_leaves_the_line_usable(server: RedisServer) -> None:
+    async def test(client: aioredis.Redis) -> None:
+        line = RedisLine(client, timeout=5)
+        await client.execute_command("CLIENT", "PAUSE", 400, "ALL")  # the line's AUTH waits, as on a slow Redis
+        first = asyncio.ensure_future(line.call("PING"))
+        await asyncio.sleep(0.1)
+        first.cancel()  # its request went away
+        await asyncio.sleep(0.6)  # the connect finished without it
+        await kill_clients(client)  # and its connection is lost
+        await asyncio.sleep(0.1)
+        assert await line.call("ECHO", "again") == b"again"
+        line.close()
+
+    run(test, server)
+
+
+def test_a_follow_ended_or_resubscribing_leaves_no_unread_error(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(client: aioredis.Redis) -> None:
+        async with following(client, "ch", quiet=0.2) as (_, _, subscribed):
+            await client.execute_command("CLIENT", "PAUSE", 600, "ALL")  # a PING unanswered: resubscribes
+            await until(lambda: not subscribed.is_set())
+            await until(subscribed.is_set)
+        await asyncio.sleep(0.1)  # the cancelled follow's connection is closed by now
+        gc.collect()
+        await asyncio.sleep(0.1)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run(test, server)
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_resp3_replies_false_and_pushed_messages(server: RedisServer) -> None:
+    """`?protocol=3` in the URL (redis-py then says HELLO 3): a false reply is a reply, not "no reply yet", and
+    pub/sub messages come as pushes."""
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(server.url + "?protocol=3")
+        line = RedisLine(client, timeout=5)
+        assert await line.call("EVAL", "redis.setresp(3); return false", 0) is False  # RESP3 `#f`
+        assert await line.call("ECHO", "next") == b"next"
+        async with following(client, "ch") as (got, _, _):
+            await line.call("PUBLISH", "ch", "pushed")
+            await until(lambda: got == [b"pushed"])
         line.close()
         await client.aclose()
 

@@ -17,6 +17,7 @@ from celery import signals
 from celery.utils.saferepr import saferepr
 
 from api.message_template import SAFEREPR_LEVELS, MessageTemplate, plain_saferepr
+from api.redis_line import RedisLine
 from api.sender import TaskSender
 from broker.celery_app import make_celery
 from broker.operations import OPERATIONS
@@ -112,6 +113,52 @@ def test_a_guarded_send_queues_only_while_the_guard_key_holds_its_value(server: 
     assert client.llen(queue) == 0
     assert asyncio.run(send(("alive", "boot-2"))) is True
     assert client.llen(queue) == 1
+    celery.close()
+
+
+def test_a_send_gives_up_at_its_jobs_deadline_and_is_not_retried(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis that takes every command and answers none (CLIENT PAUSE): the send fails with TimeoutError once its
+    job's deadline has passed, and is not sent again (if it was queued meanwhile, it has expired by then)."""
+    celery = make_celery(BrokerSettings(redis_url=server.url))
+    client = server.client()
+    client.set("alive", "boot-1")
+    calls: list[tuple[Any, ...]] = []
+    call = RedisLine.call
+
+    async def counted(self: RedisLine, *args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return await call(self, *args, **kwargs)
+
+    monkeypatch.setattr(RedisLine, "call", counted)
+
+    async def send(sender: TaskSender) -> bool:
+        expires = time.time() + 1
+        return await sender.send(
+            "modelfleet.list",
+            kwargs={"job": {"deadline": expires}},
+            queue="modelfleet.node." + "ef" * 16,
+            task_id=uuid.uuid4().hex,
+            expires=datetime.fromtimestamp(expires, UTC),
+            guard=("alive", "boot-1"),
+        )
+
+    async def main() -> None:
+        async_client = aioredis.Redis.from_url(server.url)
+        sender = TaskSender(celery, async_client)
+        try:
+            assert await send(sender) is True  # opens the line, takes the template
+            calls.clear()
+            client.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+            with pytest.raises(redis.TimeoutError):
+                await send(sender)
+            assert len(calls) == 1, calls
+        finally:
+            sender.close()
+            await async_client.aclose()
+
+    asyncio.run(main())
     celery.close()
 
 
