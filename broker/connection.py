@@ -189,11 +189,14 @@ def _host_port(item: str) -> tuple[str, int]:
 
 def redis_problem(exc: BaseException) -> str:
     """What went wrong with Redis, as a clause for an error message (never the server's own words, which may
-    quote a key or a value): refused credentials, out of memory, a read-only replica, or unreachable."""
+    quote a key or a value): refused credentials, out of memory, a read-only replica, no answer in time, or
+    unreachable."""
     if isinstance(exc, redis.AuthenticationError):
         return "Redis refused the credentials; the operator must fix MODELFLEET_REDIS_URL"
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return "Redis is out of memory (maxmemory) and refuses writes; the operator must free memory or raise it"
     if isinstance(exc, redis.ReadOnlyError):
         return "Redis is a read-only replica (a failover under way?)"
+    if isinstance(exc, redis.TimeoutError):
+        return "Redis did not answer in time (stalled or overloaded?)"
     return "Redis, which carries every job, cannot be reached"

@@ -57,3 +57,4 @@ def test_a_redis_failure_is_told_by_its_kind_never_by_the_servers_words(redis_se
     assert "credentials" in redis_problem(redis.AuthenticationError("WRONGPASS"))
     assert "read-only replica" in redis_problem(redis.ReadOnlyError("READONLY You can't write against a replica."))
     assert "cannot be reached" in redis_problem(redis.ConnectionError("Connection refused"))
+    assert "did not answer in time" in redis_problem(redis.TimeoutError("Redis did not answer within 1 s"))
