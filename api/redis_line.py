@@ -49,6 +49,11 @@ class Attached:
         self.transport.close()
 
 
+def lost_connection(exc: Exception | None) -> RedisConnectionError:
+    """The error of a connection whose transport was lost (`exc`: the OS's reason, if any; never a secret)."""
+    return RedisConnectionError(f"Connection to Redis lost{f': {exc}' if exc else ''}")
+
+
 NOT_ENOUGH_DATA = object()
 """What `reader().gets()` returns while no reply is complete (hiredis' default, False, is also RESP3's false)."""
 
@@ -96,7 +101,7 @@ class _LineProtocol(asyncio.Protocol):
                 self._line.drop(self)
                 return
             future = self.waiting.popleft()
-            if future.done():  # its caller timed out: the connection is being dropped
+            if future.done():  # its caller gave up on it (timed out or cancelled): its reply is skipped
                 continue
             if isinstance(reply, ReadOnlyError) and self._line.failover:
                 # As redis-py's Sentinel connections do: the master we reached was demoted. The sentinels name
@@ -185,7 +190,7 @@ class RedisLine:
     def lost(self, protocol: _LineProtocol, exc: Exception | None) -> None:
         if protocol is self._protocol:
             self._attached = self._protocol = None
-        protocol.fail(RedisConnectionError(f"Connection to Redis lost{f': {exc}' if exc else ''}"))
+        protocol.fail(lost_connection(exc))
 
     def close(self) -> None:
         self._closed = True

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from api.redis_line import NOT_ENOUGH_DATA, Attached, attach, reader
+from api.redis_line import NOT_ENOUGH_DATA, Attached, attach, lost_connection, reader
 from broker.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class _Subscription(asyncio.Protocol):
                 self.confirmed.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(RedisConnectionError(f"Connection to Redis lost{f': {exc}' if exc else ''}"))
+        self._end(lost_connection(exc))
 
     def _end(self, error: Exception) -> None:
         for future in (self.confirmed, self.closed):

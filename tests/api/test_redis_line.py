@@ -36,6 +36,21 @@ def run(test: Callable[[aioredis.Redis], Coroutine[Any, Any, None]], server: Red
     asyncio.run(main())
 
 
+def run_line(
+    test: Callable[[aioredis.Redis, RedisLine], Coroutine[Any, Any, None]], server: RedisServer, *, timeout: float = 5
+) -> None:
+    """`run` with a RedisLine of the client's, closed after the test."""
+
+    async def with_line(client: aioredis.Redis) -> None:
+        line = RedisLine(client, timeout=timeout)
+        try:
+            await test(client, line)
+        finally:
+            line.close()
+
+    run(with_line, server)
+
+
 @pytest.fixture
 def server(redis_server: RedisServer) -> RedisServer:
     redis_server.client().flushall()
@@ -51,35 +66,30 @@ async def kill_clients(client: aioredis.Redis) -> int:
 
 
 def test_concurrent_commands_get_their_own_replies_in_order(server: RedisServer) -> None:
-    async def test(client: aioredis.Redis) -> None:
-        line = RedisLine(client, timeout=5)
+    async def test(client: aioredis.Redis, line: RedisLine) -> None:
         assert await line.call("PING") == b"PONG"
         counts = await asyncio.gather(*(line.call("INCR", "n") for _ in range(300)))
         assert sorted(counts) == list(range(1, 301))
         echoes = await asyncio.gather(*(line.call("ECHO", f"m{i}") for i in range(300)))
         assert echoes == [f"m{i}".encode() for i in range(300)]
-        line.close()
 
-    run(test, server)
+    run_line(test, server)
 
 
 def test_error_replies_are_redis_pys_exceptions_and_the_line_goes_on(server: RedisServer) -> None:
-    async def test(client: aioredis.Redis) -> None:
-        line = RedisLine(client, timeout=5)
+    async def test(client: aioredis.Redis, line: RedisLine) -> None:
         with pytest.raises(NoScriptError):
             await line.call("EVALSHA", "0" * 40, 0)
         await line.call("SET", "s", "x")
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             await line.call("LPUSH", "s", "y")
         assert await line.call("GET", "s") == b"x"
-        line.close()
 
-    run(test, server)
+    run_line(test, server)
 
 
 def test_a_killed_connection_fails_what_waits_on_it_and_the_next_command_reconnects(server: RedisServer) -> None:
-    async def test(client: aioredis.Redis) -> None:
-        line = RedisLine(client, timeout=5)
+    async def test(client: aioredis.Redis, line: RedisLine) -> None:
         await line.call("PING")
         blocked = asyncio.ensure_future(line.call("BLPOP", "never", 0))  # waits on the server until killed
         await asyncio.sleep(0.1)
@@ -87,14 +97,12 @@ def test_a_killed_connection_fails_what_waits_on_it_and_the_next_command_reconne
         with pytest.raises(RedisConnectionError):
             await blocked
         assert await line.call("ECHO", "again") == b"again"
-        line.close()
 
-    run(test, server)
+    run_line(test, server)
 
 
 def test_a_reply_later_than_the_timeout_fails_and_the_connection_is_replaced(server: RedisServer) -> None:
-    async def test(client: aioredis.Redis) -> None:
-        line = RedisLine(client, timeout=0.3)
+    async def test(client: aioredis.Redis, line: RedisLine) -> None:
         await line.call("PING")
         late = asyncio.ensure_future(line.call("BLPOP", "never", 0))
         queued = asyncio.ensure_future(line.call("ECHO", "behind it"))  # its reply would come after BLPOP's
@@ -103,9 +111,8 @@ def test_a_reply_later_than_the_timeout_fails_and_the_connection_is_replaced(ser
         with pytest.raises((RedisConnectionError, RedisTimeoutError)):
             await queued
         assert await line.call("ECHO", "fresh") == b"fresh"
-        line.close()
 
-    run(test, server)
+    run_line(test, server, timeout=0.3)
 
 
 @contextlib.asynccontextmanager
@@ -273,19 +280,16 @@ def test_the_line_and_a_subscription_work_over_a_unix_socket_and_tls(other_trans
 
 
 def test_a_command_that_cannot_be_packed_takes_no_place_in_line(server: RedisServer) -> None:
-    async def test(client: aioredis.Redis) -> None:
-        line = RedisLine(client, timeout=2)
+    async def test(client: aioredis.Redis, line: RedisLine) -> None:
         with pytest.raises(DataError):
             await line.call("SET", "k", None)  # refused before anything is sent
         assert await asyncio.gather(line.call("ECHO", "a"), line.call("ECHO", "b")) == [b"a", b"b"]
-        line.close()
 
-    run(test, server)
+    run_line(test, server, timeout=2)
 
 
 def test_a_connect_whose_caller_was_cancelled_leaves_the_line_usable(server: RedisServer) -> None:
-    async def test(client: aioredis.Redis) -> None:
-        line = RedisLine(client, timeout=5)
+    async def test(client: aioredis.Redis, line: RedisLine) -> None:
         await client.execute_command("CLIENT", "PAUSE", 400, "ALL")  # the line's AUTH waits, as on a slow Redis
         first = asyncio.ensure_future(line.call("PING"))
         await asyncio.sleep(0.1)
@@ -294,9 +298,8 @@ def test_a_connect_whose_caller_was_cancelled_leaves_the_line_usable(server: Red
         await kill_clients(client)  # and its connection is lost
         await asyncio.sleep(0.1)
         assert await line.call("ECHO", "again") == b"again"
-        line.close()
 
-    run(test, server)
+    run_line(test, server)
 
 
 def test_a_follow_ended_or_resubscribing_leaves_no_unread_error(
