@@ -30,6 +30,7 @@ from api.sessions import SessionStore
 from api.settings import ApiSettings
 from broker import __version__
 from broker.auth import KeyRing
+from broker.body_limit import BodyLimit
 from broker.celery_app import make_celery
 from broker.events import AsyncEventBus
 from broker.registry import NodeDirectory
@@ -152,6 +153,7 @@ def create_app(settings: ApiSettings, *, fast_lane: bool = True) -> FastAPI:
     app.include_router(inference.router)
     app.include_router(session.router)
     dashboard.install(app)
-    if fast_lane:
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if fast_lane:  # outside the body limit: the lane reads no body
         app.add_middleware(FastLane)
     return app

@@ -84,6 +84,8 @@ def documented(
             classes = by_status.setdefault(status, [])
             if cls not in classes:
                 classes.append(cls)
+    if e.InvalidRequest in errors:  # a route with input: any body may be over the limit
+        by_status[status_of(e.RequestTooLarge)] = [e.RequestTooLarge]
     if openai and e.InvalidRequest in errors:
         by_status[422] = [e.InvalidRequest]  # a body that fails validation (`_validation_error`)
     responses: dict[int | str, dict[str, Any]] = {}
@@ -190,6 +192,8 @@ FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, e.RequestTooLarge):  # FastAPI's 400 for a body read that failed (`BodyLimit`)
+        return await _modelfleet_error(request, exc.__cause__)
     if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
         sentence = "the body is not valid JSON (it is not UTF-8 text)"
         details = {"errors": [{"field": "body", "message": sentence}]}

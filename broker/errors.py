@@ -4,7 +4,8 @@
     ├── InvalidRequest            bad input, rejected before anything is enqueued
     │   ├── InvalidModelId
     │   ├── ContextLengthExceeded the prompt plus max_tokens does not fit in the model's context
-    │   └── ChatTemplateError     the model's chat template failed on (or refused) these messages
+    │   ├── ChatTemplateError     the model's chat template failed on (or refused) these messages
+    │   └── RequestTooLarge       the body is over the server's limit (`max_body_bytes`); nothing of it was used
     ├── AuthError
     │   ├── Unauthenticated       missing or wrong key
     │   ├── Forbidden             a read-only key asked for a change
@@ -77,6 +78,20 @@ class ChatTemplateError(InvalidRequest):
     """The model's chat template failed to render these messages, or refused them."""
 
     code = "chat_template_error"
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request's body is over the server's limit (`MODELFLEET_MAX_BODY_BYTES`); nothing was done with it."""
+
+    code = "request_too_large"
+
+    @classmethod
+    def over(cls, limit: int) -> "RequestTooLarge":
+        """The error of a body over `limit` bytes (Starlette's 413, in the fleet's words)."""
+        return cls(
+            f"The request body is over this server's limit of {limit} bytes (MODELFLEET_MAX_BODY_BYTES).",
+            limit_bytes=limit,
+        )
 
 
 class AuthError(ModelfleetError):

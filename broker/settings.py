@@ -85,6 +85,10 @@ def split_secrets(value: object) -> object:
     return value
 
 
+MAX_BODY_BYTES = 16 * 2**20
+"""The default of `KeyedSettings.max_body_bytes`."""
+
+
 class KeyedSettings(BrokerSettings):
     """A process that checks the fleet's keys: the head, and each node's inference endpoint (which takes a key of
     either scope, or the node token)."""
@@ -99,8 +103,12 @@ class KeyedSettings(BrokerSettings):
     a while: then one more every `wrong_key_window / wrong_key_limit` s (`broker.wrong_keys`). 0 turns this off."""
     wrong_key_window: float = Field(default=60.0, gt=0, le=86_400)
     """Seconds over which `wrong_key_limit` wrong keys are forgiven."""
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024)
+    """The largest request body the server reads (16 MiB: a prompt of a million characters, escaped, and more).
+    A larger one is refused with 413 as it arrives (or at once, by its Content-Length), before anything is
+    buffered beyond the limit or any route runs: a client cannot make a server hold unbounded memory."""
 
     _split_keys = field_validator("operator_keys", "api_keys", mode="before")(split_secrets)
 
 
-__all__ = ["BrokerSettings", "KeyedSettings", "SecretList", "split_secrets"]
+__all__ = ["MAX_BODY_BYTES", "BrokerSettings", "KeyedSettings", "SecretList", "split_secrets"]

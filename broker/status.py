@@ -11,6 +11,7 @@ from broker import errors as e
 
 STATUS: dict[type[e.ModelfleetError], int] = {
     e.InvalidRequest: 422,
+    e.RequestTooLarge: 413,
     e.Unauthenticated: 401,
     e.Forbidden: 403,
     e.TooManyWrongKeys: 429,

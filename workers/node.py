@@ -256,6 +256,7 @@ def build_runtime(settings: WorkerSettings) -> NodeRuntime:
                 manager,
                 keyring,
                 stream_interval=settings.stream_interval,
+                max_body_bytes=settings.max_body_bytes,
                 wrong_keys=WrongKeys(settings.wrong_key_limit, settings.wrong_key_window),
             ),
             sock,

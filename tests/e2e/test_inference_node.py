@@ -462,3 +462,20 @@ def test_a_stopping_node_ends_its_streams_with_an_error_event_at_once(module_fle
     assert rest[-2]["error"]["code"] == "shutting_down"
     worker.wait(30)
     assert "Exception in ASGI application" not in worker.log() and "CancelledError" not in worker.log()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_refused_by_the_node_and_the_head_which_go_on_serving(
+    node: Worker, api: Api, declared: bool
+) -> None:
+    # The default limit, 16 MiB (tests/api/test_body_limit.py tries the edges with a small one).
+    huge = b'{"model": "stories260K", "prompt": "' + b"x" * (17 * 2**20) + b'"}'
+    headers = {"content-type": "application/json"}
+    with node.inference() as direct, api.client(READ_KEY) as head:
+        for client in (direct, head):
+            body = huge if declared else (huge[at : at + 2**20] for at in range(0, len(huge), 2**20))
+            response = client.post("/v1/completions", content=body, headers=headers)
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "request_too_large"
+            after = client.post("/v1/completions", json={"model": "stories260K", "prompt": "Once upon a time"})
+            assert after.status_code == 200, after.text

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from broker import __version__
 from broker import errors as e
 from broker.auth import KeyRing, Scope
+from broker.body_limit import BodyLimit
 from broker.openai import (
     SSE_DONE,
     AssistantMessage,
@@ -50,6 +51,7 @@ from broker.openai import (
     error_body,
     sse_data,
 )
+from broker.settings import MAX_BODY_BYTES
 from broker.status import error_headers, status_of
 from broker.wrong_keys import WrongKeys, client_address
 from workers.inference.channel import Channel
@@ -73,6 +75,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Bad parameters: n > 1, a prompt plus max_tokens beyond the context, a chat template error"),
         (401, "No key, or not one of the fleet's"),
         (404, "The model is not loaded on this node"),
+        (413, "The body is over the node's limit (MODELFLEET_MAX_BODY_BYTES)"),
         (422, "The body does not match the schema"),
         (429, "The model's queue is full, or this address sent too many wrong keys; retry after Retry-After s"),
     ]
@@ -85,12 +88,14 @@ def create_node_app(
     *,
     wrong_keys: WrongKeys,
     stream_interval: float = DEFAULT_STREAM_INTERVAL,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The endpoint of one node's models; `wrong_keys` counts its callers' wrong keys; `stream_interval` as in
     `_stream`."""
     runner = InferenceRunner(manager)
     threads = ThreadCache("modelfleet-generate")
     app = FastAPI(title="modelfleet node", version=__version__, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     async def authorize(request: Request, authorization: Annotated[str | None, Header()] = None) -> Scope:
         # A coroutine although it never waits: FastAPI would run a plain `def` in its thread pool, a thread hop
@@ -384,6 +389,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, e.RequestTooLarge):  # FastAPI's 400 for a body read that failed (`BodyLimit`)
+            return error_response(exc.__cause__)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         body = error_body(exc.status_code, code, str(exc.detail))
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)

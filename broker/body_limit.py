@@ -1,0 +1,64 @@
+"""The largest request body the fleet's HTTP servers read (the head, and each node's inference endpoint).
+
+Without a limit, one client could make a server buffer a body of any size: FastAPI reads a whole body before it
+validates it. `BodyLimit`, plain ASGI middleware, counts the body as the app reads it and fails the read with
+`RequestTooLarge` once the body passes the limit, or at the first read when its Content-Length already says so:
+nothing more of it is read, and the route never runs. A route that reads no body is not concerned.
+
+FastAPI reports a failed body read as its own 400 ("There was an error parsing the body") caused by the error, so
+each server's handler of HTTP errors answers that cause instead (`api.errors`, `workers.inference.server`): 413
+`request_too_large`, in its routes' shape. Starlette's `RequestBodyLimitMiddleware` (FastAPI's `max_body_size`)
+would answer a declared oversize body with a plain-text 413 of its own, whatever the app's handlers say.
+"""
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from broker.errors import RequestTooLarge
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+
+def _declared_length(scope: MutableMapping[str, Any]) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the HTTP server refuses such a request before it reaches the app
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: reads of the request body fail with `RequestTooLarge` past `limit` bytes."""
+
+    def __init__(self, app: App, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        received = 0
+        checked = False
+
+        async def limited() -> Message:
+            nonlocal received, checked
+            if not checked:  # the headers, once, and only for a request whose body is read
+                checked = True
+                declared = _declared_length(scope)
+                if declared is not None and declared > limit:
+                    raise RequestTooLarge.over(limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestTooLarge.over(limit)
+            return message
+
+        await self.app(scope, limited, send)
