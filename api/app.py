@@ -153,7 +153,7 @@ def create_app(settings: ApiSettings, *, fast_lane: bool = True) -> FastAPI:
     app.include_router(inference.router)
     app.include_router(session.router)
     dashboard.install(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    if fast_lane:  # outside the body limit: the lane reads no body
+    if fast_lane:
         app.add_middleware(FastLane)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: the lane reads bodies too
     return app

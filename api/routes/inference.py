@@ -88,9 +88,21 @@ _DESCRIPTIONS = {
 }
 
 
-async def _proxied(
+COMPLETIONS, CHAT = "/completions", "/chat/completions"
+BODIES: dict[str, type[CompletionRequest | ChatCompletionRequest]] = {
+    router.prefix + COMPLETIONS: CompletionRequest,
+    router.prefix + CHAT: ChatCompletionRequest,
+}
+"""Each route's full path and its body's schema (`api.fastlane` answers both beneath FastAPI)."""
+
+SCOPE = Scope.READ
+"""What a key needs to run inference (model-loading.txt: standard keys run inference, operator keys manage)."""
+
+
+async def proxied(
     proxy: NodeProxy, body: CompletionRequest | ChatCompletionRequest, request: Request, path: str
 ) -> ProxyResponse:
+    """The proxied answer to a valid body, as the routes and `api.fastlane` both make it."""
     why = body.unsupported()
     if why is not None:  # refused here, before a load on demand or a node's queue is spent on it
         raise InvalidRequest(why)
@@ -100,26 +112,26 @@ async def _proxied(
 
 
 @router.post(
-    "/completions",
+    COMPLETIONS,
     response_model=CompletionResponse,
     responses=_answers(CompletionResponse, CompletionResponse),
-    **secured(Scope.READ),
+    **secured(SCOPE),
     summary="Continue a prompt on a node that has the model",
 )
 async def completions(body: CompletionRequest, request: Request, proxy: Proxy) -> ProxyResponse:
     """OpenAI's completions API: the prompt runs on the least busy node where the model is loaded (loaded on
     demand if it is loaded nowhere), as JSON or, with `stream: true`, as Server-Sent Events."""
-    return await _proxied(proxy, body, request, "/v1/completions")
+    return await proxied(proxy, body, request, router.prefix + COMPLETIONS)
 
 
 @router.post(
-    "/chat/completions",
+    CHAT,
     response_model=ChatCompletionResponse,
     responses=_answers(ChatCompletionResponse, ChatCompletionChunk),
-    **secured(Scope.READ),
+    **secured(SCOPE),
     summary="Answer a conversation on a node that has the model",
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, proxy: Proxy) -> ProxyResponse:
     """OpenAI's chat completions API, rendered with the model's chat template: routed, loaded on demand and
     streamed as `/v1/completions` is."""
-    return await _proxied(proxy, body, request, "/v1/chat/completions")
+    return await proxied(proxy, body, request, router.prefix + CHAT)

@@ -1,7 +1,8 @@
 """A request body over `max_body_bytes` is refused with 413 `request_too_large` as it arrives, in the shape the
-route's clients read, by the head and by a node, whether the client declared its length or streamed it in chunks;
-a body within the limit goes on to the route. Both apps run in this process (the head against a real
-redis-server); tests/e2e/test_inference_node.py sends an oversized body to real processes with the default limit.
+route's clients read, by the head (with its fast lane, `api.fastlane`, and without) and by a node, whether the
+client declared its length or streamed it in chunks; a body within the limit goes on to the route. The apps run in
+this process (the head against a real redis-server); tests/e2e/test_inference_node.py sends an oversized body to
+real processes with the default limit.
 """
 
 from collections.abc import Iterator
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.timeout(60)
 LIMIT = 4096
 
 
-@pytest.fixture(scope="module")
-def head(redis_server: RedisServer) -> Iterator[TestClient]:
+@pytest.fixture(scope="module", params=[True, False], ids=["lane", "no-lane"])
+def head(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[TestClient]:
     settings = ApiSettings(
         redis_url=redis_server.url,
         operator_keys=OPERATOR_KEY,
@@ -34,7 +35,9 @@ def head(redis_server: RedisServer) -> Iterator[TestClient]:
         max_body_bytes=LIMIT,
         load_on_demand=False,
     )
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {OPERATOR_KEY}"}) as client:
+    with TestClient(
+        create_app(settings, fast_lane=request.param), headers={"Authorization": f"Bearer {OPERATOR_KEY}"}
+    ) as client:
         yield client
 
 
