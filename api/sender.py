@@ -22,7 +22,6 @@ queue's name whether or not a binding exists.
 """
 
 import asyncio
-import hashlib
 import threading
 import time
 from datetime import datetime
@@ -34,22 +33,19 @@ import redis.asyncio as aioredis
 from celery import Celery
 from kombu import Connection, Producer
 from kombu.utils.json import dumps
-from redis.exceptions import NoScriptError
 
 from api.message_template import Command, MessageTemplate
-from api.redis_line import RedisLine
+from api.redis_line import RedisLine, Script
 from broker.backoff import Backoff
 
 # KEYS[1]: the guard key; KEYS[2..]: the lists the commands push to (declared, not read). ARGV[1]: the value the
 # guard key must hold; ARGV[2..]: the commands, three items each: 'lpush' or 'publish', its key or channel, payload.
 # Returns 1 if the commands ran, 0 if the guard key held something else (or nothing).
-_GUARDED = """
+_GUARDED = Script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 for i = 2, #ARGV, 3 do redis.call(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 return 1
-"""
-
-_GUARDED_SHA = hashlib.sha1(_GUARDED.encode(), usedforsecurity=False).hexdigest()
+""")
 
 MIN_SEND_TIMEOUT = 1.0
 """Seconds a send may wait for Redis's answer when its job's deadline is nearer (or past: it is sent all the same,
@@ -136,11 +132,7 @@ class TaskSender:
         pushed = [args[0] for name, args in commands if name == "lpush"]
         keys = [guard[0], *pushed]
         argv = [guard[1], *(item for name, args in commands for item in (name, *args))]
-        try:
-            ran = await self._line.call("EVALSHA", _GUARDED_SHA, len(keys), *keys, *argv, timeout=timeout)
-        except NoScriptError:  # Redis restarted, or its scripts were flushed: EVAL caches it again
-            ran = await self._line.call("EVAL", _GUARDED, len(keys), *keys, *argv, timeout=timeout)
-        return bool(ran)
+        return bool(await _GUARDED.run(self._line, keys, argv, timeout=timeout))
 
     def commands(
         self, task: str, *, kwargs: dict[str, Any], queue: str, task_id: str, expires: datetime

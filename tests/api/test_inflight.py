@@ -1,27 +1,32 @@
-"""In-flight leases against fakeredis (our own Redis code; real Redis and real API processes are in tests/e2e)."""
+"""In-flight leases against a real redis-server (their picks and releases run on `api.redis_line`'s connections;
+real API processes are in tests/e2e)."""
 
 import asyncio
 import time
 
-import fakeredis
 import pytest
+import redis
+import redis.asyncio as aioredis
 
 from api.inflight import InFlight
 from broker import keys
+from tests.conftest import RedisServer
 
 A, B = "aa" * 16, "bb" * 16
 
 
 @pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
+def server(redis_server: RedisServer) -> str:
+    """The server's URL, with no leases on A or B."""
+    redis.Redis.from_url(redis_server.url).delete(keys.inflight(A), keys.inflight(B))
+    return redis_server.url
 
 
-def inflight(server: fakeredis.FakeServer, lease: float = 30.0) -> InFlight:
-    return InFlight(fakeredis.FakeAsyncRedis(server=server), lease=lease)
+def inflight(server: str, lease: float = 30.0) -> InFlight:
+    return InFlight(aioredis.Redis.from_url(server), lease=lease)
 
 
-def test_picks_the_least_loaded_node_across_processes(server: fakeredis.FakeServer) -> None:
+def test_picks_the_least_loaded_node_across_processes(server: str) -> None:
     async def run() -> None:
         one, two = inflight(server), inflight(server)  # two API processes
         leases = []
@@ -40,7 +45,7 @@ def test_picks_the_least_loaded_node_across_processes(server: fakeredis.FakeServ
     asyncio.run(run())
 
 
-def test_release_frees_at_once(server: fakeredis.FakeServer) -> None:
+def test_release_frees_at_once(server: str) -> None:
     async def run() -> None:
         flight = inflight(server)
         lease, before = await flight.acquire([A])
@@ -52,13 +57,13 @@ def test_release_frees_at_once(server: fakeredis.FakeServer) -> None:
     asyncio.run(run())
 
 
-def test_a_crashed_process_stops_counting_after_its_lease(server: fakeredis.FakeServer) -> None:
+def test_a_crashed_process_stops_counting_after_its_lease(server: str) -> None:
     async def run() -> None:
         crashed, alive = inflight(server, lease=1.0), inflight(server, lease=1.0)
         await crashed.acquire([A])  # and never released nor renewed: the process died
         kept, _ = await alive.acquire([A])
         assert await alive.counts([A]) == {A: 2}
-        client = fakeredis.FakeAsyncRedis(server=server)
+        client = aioredis.Redis.from_url(server)
         # Age the dead lease past its expiry rather than sleeping a second: its score is its expiry.
         dead = [m for m in await client.zrange(keys.inflight(A), 0, -1) if m.decode() != kept.member]
         await client.zadd(keys.inflight(A), {dead[0]: int(time.time() * 1000) - 1})
@@ -71,12 +76,27 @@ def test_a_crashed_process_stops_counting_after_its_lease(server: fakeredis.Fake
     asyncio.run(run())
 
 
-def test_renewal_never_revives_a_released_lease(server: fakeredis.FakeServer) -> None:
+def test_renewal_never_revives_a_released_lease(server: str) -> None:
     async def run() -> None:
         flight = inflight(server)
         lease, _ = await flight.acquire([A])
         await flight.release(lease)
         await flight.renew()
         assert await flight.counts([A]) == {A: 0}
+
+    asyncio.run(run())
+
+
+def test_a_pick_after_redis_forgot_its_scripts_still_works(server: str) -> None:
+    async def run() -> None:
+        flight = inflight(server)
+        first, _ = await flight.acquire([A])
+        await aioredis.Redis.from_url(server).script_flush()  # as after a restart: EVALSHA answers NOSCRIPT
+        second, seen = await flight.acquire([A])
+        assert seen == {A: 1} and await flight.counts([A]) == {A: 2}
+        for lease in (first, second):
+            await flight.release(lease)
+        assert await flight.counts([A]) == {A: 0}
+        await flight.stop()
 
     asyncio.run(run())
