@@ -18,7 +18,7 @@ from api.inflight import InFlight
 from api.jobs import JobClient
 from api.metrics import Metrics
 from api.node_transport import NodeTransport
-from api.openapi import DESCRIPTION, TAGS
+from api.openapi import DESCRIPTION, TAGS, document_body_limit
 from api.pool import Pool
 from api.proxy import NodeProxy, node_auth, node_timeout
 from api.replies import ReplyWaiter
@@ -132,7 +132,9 @@ def create_app(settings: ApiSettings, *, fast_lane: bool = True) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:  # the routes declare their schemes by name (`api.deps.secured`)
-            default_openapi().setdefault("components", {})["securitySchemes"] = security_schemes()
+            schema = default_openapi()
+            schema.setdefault("components", {})["securitySchemes"] = security_schemes()
+            document_body_limit(schema)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

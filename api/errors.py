@@ -84,8 +84,6 @@ def documented(
             classes = by_status.setdefault(status, [])
             if cls not in classes:
                 classes.append(cls)
-    if e.InvalidRequest in errors:  # a route with input: any body may be over the limit
-        by_status[status_of(e.RequestTooLarge)] = [e.RequestTooLarge]
     if openai and e.InvalidRequest in errors:
         by_status[422] = [e.InvalidRequest]  # a body that fails validation (`_validation_error`)
     responses: dict[int | str, dict[str, Any]] = {}
@@ -187,7 +185,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
-"""FastAPI's 400 for a body it could not even decode (not UTF-8, say); answered as any other bad body."""
+"""FastAPI's 400 for a body it could not even decode (not UTF-8, nested deeper than Python's recursion limit, a
+number of more than 4,300 digits); answered as any other bad body."""
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -195,7 +194,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc.__cause__, e.RequestTooLarge):  # FastAPI's 400 for a body read that failed (`BodyLimit`)
         return await _modelfleet_error(request, exc.__cause__)
     if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
-        sentence = "the body is not valid JSON (it is not UTF-8 text)"
+        sentence = "the body could not be read as JSON (not UTF-8 text, nested too deep, or a number too long)"
         details = {"errors": [{"field": "body", "message": sentence}]}
         return _answer(request, 422, "invalid_request", f"Invalid request: {sentence}.", details, param="body")
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")

@@ -64,3 +64,18 @@ JOB_ERRORS = (e.InvalidRequest, e.NodeNotFound, e.NodeUnavailable, e.JobTimeout,
 def job_route(op: Op[Any, Any], *errors: type[e.ModelfleetError]) -> dict[str, Any]:
     """Route options for a route that runs `op` on one node: its scope, its answer, every error it can answer."""
     return {"response_model": op.result, **guarded(op.scope, *JOB_ERRORS, *op.errors, *errors)}
+
+
+def document_body_limit(schema: dict[str, Any]) -> None:
+    """Add the body limit's 413 (`broker.body_limit`) to every operation of `schema` that takes a body, in the
+    shape of its other errors (its 500's content: the API's `ErrorBody` or OpenAI's)."""
+    error = e.RequestTooLarge
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "requestBody" not in operation:
+                continue
+            responses = operation["responses"]
+            responses["413"] = {
+                "description": f"The error's `code` is one of:\n\n- `{error.code}`: {(error.__doc__ or '').strip()}",
+                "content": responses["500"]["content"],
+            }

@@ -165,6 +165,8 @@ class RedisLine:
     async def _open(self) -> None:
         """Connect, sharing one connect with the callers of the same moment (a cancelled caller leaves it going
         for the others; a finished one, whatever its outcome, is not reused: the line is not attached)."""
+        if self._closed:  # the process is stopping: no new connection (a late release, say)
+            raise RedisConnectionError("The connection to Redis was closed")
         opening = self._opening
         if opening is None or opening.done():
             opening = self._opening = asyncio.ensure_future(self._connect())

@@ -3,7 +3,8 @@
 Without a limit, one client could make a server buffer a body of any size: FastAPI reads a whole body before it
 validates it. `BodyLimit`, plain ASGI middleware, counts the body as the app reads it and fails the read with
 `RequestTooLarge` once the body passes the limit, or at the first read when its Content-Length already says so:
-nothing more of it is read, and the route never runs. A route that reads no body is not concerned.
+nothing more of it is read, and the route never runs. Requests of the methods without a body in this API (GET,
+HEAD, DELETE...) are left alone: no route reads theirs.
 
 FastAPI reports a failed body read as its own 400 ("There was an error parsing the body") caused by the error, so
 each server's handler of HTTP errors answers that cause instead (`api.errors`, `workers.inference.server`): 413
@@ -20,6 +21,11 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+"""The methods whose body a route reads. The other requests' routes read none: they only listen for the client
+leaving (an event stream), which discards what a client sends without holding it, and must not be failed."""
 
 
 def _declared_length(scope: MutableMapping[str, Any]) -> int | None:
@@ -40,7 +46,7 @@ class BodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
         limit = self.limit

@@ -5,6 +5,7 @@ this process (the head against a real redis-server); tests/e2e/test_inference_no
 real processes with the default limit.
 """
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ from pydantic import SecretStr
 from api.app import create_app
 from api.settings import ApiSettings
 from broker.auth import KeyRing
+from broker.body_limit import BodyLimit
+from broker.errors import RequestTooLarge
 from broker.wrong_keys import WrongKeys
 from tests.conftest import OPERATOR_KEY, READ_KEY, RedisServer
 from workers.backend import CTransformersLoader
@@ -117,6 +120,35 @@ def test_a_node_refuses_a_body_over_the_limit_in_openais_shape(node: TestClient,
 
 def test_the_schema_says_which_routes_answer_413(head: TestClient) -> None:
     paths: dict[str, Any] = head.get("/openapi.json").json()["paths"]
-    for path, method in [("/v1/models/load", "post"), ("/v1/completions", "post"), ("/api/v1/session", "post")]:
-        assert "413" in paths[path][method]["responses"], (path, method)
-    assert "413" not in paths["/healthz"]["get"]["responses"]
+    with_body = {(path, method) for path, ops in paths.items() for method, op in ops.items() if "requestBody" in op}
+    assert {("/v1/models/load", "post"), ("/v1/completions", "post"), ("/api/v1/session", "post")} <= with_body
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            assert ("413" in op["responses"]) == ((path, method) in with_body), (path, method)
+            if (path, method) in with_body:
+                assert op["responses"]["413"]["content"] == op["responses"]["500"]["content"], (path, method)
+
+
+def test_a_request_without_a_body_method_is_served_whatever_it_sends(head: TestClient) -> None:
+    # No route of a GET reads its body; an event stream listens for the client leaving, which must not fail.
+    response = head.request("GET", "/api/v1/nodes", content=b"x" * (LIMIT * 2))
+    assert response.status_code == 200 and response.json() == {"data": []}, response.text
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS"])
+def test_the_limit_leaves_the_receive_of_bodyless_methods_alone(method: str) -> None:
+    """Straight on the middleware: a GET whose route listens for a disconnect gets every message as it came."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"x" * (LIMIT + 1), "more_body": False}
+
+    scope = {"type": "http", "method": method, "headers": [(b"content-length", str(LIMIT + 1).encode())]}
+    asyncio.run(BodyLimit(app, LIMIT)(scope, receive, None))  # type: ignore[arg-type]
+    assert seen == [{"type": "http.request", "body": b"x" * (LIMIT + 1), "more_body": False}]
+    scope["method"] = "POST"
+    with pytest.raises(RequestTooLarge):
+        asyncio.run(BodyLimit(app, LIMIT)(scope, receive, None))  # type: ignore[arg-type]

@@ -263,6 +263,7 @@ def test_a_prompt_is_the_same_answer(
         (b"{not json", {}, False, 422),
         (b"", {}, False, 422),
         (b'["a list"]', {}, False, 422),
+        (b"[" * 5000 + b"]" * 5000, {}, False, 422),  # deeper than json.loads can go (RecursionError)
         (json.dumps({**STORY, "max_tokens": "many"}).encode(), {}, False, 422),
         (json.dumps({**STORY, "prompt": None}).encode(), {}, False, 422),
         (json.dumps(STORY).encode(), {"content-type": "text/plain"}, False, 422),
@@ -276,6 +277,7 @@ def test_a_prompt_is_the_same_answer(
         "not-json",
         "empty",
         "not-an-object",
+        "too-deep",
         "wrong-type",
         "null-prompt",
         "text-plain",

@@ -138,6 +138,7 @@ def head(
             yield
         finally:
             await transport.aclose()
+            await inflight.stop()
         if waiter is not None:
             await waiter.stop()
 

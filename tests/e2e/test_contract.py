@@ -51,7 +51,8 @@ def test_the_live_schema_is_served_and_the_docs_pages_load_offline(api: Api) -> 
         (b'{\n  "modelId":\n}', {"Content-Type": "application/json"}, "the body is not valid JSON at line 3 column 1"),
         (b"", {"Content-Type": "application/json"}, "the body is missing: it must be JSON with Content-Type"),
         (b"[1]", {"Content-Type": "application/json"}, "the body must be a JSON object, not an array"),
-        (b'{"modelId": "\xff"}', {"Content-Type": "application/json"}, "the body is not valid JSON (it is not UTF-8"),
+        (b'{"modelId": "\xff"}', {"Content-Type": "application/json"}, "could not be read as JSON (not UTF-8 text"),
+        (b"[" * 5000 + b"]" * 5000, {"Content-Type": "application/json"}, "could not be read as JSON (not UTF-8"),
     ],
 )
 def test_a_malformed_body_gets_a_sentence_a_person_can_act_on(

@@ -75,11 +75,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Bad parameters: n > 1, a prompt plus max_tokens beyond the context, a chat template error"),
         (401, "No key, or not one of the fleet's"),
         (404, "The model is not loaded on this node"),
-        (413, "The body is over the node's limit (MODELFLEET_MAX_BODY_BYTES)"),
         (422, "The body does not match the schema"),
         (429, "The model's queue is full, or this address sent too many wrong keys; retry after Retry-After s"),
     ]
 }
+BODY_ERRORS = {**ERRORS, 413: {"model": ErrorBody, "description": "The body is over MODELFLEET_MAX_BODY_BYTES"}}
+"""The answers of a route that reads a body (`broker.body_limit`)."""
 
 
 def create_node_app(
@@ -117,12 +118,12 @@ def create_node_app(
         ]
         return ModelCardList(data=cards)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=BODY_ERRORS)
     async def completions(body: CompletionRequest, request: Request, _: Caller) -> Response:
         """Continue a prompt; with `stream: true`, Server-Sent Events of `text_completion` chunks."""
         return await _serve(runner, threads, request, body, stream_interval)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=BODY_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request, _: Caller) -> Response:
         """Answer a conversation, rendered with the model's chat template; with `stream: true`, SSE chunks."""
         return await _serve(runner, threads, request, body, stream_interval)
