@@ -28,6 +28,7 @@ path parameter is any segment, and a prompt's answer is the node's (`api.proxy.P
 """
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -118,7 +119,7 @@ class FastLane:
         await _answered(request, answer, send)
 
 
-async def _answered(request: Request, answer: Any, send: Send) -> None:
+async def _answered(request: Request, answer: Callable[[], Awaitable[Response]], send: Send) -> None:
     """Send `answer()`'s response, or the app's answer to what it raised (unless the response had begun)."""
     started = False
 

@@ -132,7 +132,7 @@ def test_the_schema_says_which_routes_answer_413(head: TestClient) -> None:
 def test_a_request_without_a_body_method_is_served_whatever_it_sends(head: TestClient) -> None:
     # No route of a GET reads its body; an event stream listens for the client leaving, which must not fail.
     response = head.request("GET", "/api/v1/nodes", content=b"x" * (LIMIT * 2))
-    assert response.status_code == 200 and response.json() == {"data": []}, response.text
+    assert response.status_code == 200 and isinstance(response.json()["data"], list), response.text
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS"])
