@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import authorize
 from api.errors import answer_exception
 from api.routes import inference, nodes
+from broker.body_limit import header
 from broker.errors import RequestTooLarge
 from broker.operations import LIST
 
@@ -48,10 +49,8 @@ _PATH, _, _CONVERTORS = compile_path(nodes.router.prefix + nodes.MODELS)
 
 def _sends_json(scope: Scope) -> bool:
     """Whether the request's Content-Type is JSON as FastAPI reads it for a body (its other cases go to it)."""
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
+    value = header(scope, b"content-type")
+    return value is not None and value.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
 def _replayed(body: bytes, receive: Receive) -> Receive:

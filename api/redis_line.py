@@ -55,6 +55,11 @@ def lost_connection(exc: Exception | None) -> RedisConnectionError:
     return RedisConnectionError(f"Connection to Redis lost{f': {exc}' if exc else ''}")
 
 
+def _closed() -> RedisConnectionError:
+    """The error of a call on a line closed at shutdown (or closed while it connected)."""
+    return RedisConnectionError("The connection to Redis was closed")
+
+
 NOT_ENOUGH_DATA = object()
 """What `reader().gets()` returns while no reply is complete (hiredis' default, False, is also RESP3's false)."""
 
@@ -166,7 +171,7 @@ class RedisLine:
         """Connect, sharing one connect with the callers of the same moment (a cancelled caller leaves it going
         for the others; a finished one, whatever its outcome, is not reused: the line is not attached)."""
         if self._closed:  # the process is stopping: no new connection (a late release, say)
-            raise RedisConnectionError("The connection to Redis was closed")
+            raise _closed()
         opening = self._opening
         if opening is None or opening.done():
             opening = self._opening = asyncio.ensure_future(self._connect())
@@ -181,7 +186,7 @@ class RedisLine:
             raise RedisTimeoutError(f"Redis did not take a connection within {self._timeout:g} s") from None
         if self._closed:  # closed while connecting (the process stopping)
             attached.close()
-            raise RedisConnectionError("The connection to Redis was closed")
+            raise _closed()
         self._attached, self._protocol = attached, protocol
 
     def drop(self, protocol: _LineProtocol) -> None:

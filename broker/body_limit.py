@@ -28,14 +28,20 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 leaving (an event stream), which discards what a client sends without holding it, and must not be failed."""
 
 
-def _declared_length(scope: MutableMapping[str, Any]) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None  # the HTTP server refuses such a request before it reaches the app
+def header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
+    """The value of the request's first header called `name` (lower case, as ASGI gives names), if any."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
     return None
+
+
+def _declared_length(scope: MutableMapping[str, Any]) -> int | None:
+    value = header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None  # the HTTP server refuses such a request before it reaches the app
 
 
 class BodyLimit:
@@ -50,16 +56,13 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit
+        declared = _declared_length(scope)
         received = 0
-        checked = False
 
         async def limited() -> Message:
-            nonlocal received, checked
-            if not checked:  # the headers, once, and only for a request whose body is read
-                checked = True
-                declared = _declared_length(scope)
-                if declared is not None and declared > limit:
-                    raise RequestTooLarge.over(limit)
+            nonlocal received
+            if declared is not None and declared > limit:  # nothing of it is read
+                raise RequestTooLarge.over(limit)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
